@@ -1,0 +1,263 @@
+"""Checkpoint I/O: ``tandem_config.json`` + safetensors (single file or shards) + ``tokenizer.json``.
+
+Loading is lazy (``safe_open``), converts dtype tensor by tensor (never two full copies of
+the weights) and validates everything, raising :class:`CheckpointError` naming the problem.
+Saving writes each file under a temporary name first, so an interrupted save never leaves a
+half-written file under a final name.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tandem_rt.config import DTYPES, ConfigError, TandemConfig
+from tandem_rt.models.tandem import TandemModel
+
+CONFIG_NAME = "tandem_config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_NAME = "tokenizer.json"
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """The checkpoint is missing, malformed or does not match its config."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_config(path: PathLike) -> TandemConfig:
+    """Parse and validate ``<path>/tandem_config.json``."""
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise CheckpointError(f"{file} does not exist: not a tandem_rt checkpoint directory")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"malformed JSON in {file}: {exc}") from None
+    try:
+        return TandemConfig.from_dict(data)
+    except ConfigError as exc:
+        raise CheckpointError(f"invalid {file}: {exc}") from None
+
+
+def read_safetensors_header(file: Path) -> dict:
+    """Validate a safetensors file's framing and return ``{name: {dtype, shape, data_offsets}}``."""
+    size = file.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{file} is truncated ({size} bytes; a safetensors file starts with an 8-byte header size)")
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if n > size - 8:
+            raise CheckpointError(f"{file}: header size {n} is larger than the file ({size} bytes): truncated or corrupt")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for name, info in header.items():
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: corrupt header entry for tensor {name!r}") from None
+        if end > data_size:
+            raise CheckpointError(f"{file}: tensor {name!r} ends at byte {end} of the data section, which has only "
+                                  f"{data_size} bytes: the file is truncated")
+        if dtype in _ST_ITEMSIZE and end - start != math.prod(shape) * _ST_ITEMSIZE[dtype]:
+            raise CheckpointError(f"{file}: tensor {name!r} has {end - start} bytes but shape {shape} of {dtype} "
+                                  f"needs {math.prod(shape) * _ST_ITEMSIZE[dtype]}: corrupt")
+    return header
+
+
+def weight_files(path: PathLike) -> dict:
+    """Map every tensor name to the safetensors file holding it (single file or index + shards)."""
+    root = Path(path)
+    index = root / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"malformed {index}: {exc!r}") from None
+        files = {name: root / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise CheckpointError(f"{index} names shard {shard.name}, which does not exist")
+        return files
+    single = root / WEIGHTS_NAME
+    if not single.is_file():
+        raise CheckpointError(f"{root} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+    return {name: single for name in read_safetensors_header(single)}
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _resolve_dtype(dtype, cfg: TandemConfig) -> torch.dtype:
+    if dtype is None:
+        return cfg.dtype
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
+                    dtype: Optional[Union[str, torch.dtype]] = None) -> TandemModel:
+    """Load a tandem_rt checkpoint directory into a :class:`TandemModel` (eval mode).
+
+    Args:
+        path: checkpoint directory.
+        device: where the weights go.
+        dtype: float32/float16/bfloat16 (torch dtype or name); default: the config's ``torch_dtype``.
+    Raises:
+        CheckpointError naming the missing, unexpected or malformed file or tensor.
+    """
+    cfg = read_config(path)
+    dtype = _resolve_dtype(dtype, cfg)
+    device = torch.device(device)
+    files = weight_files(path)
+    headers = {f: read_safetensors_header(f) for f in sorted(set(files.values()))}
+
+    with torch.device("meta"), _default_dtype(dtype):
+        model = TandemModel(cfg)
+    expected = model.state_dict()
+    missing = [n for n in expected if n not in files]
+    unexpected = [n for n in files if n not in expected]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is missing tensor(s) {missing[:8]}"
+                              + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    if unexpected:
+        raise CheckpointError(f"checkpoint {path} has unexpected tensor(s) {unexpected[:8]}"
+                              + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""))
+    for name, file in files.items():
+        info = headers[file].get(name)
+        if info is None:
+            raise CheckpointError(f"index maps tensor {name!r} to {file.name}, which does not contain it")
+        if info["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"tensor {name!r} in {file.name} has dtype {info['dtype']}; expected a float dtype")
+        if list(info["shape"]) != list(expected[name].shape):
+            raise CheckpointError(f"tensor {name!r} in {file.name} has shape {info['shape']}, "
+                                  f"expected {list(expected[name].shape)} from {CONFIG_NAME}")
+
+    model = model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    by_file: dict = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    with torch.no_grad():
+        for file, names in by_file.items():
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as fh:
+                    for name in names:
+                        params[name].copy_(fh.get_tensor(name).to(dtype))
+            except CheckpointError:
+                raise
+            except Exception as exc:  # safetensors raises its own error types
+                raise CheckpointError(f"could not read {file}: {exc}") from None
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _atomic_write_text(file: Path, text: str) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, file)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"cannot save tensors of dtype {dtype}; use one of {sorted(DTYPES)}")
+
+
+def save_checkpoint(model: TandemModel, path: PathLike, tokenizer=None,
+                    dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 4 << 30) -> Path:
+    """Write ``model`` as a checkpoint directory.
+
+    Args:
+        model: the :class:`TandemModel` to save.
+        path: target directory (created if needed; existing checkpoint files are replaced).
+        tokenizer: a ``tokenizers.Tokenizer``, or a path to a ``tokenizer.json`` to copy, or None.
+        dtype: dtype of the stored tensors (default: the model's parameter dtype).
+        max_shard_bytes: above this total size, tensors are split into shards with an index.
+    Returns:
+        the checkpoint directory.
+    """
+    if not isinstance(model, TandemModel):
+        raise TypeError(f"model must be a TandemModel, got {type(model).__name__}")
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if dtype is None:
+        dtype = next(iter(state.values())).dtype
+    cfg = model.config
+    cfg_dict = cfg.to_dict()
+    cfg_dict["torch_dtype"] = _dtype_name(dtype)
+
+    tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in state.items()}
+    shards: list = [[]]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    for stale in [root / WEIGHTS_NAME, root / INDEX_NAME, *root.glob("model-*-of-*.safetensors")]:
+        if stale.exists():
+            stale.unlink()
+    if len(shards) == 1:
+        tmp = root / (WEIGHTS_NAME + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, root / WEIGHTS_NAME)
+    else:
+        weight_map = {}
+        for i, names in enumerate(shards):
+            shard = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            tmp = root / (shard + ".tmp")
+            save_file({n: tensors[n] for n in names}, str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, root / shard)
+            weight_map.update({n: shard for n in names})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        _atomic_write_text(root / INDEX_NAME, json.dumps({"metadata": {"total_size": total},
+                                                          "weight_map": weight_map}, indent=1))
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, os.PathLike)):
+            if Path(tokenizer).resolve() != (root / TOKENIZER_NAME).resolve():
+                shutil.copyfile(tokenizer, root / (TOKENIZER_NAME + ".tmp"))
+                os.replace(root / (TOKENIZER_NAME + ".tmp"), root / TOKENIZER_NAME)
+        else:
+            tokenizer.save(str(root / (TOKENIZER_NAME + ".tmp")))
+            os.replace(root / (TOKENIZER_NAME + ".tmp"), root / TOKENIZER_NAME)
+    _atomic_write_text(root / CONFIG_NAME, json.dumps(cfg_dict, indent=2) + "\n")
+    return root

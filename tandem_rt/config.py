@@ -1,0 +1,226 @@
+"""Model and checkpoint configurations, validated on construction.
+
+``ModelConfig`` describes one Llama-family decoder (primary, secondary or standalone
+drafter); ``RouterConfig`` the adaptive-block-length router; ``TandemConfig`` the whole
+checkpoint (``tandem_config.json``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+FORMAT_NAME = "tandem_rt"
+FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the field."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _from_dict(cls, data: Any, where: str):
+    _require(isinstance(data, dict), f"{where}: expected a JSON object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    _require(not unknown, f"{where}: unknown field(s) {unknown}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in data]
+    _require(not missing, f"{where}: missing field(s) {missing}")
+    try:
+        return cls(**data)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder: RMSNorm, RoPE (rotate-half), SwiGLU, grouped-query attention."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: Optional[int] = None
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    max_position_embeddings: int = 2048
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                     f"{name} must be a positive integer, got {value!r}")
+        if self.head_dim is None:
+            _require(self.hidden_size % self.num_attention_heads == 0,
+                     f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size "
+                     f"({self.hidden_size}) when head_dim is not given")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        _require(isinstance(self.head_dim, int) and self.head_dim > 0 and self.head_dim % 2 == 0,
+                 f"head_dim must be a positive even integer, got {self.head_dim!r}")
+        _require(self.num_attention_heads % self.num_key_value_heads == 0,
+                 f"num_key_value_heads ({self.num_key_value_heads}) must divide "
+                 f"num_attention_heads ({self.num_attention_heads})")
+        _require(float(self.rope_theta) > 0, f"rope_theta must be positive, got {self.rope_theta!r}")
+        _require(float(self.rms_norm_eps) > 0, f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
+        self.rope_theta = float(self.rope_theta)
+        self.rms_norm_eps = float(self.rms_norm_eps)
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            _require(value is None or (isinstance(value, int) and 0 <= value < self.vocab_size),
+                     f"{name} must be None or a token id in [0, {self.vocab_size}), got {value!r}")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "model config") -> "ModelConfig":
+        return _from_dict(cls, data, where)
+
+
+@dataclass
+class RouterConfig:
+    """Adaptive block length router: a 2-layer MLP on secondary features.
+
+    Features per drafted token: the secondary's next-token entropy (1), its top-``top_k``
+    probabilities (``top_k``) and its input embeddings of those ``top_k`` tokens
+    (``top_k * embed_dim``). Output: predicted total-variation distance between the
+    secondary's and the primary's next-token distributions; drafting continues while the
+    predicted acceptance ``1 - tv`` stays at or above ``threshold``.
+    """
+
+    embed_dim: int
+    top_k: int = 4
+    hidden_size: int = 128
+    threshold: float = 0.8
+    gamma_max: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("embed_dim", "top_k", "hidden_size", "gamma_max"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        _require(0.0 <= float(self.threshold) <= 1.0, f"threshold must be in [0, 1], got {self.threshold!r}")
+        self.threshold = float(self.threshold)
+
+    @property
+    def num_features(self) -> int:
+        return 1 + self.top_k + self.top_k * self.embed_dim
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "router config") -> "RouterConfig":
+        return _from_dict(cls, data, where)
+
+
+def default_layer_map(primary_layers: int, secondary_layers: int) -> list[int]:
+    """``l(j) = round((j+1) * L_L / L_S)``: the last secondary layer reads the primary's last."""
+    return [int(round((j + 1) * primary_layers / secondary_layers)) for j in range(secondary_layers)]
+
+
+@dataclass
+class TandemConfig:
+    """Everything in ``tandem_config.json`` (format ``tandem_rt`` version 1)."""
+
+    primary: ModelConfig
+    secondary: ModelConfig
+    layer_map: Optional[list] = None
+    train_block_length: int = 2
+    projection_bias: bool = True
+    drafter: Optional[ModelConfig] = None
+    router: Optional[RouterConfig] = None
+    torch_dtype: str = "bfloat16"
+    format: str = field(default=FORMAT_NAME)
+    format_version: int = field(default=FORMAT_VERSION)
+
+    def __post_init__(self) -> None:
+        _require(self.format == FORMAT_NAME, f"format must be {FORMAT_NAME!r}, got {self.format!r}")
+        _require(self.format_version == FORMAT_VERSION,
+                 f"unknown format_version {self.format_version!r} (this tandem_rt reads {FORMAT_VERSION})")
+        L_L, L_S = self.primary.num_hidden_layers, self.secondary.num_hidden_layers
+        if self.layer_map is None:
+            self.layer_map = default_layer_map(L_L, L_S)
+        _require(isinstance(self.layer_map, (list, tuple)) and len(self.layer_map) == L_S,
+                 f"layer_map must have one entry per secondary layer ({L_S}), got {self.layer_map!r}")
+        for j, layer in enumerate(self.layer_map):
+            _require(isinstance(layer, int) and 0 <= layer <= L_L,
+                     f"layer_map[{j}] must be a primary layer index in 0..{L_L}, got {layer!r}")
+        self.layer_map = list(self.layer_map)
+        _require(isinstance(self.train_block_length, int) and self.train_block_length >= 1,
+                 f"train_block_length must be a positive integer, got {self.train_block_length!r}")
+        _require(self.torch_dtype in DTYPES, f"torch_dtype must be one of {sorted(DTYPES)}, got {self.torch_dtype!r}")
+        for name in ("secondary", "drafter"):
+            other = getattr(self, name)
+            if other is not None:
+                _require(other.vocab_size == self.primary.vocab_size,
+                         f"{name}.vocab_size ({other.vocab_size}) must equal primary.vocab_size "
+                         f"({self.primary.vocab_size}): the models share one tokenizer")
+        if self.router is not None:
+            _require(self.router.embed_dim == self.secondary.hidden_size,
+                     f"router.embed_dim ({self.router.embed_dim}) must equal secondary.hidden_size "
+                     f"({self.secondary.hidden_size})")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.torch_dtype]
+
+    def to_dict(self) -> dict:
+        return {
+            "format": self.format,
+            "format_version": self.format_version,
+            "primary": self.primary.to_dict(),
+            "secondary": self.secondary.to_dict(),
+            "layer_map": list(self.layer_map),
+            "train_block_length": self.train_block_length,
+            "projection_bias": self.projection_bias,
+            "drafter": self.drafter.to_dict() if self.drafter is not None else None,
+            "router": self.router.to_dict() if self.router is not None else None,
+            "torch_dtype": self.torch_dtype,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "TandemConfig":
+        _require(isinstance(data, dict), f"tandem_config.json must hold a JSON object, got {type(data).__name__}")
+        expected = {"format", "format_version", "primary", "secondary", "layer_map",
+                    "train_block_length", "projection_bias", "drafter", "router", "torch_dtype"}
+        missing = sorted(expected - set(data))
+        unknown = sorted(set(data) - expected)
+        _require(not missing, f"tandem_config.json: missing key(s) {missing}")
+        _require(not unknown, f"tandem_config.json: unknown key(s) {unknown}")
+        _require(data["format"] == FORMAT_NAME, f"tandem_config.json: format must be {FORMAT_NAME!r}, got {data['format']!r}")
+        _require(data["format_version"] == FORMAT_VERSION,
+                 f"tandem_config.json: unknown format_version {data['format_version']!r} "
+                 f"(this tandem_rt reads {FORMAT_VERSION})")
+        kwargs = dict(data)
+        kwargs["primary"] = ModelConfig.from_dict(data["primary"], "primary")
+        kwargs["secondary"] = ModelConfig.from_dict(data["secondary"], "secondary")
+        kwargs["drafter"] = None if data["drafter"] is None else ModelConfig.from_dict(data["drafter"], "drafter")
+        kwargs["router"] = None if data["router"] is None else RouterConfig.from_dict(data["router"], "router")
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            raise ConfigError(f"tandem_config.json: {exc}") from None

@@ -1,0 +1,124 @@
+"""The Tandem model: primary, secondary and per-layer projections (DESIGN.md Eq. (2)).
+
+Index convention (0-based positions). In a training forward with block length ``γ`` the
+secondary's query at position ``i`` attends to primary-derived keys/values for positions
+``p < b(i)`` and to its own for ``b(i) <= p <= i``, with ``b(i) = floor((i+1)/γ)·γ``.
+Primary-derived K/V of secondary layer ``j`` come from ``proj_j(x^(layer_map[j]))`` passed
+through that layer's pre-attention RMSNorm, its W_K/W_V (and bias) and RoPE at ``p``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from tandem_rt.config import TandemConfig
+from tandem_rt.models.llama import LlamaForCausalLM
+from tandem_rt.models.router import Router
+
+
+def training_boundary(T: int, block_length: int, device=None) -> torch.Tensor:
+    """``b(i) = floor((i+1)/γ)·γ`` for ``i = 0..T-1`` -> int64 ``[T]``."""
+    i = torch.arange(T, device=device)
+    return torch.div(i + 1, block_length, rounding_mode="floor") * block_length
+
+
+def tandem_mask(boundary: torch.Tensor, T: int) -> torch.Tensor:
+    """bool ``[..., T, 2T]``: keys ``[primary-derived 0..T-1, own 0..T-1]``.
+
+    ``boundary`` int64 ``[T]`` or ``[B, T]``: query i reads primary K/V for p < boundary[i]
+    and its own for boundary[i] <= p <= i.
+    """
+    p = torch.arange(T, device=boundary.device)
+    b = boundary.unsqueeze(-1)
+    i = torch.arange(T, device=boundary.device).unsqueeze(-1)
+    from_primary = p < b
+    own = (p >= b) & (p <= i)
+    mask = torch.cat([from_primary, own], dim=-1)
+    return mask.unsqueeze(-3) if mask.dim() == 3 else mask  # [B, 1, T, 2T] broadcasts over heads
+
+
+@dataclass
+class TandemOutput:
+    primary_logits: torch.Tensor    # [B, T, V]
+    secondary_logits: torch.Tensor  # [B, T, V]
+    primary_hidden: list            # x^(layer_map[j]) for each secondary layer j, each [B, T, d_L]
+
+
+class TandemModel(nn.Module):
+    """``.primary``, ``.secondary``, ``.tandem.proj[j]`` (d_L -> d_S), optional ``.drafter``
+    (standalone small model for the ``speed`` baseline) and ``.router``."""
+
+    def __init__(self, cfg: TandemConfig):
+        super().__init__()
+        self.config = cfg
+        self.primary = LlamaForCausalLM(cfg.primary)
+        self.secondary = LlamaForCausalLM(cfg.secondary)
+        self.tandem = nn.Module()
+        self.tandem.proj = nn.ModuleList(
+            nn.Linear(cfg.primary.hidden_size, cfg.secondary.hidden_size, bias=cfg.projection_bias)
+            for _ in range(cfg.secondary.num_hidden_layers))
+        self.drafter = LlamaForCausalLM(cfg.drafter) if cfg.drafter is not None else None
+        self.router = Router(cfg.router) if cfg.router is not None else None
+
+    @property
+    def layer_map(self) -> list:
+        return self.config.layer_map
+
+    def _primary_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.primary.parameters())
+
+    def primary_forward(self, input_ids: torch.Tensor):
+        """Primary over ``input_ids [B, T]`` -> (logits ``[B, T, V]``, hidden list per layer map)."""
+        grad = torch.is_grad_enabled() and not self._primary_frozen()
+        with torch.set_grad_enabled(grad):
+            return self.primary(input_ids, hidden_layers=self.layer_map)
+
+    def secondary_forward(self, input_ids: torch.Tensor, primary_hidden: list,
+                          boundary: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Secondary forward with primary-derived K/V (Eq. (2)).
+
+        Args:
+            input_ids: int64 ``[B, T]``.
+            primary_hidden: per secondary layer j, ``x^(layer_map[j])`` as ``[B, T, d_L]``
+                (only rows ``p < max(boundary)`` are read).
+            boundary: int64 ``[T]`` or ``[B, T]``, ``boundary[i] <= i + 1``: query i reads
+                primary-derived K/V for ``p < boundary[i]``, its own for the rest.
+            positions: int64 ``[T]`` absolute positions (default ``0..T-1``).
+        Returns:
+            secondary logits ``[B, T, V]``.
+        """
+        sec = self.secondary
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device)
+        y = sec.model.embed_tokens(input_ids)
+        cos, sin = sec.rope(positions.view(1, T), y.dtype)
+        mask = tandem_mask(boundary.to(input_ids.device), T)
+        for j, layer in enumerate(sec.model.layers):
+            y_hat = self.tandem.proj[j](primary_hidden[j].to(y.dtype))
+            attn = layer.self_attn
+            h = layer.input_layernorm(y)
+            q = attn.query(h, cos, sin)
+            k_own, v_own = attn.key_value(h, cos, sin)
+            k_pri, v_pri = attn.key_value(layer.input_layernorm(y_hat), cos, sin)
+            k = torch.cat([k_pri, k_own], dim=2)
+            v = torch.cat([v_pri, v_own], dim=2)
+            y = y + attn.attend(q, k, v, mask)
+            y = y + layer.mlp(layer.post_attention_layernorm(y))
+        return sec.logits(y)
+
+    def forward(self, input_ids: torch.Tensor, block_length: Optional[int] = None) -> TandemOutput:
+        """Training-style forward: ``input_ids [B, T]`` -> logits of both models ``[B, T, V]``.
+
+        ``block_length`` (γ) defaults to the config's ``train_block_length``.
+        """
+        gamma = block_length or self.config.train_block_length
+        if not isinstance(gamma, int) or gamma < 1:
+            raise ValueError(f"block_length must be a positive integer, got {block_length!r}")
+        primary_logits, hidden = self.primary_forward(input_ids)
+        boundary = training_boundary(input_ids.shape[1], gamma, input_ids.device)
+        secondary_logits = self.secondary_forward(input_ids, hidden, boundary)
+        return TandemOutput(primary_logits, secondary_logits, hidden)
