@@ -1,0 +1,45 @@
+"""``tandem-rt`` command line. Each subcommand lives in its own module with ``register(sub)``.
+
+Errors are one clear line on stderr with exit code 2; ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module name -> registers one or more subcommands
+SUBCOMMAND_MODULES = ["info", "inspect"]
+
+
+class CLIError(Exception):
+    """An error to print as one line (exit code 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem-rt", description="Tandem Transformers inference runtime")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(f"tandem_rt.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("tandem-rt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line unless --debug
+        if args.debug:
+            raise
+        print(f"tandem-rt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Paged-KV-cache ops (``torch.ops.tandem_rt.*``) with validated, documented Python wrappers.
+
+One module per op family; each wrapper validates its arguments (device, dtype, rank,
+contiguity, index ranges where checkable without a host sync) and raises ``ValueError``
+naming the bad argument. No op synchronises with the host.
+
+Layout conventions (shared by every op):
+
+* K/V pools per model and layer: ``[num_pages, page_size, num_kv_heads, head_dim]`` (NHD).
+* ``block_tables``: int32 ``[num_seqs, max_pages_per_seq]``, one row per sequence, shared by the
+  primary and the secondary pool. Slot index = ``page * page_size + offset``.
+* Random state: int64 ``[2]`` device tensor ``(seed, offset)``; sampling ops advance ``offset``
+  in place, so replaying a captured CUDA graph draws fresh numbers. CPU and CUDA draw the same
+  numbers for the same state (counter-based Philox).
+
+Ops:
+
+* ``rope_cache_write(k, v, positions, slot_mapping, k_cache, v_cache, rope_theta, q=None)``
+* ``paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+  max_q_len, max_seq_len, out=None) -> out``
+* ``sample(logits, temperature, top_k, top_p, rng_state, probs_out=None) -> tokens``
+* ``verify(draft_tokens, draft_lens, draft_probs, target_logits, temperature, top_k, top_p,
+  rng_state) -> (accepted, emitted)``
+* ``copy_pages(caches, src_pages, dst_pages)``
+"""
