@@ -11,6 +11,7 @@ from tandem_rt._ext import _C
 from tandem_rt.config import ConfigError, ModelConfig, RouterConfig, TandemConfig
 from tandem_rt.models import LlamaForCausalLM, TandemModel, TandemOutput
 from tandem_rt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tandem_rt.engine import Engine, SamplingParams
 
 
 def build_info() -> dict:
@@ -20,4 +21,4 @@ def build_info() -> dict:
 
 __all__ = ["__version__", "build_info", "ConfigError", "ModelConfig", "RouterConfig", "TandemConfig",
            "LlamaForCausalLM", "TandemModel", "TandemOutput", "CheckpointError", "load_checkpoint",
-           "save_checkpoint"]
+           "save_checkpoint", "Engine", "SamplingParams"]

@@ -1,0 +1,53 @@
+"""Random Tandem models whose secondary and drafter often agree with the primary (so that
+speculative blocks accept a mix of 0..γ drafts), for the engine tests."""
+from __future__ import annotations
+
+import torch
+
+from conftest import tiny_model_config
+from tandem_rt.config import RouterConfig, TandemConfig
+from tandem_rt.models import TandemModel
+
+
+def agreeing_tandem_model(seed=0, vocab_size=61, layer_scale=0.35, router=True, drafter=True,
+                          max_position_embeddings=256) -> TandemModel:
+    """All three models share the embedding (tied LM heads) and final norm; their layers add
+    random updates scaled by ``layer_scale`` to a residual stream dominated by the embedding, so
+    next-token predictions overlap but differ. The secondary reads the primary through random
+    projections near the identity."""
+    kw = dict(max_position_embeddings=max_position_embeddings)
+    primary = tiny_model_config(vocab_size, hidden_size=32, layers=3, heads=4, kv_heads=2,
+                                intermediate_size=64, tie=True, bias=True, **kw)
+    small = dict(hidden_size=32, layers=2, heads=4, kv_heads=1, intermediate_size=48, tie=True, **kw)
+    secondary = tiny_model_config(vocab_size, **small)
+    drafter_cfg = tiny_model_config(vocab_size, **small) if drafter else None
+    router_cfg = RouterConfig(embed_dim=32, top_k=3, hidden_size=16, threshold=0.5, gamma_max=6) if router else None
+    cfg = TandemConfig(primary=primary, secondary=secondary, drafter=drafter_cfg, router=router_cfg,
+                       torch_dtype="float32")
+    torch.manual_seed(seed)
+    model = TandemModel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)
+            elif "norm" in name:
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0.0, 0.1)
+        emb = model.primary.model.embed_tokens.weight
+        emb.normal_(0.0, 1.0)
+        for m in [model.secondary] + ([model.drafter] if drafter else []):
+            m.model.embed_tokens.weight.copy_(emb)
+            m.model.norm.weight.copy_(model.primary.model.norm.weight)
+        for m in [model.primary, model.secondary] + ([model.drafter] if drafter else []):
+            for layer in m.model.layers:
+                layer.self_attn.o_proj.weight.mul_(layer_scale)
+                layer.mlp.down_proj.weight.mul_(layer_scale)
+        for proj in model.tandem.proj:
+            proj.weight.mul_(0.1).add_(torch.eye(32))
+            proj.bias.zero_()
+        if router:
+            # centre the router's output so that drafting stops at different lengths
+            feats = torch.randn(256, cfg.router.num_features)
+            model.router.fc2.bias.sub_(model.router.logit(feats).median())
+    return model.eval()

@@ -1,0 +1,154 @@
+"""The engine's paged forward (primary, and secondary over primary-derived entries) equals the
+reference models' logits: prefill (chunked), decode, verify blocks, after rollbacks, ragged batches,
+page sizes 8/16/32."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import random_tandem_model
+from tandem_rt.engine import Engine
+from tandem_rt.engine.paged_model import build_meta
+
+
+def ref_primary(model, tokens):
+    """Reference primary over one sequence -> (logits [T, V], hidden per layer map [T, d_L])."""
+    logits, hidden = model.primary(torch.tensor([tokens]), hidden_layers=model.layer_map)
+    return logits[0], [h[0] for h in hidden]
+
+
+def ref_secondary(model, tokens, plen):
+    """Reference Eq. (2): query i reads primary-derived K/V for p < min(plen, i + 1), its own after."""
+    _, hidden = model.primary(torch.tensor([tokens]), hidden_layers=model.layer_map)
+    T = len(tokens)
+    boundary = torch.minimum(torch.full((T,), plen), torch.arange(T) + 1)
+    return model.secondary_forward(torch.tensor([tokens]), hidden, boundary)[0]
+
+
+class Harness:
+    """Drives the engine's paged models directly on a ragged batch of sequences."""
+
+    def __init__(self, model, page_size):
+        self.model = model
+        self.e = Engine(model, num_pages=64, page_size=page_size, max_batch_size=4)
+        self.pm = self.e.page_manager
+
+    def primary(self, sids, seqs, starts, refresh=True):
+        """Primary rows [starts[b], len(seqs[b])) of every sequence (writes); refresh the secondary."""
+        e = self.e
+        ends = [len(s) for s in seqs]
+        for sid, a, b in zip(sids, starts, ends):
+            assert not self.pm.prepare_write(sid, a, b)
+        meta = build_meta(self.pm, sids, starts, ends, starts, "cpu")
+        ids = torch.tensor([t for s, a in zip(seqs, starts) for t in s[a:]])
+        logits, hidden = e.primary.forward(ids, meta, e.primary_cache.k, e.primary_cache.v,
+                                           hidden_layers=e.layer_map)
+        if refresh:
+            e.refresh(hidden, meta.positions, meta.slot_mapping, e.secondary_cache.k, e.secondary_cache.v)
+        return logits, ends
+
+    def secondary(self, sids, seqs, starts, write_from):
+        e = self.e
+        ends = [len(s) for s in seqs]
+        for sid, a, b in zip(sids, write_from, ends):
+            if b > a:
+                assert not self.pm.prepare_write(sid, min(a, self.pm.num_tokens(sid)), b)
+        meta = build_meta(self.pm, sids, starts, ends, write_from, "cpu")
+        ids = torch.tensor([t for s, a in zip(seqs, starts) for t in s[a:]])
+        logits, _ = e.secondary.forward(ids, meta, e.secondary_cache.k, e.secondary_cache.v)
+        return logits
+
+
+def split(logits, seqs, starts):
+    out, r = [], 0
+    for s, a in zip(seqs, starts):
+        out.append(logits[r:r + len(s) - a])
+        r += len(s) - a
+    return out
+
+
+@pytest.mark.parametrize("page_size", [8, 16, 32])
+def test_paged_logits_match_reference(page_size):
+    model = random_tandem_model(seed=page_size)
+    h = Harness(model, page_size)
+    g = torch.Generator().manual_seed(page_size)
+    V = model.config.primary.vocab_size
+    rnd = lambda n: torch.randint(0, V, (n,), generator=g).tolist()  # noqa: E731
+    seqs = [rnd(13), rnd(40), rnd(1)]
+    sids = [0, 1, 2]
+    for sid in sids:
+        h.pm.add_sequence(sid)
+    tol = dict(atol=2e-4, rtol=2e-4)
+
+    def check_primary(starts):
+        idx = [b for b in range(len(seqs)) if starts[b] < len(seqs[b])]
+        sub, sub_starts = [seqs[b] for b in idx], [starts[b] for b in idx]
+        logits, _ = h.primary([sids[b] for b in idx], sub, sub_starts)
+        for b, got in zip(idx, split(logits, sub, sub_starts)):
+            ref, _ = ref_primary(model, seqs[b])
+            torch.testing.assert_close(got, ref[starts[b]:], **tol)
+
+    # prefill in chunks of <= 32 rows: [0, 32) then the rest
+    first = [min(len(s), 32) for s in seqs]
+    full = [list(s) for s in seqs]
+    seqs = [s[:f] for s, f in zip(full, first)]
+    check_primary([0, 0, 0])
+    seqs = full
+    check_primary(first)
+    plen = [len(s) for s in seqs]
+
+    # secondary drafts 3 tokens over primary-derived entries (first step writes its own entry)
+    for step in range(3):
+        starts = [len(s) - 1 for s in seqs]
+        if step == 0:
+            # last token was processed by the primary: query-only row for position plen-1, then
+            # give each sequence a new token the primary has not seen
+            logits = h.secondary(sids, seqs, starts, [len(s) for s in seqs])
+            for b, got in enumerate(split(logits, seqs, starts)):
+                torch.testing.assert_close(got, ref_secondary(model, seqs[b], plen[b])[starts[b]:], **tol)
+            seqs = [s + rnd(1) for s in seqs]
+            starts = [len(s) - 1 for s in seqs]
+        logits = h.secondary(sids, seqs, starts, starts)
+        for b, got in enumerate(split(logits, seqs, starts)):
+            torch.testing.assert_close(got, ref_secondary(model, seqs[b], plen[b])[starts[b]:], **tol)
+        seqs = [s + [int(l.argmax())] for s, l in zip(seqs, split(logits, seqs, starts))]
+
+    # verify block on the primary over the unprocessed tokens, then roll back to a ragged prefix
+    starts = list(plen)
+    check_primary(starts)
+    keep = [plen[0] + 1, plen[1] + 3, plen[2]]      # accepted prefixes (ragged)
+    seqs = [s[:k] for s, k in zip(seqs, keep)]
+    for sid, k in zip(sids, keep):
+        h.pm.truncate(sid, k)
+    plen = keep
+    # new block of different tokens after the rollback; primary entries below plen stay valid
+    seqs = [s + rnd(2) for s in seqs]
+    starts = list(plen)
+    logits = h.secondary(sids, seqs, [p - 1 for p in plen], [p for p in plen])
+    for b, got in enumerate(split(logits, seqs, [p - 1 for p in plen])):
+        torch.testing.assert_close(got, ref_secondary(model, seqs[b], plen[b])[plen[b] - 1:], **tol)
+    check_primary(starts)
+    # decode steps (one row each) after the block
+    plen = [len(s) for s in seqs]
+    for _ in range(2):
+        seqs = [s + rnd(1) for s in seqs]
+        check_primary([len(s) - 1 for s in seqs])
+    h.pm.check_invariants()
+
+
+def test_secondary_refresh_overwrites_draft_entries():
+    """After the primary catches up, the secondary's own (draft) entries below plen are replaced:
+    the result equals a reference in which those positions were never drafted."""
+    model = random_tandem_model(seed=5)
+    h = Harness(model, 8)
+    V = model.config.primary.vocab_size
+    toks = torch.randint(0, V, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    h.pm.add_sequence(0)
+    h.primary([0], [toks[:6]], [0])
+    # the secondary drafts positions 6..9 with its own entries
+    for p in range(6, 10):
+        h.secondary([0], [toks[:p + 1]], [p], [p])
+    # the primary processes 6..9 and refreshes them
+    h.primary([0], [toks[:10]], [6])
+    logits = h.secondary([0], [toks[:11]], [10], [10])
+    torch.testing.assert_close(logits[0], ref_secondary(model, toks[:11], 10)[10], atol=2e-4, rtol=2e-4)

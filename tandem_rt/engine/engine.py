@@ -1,0 +1,292 @@
+"""``tandem_rt.Engine``: every generation mode of a Tandem checkpoint on one shared paged cache.
+
+Modes:
+
+* ``primary`` — the primary alone, autoregressive (the baseline).
+* ``secondary`` — the checkpoint's ``secondary.*`` weights alone as a plain causal LM (its own
+  K/V only, no primary representations).
+* ``speed`` — speculative decoding with the standalone drafter (``drafter.*``) on its own pool.
+* ``tandem`` — the Tandem model as a generator (not lossless): the secondary generates γ tokens
+  per block, the primary processes them (refreshing the secondary's K/V); with ``free_token``
+  the primary's prediction after the block is emitted too (paper Fig. 2), without it only the
+  representations are refreshed (paper Fig. 4).
+* ``tandem-speed`` — Tandem + SPEED (lossless): the secondary drafts, the primary verifies.
+
+``gamma`` is the number of drafted tokens per block (an int), or ``"auto"``: the checkpoint's
+router stops drafting when the predicted acceptance ``1 - tv`` falls under its threshold, or
+at its ``gamma_max``.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import torch
+
+from tandem_rt.engine.generation import Generation
+from tandem_rt.engine.paged_model import PagedLlama
+from tandem_rt.engine.params import SamplingParams
+from tandem_rt.engine.refresh import TandemRefresh
+from tandem_rt.engine.results import Result, StreamEvent
+from tandem_rt.models.tandem import TandemModel
+
+MODES = ("primary", "secondary", "speed", "tandem", "tandem-speed")
+MAX_GAMMA = 31          # a verify block holds gamma + 1 <= 32 queries per sequence (paged_attention)
+
+
+def _default_model_path() -> Optional[str]:
+    try:
+        from tandem_rt.paths import default_model_path
+    except ImportError:
+        return None
+    path = default_model_path()
+    return str(path) if path is not None and Path(path).exists() else None
+
+
+class Engine:
+    """Serves a :class:`TandemModel` in every mode over paged K/V pools.
+
+    Args:
+        model: the Tandem model (its weights are used in place; fused QKV weights are the only copy).
+        tokenizer: a Hugging Face ``tokenizers.Tokenizer`` (needed for string prompts and ``text``).
+        device: device to run on (default: the model's).
+        dtype: weight and cache dtype (default: the model's); the model is converted in place if different.
+        max_batch_size: sequences decoded together at most (more prompts/samples queue up).
+        kv_cache_memory: bytes for the K/V pools of all models (alternative to ``num_pages``).
+        num_pages: pages in the pool (default: ``max_batch_size`` full-context sequences).
+        page_size: token positions per page.
+        prefill_chunk: prompt rows per sequence per prefill forward (1..32).
+        use_cuda_graphs: capture and replay the decode / verify steps on CUDA (see ``cuda_graphs.py``).
+    """
+
+    def __init__(self, model: TandemModel, tokenizer=None, *, device=None, dtype=None, max_batch_size: int = 8,
+                 kv_cache_memory: Optional[int] = None, num_pages: Optional[int] = None, page_size: int = 16,
+                 prefill_chunk: int = 32, use_cuda_graphs: bool = False):
+        from tandem_rt.paged import KVCache, PageManager, pages_for_memory
+
+        if not isinstance(model, TandemModel):
+            raise ValueError(f"model must be a TandemModel, got {type(model).__name__}")
+        for name, v, lo in (("max_batch_size", max_batch_size, 1), ("page_size", page_size, 1),
+                            ("prefill_chunk", prefill_chunk, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if prefill_chunk > 32:
+            raise ValueError(f"prefill_chunk must be at most 32 (paged_attention's query rows), got {prefill_chunk}")
+        if num_pages is not None and kv_cache_memory is not None:
+            raise ValueError("give num_pages or kv_cache_memory, not both")
+        param = next(model.parameters())
+        self.device = torch.device(device) if device is not None else param.device
+        self.dtype = dtype if dtype is not None else param.dtype
+        if isinstance(self.dtype, str):
+            from tandem_rt.config import DTYPES
+            if self.dtype not in DTYPES:
+                raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+            self.dtype = DTYPES[self.dtype]
+        if param.device != self.device or param.dtype != self.dtype:
+            model.to(device=self.device, dtype=self.dtype)
+        model.eval()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.prefill_chunk = prefill_chunk
+        cfg = model.config
+        self.vocab_size = cfg.primary.vocab_size
+        self.layer_map = list(model.layer_map)
+        self.router_top_k = cfg.router.top_k if cfg.router is not None else None
+        self.primary = PagedLlama(model.primary)
+        self.secondary = PagedLlama(model.secondary)
+        self.drafter = PagedLlama(model.drafter) if model.drafter is not None else None
+        self.refresh = TandemRefresh(model, self.secondary)
+        cfgs = [cfg.primary, cfg.secondary] + ([cfg.drafter] if cfg.drafter is not None else [])
+        if kv_cache_memory is not None:
+            if isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, int) or kv_cache_memory <= 0:
+                raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
+            num_pages = pages_for_memory(kv_cache_memory, page_size, cfgs, self.dtype)
+            if num_pages < 1:
+                raise ValueError(f"kv_cache_memory={kv_cache_memory} bytes holds no page of {page_size} tokens")
+        elif num_pages is None:
+            ctx = min(c.max_position_embeddings for c in cfgs)
+            num_pages = max_batch_size * (-(-(ctx + MAX_GAMMA + 1) // page_size)) + 1
+        if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < 1:
+            raise ValueError(f"num_pages must be a positive integer, got {num_pages!r}")
+        self.page_manager = PageManager(num_pages, page_size)
+        mk = lambda c: KVCache(c.num_hidden_layers, num_pages, page_size, c.num_key_value_heads, c.head_dim,  # noqa: E731
+                               self.dtype, self.device)
+        self.primary_cache = mk(cfg.primary)
+        self.secondary_cache = mk(cfg.secondary)
+        self.drafter_cache = mk(cfg.drafter) if cfg.drafter is not None else None
+        self._seq_ids = itertools.count()
+        self._lock = threading.Lock()
+        self.cuda_graphs = None
+        if use_cuda_graphs:
+            from tandem_rt.engine.cuda_graphs import CudaGraphRunner
+            self.cuda_graphs = CudaGraphRunner(self)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, path=None, device="cpu", dtype=None, max_batch_size: int = 8,
+                        kv_cache_memory: Optional[int] = None, num_pages: Optional[int] = None,
+                        page_size: int = 16, **kwargs) -> "Engine":
+        """Load a checkpoint directory (default: the bundled model) and its ``tokenizer.json``."""
+        from tandem_rt.checkpoint import TOKENIZER_NAME, load_checkpoint
+
+        if path is None:
+            path = _default_model_path()
+            if path is None:
+                raise ValueError("path is required: no bundled model is installed")
+        if isinstance(dtype, str):
+            from tandem_rt.config import DTYPES
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+            dtype = DTYPES[dtype]
+        model = load_checkpoint(path, device=device, dtype=dtype)
+        tokenizer = None
+        tok_file = Path(path) / TOKENIZER_NAME
+        if tok_file.is_file():
+            from tokenizers import Tokenizer
+            tokenizer = Tokenizer.from_file(str(tok_file))
+        return cls(model, tokenizer, device=device, dtype=dtype, max_batch_size=max_batch_size,
+                   kv_cache_memory=kv_cache_memory, num_pages=num_pages, page_size=page_size, **kwargs)
+
+    # ------------------------------------------------------------------ internals used by Generation
+    def new_seq_id(self) -> int:
+        return next(self._seq_ids)
+
+    def all_cache_tensors(self) -> list:
+        out = self.primary_cache.tensors() + self.secondary_cache.tensors()
+        if self.drafter_cache is not None:
+            out += self.drafter_cache.tensors()
+        return out
+
+    # ------------------------------------------------------------------ validation
+    def _tokenize(self, prompt, i: int) -> list:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"prompts[{i}] is a string but the engine has no tokenizer; pass token ids")
+            if not prompt:
+                raise ValueError(f"prompts[{i}] is empty")
+            ids = self.tokenizer.encode(prompt).ids
+        elif isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1 or prompt.dtype.is_floating_point:
+                raise ValueError(f"prompts[{i}] must be a 1-D integer tensor, got {tuple(prompt.shape)} {prompt.dtype}")
+            ids = prompt.tolist()
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ValueError(f"prompts[{i}] is empty")
+        V = self.vocab_size
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
+                raise ValueError(f"prompts[{i}] holds token id {t!r} outside the vocabulary [0, {V})")
+        return ids
+
+    def _normalize_prompts(self, prompts) -> list:
+        if isinstance(prompts, (str, torch.Tensor)):
+            prompts = [prompts]
+        elif isinstance(prompts, (list, tuple)):
+            if not prompts:
+                raise ValueError("prompts is empty")
+            if all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+                prompts = [list(prompts)]
+        else:
+            raise ValueError(f"prompts must be a string, a list of token ids or a list of them, got {type(prompts).__name__}")
+        return [self._tokenize(p, i) for i, p in enumerate(prompts)]
+
+    def check_request(self, prompts, params, mode, gamma, free_token):
+        """Validate a request before any work; returns (token-id prompts, params)."""
+        if params is None:
+            params = SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        cfg = self.model.config
+        if mode == "speed" and self.drafter is None:
+            raise ValueError("mode 'speed' needs a standalone drafter, but the checkpoint has no drafter.* weights")
+        if gamma == "auto":
+            if mode not in ("speed", "tandem", "tandem-speed"):
+                raise ValueError(f"gamma='auto' applies to the drafting modes, not {mode!r}")
+            if self.model.router is None:
+                raise ValueError("gamma='auto' needs the checkpoint's router, but it has no router.* weights")
+            embed = cfg.drafter.hidden_size if mode == "speed" else cfg.secondary.hidden_size
+            if embed != cfg.router.embed_dim:
+                raise ValueError(f"gamma='auto' in mode {mode!r}: the router reads {cfg.router.embed_dim}-d embeddings, "
+                                 f"the drafting model has {embed}")
+            gmax = cfg.router.gamma_max
+        else:
+            if isinstance(gamma, bool) or not isinstance(gamma, int) or not 1 <= gamma <= MAX_GAMMA:
+                raise ValueError(f"gamma must be an integer in [1, {MAX_GAMMA}] or 'auto', got {gamma!r}")
+            gmax = gamma
+        if gmax > MAX_GAMMA:
+            raise ValueError(f"the router's gamma_max ({gmax}) exceeds {MAX_GAMMA}")
+        if not isinstance(free_token, bool):
+            raise ValueError(f"free_token must be a bool, got {free_token!r}")
+        ids = self._normalize_prompts(prompts)
+        models = {"primary": [cfg.primary], "secondary": [cfg.secondary], "speed": [cfg.primary, cfg.drafter],
+                  "tandem": [cfg.primary, cfg.secondary], "tandem-speed": [cfg.primary, cfg.secondary]}[mode]
+        ctx = min(c.max_position_embeddings for c in models)
+        ps = self.page_manager.page_size
+        for i, p in enumerate(ids):
+            if len(p) + params.max_new_tokens > ctx:
+                raise ValueError(f"prompts[{i}] has {len(p)} tokens; with max_new_tokens={params.max_new_tokens} "
+                                 f"that exceeds the model's context of {ctx} positions")
+            need = -(-len(p) // ps) + -(-(len(p) + params.max_new_tokens + gmax + 1) // ps)
+            if need > self.page_manager.num_pages:
+                raise ValueError(f"prompts[{i}] needs up to {need} KV-cache pages but the pool has "
+                                 f"{self.page_manager.num_pages}; raise num_pages / kv_cache_memory "
+                                 f"or lower max_new_tokens")
+        for t in params.stop_token_ids:
+            if t >= self.vocab_size:
+                raise ValueError(f"stop_token_ids holds {t}, outside the vocabulary [0, {self.vocab_size})")
+        return ids, params
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, prompts, params: Optional[SamplingParams] = None, mode: str = "tandem-speed",
+                 gamma: Union[int, str] = 5, free_token: bool = True) -> list:
+        """Generate continuations.
+
+        Args:
+            prompts: a string, a list of token ids (a 1-D int tensor), or a list of those.
+            params: :class:`SamplingParams` (default: greedy, 128 new tokens).
+            mode: one of ``primary``, ``secondary``, ``speed``, ``tandem``, ``tandem-speed``.
+            gamma: drafted tokens per block (``1..31``) or ``"auto"`` (the router decides).
+            free_token: ``tandem`` mode only: emit the primary's prediction after each block.
+        Returns:
+            ``list[Result]``, ``len(prompts) * params.n`` long, prompt-major: result
+            ``i * n + j`` is sample ``j`` of prompt ``i``.
+        Raises:
+            ValueError: an invalid request (before any work starts).
+        """
+        ids, params = self.check_request(prompts, params, mode, gamma, free_token)
+        results: list = [None] * (len(ids) * params.n)
+        with self._lock:
+            gen = Generation(self, ids, params, mode, gamma, free_token)
+            for ev in gen.events():
+                if ev.finished:
+                    results[ev.index] = ev.result
+        return results
+
+    def stream(self, prompt, params: Optional[SamplingParams] = None, mode: str = "tandem-speed",
+               gamma: Union[int, str] = 5, free_token: bool = True) -> Iterator[StreamEvent]:
+        """Like :meth:`generate` for one prompt (``params.n`` samples), yielding a
+        :class:`StreamEvent` per sequence and iteration as tokens are committed. Closing the
+        iterator early cancels the request and frees its pages. The engine is held for other
+        callers until the iterator is exhausted or closed."""
+        ids, params = self.check_request(prompt, params, mode, gamma, free_token)
+        if len(ids) != 1:
+            raise ValueError(f"stream takes one prompt, got {len(ids)}")
+
+        def run():
+            with self._lock:
+                gen = Generation(self, ids, params, mode, gamma, free_token)
+                try:
+                    yield from gen.events()
+                finally:
+                    gen.release()
+        return run()
+
+    @property
+    def num_free_pages(self) -> int:
+        return self.page_manager.num_free_pages

@@ -1,0 +1,577 @@
+"""The generation loop of one ``Engine.generate`` / ``Engine.stream`` call (all modes).
+
+Per sequence the loop keeps ``tokens`` (prompt + committed output, ``n = len(tokens)``),
+``plen`` (positions whose primary K/V is in the primary pool) and ``dlen`` (positions whose
+drafting-model K/V is in its pool: the Tandem secondary's, primary-derived below ``plen``, or
+the standalone drafter's). Invariants between iterations:
+
+* ``primary``, ``speed``, ``tandem-speed``, ``tandem`` with the free token: ``plen = n - 1`` (the
+  last committed token has not been processed by the primary yet).
+* Tandem modes: every secondary entry below ``plen`` is primary-derived (refreshed after each
+  primary pass, overwriting the secondary's own draft entries); ``dlen = plen``.
+* ``tandem`` without the free token: ``plen = dlen = n``; the secondary's next query runs at
+  position ``n - 1`` over primary-derived entries only, without writing (slot -1).
+* page tables cover exactly ``max(plen, dlen)`` positions (rolled back after every block).
+
+One speculative iteration (``speed`` / ``tandem-speed``): draft up to γ tokens with the drafting
+model (the first step also catches up positions ``[dlen, n)``), verify ``[tokens[n-1], drafts...]``
+on the primary in one block, refresh the secondary pool at every block position (``tandem-speed``),
+``verify`` op -> accepted count ``a`` and ``a + 1`` emitted tokens, one host read, roll back.
+The prompt is processed by the primary (and refreshed into the secondary pool); the Tandem
+secondary never runs on it. The standalone drafter (``speed``) prefills its own pool.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import time
+from typing import Iterator, Optional
+
+import torch
+
+from tandem_rt import ops
+from tandem_rt.engine.paged_model import build_meta
+from tandem_rt.engine.params import SamplingParams
+from tandem_rt.engine.results import Result, StreamEvent
+from tandem_rt.models.router import router_features
+
+
+class _Request:
+    """One prompt with its ``n`` samples; ``sid`` holds the processed prompt until all are forked."""
+
+    def __init__(self, index: int, prompt: list, n: int):
+        self.index = index
+        self.prompt = prompt
+        self.n = n
+        self.forked = 0
+        self.sid = None
+        self.logits = None      # [V] next-token logits after the prompt (modes with a prefill prediction)
+        self.reserved = 0
+
+
+class _Seq:
+    __slots__ = ("sid", "req", "sample", "tokens", "prompt_len", "plen", "dlen", "finished",
+                 "finish_reason", "stats", "reserved", "text_len", "result")
+
+    def __init__(self, sid, req: _Request, sample: int, reserved: int):
+        self.sid = sid
+        self.req = req
+        self.sample = sample
+        self.tokens = list(req.prompt)
+        self.prompt_len = len(req.prompt)
+        self.plen = 0
+        self.dlen = 0
+        self.finished = False
+        self.finish_reason = None
+        self.reserved = reserved
+        self.text_len = 0
+        self.result = None
+        self.stats = {"primary_runs": 0, "secondary_runs": 0, "drafted_tokens": 0, "accepted_tokens": 0,
+                      "blocks": 0, "accepted_per_block": []}
+
+    @property
+    def n(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+class Generation:
+    """State of one call. Iterate :meth:`events`; pages are freed when it ends, fails or is closed."""
+
+    def __init__(self, engine, prompts: list, params: SamplingParams, mode: str, gamma, free_token: bool):
+        self.e = engine
+        self.params = params
+        self.mode = mode
+        self.auto = gamma == "auto"
+        router_cfg = engine.model.router.config if self.auto else None
+        self.gamma = router_cfg.gamma_max if self.auto else int(gamma)
+        self.threshold = router_cfg.threshold if self.auto else None
+        self.free_token = free_token
+        self.device = engine.device
+        self.pm = engine.page_manager
+        self.greedy = params.greedy
+        self.stops = set(params.stop_token_ids)
+        eos = engine.model.config.primary.eos_token_id
+        if eos is not None and not params.ignore_eos:
+            self.stops.add(eos)
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
+        self.rng = torch.tensor([seed, 0], dtype=torch.int64, device=self.device)
+        self.pending = collections.deque(_Request(i, p, params.n) for i, p in enumerate(prompts))
+        self.prefixes: list[_Request] = []
+        self.active: list[_Seq] = []
+        self.reserved = 0
+        self.t0 = time.perf_counter()
+        self._param_cache: dict = {}
+        self.uses_prefill_token = mode != "tandem" or free_token
+        # the model that drafts (speculative modes, tandem) and its pool
+        if mode == "speed":
+            self.dmodel, self.dpool = engine.drafter, engine.drafter_cache
+        else:
+            self.dmodel, self.dpool = engine.secondary, engine.secondary_cache
+        self.ps = self.pm.page_size
+
+    # ------------------------------------------------------------------ helpers
+    def _pages(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.ps)
+
+    def worst_case_pages(self, prompt_len: int) -> int:
+        """Pages one sample of a prompt can hold at most (prompt + output + one draft block)."""
+        return self._pages(prompt_len + self.params.max_new_tokens + self.gamma + 1)
+
+    def _params(self, B: int):
+        t = self._param_cache.get(B)
+        if t is None:
+            p = self.params
+            t = (torch.full((B,), p.temperature, dtype=torch.float32, device=self.device),
+                 torch.full((B,), p.top_k, dtype=torch.int32, device=self.device),
+                 torch.full((B,), p.top_p, dtype=torch.float32, device=self.device))
+            self._param_cache[B] = t
+        return t
+
+    def _sample(self, logits: torch.Tensor, want_probs: bool = False):
+        """``logits [B, V]`` -> (tokens int64 ``[B]``, probabilities fp32 ``[B, V]`` or None)."""
+        if self.greedy:
+            return logits.argmax(-1), None
+        B, V = logits.shape
+        probs = torch.empty(B, V, dtype=torch.float32, device=logits.device) if want_probs else None
+        temp, top_k, top_p = self._params(B)
+        tok = ops.sample(logits, temp, top_k, top_p, self.rng, probs_out=probs)
+        return tok.long(), probs
+
+    def _prepare(self, seqs, starts, ends) -> None:
+        """Make positions writable; run the copy-on-write page copies over every pool."""
+        copies = []
+        for s, a, b in zip(seqs, starts, ends):
+            copies += self.pm.prepare_write(s.sid if isinstance(s, _Seq) else s, a, b)
+        if copies:
+            src = torch.tensor([c[0] for c in copies], dtype=torch.int64, device=self.device)
+            dst = torch.tensor([c[1] for c in copies], dtype=torch.int64, device=self.device)
+            ops.copy_pages(self.e.all_cache_tensors(), src, dst)
+
+    def _set_lens(self, s: _Seq) -> None:
+        keep = max(s.plen, s.dlen)
+        self.pm.truncate(s.sid, keep)
+        self.pm.set_primary_len(s.sid, min(s.plen, keep))
+        self.pm.set_secondary_len(s.sid, min(s.dlen, keep))
+
+    def _commit(self, s: _Seq, new_tokens: list) -> list:
+        """Append tokens up to a stop token / the length limit; returns the tokens appended."""
+        out = []
+        limit = self.params.max_new_tokens
+        for t in new_tokens:
+            s.tokens.append(int(t))
+            out.append(int(t))
+            if t in self.stops:
+                s.finished, s.finish_reason = True, "stop"
+                break
+            if s.generated >= limit:
+                s.finished, s.finish_reason = True, "length"
+                break
+        return out
+
+    def _event(self, s: _Seq, new: list) -> StreamEvent:
+        text = ""
+        tok = self.e.tokenizer
+        if tok is not None and (new or s.finished):
+            full = tok.decode(s.tokens[s.prompt_len:])
+            text, s.text_len = full[s.text_len:], len(full)
+        ev = StreamEvent(index=s.req.index * self.params.n + s.sample, prompt_index=s.req.index,
+                         sample_index=s.sample, token_ids=new, text=text, finished=s.finished,
+                         finish_reason=s.finish_reason)
+        if s.finished:
+            ev.result = s.result = self._result(s)
+        return ev
+
+    def _result(self, s: _Seq) -> Result:
+        wall = time.perf_counter() - self.t0
+        st = dict(s.stats)
+        st["mean_accepted"] = st["accepted_tokens"] / st["blocks"] if st["blocks"] else 0.0
+        st["wall_time_s"] = wall
+        st["tokens_per_s"] = s.generated / wall if wall > 0 else 0.0
+        ids = s.tokens[s.prompt_len:]
+        text = self.e.tokenizer.decode(ids) if self.e.tokenizer is not None else ""
+        return Result(token_ids=ids, text=text, finish_reason=s.finish_reason, stats=st,
+                      prompt_index=s.req.index, sample_index=s.sample)
+
+    # ------------------------------------------------------------------ main loop
+    def events(self) -> Iterator[StreamEvent]:
+        """Run the call to the end, yielding every sequence's new tokens per iteration."""
+        try:
+            while self.pending or self.prefixes or self.active:
+                yield from self._admit()
+                yield from self._retire()
+                if self.active:
+                    yield from self._step()
+                    yield from self._retire()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Free every page this call holds (idempotent)."""
+        for s in self.active:
+            if self.pm.has_sequence(s.sid):
+                self.pm.free(s.sid)
+        self.active = []
+        for r in self.prefixes:
+            if r.sid is not None and self.pm.has_sequence(r.sid):
+                self.pm.free(r.sid)
+        self.prefixes = []
+        self.pending.clear()
+        self.reserved = 0
+
+    def _retire(self) -> Iterator[StreamEvent]:
+        keep = []
+        for s in self.active:
+            if s.finished:
+                self.pm.free(s.sid)
+                self.reserved -= s.reserved
+            else:
+                keep.append(s)
+        self.active = keep
+        return iter(())
+
+    # ------------------------------------------------------------------ admission
+    def _admit(self) -> Iterator[StreamEvent]:
+        budget = self.pm.num_pages
+        cap = self.e.max_batch_size
+        # prefill new prompts while a sample slot and the pages of its worst case are free
+        new = []
+        while self.pending and len(self.active) + len(self.prefixes) + len(new) < cap:
+            r = self.pending[0]
+            need = self._pages(len(r.prompt)) + self.worst_case_pages(len(r.prompt))
+            if self.reserved + need > budget:
+                break
+            self.pending.popleft()
+            r.sid = self.e.new_seq_id()
+            self.pm.add_sequence(r.sid)
+            r.reserved = self._pages(len(r.prompt))
+            self.reserved += r.reserved
+            new.append(r)
+        if new:
+            self._prefill(new)
+            self.prefixes.extend(new)
+        # fork samples from processed prompts
+        events = []
+        for r in list(self.prefixes):
+            w = self.worst_case_pages(len(r.prompt))
+            k = 0
+            while r.forked + k < r.n and len(self.active) + k < cap and self.reserved + w <= budget:
+                self.reserved += w
+                k += 1
+            if k == 0:
+                continue
+            children = []
+            for _ in range(k):
+                sid = self.e.new_seq_id()
+                self.pm.fork(r.sid, sid)
+                s = _Seq(sid, r, r.forked, w)
+                r.forked += 1
+                s.plen = self.pm.primary_len(sid)
+                s.dlen = self.pm.secondary_len(sid)
+                s.stats["primary_runs"] = int(self.mode != "secondary")
+                s.stats["secondary_runs"] = int(self.mode in ("secondary", "speed"))
+                children.append(s)
+            if self.uses_prefill_token:
+                logits = r.logits.unsqueeze(0).expand(k, -1).contiguous()
+                toks, _ = self._sample(logits)
+                for s, t in zip(children, toks.tolist()):
+                    events.append(self._event(s, self._commit(s, [t])))
+            self.active.extend(children)
+            if r.forked == r.n:
+                self.pm.free(r.sid)
+                self.reserved -= r.reserved
+                self.prefixes.remove(r)
+                r.sid = None
+                r.logits = None
+        return iter(events)
+
+    def _prefill(self, reqs: list) -> None:
+        """Process the prompts: the primary (+ tandem refresh), or the standalone model(s)."""
+        e = self.e
+        sids = [r.sid for r in reqs]
+        lens = [len(r.prompt) for r in reqs]
+        self._prepare(sids, [0] * len(reqs), lens)
+        mode = self.mode
+        if mode == "secondary":
+            logits = self._chunked(e.secondary, e.secondary_cache, reqs, refresh=False)
+            for r in reqs:
+                self.pm.set_secondary_len(r.sid, len(r.prompt))
+        else:
+            logits = self._chunked(e.primary, e.primary_cache, reqs, refresh=mode in ("tandem", "tandem-speed"))
+            for r in reqs:
+                self.pm.set_primary_len(r.sid, len(r.prompt))
+                if mode in ("tandem", "tandem-speed"):
+                    self.pm.set_secondary_len(r.sid, len(r.prompt))
+            if mode == "speed":
+                self._chunked(e.drafter, e.drafter_cache, reqs, refresh=False)
+                for r in reqs:
+                    self.pm.set_secondary_len(r.sid, len(r.prompt))
+        for r, row in zip(reqs, logits):
+            r.logits = row
+
+    def _chunked(self, model, cache, reqs, refresh: bool) -> list:
+        """Prompt forward in chunks of ``engine.prefill_chunk`` rows per sequence -> last-row logits."""
+        C = self.e.prefill_chunk
+        out = [None] * len(reqs)
+        hidden_layers = self.e.layer_map if refresh else ()
+        start = 0
+        while True:
+            idx = [i for i, r in enumerate(reqs) if len(r.prompt) > start]
+            if not idx:
+                break
+            sub = [reqs[i] for i in idx]
+            ends = [min(len(r.prompt), start + C) for r in sub]
+            meta = build_meta(self.pm, [r.sid for r in sub], [start] * len(sub), ends, [start] * len(sub),
+                              self.device)
+            ids = torch.tensor([t for r, e_ in zip(sub, ends) for t in r.prompt[start:e_]],
+                               dtype=torch.int64, device=self.device)
+            logits, hidden = model.forward(ids, meta, cache.k, cache.v, logits_rows=meta.last_rows,
+                                           hidden_layers=hidden_layers)
+            if refresh:
+                self.e.refresh(hidden, meta.positions, meta.slot_mapping,
+                               self.e.secondary_cache.k, self.e.secondary_cache.v)
+            for j, i in enumerate(idx):
+                if ends[j] == len(reqs[i].prompt):
+                    out[i] = logits[j]
+            start += C
+        return out
+
+    # ------------------------------------------------------------------ iterations
+    def _step(self) -> Iterator[StreamEvent]:
+        if self.mode in ("primary", "secondary"):
+            return self._step_plain()
+        if self.mode in ("speed", "tandem-speed"):
+            return self._step_speculative()
+        return self._step_tandem()
+
+    def _step_plain(self) -> Iterator[StreamEvent]:
+        e, seqs = self.e, self.active
+        primary = self.mode == "primary"
+        model, cache = (e.primary, e.primary_cache) if primary else (e.secondary, e.secondary_cache)
+        starts = [s.n - 1 for s in seqs]
+        ends = [s.n for s in seqs]
+        self._prepare(seqs, starts, ends)
+        meta = build_meta(self.pm, [s.sid for s in seqs], starts, ends, starts, self.device)
+        ids = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.int64, device=self.device)
+        logits, _ = model.forward(ids, meta, cache.k, cache.v)
+        toks, _ = self._sample(logits)
+        events = []
+        for s, t in zip(seqs, toks.tolist()):          # the one host read of the iteration
+            if primary:
+                s.plen = s.n
+                s.stats["primary_runs"] += 1
+            else:
+                s.dlen = s.n
+                s.stats["secondary_runs"] += 1
+            new = self._commit(s, [t])
+            if not s.finished:
+                self._set_lens(s)
+            events.append(self._event(s, new))
+        return iter(events)
+
+    def _draft(self, seqs, limits, block_tables, want_probs: bool):
+        """Up to ``limits[b]`` drafting-model decode steps per sequence.
+
+        Returns (drafts int64 ``[B, G]``, probs fp32 ``[B, G, V]`` or None, lens list).
+        The first step runs positions ``[min(dlen, n-1), n)`` (catching up the drafter; a query-only
+        row when the pool already holds position ``n - 1``).
+        """
+        B = len(seqs)
+        G = max(limits)
+        V = self.e.vocab_size
+        drafts = torch.zeros(B, G, dtype=torch.int64, device=self.device)
+        probs = torch.zeros(B, G, V, dtype=torch.float32, device=self.device) if want_probs else None
+        lens = [0] * B
+        act = [b for b in range(B) if limits[b] > 0]
+        k = 0
+        model, cache = self.dmodel, self.dpool
+        while act:
+            sub = [seqs[b] for b in act]
+            sids = [s.sid for s in sub]
+            bt = block_tables if len(act) == B else block_tables.index_select(
+                0, torch.tensor(act, dtype=torch.int64, device=self.device))
+            if k == 0:
+                starts = [min(s.dlen, s.n - 1) for s in sub]
+                ends = [s.n for s in sub]
+                write = [s.dlen for s in sub]
+                ids = torch.tensor([t for s, a in zip(sub, starts) for t in s.tokens[a:]],
+                                   dtype=torch.int64, device=self.device)
+            else:
+                starts = [s.n - 1 + k for s in sub]
+                ends = [s.n + k for s in sub]
+                write = starts
+                idx = torch.tensor(act, dtype=torch.int64, device=self.device)
+                ids = drafts[:, k - 1].index_select(0, idx) if len(act) < B else drafts[:, k - 1]
+            meta = build_meta(self.pm, sids, starts, ends, write, self.device, block_tables=bt)
+            logits, _ = model.forward(ids, meta, cache.k, cache.v, logits_rows=meta.last_rows)
+            tok, pr = self._sample(logits, want_probs)
+            if len(act) == B:
+                drafts[:, k] = tok
+                if pr is not None:
+                    probs[:, k] = pr
+            else:
+                idx = torch.tensor(act, dtype=torch.int64, device=self.device)
+                drafts[idx, k] = tok
+                if pr is not None:
+                    probs[idx, k] = pr
+            for s, b, w, en in zip(sub, act, write, ends):
+                lens[b] += 1
+                s.stats["secondary_runs"] += 1
+                s.dlen = max(s.dlen, en)
+            k += 1
+            nxt = [j for j, b in enumerate(act) if lens[b] < limits[b]]
+            if self.auto and nxt:
+                feats = router_features(logits, model.model.model.embed_tokens.weight, self.e.router_top_k)
+                tv = self.e.model.router(feats)
+                cont = ((1.0 - tv) >= self.threshold).tolist()     # the router's stop decision
+                nxt = [j for j in nxt if cont[j]]
+            act = [act[j] for j in nxt]
+        for s, n_ in zip(seqs, lens):
+            s.stats["drafted_tokens"] += n_
+        return drafts, probs, lens
+
+    def _step_speculative(self) -> Iterator[StreamEvent]:
+        e, seqs = self.e, self.active
+        tandem = self.mode == "tandem-speed"
+        B = len(seqs)
+        limits = [min(self.gamma, self.params.max_new_tokens - s.generated - 1) for s in seqs]
+        firsts = [min(s.dlen, s.n - 1) for s in seqs]
+        self._prepare(seqs, firsts, [s.n + g for s, g in zip(seqs, limits)])
+        sids = [s.sid for s in seqs]
+        bt = self.pm.block_table(sids, device=self.device)
+        G = max(limits)
+        if G > 0:
+            drafts, probs, lens = self._draft(seqs, limits, bt, want_probs=not self.greedy)
+            G = max(lens)
+            drafts = drafts[:, :G].contiguous()
+            if probs is not None:
+                probs = probs[:, :G].contiguous()
+        else:
+            lens = [0] * B
+        # verify block [tokens[n-1], drafts...] on the primary
+        starts = [s.n - 1 for s in seqs]
+        ends = [s.n + g for s, g in zip(seqs, lens)]
+        meta = build_meta(self.pm, sids, starts, ends, starts, self.device, block_tables=bt)
+        last = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.int64, device=self.device)
+        hidden_layers = e.layer_map if tandem else ()
+        if G == 0:
+            logits, hidden = e.primary.forward(last, meta, e.primary_cache.k, e.primary_cache.v,
+                                               hidden_layers=hidden_layers)
+        else:
+            block = torch.cat([last.unsqueeze(1), drafts], 1)                    # [B, G+1]
+            flat = torch.tensor([b * (G + 1) + t for b in range(B) for t in range(lens[b] + 1)],
+                                dtype=torch.int64, device=self.device)
+            ids = block.reshape(-1).index_select(0, flat)
+            logits, hidden = e.primary.forward(ids, meta, e.primary_cache.k, e.primary_cache.v,
+                                               hidden_layers=hidden_layers)
+        if tandem:
+            e.refresh(hidden, meta.positions, meta.slot_mapping, e.secondary_cache.k, e.secondary_cache.v)
+        if G == 0:
+            toks, _ = self._sample(logits)
+            accepted = [0] * B
+            emitted = [[t] for t in toks.tolist()]             # the one host read
+        else:
+            V = logits.shape[-1]
+            target = logits.new_zeros(B * (G + 1), V)
+            target.index_copy_(0, flat, logits)
+            temp, top_k, top_p = self._params(B)
+            lens_t = torch.tensor(lens, dtype=torch.int32, device=self.device)
+            acc, em = ops.verify(drafts, lens_t, probs, target.view(B, G + 1, V), temp, top_k, top_p, self.rng)
+            both = torch.cat([acc.view(B, 1).long(), em.long()], 1).tolist()   # the one host read
+            accepted = [row[0] for row in both]
+            emitted = [row[1:row[0] + 2] for row in both]
+        events = []
+        for s, a, em_b, g in zip(seqs, accepted, emitted, lens):
+            n = s.n
+            st = s.stats
+            st["primary_runs"] += 1
+            st["blocks"] += 1
+            st["accepted_tokens"] += a
+            hist = st["accepted_per_block"]
+            if len(hist) <= a:
+                hist.extend([0] * (a + 1 - len(hist)))
+            hist[a] += 1
+            s.plen = n + a
+            s.dlen = n + a if tandem else min(s.dlen, n + a)
+            new = self._commit(s, em_b)
+            if not s.finished:
+                self._set_lens(s)
+            events.append(self._event(s, new))
+        return iter(events)
+
+    def _step_tandem(self) -> Iterator[StreamEvent]:
+        """Tandem as a standalone generator (not lossless): the secondary's tokens are committed;
+        the primary processes them (and, with the free token, predicts one more)."""
+        e, seqs = self.e, self.active
+        B = len(seqs)
+        if self.free_token:
+            limits = [min(self.gamma, self.params.max_new_tokens - s.generated - 1) for s in seqs]
+            firsts = [s.n - 1 for s in seqs]
+            ends = [s.n + g for s, g in zip(seqs, limits)]
+        else:
+            limits = [min(self.gamma, self.params.max_new_tokens - s.generated) for s in seqs]
+            firsts = [s.n - 1 for s in seqs]
+            ends = [s.n + g for s, g in zip(seqs, limits)]
+        self._prepare(seqs, firsts, ends)
+        sids = [s.sid for s in seqs]
+        bt = self.pm.block_table(sids, device=self.device)
+        G = max(limits)
+        if G > 0:
+            drafts, _, lens = self._draft(seqs, limits, bt, want_probs=False)
+            G = max(lens)
+            drafts = drafts[:, :G]
+        else:
+            lens = [0] * B
+        events = []
+        if self.free_token:
+            starts = [s.n - 1 for s in seqs]
+            ends = [s.n + g for s, g in zip(seqs, lens)]
+            meta = build_meta(self.pm, sids, starts, ends, starts, self.device, block_tables=bt)
+            last = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.int64, device=self.device)
+            if G > 0:
+                block = torch.cat([last.unsqueeze(1), drafts], 1)
+                flat = torch.tensor([b * (G + 1) + t for b in range(B) for t in range(lens[b] + 1)],
+                                    dtype=torch.int64, device=self.device)
+                ids = block.reshape(-1).index_select(0, flat)
+            else:
+                ids = last
+            logits, hidden = e.primary.forward(ids, meta, e.primary_cache.k, e.primary_cache.v,
+                                               logits_rows=meta.last_rows, hidden_layers=e.layer_map)
+            e.refresh(hidden, meta.positions, meta.slot_mapping, e.secondary_cache.k, e.secondary_cache.v)
+            free, _ = self._sample(logits)
+            rows = torch.cat([drafts, free.view(B, 1)], 1).tolist() if G > 0 else free.view(B, 1).tolist()
+            for s, row, g in zip(seqs, rows, lens):                 # one host read above
+                n = s.n
+                s.stats["primary_runs"] += 1
+                s.plen = s.dlen = n + g
+                new = self._commit(s, row[:g] + [row[-1]])
+                if not s.finished:
+                    self._set_lens(s)
+                events.append(self._event(s, new))
+            return iter(events)
+        # free_token=False: commit the secondary's tokens, then the primary processes them
+        rows = drafts.tolist()                                        # the one host read
+        todo, pos = [], []
+        for s, row, g in zip(seqs, rows, lens):
+            n = s.n
+            new = self._commit(s, row[:g])
+            events.append(self._event(s, new))
+            if not s.finished:
+                todo.append(s)
+                pos.append((n, s.n))
+        if todo:
+            meta = build_meta(self.pm, [s.sid for s in todo], [a for a, _ in pos], [b for _, b in pos],
+                              [a for a, _ in pos], self.device)
+            ids = torch.tensor([t for s, (a, b) in zip(todo, pos) for t in s.tokens[a:b]],
+                               dtype=torch.int64, device=self.device)
+            _, hidden = e.primary.forward(ids, meta, e.primary_cache.k, e.primary_cache.v,
+                                          logits_rows=meta.last_rows, hidden_layers=e.layer_map)
+            e.refresh(hidden, meta.positions, meta.slot_mapping, e.secondary_cache.k, e.secondary_cache.v)
+            for s in todo:
+                s.stats["primary_runs"] += 1
+                s.plen = s.dlen = s.n
+                self._set_lens(s)
+        return iter(events)

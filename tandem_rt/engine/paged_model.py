@@ -1,0 +1,161 @@
+"""One paged forward per Llama model, used by every generation mode.
+
+Embeddings -> per layer: RMSNorm -> fused QKV matmul -> ``rope_cache_write`` (rotates Q/K in
+place, writes K/V into the pool) -> ``paged_attention`` -> o_proj -> residual -> RMSNorm -> MLP.
+Weights are the reference :class:`~tandem_rt.models.llama.LlamaForCausalLM` modules' own tensors;
+the only copy is the fused QKV weight (and bias), concatenated once at construction.
+
+A forward processes a *ragged batch of query rows*: sequence ``b`` contributes the rows
+``query_start_loc[b] : query_start_loc[b+1]`` at absolute positions ``seq_lens[b] - q_len_b + t``
+(the last ``q_len_b`` positions of its ``seq_lens[b]``), causal inside the rows, attending to the
+pool entries of all earlier positions. ``slot_mapping[r] = -1`` runs a row as a query only, without
+writing its K/V (used when the pool already holds a primary-derived entry for that position).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from tandem_rt import ops
+from tandem_rt.models.llama import LlamaForCausalLM
+
+
+@dataclass
+class ForwardMeta:
+    """Indices of one paged forward (all on the model's device).
+
+    Attributes:
+        positions: int64 ``[T]`` absolute position of each query row.
+        slot_mapping: int64 ``[T]`` pool slot (``page * page_size + offset``) each row writes, -1 = none.
+        block_tables: int32 ``[B, max_pages]`` page table rows (shared by every pool).
+        seq_lens: int32 ``[B]`` positions each sequence attends over (its last row's position + 1).
+        query_start_loc: int32 ``[B + 1]`` row offsets of the sequences.
+        max_q_len: rows of the longest sequence (host int).
+        max_seq_len: ``max(seq_lens)`` (host int).
+        last_rows: int64 ``[B]`` index of each sequence's last row (for next-token logits).
+    """
+
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    max_q_len: int
+    max_seq_len: int
+    last_rows: torch.Tensor
+
+    @property
+    def num_rows(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+
+def build_meta(page_manager, seq_ids: Sequence, starts: Sequence[int], ends: Sequence[int],
+               write_from: Sequence[int], device, block_tables: Optional[torch.Tensor] = None) -> ForwardMeta:
+    """Host-side construction of :class:`ForwardMeta` (one host->device copy per tensor).
+
+    Sequence ``seq_ids[b]`` queries positions ``[starts[b], ends[b])`` and writes K/V only for
+    positions ``>= write_from[b]`` (the others must already be in the pool). Every written slot
+    must have been made writable with ``page_manager.prepare_write`` first.
+    """
+    positions: list[int] = []
+    slots: list[int] = []
+    qsl = [0]
+    for sid, s, e, w in zip(seq_ids, starts, ends, write_from):
+        if e <= s:
+            raise ValueError(f"sequence {sid!r}: empty query range [{s}, {e})")
+        positions.extend(range(s, e))
+        if w >= e:
+            slots.extend([-1] * (e - s))
+        else:
+            w = max(w, s)
+            slots.extend([-1] * (w - s))
+            slots.extend(page_manager.slot_mapping(sid, w, e))
+        qsl.append(qsl[-1] + e - s)
+    ends_l = list(ends)
+    if block_tables is None:
+        block_tables = page_manager.block_table(list(seq_ids), device=device)
+    max_q = max(e - s for s, e in zip(starts, ends))
+    # one host->device copy per dtype: pack the int64 and the int32 indices together
+    packed = torch.tensor(positions + slots + [q - 1 for q in qsl[1:]], dtype=torch.int64).to(device)
+    T = len(positions)
+    small = torch.tensor(ends_l + qsl, dtype=torch.int32).to(device)
+    B = len(ends_l)
+    return ForwardMeta(positions=packed[:T], slot_mapping=packed[T:2 * T], block_tables=block_tables,
+                       seq_lens=small[:B], query_start_loc=small[B:], max_q_len=max_q,
+                       max_seq_len=max(ends_l), last_rows=packed[2 * T:])
+
+
+class PagedLlama:
+    """Paged forward of one :class:`LlamaForCausalLM` over its K/V pool.
+
+    Args:
+        model: the reference model; its tensors are used as they are (same device and dtype).
+    """
+
+    def __init__(self, model: LlamaForCausalLM):
+        self.model = model
+        self.config = cfg = model.config
+        self.scale = cfg.head_dim ** -0.5
+        self.layers = []
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], 0).detach()
+            b = None
+            if attn.q_proj.bias is not None:
+                b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], 0).detach()
+            self.layers.append((layer, w, b))
+
+    def kv_weights(self, j: int):
+        """Layer ``j``'s K/V rows of the fused QKV weight: (``[2*kv_size, d]``, bias ``[2*kv_size]`` or None)
+        as views (no copy)."""
+        _, w, b = self.layers[j]
+        q = self.config.q_size
+        return w[q:], (b[q:] if b is not None else None)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, meta: ForwardMeta, k_cache: list, v_cache: list,
+                logits_rows: Optional[torch.Tensor] = None, hidden_layers: Sequence[int] = ()):
+        """Run the rows of ``meta``.
+
+        Args:
+            input_ids: int64 ``[T]`` token of each row.
+            meta: row indices (see :class:`ForwardMeta`).
+            k_cache, v_cache: per layer ``[num_pages, page_size, n_kv_heads, head_dim]`` pools.
+            logits_rows: int64 ``[R]`` rows whose logits are returned (default all rows).
+            hidden_layers: residual streams to return (``0`` = embeddings, ``L`` = last layer output
+                before the final norm).
+        Returns:
+            logits ``[R, V]`` (model dtype) and the list of ``[T, d]`` residual streams.
+        """
+        cfg = self.config
+        Hq, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        qs, kvs = cfg.q_size, cfg.kv_size
+        x = self.model.model.embed_tokens(input_ids)
+        T = x.shape[0]
+        wanted = set(hidden_layers)
+        saved = {0: x} if 0 in wanted else {}
+        for i, (layer, w_qkv, b_qkv) in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            qkv = F.linear(h, w_qkv, b_qkv)
+            q = qkv[:, :qs].view(T, Hq, D)
+            k = qkv[:, qs:qs + kvs].view(T, Hkv, D)
+            v = qkv[:, qs + kvs:].view(T, Hkv, D)
+            ops.rope_cache_write(k, v, meta.positions, meta.slot_mapping, k_cache[i], v_cache[i],
+                                 cfg.rope_theta, q=q)
+            attn = ops.paged_attention(q, k_cache[i], v_cache[i], meta.block_tables, meta.seq_lens,
+                                       meta.query_start_loc, self.scale, meta.max_q_len, meta.max_seq_len)
+            x = x + layer.self_attn.o_proj(attn.reshape(T, qs))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            if i + 1 in wanted:
+                saved[i + 1] = x
+        if logits_rows is not None:
+            x = x.index_select(0, logits_rows)
+        logits = self.model.logits(x)
+        return logits, [saved[l] for l in hidden_layers]

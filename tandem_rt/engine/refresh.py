@@ -1,0 +1,55 @@
+"""Tandem refresh: overwrite secondary K/V with primary-derived entries (DESIGN.md Eq. (2)).
+
+For positions the primary has processed, secondary layer ``j``'s K/V entry is computed from the
+primary's residual stream ``x^(layer_map[j])``: ``proj_j`` (d_L -> d_S) -> layer ``j``'s
+pre-attention RMSNorm -> its W_K / W_V (+ bias) -> RoPE at the position -> written into the
+secondary pool with ``rope_cache_write``, replacing whatever the secondary wrote there.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from tandem_rt import ops
+from tandem_rt.engine.paged_model import PagedLlama
+from tandem_rt.models.tandem import TandemModel
+
+
+class TandemRefresh:
+    """Writes primary-derived entries into the secondary pool.
+
+    Args:
+        model: the Tandem model (``model.tandem.proj[j]`` are used as they are).
+        secondary: the secondary's :class:`PagedLlama` (its fused QKV weight supplies W_K/W_V).
+    """
+
+    def __init__(self, model: TandemModel, secondary: PagedLlama):
+        self.proj = list(model.tandem.proj)
+        self.secondary = secondary
+        self.layer_map = list(model.layer_map)
+
+    @torch.no_grad()
+    def __call__(self, primary_hidden: Sequence[torch.Tensor], positions: torch.Tensor,
+                 slot_mapping: torch.Tensor, k_cache: list, v_cache: list) -> None:
+        """Refresh the rows of ``primary_hidden``.
+
+        Args:
+            primary_hidden: per secondary layer ``j``, ``x^(layer_map[j])`` of the rows, ``[T, d_L]``.
+            positions: int64 ``[T]`` absolute positions of the rows.
+            slot_mapping: int64 ``[T]`` secondary-pool slots to write (-1 = skip the row).
+            k_cache, v_cache: the secondary's per-layer pools ``[num_pages, page_size, n_kv, head_dim]``.
+        """
+        cfg = self.secondary.config
+        T = positions.shape[0]
+        kvs, Hkv, D = cfg.kv_size, cfg.num_key_value_heads, cfg.head_dim
+        for j, (layer, _, _) in enumerate(self.secondary.layers):
+            x = primary_hidden[j]
+            y_hat = self.proj[j](x.to(self.proj[j].weight.dtype))
+            h = layer.input_layernorm(y_hat)
+            w_kv, b_kv = self.secondary.kv_weights(j)
+            kv = F.linear(h, w_kv, b_kv)
+            k = kv[:, :kvs].view(T, Hkv, D)
+            v = kv[:, kvs:].view(T, Hkv, D)
+            ops.rope_cache_write(k, v, positions, slot_mapping, k_cache[j], v_cache[j], cfg.rope_theta)
