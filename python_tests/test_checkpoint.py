@@ -39,6 +39,7 @@ def test_roundtrip_same_logits_and_names(saved):
     assert set(cfg) == {"format", "format_version", "primary", "secondary", "layer_map", "train_block_length",
                         "projection_bias", "drafter", "router", "torch_dtype"}
     assert cfg["torch_dtype"] == "float32"
+    assert (path / "model.safetensors").stat().st_mode & 0o044 == 0o044  # readable by others, like any file
 
 
 def test_dtype_conversion_and_device(saved):

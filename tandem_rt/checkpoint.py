@@ -186,10 +186,18 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
 
 # ----------------------------------------------------------------------------- writing
 
+def _publish(tmp: Path, file: Path) -> None:
+    """Give a finished temporary file normal permissions and move it to its final name."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, file)
+
+
 def _atomic_write_text(file: Path, text: str) -> None:
     tmp = file.with_name(file.name + ".tmp")
     tmp.write_text(text)
-    os.replace(tmp, file)
+    _publish(tmp, file)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -239,14 +247,14 @@ def save_checkpoint(model: TandemModel, path: PathLike, tokenizer=None,
     if len(shards) == 1:
         tmp = root / (WEIGHTS_NAME + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, root / WEIGHTS_NAME)
+        _publish(tmp, root / WEIGHTS_NAME)
     else:
         weight_map = {}
         for i, names in enumerate(shards):
             shard = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             tmp = root / (shard + ".tmp")
             save_file({n: tensors[n] for n in names}, str(tmp), metadata={"format": "pt"})
-            os.replace(tmp, root / shard)
+            _publish(tmp, root / shard)
             weight_map.update({n: shard for n in names})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         _atomic_write_text(root / INDEX_NAME, json.dumps({"metadata": {"total_size": total},
@@ -255,9 +263,8 @@ def save_checkpoint(model: TandemModel, path: PathLike, tokenizer=None,
         if isinstance(tokenizer, (str, os.PathLike)):
             if Path(tokenizer).resolve() != (root / TOKENIZER_NAME).resolve():
                 shutil.copyfile(tokenizer, root / (TOKENIZER_NAME + ".tmp"))
-                os.replace(root / (TOKENIZER_NAME + ".tmp"), root / TOKENIZER_NAME)
         else:
             tokenizer.save(str(root / (TOKENIZER_NAME + ".tmp")))
-            os.replace(root / (TOKENIZER_NAME + ".tmp"), root / TOKENIZER_NAME)
+        _publish(root / (TOKENIZER_NAME + ".tmp"), root / TOKENIZER_NAME)
     _atomic_write_text(root / CONFIG_NAME, json.dumps(cfg_dict, indent=2) + "\n")
     return root
