@@ -7,7 +7,6 @@ half-written file under a final name.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -19,7 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tandem_rt.config import DTYPES, ConfigError, TandemConfig
+from tandem_rt.config import ConfigError, TandemConfig
+from tandem_rt.dtypes import default_dtype, dtype_name, resolve_dtype
 from tandem_rt.models.tandem import TandemModel
 
 CONFIG_NAME = "tandem_config.json"
@@ -106,28 +106,6 @@ def weight_files(path: PathLike) -> dict:
     return {name: single for name in read_safetensors_header(single)}
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-def _resolve_dtype(dtype, cfg: TandemConfig) -> torch.dtype:
-    if dtype is None:
-        return cfg.dtype
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        return DTYPES[dtype]
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return dtype
-
-
 def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
                     dtype: Optional[Union[str, torch.dtype]] = None) -> TandemModel:
     """Load a tandem_rt checkpoint directory into a :class:`TandemModel` (eval mode).
@@ -140,12 +118,12 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
         CheckpointError naming the missing, unexpected or malformed file or tensor.
     """
     cfg = read_config(path)
-    dtype = _resolve_dtype(dtype, cfg)
+    dtype = cfg.dtype if dtype is None else resolve_dtype(dtype)
     device = torch.device(device)
     files = weight_files(path)
     headers = {f: read_safetensors_header(f) for f in sorted(set(files.values()))}
 
-    with torch.device("meta"), _default_dtype(dtype):
+    with torch.device("meta"), default_dtype(dtype):
         model = TandemModel(cfg)
     expected = model.state_dict()
     missing = [n for n in expected if n not in files]
@@ -200,13 +178,6 @@ def _atomic_write_text(file: Path, text: str) -> None:
     _publish(tmp, file)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    for name, value in DTYPES.items():
-        if value == dtype:
-            return name
-    raise ValueError(f"cannot save tensors of dtype {dtype}; use one of {sorted(DTYPES)}")
-
-
 def save_checkpoint(model: TandemModel, path: PathLike, tokenizer=None,
                     dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 4 << 30) -> Path:
     """Write ``model`` as a checkpoint directory.
@@ -229,7 +200,7 @@ def save_checkpoint(model: TandemModel, path: PathLike, tokenizer=None,
         dtype = next(iter(state.values())).dtype
     cfg = model.config
     cfg_dict = cfg.to_dict()
-    cfg_dict["torch_dtype"] = _dtype_name(dtype)
+    cfg_dict["torch_dtype"] = dtype_name(dtype)
 
     tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in state.items()}
     shards: list = [[]]

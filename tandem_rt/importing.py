@@ -6,7 +6,6 @@ tensor is read (or dequantised), converted and copied into place one at a time.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -16,38 +15,14 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 
 from tandem_rt.checkpoint import save_checkpoint
-from tandem_rt.config import DTYPES, ModelConfig, TandemConfig
+from tandem_rt.config import ModelConfig, TandemConfig
+from tandem_rt.dtypes import default_dtype, dtype_name, resolve_dtype  # noqa: F401 (re-exported)
 from tandem_rt.models.llama import LlamaForCausalLM
 from tandem_rt.models.tandem import TandemModel
 
 PathLike = Union[str, os.PathLike]
 # secondary / drafter fields that default to the primary's when a fresh config omits them
 INHERITED_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "max_position_embeddings")
-
-
-def resolve_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
-    """``"bfloat16"`` or ``torch.bfloat16`` (also float32/float16) -> torch dtype."""
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        return DTYPES[dtype]
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return dtype
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, value in DTYPES.items() if value == dtype)
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def meta_model(cfg: ModelConfig, dtype: torch.dtype) -> LlamaForCausalLM:
