@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICES, HAS_CUDA, requires_cuda
+from conftest import DEVICES, requires_cuda
 from sampling_ref import empirical, processed_probs, top_p_between, tv, tv_bound
 from tandem_rt import ops
 

@@ -20,8 +20,10 @@ kernels::LogitDtype logit_dtype(const at::Tensor& t) {
     case at::kBFloat16:
       return kernels::LogitDtype::kBFloat16;
     default:
-      TORCH_CHECK_VALUE(false, "unsupported logits dtype ", t.scalar_type());
+      break;
   }
+  TORCH_CHECK_VALUE(false, "unsupported logits dtype ", t.scalar_type());
+  return kernels::LogitDtype::kFloat32;  // unreachable
 }
 
 at::Tensor sample_cuda(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
