@@ -23,3 +23,6 @@ Ops:
   rng_state) -> (accepted, emitted)``
 * ``copy_pages(caches, src_pages, dst_pages)``
 """
+
+from tandem_rt.ops.sampling import make_rng_state, rng_uniform, sample, sampling_params, verify  # noqa: E402
+from tandem_rt.ops.pages import copy_pages  # noqa: E402
