@@ -59,6 +59,10 @@ def test_add_sequence():
         pm.add_sequence(7)
     with pytest.raises(ValueError, match="seq_id"):
         pm.num_tokens(8)
+    with pytest.raises(ValueError, match="seq_id"):
+        pm.add_sequence([1])
+    with pytest.raises(ValueError, match=r"seq_ids\[0\]"):
+        pm.batch_slot_mapping([[1]], [0], [0])
 
 
 # ---------------------------------------------------------------------------- prepare_write

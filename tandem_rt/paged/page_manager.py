@@ -96,7 +96,11 @@ class PageManager:
         return list(self._seqs)
 
     def has_sequence(self, seq_id) -> bool:
-        return seq_id in self._seqs
+        """Whether ``seq_id`` is a live sequence."""
+        try:
+            return seq_id in self._seqs
+        except TypeError:
+            return False
 
     def _get(self, seq_id, name: str = "seq_id") -> _Seq:
         try:
@@ -122,12 +126,12 @@ class PageManager:
     # ------------------------------------------------------------------ lifecycle
     def add_sequence(self, seq_id) -> None:
         """Register a new empty sequence (no pages). ValueError if ``seq_id`` is already live."""
-        if seq_id in self._seqs:
-            raise ValueError(f"seq_id: sequence {seq_id!r} already exists")
         try:
             hash(seq_id)
         except TypeError:
             raise ValueError(f"seq_id must be hashable, got {seq_id!r}") from None
+        if seq_id in self._seqs:
+            raise ValueError(f"seq_id: sequence {seq_id!r} already exists")
         self._seqs[seq_id] = _Seq(array("i"), 0, 0, 0)
 
     def fork(self, parent_id, child_id) -> None:
@@ -138,12 +142,12 @@ class PageManager:
         writes into it.
         """
         parent = self._get(parent_id, "parent_id")
-        if child_id in self._seqs:
-            raise ValueError(f"child_id: sequence {child_id!r} already exists")
         try:
             hash(child_id)
         except TypeError:
             raise ValueError(f"child_id must be hashable, got {child_id!r}") from None
+        if child_id in self._seqs:
+            raise ValueError(f"child_id: sequence {child_id!r} already exists")
         rc = self._refcount
         for p in parent.table:
             rc[p] += 1
