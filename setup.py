@@ -69,6 +69,8 @@ class CMakeBuild(build_ext):
         shutil.copy2(built, out_path)
         # Sidecar read at import time: lets tandem_rt refuse a mismatched torch with a clear message.
         shutil.copy2(build_dir / "_C_build.json", out_path.parent / "_C_build.json")
+        if getattr(self, "editable_mode", False) or self.inplace:
+            shutil.copy2(build_dir / "_C_build.json", ROOT / "tandem_rt" / "_C_build.json")
 
 
 setup(

@@ -14,6 +14,17 @@ from tandem_rt.checkpoint import CheckpointError, load_checkpoint, save_checkpoi
 from tandem_rt.engine import Engine, SamplingParams
 
 
+_LAZY_SUBMODULES = ("hf", "gguf")  # import paths: loaded on first access (``tandem_rt.hf.load_hf_model``)
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"tandem_rt.{name}")
+    raise AttributeError(f"module 'tandem_rt' has no attribute {name!r}")
+
+
 def build_info() -> dict:
     """Build information of the native extension (see ``tandem_rt._C.build_info``)."""
     return _C.build_info()

@@ -7,7 +7,6 @@ half-written file under a final name.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -19,7 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tandem_rt.config import DTYPES, ConfigError, TandemConfig
+from tandem_rt.config import ConfigError, TandemConfig
+from tandem_rt.dtypes import default_dtype, dtype_name, resolve_dtype
 from tandem_rt.models.tandem import TandemModel
 
 CONFIG_NAME = "tandem_config.json"
@@ -106,28 +106,6 @@ def weight_files(path: PathLike) -> dict:
     return {name: single for name in read_safetensors_header(single)}
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-def _resolve_dtype(dtype, cfg: TandemConfig) -> torch.dtype:
-    if dtype is None:
-        return cfg.dtype
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        return DTYPES[dtype]
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return dtype
-
-
 def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
                     dtype: Optional[Union[str, torch.dtype]] = None) -> TandemModel:
     """Load a tandem_rt checkpoint directory into a :class:`TandemModel` (eval mode).
@@ -140,12 +118,12 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
         CheckpointError naming the missing, unexpected or malformed file or tensor.
     """
     cfg = read_config(path)
-    dtype = _resolve_dtype(dtype, cfg)
+    dtype = cfg.dtype if dtype is None else resolve_dtype(dtype)
     device = torch.device(device)
     files = weight_files(path)
     headers = {f: read_safetensors_header(f) for f in sorted(set(files.values()))}
 
-    with torch.device("meta"), _default_dtype(dtype):
+    with torch.device("meta"), default_dtype(dtype):
         model = TandemModel(cfg)
     expected = model.state_dict()
     missing = [n for n in expected if n not in files]
@@ -186,17 +164,18 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
 
 # ----------------------------------------------------------------------------- writing
 
-def _atomic_write_text(file: Path, text: str) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(text)
+def _publish(tmp: Path, file: Path) -> None:
+    """Give a finished temporary file normal permissions and move it to its final name."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, file)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    for name, value in DTYPES.items():
-        if value == dtype:
-            return name
-    raise ValueError(f"cannot save tensors of dtype {dtype}; use one of {sorted(DTYPES)}")
+def _atomic_write_text(file: Path, text: str) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(text)
+    _publish(tmp, file)
 
 
 def save_checkpoint(model: TandemModel, path: PathLike, tokenizer=None,
@@ -221,7 +200,7 @@ def save_checkpoint(model: TandemModel, path: PathLike, tokenizer=None,
         dtype = next(iter(state.values())).dtype
     cfg = model.config
     cfg_dict = cfg.to_dict()
-    cfg_dict["torch_dtype"] = _dtype_name(dtype)
+    cfg_dict["torch_dtype"] = dtype_name(dtype)
 
     tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in state.items()}
     shards: list = [[]]
@@ -239,14 +218,14 @@ def save_checkpoint(model: TandemModel, path: PathLike, tokenizer=None,
     if len(shards) == 1:
         tmp = root / (WEIGHTS_NAME + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, root / WEIGHTS_NAME)
+        _publish(tmp, root / WEIGHTS_NAME)
     else:
         weight_map = {}
         for i, names in enumerate(shards):
             shard = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             tmp = root / (shard + ".tmp")
             save_file({n: tensors[n] for n in names}, str(tmp), metadata={"format": "pt"})
-            os.replace(tmp, root / shard)
+            _publish(tmp, root / shard)
             weight_map.update({n: shard for n in names})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         _atomic_write_text(root / INDEX_NAME, json.dumps({"metadata": {"total_size": total},
@@ -255,9 +234,8 @@ def save_checkpoint(model: TandemModel, path: PathLike, tokenizer=None,
         if isinstance(tokenizer, (str, os.PathLike)):
             if Path(tokenizer).resolve() != (root / TOKENIZER_NAME).resolve():
                 shutil.copyfile(tokenizer, root / (TOKENIZER_NAME + ".tmp"))
-                os.replace(root / (TOKENIZER_NAME + ".tmp"), root / TOKENIZER_NAME)
         else:
             tokenizer.save(str(root / (TOKENIZER_NAME + ".tmp")))
-            os.replace(root / (TOKENIZER_NAME + ".tmp"), root / TOKENIZER_NAME)
+        _publish(root / (TOKENIZER_NAME + ".tmp"), root / TOKENIZER_NAME)
     _atomic_write_text(root / CONFIG_NAME, json.dumps(cfg_dict, indent=2) + "\n")
     return root

@@ -12,9 +12,10 @@ from typing import Any, Optional
 
 import torch
 
+from tandem_rt.dtypes import DTYPES
+
 FORMAT_NAME = "tandem_rt"
 FORMAT_VERSION = 1
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class ConfigError(ValueError):

@@ -22,4 +22,11 @@ Ops:
 * ``verify(draft_tokens, draft_lens, draft_probs, target_logits, temperature, top_k, top_p,
   rng_state) -> (accepted, emitted)``
 * ``copy_pages(caches, src_pages, dst_pages)``
+
+Helpers: ``make_rng_state(seed, device)``, ``sampling_params(batch_size, temperature, top_k,
+top_p, device)`` (per-row parameter tensors), ``rng_uniform(rng_state, num_subsequences,
+num_draws)`` (the uniforms the sampling ops draw, for tests).
 """
+
+from tandem_rt.ops.sampling import make_rng_state, rng_uniform, sample, sampling_params, verify  # noqa: E402
+from tandem_rt.ops.pages import copy_pages  # noqa: E402

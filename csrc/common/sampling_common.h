@@ -1,0 +1,49 @@
+// Definitions shared by the CPU and CUDA sampling ops (host/device, no ATen), so that both
+// devices order tokens, address random numbers and test acceptance the same way.
+#pragma once
+
+#include <cstdint>
+
+#include "common/philox.h"
+
+namespace tandem_rt {
+
+// Total order key of a float: larger float -> larger key (-0.0 sorts just below +0.0).
+// "Most likely" token order everywhere = key descending, then token index ascending.
+TANDEM_HD uint32_t float_order_key(float f) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t u = __float_as_uint(f);
+#else
+  uint32_t u;
+  __builtin_memcpy(&u, &f, sizeof(u));
+#endif
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+TANDEM_HD float float_from_order_key(uint32_t k) {
+  const uint32_t u = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  __builtin_memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
+// Random-number addressing (Philox subsequence = batch row):
+//   sample: draw 0 of each row.
+//   verify: draw 2*i tests acceptance of draft i; draw 2*i+1 samples the correction token at
+//           position i (rejection at i, or the bonus token when i == draft length).
+TANDEM_HD uint32_t sample_draw_index() { return 0u; }
+TANDEM_HD uint32_t verify_accept_draw_index(int i) { return 2u * static_cast<uint32_t>(i); }
+TANDEM_HD uint32_t verify_emit_draw_index(int i) { return 2u * static_cast<uint32_t>(i) + 1u; }
+
+// Accept draft token x with probability min(1, p(x)/q(x)) given u ~ U[0, 1).
+TANDEM_HD bool accept_draft(float u, float p_x, float q_x) { return u * q_x < p_x; }
+
+// The residual max(0, p - q) counts as empty below this total mass; then the correction
+// token is sampled from p itself.
+constexpr float kResidualMinMass = 1e-6f;
+
+}  // namespace tandem_rt

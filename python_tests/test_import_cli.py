@@ -1,0 +1,140 @@
+"""``tandem-rt import-hf`` / ``import-gguf``: checkpoints that ``load_checkpoint`` loads and whose
+primary (and imported secondary / drafter) reproduce the source models' logits."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tiny_ecosystem_models import hf_logits, save_hf, tiny_hf_model, write_llama_gguf
+import tandem_rt
+from tandem_rt.cli import main
+
+TOL = 1e-4
+
+
+def _ids(vocab=101, seed=1):
+    return torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(seed))
+
+
+def _toy_tokenizer_json(vocab: int) -> str:
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    tok = Tokenizer(WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = Whitespace()
+    return tok.to_str()
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    primary = tiny_hf_model("qwen2", tie=False, layers=4, hidden=64, seed=1)
+    secondary = tiny_hf_model("llama", tie=True, layers=2, hidden=32, heads=4, kv_heads=1, intermediate=48, seed=2)
+    drafter = tiny_hf_model("llama", tie=False, layers=1, hidden=32, heads=2, kv_heads=2, intermediate=48, seed=3)
+    other_vocab = tiny_hf_model("llama", tie=True, layers=1, hidden=32, vocab=103, seed=4)
+    dirs = {name: save_hf(m, root / name) for name, m in
+            [("primary", primary), ("secondary", secondary), ("drafter", drafter), ("other_vocab", other_vocab)]}
+    (dirs["primary"] / "tokenizer.json").write_text(_toy_tokenizer_json(101))
+    return dirs, {"primary": primary, "secondary": secondary, "drafter": drafter}
+
+
+def test_import_hf_full_pair(hf_dirs, tmp_path, capsys):
+    dirs, models = hf_dirs
+    out = tmp_path / "ckpt"
+    rc = main(["import-hf", "--primary", str(dirs["primary"]), "--secondary", str(dirs["secondary"]),
+               "--drafter", str(dirs["drafter"]), "--out", str(out), "--dtype", "float32", "--layer-map", "2,4",
+               "--quiet"])
+    assert rc == 0
+    assert "wrote" in capsys.readouterr().out
+    model = tandem_rt.load_checkpoint(out)
+    assert model.config.layer_map == [2, 4] and model.config.torch_dtype == "float32"
+    assert model.config.primary.attention_bias and model.config.secondary.tie_word_embeddings
+    ids = _ids()
+    with torch.no_grad():
+        for part in ("primary", "secondary", "drafter"):
+            got = getattr(model, part)(ids)
+            assert (got - hf_logits(models[part], ids)).abs().max().item() <= TOL, part
+        out_logits = model(ids, block_length=2)
+        assert (out_logits.primary_logits - hf_logits(models["primary"], ids)).abs().max().item() <= TOL
+        assert torch.isfinite(out_logits.secondary_logits).all()
+    assert (out / "tokenizer.json").read_text() == (dirs["primary"] / "tokenizer.json").read_text()
+    # fresh projections: zero bias, weight ~ normal(0, 1/sqrt(d_L))
+    for proj in model.tandem.proj:
+        assert torch.count_nonzero(proj.bias) == 0
+        assert proj.weight.std().item() == pytest.approx(1 / math.sqrt(64), rel=0.2)
+
+
+def test_import_hf_fresh_secondary_from_config(hf_dirs, tmp_path):
+    dirs, models = hf_dirs
+    spec = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2}
+    spec_file = tmp_path / "secondary.json"
+    spec_file.write_text(json.dumps(spec))
+    for i, arg in enumerate([str(spec_file), json.dumps(spec)]):  # a file or inline JSON
+        out = tmp_path / f"ckpt{i}"
+        assert main(["import-hf", "--primary", str(dirs["primary"]), "--secondary-config", arg,
+                     "--out", str(out), "--quiet"]) == 0
+        cfg = tandem_rt.checkpoint.read_config(out)
+        assert cfg.torch_dtype == "bfloat16"
+        assert cfg.secondary.vocab_size == 101 and cfg.secondary.hidden_size == 32
+        assert cfg.secondary.eos_token_id == cfg.primary.eos_token_id
+        assert cfg.layer_map == [2, 4]  # default round((j+1) * 4 / 2)
+    model = tandem_rt.load_checkpoint(out, dtype=torch.float32)
+    ids = _ids(seed=5)
+    expected = hf_logits(models["primary"], ids)
+    # stored in bfloat16: the primary's logits agree to bfloat16 accuracy
+    assert (model.primary(ids) - expected).abs().max().item() < 0.05 * expected.abs().max().item()
+    emb = model.secondary.model.embed_tokens.weight
+    assert emb.std().item() == pytest.approx(0.02, rel=0.2)
+
+
+def test_vocab_mismatch_exits_2_with_one_line(hf_dirs, tmp_path, capsys):
+    dirs, _ = hf_dirs
+    rc = main(["import-hf", "--primary", str(dirs["primary"]), "--secondary", str(dirs["other_vocab"]),
+               "--out", str(tmp_path / "x"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1
+    assert "101" in err and "103" in err and "vocabulary sizes differ" in err
+    assert not (tmp_path / "x" / "tandem_config.json").exists()
+
+
+def test_secondary_and_secondary_config_are_exclusive(hf_dirs, tmp_path, capsys):
+    dirs, _ = hf_dirs
+    with pytest.raises(SystemExit) as exc:
+        main(["import-hf", "--primary", str(dirs["primary"]), "--secondary", str(dirs["secondary"]),
+              "--secondary-config", "{}", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+
+
+def test_bad_layer_map_is_one_line_error(hf_dirs, tmp_path, capsys):
+    dirs, _ = hf_dirs
+    rc = main(["import-hf", "--primary", str(dirs["primary"]), "--secondary", str(dirs["secondary"]),
+               "--out", str(tmp_path / "x"), "--layer-map", "2,9", "--quiet"])
+    assert rc == 2 and "layer_map" in capsys.readouterr().err
+
+
+def test_import_gguf(tmp_path, capsys):
+    primary = tiny_hf_model("llama", tie=False, layers=3, seed=7)
+    secondary = tiny_hf_model("llama", tie=True, layers=1, hidden=32, heads=2, kv_heads=1, seed=8)
+    p = write_llama_gguf(primary, tmp_path / "primary.gguf")
+    s = write_llama_gguf(secondary, tmp_path / "secondary.gguf")
+    out = tmp_path / "ckpt"
+    assert main(["import-gguf", "--primary", str(p), "--secondary", str(s), "--out", str(out),
+                 "--dtype", "float32", "--quiet"]) == 0
+    model = tandem_rt.load_checkpoint(out)
+    ids = _ids(seed=2)
+    with torch.no_grad():
+        assert (model.primary(ids) - hf_logits(primary, ids)).abs().max().item() <= TOL
+        assert (model.secondary(ids) - hf_logits(secondary, ids)).abs().max().item() <= TOL
+    assert model.config.layer_map == [3]
+
+    out2 = tmp_path / "ckpt2"
+    assert main(["import-gguf", "--primary", str(p), "--secondary-config",
+                 '{"hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 3, '
+                 '"num_attention_heads": 2, "num_key_value_heads": 1}', "--out", str(out2), "--quiet"]) == 0
+    assert tandem_rt.checkpoint.read_config(out2).layer_map == [1, 2, 3]

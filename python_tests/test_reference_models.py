@@ -1,0 +1,110 @@
+"""The reference Tandem model implements Eq. (2) with the documented index convention.
+
+The check is an independent per-query loop: for every query position i the secondary's
+keys/values are assembled explicitly (primary-derived for p < b(i), own for b(i) <= p <= i)
+and attention is computed with plain matrix products in float64.
+"""
+import math
+
+import pytest
+import torch
+
+from tandem_rt.models import TandemModel, training_boundary
+from tandem_rt.models.llama import rope_cos_sin
+from conftest import random_tandem_model
+
+
+def _rms(x, w, eps):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rot(x, cos, sin):  # x [H, D], cos/sin [D]
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., h:], x[..., :h]], -1) * sin
+
+
+def naive_secondary_logits(model: TandemModel, ids: torch.Tensor, gamma: int) -> torch.Tensor:
+    """float64 per-query evaluation of Eq. (2) for one sequence ids [T] -> [T, V]."""
+    model = model.double()
+    sec, cfg = model.secondary, model.secondary.config
+    T = ids.shape[0]
+    _, hidden = model.primary(ids[None], hidden_layers=model.layer_map)
+    cos, sin = rope_cos_sin(torch.arange(T), cfg.head_dim, cfg.rope_theta, torch.float64)
+    Hq, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    y = sec.model.embed_tokens.weight[ids]  # [T, d]
+    for j, layer in enumerate(sec.model.layers):
+        a = layer.self_attn
+        eps = layer.input_layernorm.eps
+        w = layer.input_layernorm.weight
+        y_hat = model.tandem.proj[j](hidden[j][0])
+        own_in, pri_in = _rms(y, w, eps), _rms(y_hat, w, eps)
+
+        def kv(h, p):
+            k = a.k_proj(h[p]).view(Hkv, D)
+            return _rot(k, cos[p], sin[p]), a.v_proj(h[p]).view(Hkv, D)
+
+        out = torch.zeros(T, cfg.hidden_size, dtype=torch.float64)
+        for i in range(T):
+            b = (i + 1) // gamma * gamma
+            q = _rot(a.q_proj(own_in[i]).view(Hq, D), cos[i], sin[i])
+            keys, vals = zip(*[kv(pri_in if p < b else own_in, p) for p in range(i + 1)])
+            K, V = torch.stack(keys, 1), torch.stack(vals, 1)  # [Hkv, i+1, D]
+            K = K.repeat_interleave(Hq // Hkv, 0)
+            V = V.repeat_interleave(Hq // Hkv, 0)
+            att = torch.softmax((q[:, None, :] @ K.transpose(1, 2)) / math.sqrt(D), -1)  # [Hq, 1, i+1]
+            out[i] = a.o_proj((att @ V).reshape(Hq * D))
+        y = y + out
+        y = y + layer.mlp(_rms(y, layer.post_attention_layernorm.weight, eps))
+    return sec.logits(y)
+
+
+@pytest.mark.parametrize("gamma", [1, 2, 3])
+def test_tandem_forward_matches_per_query_eq2(gamma):
+    model = random_tandem_model(seed=gamma)
+    ids = torch.randint(0, 97, (2, 7))
+    got = model(ids, block_length=gamma).secondary_logits.double()
+    for b in range(2):
+        ref = naive_secondary_logits(model, ids[b], gamma)
+        torch.testing.assert_close(got[b], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_training_boundary():
+    assert training_boundary(7, 2).tolist() == [0, 2, 2, 4, 4, 6, 6]
+    assert training_boundary(5, 1).tolist() == [1, 2, 3, 4, 5]
+
+
+def test_long_block_equals_standalone_secondary():
+    """With T < γ no primary position is ever visible: the secondary runs standalone."""
+    model = random_tandem_model(seed=3)
+    ids = torch.randint(0, 97, (2, 6))
+    out = model(ids, block_length=8)
+    torch.testing.assert_close(out.secondary_logits, model.secondary(ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.primary_logits, model.primary(ids), rtol=0, atol=0)
+
+
+def test_secondary_is_causal_and_reads_primary_blocks():
+    model = random_tandem_model(seed=4)
+    ids = torch.randint(0, 97, (1, 8))
+    base = model(ids, block_length=2).secondary_logits
+    changed = ids.clone()
+    changed[0, 5] = (changed[0, 5] + 1) % 97
+    out = model(changed, block_length=2).secondary_logits
+    torch.testing.assert_close(out[0, :5], base[0, :5])  # no position before 5 depends on token 5
+    assert (out[0, 5:] - base[0, 5:]).abs().max() > 1e-4
+
+
+def test_primary_frozen_gets_no_grad_secondary_does():
+    model = random_tandem_model(seed=5)
+    model.primary.requires_grad_(False)
+    ids = torch.randint(0, 97, (1, 6))
+    model(ids, block_length=2).secondary_logits.sum().backward()
+    assert all(p.grad is None for p in model.primary.parameters())
+    assert all(p.grad is not None for p in model.tandem.proj.parameters())
+
+
+def test_hidden_layers_are_residual_streams():
+    model = random_tandem_model(seed=6)
+    ids = torch.randint(0, 97, (1, 5))
+    logits, hidden = model.primary(ids, hidden_layers=[0, 4])
+    torch.testing.assert_close(hidden[0], model.primary.model.embed_tokens(ids))
+    torch.testing.assert_close(model.primary.logits(hidden[1]), logits)
