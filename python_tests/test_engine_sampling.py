@@ -82,5 +82,7 @@ def test_sampled_distribution_matches_primary(setup, cfg):
         if mode != "primary":
             acc = sum(o.stats["accepted_tokens"] for o in out)
             drafted = sum(o.stats["drafted_tokens"] for o in out)
-            assert 0 < acc < drafted            # both acceptances and rejections were exercised
+            assert acc > 0
+            if "top_p" not in cfg:              # (top_p=0.7 often leaves a single token: all accepted)
+                assert acc < drafted            # rejections were exercised too
     assert engine.num_free_pages == engine.page_manager.num_pages
