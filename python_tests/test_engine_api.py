@@ -1,0 +1,81 @@
+"""Request validation (ValueError naming the problem before any work) and thread safety."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from engine_models import agreeing_tandem_model
+from tandem_rt.engine import Engine, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(agreeing_tandem_model(seed=12, layer_scale=0.4, max_position_embeddings=64),
+                  num_pages=64, page_size=8)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=-2), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(n=0), "n must"), (dict(seed=-1), "seed"), (dict(stop_token_ids=("a",)), "stop_token_ids"),
+    (dict(temperature=float("nan")), "temperature"),
+])
+def test_sampling_params_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda e: e.generate([], SamplingParams()), "prompts is empty"),
+    (lambda e: e.generate([[]], SamplingParams()), r"prompts\[0\] is empty"),
+    (lambda e: e.generate([[1, 2, 999]], SamplingParams()), "outside the vocabulary"),
+    (lambda e: e.generate([[1, 2, -1]], SamplingParams()), "outside the vocabulary"),
+    (lambda e: e.generate("hello", SamplingParams()), "no tokenizer"),
+    (lambda e: e.generate([[1] * 40], SamplingParams(max_new_tokens=30)), "context"),
+    (lambda e: e.generate([[1, 2]], SamplingParams(), mode="fast"), "unknown mode"),
+    (lambda e: e.generate([[1, 2]], SamplingParams(), gamma=0), "gamma"),
+    (lambda e: e.generate([[1, 2]], SamplingParams(), gamma="fast"), "gamma"),
+    (lambda e: e.generate([[1, 2]], SamplingParams(), mode="primary", gamma="auto"), "auto"),
+    (lambda e: e.generate([[1, 2]], "greedy"), "params"),
+    (lambda e: e.generate([[1, 2]], SamplingParams(max_new_tokens=8, stop_token_ids=(500,))), "stop_token_ids"),
+])
+def test_bad_requests_raise_before_work(engine, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(engine)
+    assert engine.num_free_pages == engine.page_manager.num_pages
+
+
+def test_modes_the_checkpoint_cannot_serve():
+    e = Engine(agreeing_tandem_model(seed=13, drafter=False, router=False), num_pages=32, page_size=8)
+    with pytest.raises(ValueError, match="drafter"):
+        e.generate([[1, 2]], SamplingParams(), mode="speed")
+    with pytest.raises(ValueError, match="router"):
+        e.generate([[1, 2]], SamplingParams(), mode="tandem-speed", gamma="auto")
+
+
+def test_concurrent_generate_equals_sequential(engine):
+    jobs = [([[3, 4, 5]], SamplingParams(max_new_tokens=10, ignore_eos=True), "tandem-speed", 3),
+            ([[6, 7], [8]], SamplingParams(max_new_tokens=8, ignore_eos=True), "speed", 2),
+            ([[9, 10, 11, 12]], SamplingParams(max_new_tokens=9, temperature=1.0, seed=5, n=2,
+                                               ignore_eos=True), "tandem-speed", "auto"),
+            ([[1, 2, 3]], SamplingParams(max_new_tokens=7, ignore_eos=True), "primary", 1)]
+    sequential = [[r.token_ids for r in engine.generate(p, s, mode=m, gamma=g)] for p, s, m, g in jobs]
+    results = [None] * (2 * len(jobs))
+    errors = []
+
+    def work(i):
+        try:
+            p, s, m, g = jobs[i % len(jobs)]
+            results[i] = [r.token_ids for r in engine.generate(p, s, mode=m, gamma=g)]
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert results == sequential + sequential
+    assert engine.num_free_pages == engine.page_manager.num_pages
