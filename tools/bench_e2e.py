@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""End-to-end generation benchmark: every mode of one checkpoint on the same prompts, in one process.
+
+For each (batch size, num-samples) configuration it runs ``primary``, ``secondary``, ``speed`` and
+``tandem-speed`` (several γ and "auto"), and ``tandem``, greedy with fixed output length, and
+prints a table: latency per generated token (wall time / tokens per sequence), tokens/s (all
+sequences), speedup over ``primary``, mean accepted drafts per block, primary and secondary
+forward runs per 100 generated tokens (paper Tables 2, 4, 5), and whether the tokens equal
+``primary``'s (lossless modes). ``--peer hf`` adds Hugging Face assisted generation
+(``model.generate(..., assistant_model=...)``) with the same primary and standalone drafter,
+exported to Hugging Face format in a temporary directory, measured in the same run (batch 1).
+
+    python tools/bench_e2e.py --model DIR [--device cpu] [--gammas 2,4,6] [--peer hf] [--json out.json]
+    python tools/bench_e2e.py --random-checkpoint /tmp/rand_ckpt ...   # builds a random-weights model first
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ----------------------------------------------------------------------------- random checkpoint
+
+def make_random_checkpoint(out: Path, vocab=2048, seed=0) -> Path:
+    """A random-weights Tandem checkpoint whose small models share the primary's embedding and
+    whose layers add scaled random updates, so drafts are accepted part of the time."""
+    from tandem_rt.checkpoint import save_checkpoint
+    from tandem_rt.config import ModelConfig, RouterConfig, TandemConfig
+    from tandem_rt.models import TandemModel
+
+    def mc(h, layers, heads, kv, ffn):
+        return ModelConfig(vocab_size=vocab, hidden_size=h, intermediate_size=ffn, num_hidden_layers=layers,
+                           num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=True,
+                           max_position_embeddings=1024, bos_token_id=0, eos_token_id=1)
+    primary = mc(512, 8, 8, 4, 1536)
+    small = dict(h=512, layers=2, heads=8, kv=2, ffn=1024)
+    cfg = TandemConfig(primary=primary, secondary=mc(**small), drafter=mc(**small),
+                       router=RouterConfig(embed_dim=512, top_k=4, hidden_size=64, threshold=0.5, gamma_max=8),
+                       torch_dtype="float32")
+    torch.manual_seed(seed)
+    model = TandemModel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.5 / p.shape[1] ** 0.5)
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.zero_()
+        emb = model.primary.model.embed_tokens.weight
+        emb.normal_(0.0, 1.0)
+        for m in (model.secondary, model.drafter):
+            m.model.embed_tokens.weight.copy_(emb)
+        for m in (model.primary, model.secondary, model.drafter):
+            for layer in m.model.layers:
+                layer.self_attn.o_proj.weight.mul_(3.0)
+                layer.mlp.down_proj.weight.mul_(3.0)
+        for proj in model.tandem.proj:
+            proj.weight.copy_(torch.eye(512))
+    return save_checkpoint(model, out)
+
+
+# ----------------------------------------------------------------------------- Hugging Face peer
+
+def export_hf(model, out: Path, vocab_size: int) -> Path:
+    """Write a reference ``LlamaForCausalLM`` as a Hugging Face checkpoint (Llama, or Qwen2 when
+    the attention has Q/K/V biases)."""
+    import transformers
+
+    c = model.config
+    kind = "Qwen2" if c.attention_bias else "Llama"
+    kw = dict(vocab_size=vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+              num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+              num_key_value_heads=c.num_key_value_heads, rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps,
+              tie_word_embeddings=c.tie_word_embeddings, max_position_embeddings=c.max_position_embeddings,
+              bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id)
+    if kind == "Llama":
+        kw.update(head_dim=c.head_dim, attention_bias=False)
+    cfg = getattr(transformers, f"{kind}Config")(**kw)
+    hf = getattr(transformers, f"{kind}ForCausalLM")(cfg)
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and c.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"HF export: missing {missing}, unexpected {unexpected}")
+    hf.save_pretrained(out)
+    return out
+
+
+def bench_hf(engine, prompts, max_new, repeats):
+    import transformers
+
+    model = engine.model
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        V = engine.vocab_size
+        p_dir = export_hf(model.primary, Path(tmp) / "primary", V)
+        d_dir = export_hf(model.drafter, Path(tmp) / "drafter", V)
+        primary = transformers.AutoModelForCausalLM.from_pretrained(p_dir, dtype=engine.dtype).eval()
+        drafter = transformers.AutoModelForCausalLM.from_pretrained(d_dir, dtype=engine.dtype).eval()
+        for name, kwargs in (("hf greedy", {}), ("hf assisted", {"assistant_model": drafter})):
+            outs, wall = [], 0.0
+            for prompt in prompts:
+                ids = torch.tensor([prompt])
+                with torch.no_grad():
+                    primary.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, **kwargs)  # warm-up
+                    best = float("inf")
+                    for _ in range(repeats):
+                        t = time.perf_counter()
+                        out = primary.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                                               min_new_tokens=max_new, do_sample=False, **kwargs)
+                        best = min(best, time.perf_counter() - t)
+                wall += best
+                outs.append(out[0, len(prompt):].tolist())
+            rows.append({"name": name, "outputs": outs, "wall_s": wall, "sequences": len(prompts),
+                         "tokens": sum(len(o) for o in outs)})
+    return rows
+
+
+# ----------------------------------------------------------------------------- engine runs
+
+def run_engine(engine, prompts, params, mode, gamma, repeats):
+    engine.generate(prompts[:1], params.__class__(max_new_tokens=4, ignore_eos=True, n=params.n),
+                    mode=mode, gamma=gamma)                                           # warm-up
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        res = engine.generate(prompts, params, mode=mode, gamma=gamma)
+        wall = time.perf_counter() - t
+        if wall < best:
+            best, out = wall, res
+    tokens = sum(len(r.token_ids) for r in out)
+    blocks = sum(r.stats["blocks"] for r in out)
+    return {"outputs": [r.token_ids for r in out], "wall_s": best, "sequences": len(out), "tokens": tokens,
+            "mean_accepted": (sum(r.stats["accepted_tokens"] for r in out) / blocks) if blocks else None,
+            "primary_runs_per_100": 100.0 * sum(r.stats["primary_runs"] for r in out) / tokens,
+            "secondary_runs_per_100": 100.0 * sum(r.stats["secondary_runs"] for r in out) / tokens}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    ap.add_argument("--random-checkpoint", help="build a random-weights checkpoint in this directory and use it")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt (random ids, or text)")
+    ap.add_argument("--prompts-file", help="text prompts, one per line (needs a tokenizer)")
+    ap.add_argument("--gammas", default="2,4,6")
+    ap.add_argument("--batch-sizes", default="1,4")
+    ap.add_argument("--num-samples", default="1,4")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--cuda-graphs", action="store_true")
+    ap.add_argument("--peer", choices=["hf"], default=None)
+    ap.add_argument("--json", default="bench_e2e.json")
+    args = ap.parse_args(argv)
+
+    from tandem_rt.engine import Engine, SamplingParams
+
+    path = args.model
+    if args.random_checkpoint:
+        path = str(make_random_checkpoint(Path(args.random_checkpoint)))
+    engine = Engine.from_pretrained(path, device=args.device, dtype=args.dtype, max_batch_size=16,
+                                    use_cuda_graphs=args.cuda_graphs)
+    V = engine.vocab_size
+    if args.prompts_file:
+        lines = [l.strip() for l in open(args.prompts_file) if l.strip()]
+        base = [engine._tokenize(l, i) for i, l in enumerate(lines)]
+    else:
+        g = torch.Generator().manual_seed(0)
+        base = [torch.randint(2, V, (args.prompt_len,), generator=g).tolist() for _ in range(4)]
+    gammas = [int(x) for x in args.gammas.split(",")]
+    has_auto = engine.model.router is not None
+    configs = []
+    for B in (int(x) for x in args.batch_sizes.split(",")):
+        for n in (int(x) for x in args.num_samples.split(",")):
+            if B > 1 and n > 1:
+                continue
+            configs.append((B, n))
+    report = {"checkpoint": str(path), "device": args.device, "dtype": args.dtype, "cpu": cpu_model(),
+              "torch_threads": torch.get_num_threads(), "max_new_tokens": args.max_new_tokens,
+              "prompt_len": len(base[0]), "torch": torch.__version__, "configs": []}
+    for B, n in configs:
+        prompts = [base[i % len(base)] for i in range(B)]
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, n=n, ignore_eos=True)
+        runs = [("primary", 1), ("secondary", 1)]
+        if engine.drafter is not None:
+            runs += [("speed", g) for g in gammas]
+        runs += [("tandem-speed", g) for g in gammas] + ([("tandem-speed", "auto")] if has_auto else [])
+        runs += [("tandem", gammas[0])]
+        rows = []
+        for mode, gamma in runs:
+            r = run_engine(engine, prompts, params, mode, gamma, args.repeats)
+            r.update(mode=mode, gamma=gamma)
+            rows.append(r)
+            print(f"  B={B} n={n} {mode:13s} γ={gamma!s:4s} {r['wall_s']:.3f}s", flush=True)
+        if args.peer == "hf" and B == 1 and n == 1:
+            for r in bench_hf(engine, prompts, args.max_new_tokens, args.repeats):
+                r.update(mode=r.pop("name"), gamma=None, mean_accepted=None, primary_runs_per_100=None,
+                         secondary_runs_per_100=None)
+                rows.append(r)
+        ref = rows[0]
+        per_seq = lambda r: r["tokens"] / r["sequences"]  # noqa: E731
+        for r in rows:
+            r["ms_per_token"] = 1000.0 * r["wall_s"] / per_seq(r)
+            r["tokens_per_s"] = r["tokens"] / r["wall_s"]
+            r["speedup"] = ref["ms_per_token"] / r["ms_per_token"] if "ms_per_token" in ref else 1.0
+            r["equals_primary"] = r["outputs"] == ref["outputs"] if r["mode"] != "secondary" else None
+            if r["mode"] == "tandem":
+                r["equals_primary"] = None
+        ref["speedup"] = 1.0
+        report["configs"].append({"batch_size": B, "num_samples": n, "rows": [
+            {k: v for k, v in r.items() if k != "outputs"} for r in rows]})
+        print(f"\nbatch {B}, num-samples {n}, {args.max_new_tokens} new tokens, prompt {len(base[0])} tokens, "
+              f"{args.device} ({report['cpu'] if args.device == 'cpu' else args.device})")
+        print(f"{'mode':14s} {'γ':>5s} {'ms/token':>9s} {'tok/s':>8s} {'speedup':>8s} {'acc/block':>9s} "
+              f"{'P runs/100':>10s} {'S runs/100':>10s} {'=primary':>8s}")
+        fmt = lambda v, f: (format(v, f) if v is not None else "-")  # noqa: E731
+        for r in rows:
+            print(f"{r['mode']:14s} {str(r['gamma'] if r['gamma'] is not None else '-'):>5s} "
+                  f"{r['ms_per_token']:9.2f} {r['tokens_per_s']:8.1f} {r['speedup']:8.2f} "
+                  f"{fmt(r['mean_accepted'], '.2f'):>9s} {fmt(r['primary_runs_per_100'], '.1f'):>10s} "
+                  f"{fmt(r['secondary_runs_per_100'], '.1f'):>10s} {fmt(r['equals_primary'], ''):>8s}")
+        print()
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
