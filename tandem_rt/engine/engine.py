@@ -121,6 +121,8 @@ class Engine:
         self._lock = threading.Lock()
         self.cuda_graphs = None
         if use_cuda_graphs:
+            if self.device.type != "cuda":
+                raise ValueError(f"use_cuda_graphs needs a CUDA device, the engine runs on {self.device}")
             from tandem_rt.engine.cuda_graphs import CudaGraphRunner
             self.cuda_graphs = CudaGraphRunner(self)
 
@@ -153,6 +155,17 @@ class Engine:
     # ------------------------------------------------------------------ internals used by Generation
     def new_seq_id(self) -> int:
         return next(self._seq_ids)
+
+    def run(self, model: PagedLlama, cache, ids: torch.Tensor, meta, last_rows_only: bool = False,
+            hidden_layers=()):
+        """One paged forward of a decode / verify step: a captured CUDA graph when one applies
+        (uniform rows per sequence), else eager. Returns (logits, hidden) as ``PagedLlama.forward``."""
+        if self.cuda_graphs is not None and meta.uniform_q_len:
+            out = self.cuda_graphs.run(model, cache, ids, meta, last_rows_only, tuple(hidden_layers))
+            if out is not None:
+                return out
+        return model.forward(ids, meta, cache.k, cache.v, logits_rows=meta.last_rows if last_rows_only else None,
+                             hidden_layers=hidden_layers)
 
     def all_cache_tensors(self) -> list:
         out = self.primary_cache.tensors() + self.secondary_cache.tensors()

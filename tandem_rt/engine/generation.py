@@ -356,7 +356,7 @@ class Generation:
         self._prepare(seqs, starts, ends)
         meta = build_meta(self.pm, [s.sid for s in seqs], starts, ends, starts, self.device)
         ids = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.int64, device=self.device)
-        logits, _ = model.forward(ids, meta, cache.k, cache.v)
+        logits, _ = e.run(model, cache, ids, meta)
         toks, _ = self._sample(logits)
         events = []
         for s, t in zip(seqs, toks.tolist()):          # the one host read of the iteration
@@ -406,7 +406,7 @@ class Generation:
                 idx = torch.tensor(act, dtype=torch.int64, device=self.device)
                 ids = drafts[:, k - 1].index_select(0, idx) if len(act) < B else drafts[:, k - 1]
             meta = build_meta(self.pm, sids, starts, ends, write, self.device, block_tables=bt)
-            logits, _ = model.forward(ids, meta, cache.k, cache.v, logits_rows=meta.last_rows)
+            logits, _ = self.e.run(model, cache, ids, meta, last_rows_only=True)
             tok, pr = self._sample(logits, want_probs)
             if len(act) == B:
                 drafts[:, k] = tok
@@ -458,15 +458,13 @@ class Generation:
         last = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.int64, device=self.device)
         hidden_layers = e.layer_map if tandem else ()
         if G == 0:
-            logits, hidden = e.primary.forward(last, meta, e.primary_cache.k, e.primary_cache.v,
-                                               hidden_layers=hidden_layers)
+            logits, hidden = e.run(e.primary, e.primary_cache, last, meta, hidden_layers=hidden_layers)
         else:
             block = torch.cat([last.unsqueeze(1), drafts], 1)                    # [B, G+1]
             flat = torch.tensor([b * (G + 1) + t for b in range(B) for t in range(lens[b] + 1)],
                                 dtype=torch.int64, device=self.device)
             ids = block.reshape(-1).index_select(0, flat)
-            logits, hidden = e.primary.forward(ids, meta, e.primary_cache.k, e.primary_cache.v,
-                                               hidden_layers=hidden_layers)
+            logits, hidden = e.run(e.primary, e.primary_cache, ids, meta, hidden_layers=hidden_layers)
         if tandem:
             e.refresh(hidden, meta.positions, meta.slot_mapping, e.secondary_cache.k, e.secondary_cache.v)
         if G == 0:
@@ -538,8 +536,8 @@ class Generation:
                 ids = block.reshape(-1).index_select(0, flat)
             else:
                 ids = last
-            logits, hidden = e.primary.forward(ids, meta, e.primary_cache.k, e.primary_cache.v,
-                                               logits_rows=meta.last_rows, hidden_layers=e.layer_map)
+            logits, hidden = e.run(e.primary, e.primary_cache, ids, meta, last_rows_only=True,
+                                   hidden_layers=e.layer_map)
             e.refresh(hidden, meta.positions, meta.slot_mapping, e.secondary_cache.k, e.secondary_cache.v)
             free, _ = self._sample(logits)
             rows = torch.cat([drafts, free.view(B, 1)], 1).tolist() if G > 0 else free.view(B, 1).tolist()
@@ -567,8 +565,8 @@ class Generation:
                               [a for a, _ in pos], self.device)
             ids = torch.tensor([t for s, (a, b) in zip(todo, pos) for t in s.tokens[a:b]],
                                dtype=torch.int64, device=self.device)
-            _, hidden = e.primary.forward(ids, meta, e.primary_cache.k, e.primary_cache.v,
-                                          logits_rows=meta.last_rows, hidden_layers=e.layer_map)
+            _, hidden = e.run(e.primary, e.primary_cache, ids, meta, last_rows_only=True,
+                              hidden_layers=e.layer_map)
             e.refresh(hidden, meta.positions, meta.slot_mapping, e.secondary_cache.k, e.secondary_cache.v)
             for s in todo:
                 s.stats["primary_runs"] += 1

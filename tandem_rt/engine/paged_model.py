@@ -36,6 +36,8 @@ class ForwardMeta:
         max_q_len: rows of the longest sequence (host int).
         max_seq_len: ``max(seq_lens)`` (host int).
         last_rows: int64 ``[B]`` index of each sequence's last row (for next-token logits).
+        uniform_q_len: rows per sequence when every sequence has the same number, else 0
+            (uniform layouts can replay a captured CUDA graph).
     """
 
     positions: torch.Tensor
@@ -46,6 +48,7 @@ class ForwardMeta:
     max_q_len: int
     max_seq_len: int
     last_rows: torch.Tensor
+    uniform_q_len: int = 0
 
     @property
     def num_rows(self) -> int:
@@ -81,7 +84,9 @@ def build_meta(page_manager, seq_ids: Sequence, starts: Sequence[int], ends: Seq
     ends_l = list(ends)
     if block_tables is None:
         block_tables = page_manager.block_table(list(seq_ids), device=device)
-    max_q = max(e - s for s, e in zip(starts, ends))
+    qlens = [e - s for s, e in zip(starts, ends)]
+    max_q = max(qlens)
+    uniform = max_q if min(qlens) == max_q else 0
     # one host->device copy per dtype: pack the int64 and the int32 indices together
     packed = torch.tensor(positions + slots + [q - 1 for q in qsl[1:]], dtype=torch.int64).to(device)
     T = len(positions)
@@ -89,7 +94,7 @@ def build_meta(page_manager, seq_ids: Sequence, starts: Sequence[int], ends: Seq
     B = len(ends_l)
     return ForwardMeta(positions=packed[:T], slot_mapping=packed[T:2 * T], block_tables=block_tables,
                        seq_lens=small[:B], query_start_loc=small[B:], max_q_len=max_q,
-                       max_seq_len=max(ends_l), last_rows=packed[2 * T:])
+                       max_seq_len=max(ends_l), last_rows=packed[2 * T:], uniform_q_len=uniform)
 
 
 class PagedLlama:

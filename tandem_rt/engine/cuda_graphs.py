@@ -1,0 +1,105 @@
+"""CUDA graphs for the decode and verify steps (CUDA only; ``Engine(use_cuda_graphs=True)``).
+
+A step whose sequences all have the same number of query rows ``q`` (a drafting-model decode
+step: ``q = 1``; a primary verify block with every sequence at γ drafts: ``q = γ + 1``) replays a
+graph captured for ``(model, batch bucket, q, outputs)``. The batch is padded to the bucket:
+padded sequences get one page-table row of page 0, ``seq_len = q`` and slot -1 (nothing is
+written, their outputs are discarded). The graph's ``max_seq_len`` is the model's context, so
+the attention launch covers every length; lengths, positions, slots and page tables are device
+inputs copied into the graph's static buffers before each replay. Sampling and verification run
+after the replay on the device random state, which they advance in place, so every replay draws
+fresh numbers. Ragged steps (the drafter's catch-up step, prompt chunks, blocks with unequal
+draft lengths) run eagerly. Results are identical with and without graphs up to floating-point
+reassociation inside the captured kernels (none: the same kernels run).
+
+Not exercised without a GPU: the CPU build never constructs this class.
+"""
+from __future__ import annotations
+
+import torch
+
+from tandem_rt.engine.paged_model import ForwardMeta
+
+
+def _buckets(max_batch: int) -> list:
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    out.append(max_batch)
+    return out
+
+
+class _Graph:
+    """One captured forward with its static inputs and outputs."""
+
+    def __init__(self, engine, model, cache, B: int, q: int, last_rows_only: bool, hidden_layers: tuple, pool):
+        dev = engine.device
+        ctx = model.config.max_position_embeddings
+        max_pages = -(-(ctx + q) // engine.page_manager.page_size)
+        T = B * q
+        self.B, self.q, self.T = B, q, T
+        self.ids = torch.zeros(T, dtype=torch.int64, device=dev)
+        self.meta = ForwardMeta(
+            positions=torch.arange(T, device=dev) % q,
+            slot_mapping=torch.full((T,), -1, dtype=torch.int64, device=dev),
+            block_tables=torch.zeros(B, max_pages, dtype=torch.int32, device=dev),
+            seq_lens=torch.full((B,), q, dtype=torch.int32, device=dev),
+            query_start_loc=torch.arange(0, T + 1, q, dtype=torch.int32, device=dev),
+            max_q_len=q, max_seq_len=ctx + q,
+            last_rows=torch.arange(q - 1, T, q, dtype=torch.int64, device=dev), uniform_q_len=q)
+        self.max_pages = max_pages
+        rows = self.meta.last_rows if last_rows_only else None
+        run = lambda: model.forward(self.ids, self.meta, cache.k, cache.v, logits_rows=rows,  # noqa: E731
+                                    hidden_layers=hidden_layers)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):                       # warm-up outside the graph (allocator, kernels)
+                run()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits, self.hidden = run()
+
+    def replay(self, ids: torch.Tensor, meta: ForwardMeta, last_rows_only: bool):
+        b, T = meta.num_seqs, meta.num_rows
+        m = self.meta
+        self.ids[:T].copy_(ids)
+        self.ids[T:].zero_()
+        m.positions[:T].copy_(meta.positions)
+        m.slot_mapping[:T].copy_(meta.slot_mapping)
+        m.slot_mapping[T:].fill_(-1)
+        w = meta.block_tables.shape[1]
+        m.block_tables[:b, :w].copy_(meta.block_tables)
+        m.block_tables[b:].zero_()
+        m.seq_lens[:b].copy_(meta.seq_lens)
+        m.seq_lens[b:].fill_(self.q)
+        self.graph.replay()
+        logits = self.logits[:b] if last_rows_only else self.logits[:T]
+        return logits, [h[:T] for h in self.hidden]
+
+
+class CudaGraphRunner:
+    """Captures lazily, per (model, bucket, rows per sequence, outputs), and replays."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.buckets = _buckets(engine.max_batch_size)
+        self.graphs: dict = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def run(self, model, cache, ids, meta: ForwardMeta, last_rows_only: bool, hidden_layers: tuple):
+        q = meta.uniform_q_len
+        B = meta.num_seqs
+        bucket = next((b for b in self.buckets if b >= B), None)
+        if bucket is None or q > 32:
+            return None
+        key = (id(model), bucket, q, last_rows_only, hidden_layers)
+        g = self.graphs.get(key)
+        if g is None:
+            g = self.graphs[key] = _Graph(self.engine, model, cache, bucket, q, last_rows_only, hidden_layers,
+                                          self.pool)
+        if meta.block_tables.shape[1] > g.max_pages:
+            return None
+        return g.replay(ids, meta, last_rows_only)
