@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--cuda-graphs", action="store_true")
     ap.add_argument("--peer", choices=["hf"], default=None)
-    ap.add_argument("--json", default="bench_e2e.json")
+    ap.add_argument("--json", "--out", dest="json", default="bench_e2e.json", help="JSON report path")
     args = ap.parse_args(argv)
 
     from tandem_rt.engine import Engine, SamplingParams
@@ -175,6 +175,12 @@ def main(argv=None) -> int:
     path = args.model
     if args.random_checkpoint:
         path = str(make_random_checkpoint(Path(args.random_checkpoint)))
+    elif path is None:
+        from tandem_rt.engine.engine import _default_model_path
+        path = _default_model_path()
+        if path is None:                    # no bundled model: a random-weights one
+            path = str(make_random_checkpoint(Path(tempfile.mkdtemp(prefix="bench_e2e_")) / "random"))
+            print(f"no --model and no bundled model: using a random-weights checkpoint at {path}")
     engine = Engine.from_pretrained(path, device=args.device, dtype=args.dtype, max_batch_size=16,
                                     use_cuda_graphs=args.cuda_graphs)
     V = engine.vocab_size
