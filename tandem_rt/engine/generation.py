@@ -30,7 +30,7 @@ from typing import Iterator, Optional
 import torch
 
 from tandem_rt import ops
-from tandem_rt.engine.paged_model import build_meta
+from tandem_rt.engine.paged_model import build_meta, h2d
 from tandem_rt.engine.params import SamplingParams
 from tandem_rt.engine.results import Result, StreamEvent
 from tandem_rt.models.router import router_features
@@ -147,8 +147,8 @@ class Generation:
         for s, a, b in zip(seqs, starts, ends):
             copies += self.pm.prepare_write(s.sid if isinstance(s, _Seq) else s, a, b)
         if copies:
-            src = torch.tensor([c[0] for c in copies], dtype=torch.int64, device=self.device)
-            dst = torch.tensor([c[1] for c in copies], dtype=torch.int64, device=self.device)
+            src = h2d([c[0] for c in copies], torch.int64, self.device)
+            dst = h2d([c[1] for c in copies], torch.int64, self.device)
             ops.copy_pages(self.e.all_cache_tensors(), src, dst)
 
     def _set_lens(self, s: _Seq) -> None:
@@ -326,8 +326,7 @@ class Generation:
             ends = [min(len(r.prompt), start + C) for r in sub]
             meta = build_meta(self.pm, [r.sid for r in sub], [start] * len(sub), ends, [start] * len(sub),
                               self.device)
-            ids = torch.tensor([t for r, e_ in zip(sub, ends) for t in r.prompt[start:e_]],
-                               dtype=torch.int64, device=self.device)
+            ids = h2d([t for r, e_ in zip(sub, ends) for t in r.prompt[start:e_]], torch.int64, self.device)
             logits, hidden = model.forward(ids, meta, cache.k, cache.v, logits_rows=meta.last_rows,
                                            hidden_layers=hidden_layers)
             if refresh:
@@ -355,7 +354,7 @@ class Generation:
         ends = [s.n for s in seqs]
         self._prepare(seqs, starts, ends)
         meta = build_meta(self.pm, [s.sid for s in seqs], starts, ends, starts, self.device)
-        ids = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.int64, device=self.device)
+        ids = h2d([s.tokens[-1] for s in seqs], torch.int64, self.device)
         logits, _ = e.run(model, cache, ids, meta)
         toks, _ = self._sample(logits)
         events = []
@@ -392,18 +391,17 @@ class Generation:
             sub = [seqs[b] for b in act]
             sids = [s.sid for s in sub]
             bt = block_tables if len(act) == B else block_tables.index_select(
-                0, torch.tensor(act, dtype=torch.int64, device=self.device))
+                0, h2d(act, torch.int64, self.device))
             if k == 0:
                 starts = [min(s.dlen, s.n - 1) for s in sub]
                 ends = [s.n for s in sub]
                 write = [s.dlen for s in sub]
-                ids = torch.tensor([t for s, a in zip(sub, starts) for t in s.tokens[a:]],
-                                   dtype=torch.int64, device=self.device)
+                ids = h2d([t for s, a in zip(sub, starts) for t in s.tokens[a:]], torch.int64, self.device)
             else:
                 starts = [s.n - 1 + k for s in sub]
                 ends = [s.n + k for s in sub]
                 write = starts
-                idx = torch.tensor(act, dtype=torch.int64, device=self.device)
+                idx = h2d(act, torch.int64, self.device)
                 ids = drafts[:, k - 1].index_select(0, idx) if len(act) < B else drafts[:, k - 1]
             meta = build_meta(self.pm, sids, starts, ends, write, self.device, block_tables=bt)
             logits, _ = self.e.run(model, cache, ids, meta, last_rows_only=True)
@@ -413,7 +411,7 @@ class Generation:
                 if pr is not None:
                     probs[:, k] = pr
             else:
-                idx = torch.tensor(act, dtype=torch.int64, device=self.device)
+                idx = h2d(act, torch.int64, self.device)
                 drafts[idx, k] = tok
                 if pr is not None:
                     probs[idx, k] = pr
@@ -441,7 +439,7 @@ class Generation:
         firsts = [min(s.dlen, s.n - 1) for s in seqs]
         self._prepare(seqs, firsts, [s.n + g for s, g in zip(seqs, limits)])
         sids = [s.sid for s in seqs]
-        bt = self.pm.block_table(sids, device=self.device)
+        bt = h2d(self.pm.block_table(sids), torch.int32, self.device)
         G = max(limits)
         if G > 0:
             drafts, probs, lens = self._draft(seqs, limits, bt, want_probs=not self.greedy)
@@ -455,14 +453,13 @@ class Generation:
         starts = [s.n - 1 for s in seqs]
         ends = [s.n + g for s, g in zip(seqs, lens)]
         meta = build_meta(self.pm, sids, starts, ends, starts, self.device, block_tables=bt)
-        last = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.int64, device=self.device)
+        last = h2d([s.tokens[-1] for s in seqs], torch.int64, self.device)
         hidden_layers = e.layer_map if tandem else ()
         if G == 0:
             logits, hidden = e.run(e.primary, e.primary_cache, last, meta, hidden_layers=hidden_layers)
         else:
             block = torch.cat([last.unsqueeze(1), drafts], 1)                    # [B, G+1]
-            flat = torch.tensor([b * (G + 1) + t for b in range(B) for t in range(lens[b] + 1)],
-                                dtype=torch.int64, device=self.device)
+            flat = h2d([b * (G + 1) + t for b in range(B) for t in range(lens[b] + 1)], torch.int64, self.device)
             ids = block.reshape(-1).index_select(0, flat)
             logits, hidden = e.run(e.primary, e.primary_cache, ids, meta, hidden_layers=hidden_layers)
         if tandem:
@@ -476,7 +473,7 @@ class Generation:
             target = logits.new_zeros(B * (G + 1), V)
             target.index_copy_(0, flat, logits)
             temp, top_k, top_p = self._params(B)
-            lens_t = torch.tensor(lens, dtype=torch.int32, device=self.device)
+            lens_t = h2d(lens, torch.int32, self.device)
             acc, em = ops.verify(drafts, lens_t, probs, target.view(B, G + 1, V), temp, top_k, top_p, self.rng)
             both = torch.cat([acc.view(B, 1).long(), em.long()], 1).tolist()   # the one host read
             accepted = [row[0] for row in both]
@@ -515,7 +512,7 @@ class Generation:
             ends = [s.n + g for s, g in zip(seqs, limits)]
         self._prepare(seqs, firsts, ends)
         sids = [s.sid for s in seqs]
-        bt = self.pm.block_table(sids, device=self.device)
+        bt = h2d(self.pm.block_table(sids), torch.int32, self.device)
         G = max(limits)
         if G > 0:
             drafts, _, lens = self._draft(seqs, limits, bt, want_probs=False)
@@ -528,11 +525,10 @@ class Generation:
             starts = [s.n - 1 for s in seqs]
             ends = [s.n + g for s, g in zip(seqs, lens)]
             meta = build_meta(self.pm, sids, starts, ends, starts, self.device, block_tables=bt)
-            last = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.int64, device=self.device)
+            last = h2d([s.tokens[-1] for s in seqs], torch.int64, self.device)
             if G > 0:
                 block = torch.cat([last.unsqueeze(1), drafts], 1)
-                flat = torch.tensor([b * (G + 1) + t for b in range(B) for t in range(lens[b] + 1)],
-                                    dtype=torch.int64, device=self.device)
+                flat = h2d([b * (G + 1) + t for b in range(B) for t in range(lens[b] + 1)], torch.int64, self.device)
                 ids = block.reshape(-1).index_select(0, flat)
             else:
                 ids = last
@@ -563,8 +559,7 @@ class Generation:
         if todo:
             meta = build_meta(self.pm, [s.sid for s in todo], [a for a, _ in pos], [b for _, b in pos],
                               [a for a, _ in pos], self.device)
-            ids = torch.tensor([t for s, (a, b) in zip(todo, pos) for t in s.tokens[a:b]],
-                               dtype=torch.int64, device=self.device)
+            ids = h2d([t for s, (a, b) in zip(todo, pos) for t in s.tokens[a:b]], torch.int64, self.device)
             _, hidden = e.run(e.primary, e.primary_cache, ids, meta, last_rows_only=True,
                               hidden_layers=e.layer_map)
             e.refresh(hidden, meta.positions, meta.slot_mapping, e.secondary_cache.k, e.secondary_cache.v)

@@ -59,6 +59,15 @@ class ForwardMeta:
         return self.seq_lens.shape[0]
 
 
+def h2d(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """Host list / CPU tensor -> tensor on ``device``; on CUDA through pinned memory with a
+    non-blocking copy, so the host never waits for queued device work."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def build_meta(page_manager, seq_ids: Sequence, starts: Sequence[int], ends: Sequence[int],
                write_from: Sequence[int], device, block_tables: Optional[torch.Tensor] = None) -> ForwardMeta:
     """Host-side construction of :class:`ForwardMeta` (one host->device copy per tensor).
@@ -83,14 +92,14 @@ def build_meta(page_manager, seq_ids: Sequence, starts: Sequence[int], ends: Seq
         qsl.append(qsl[-1] + e - s)
     ends_l = list(ends)
     if block_tables is None:
-        block_tables = page_manager.block_table(list(seq_ids), device=device)
+        block_tables = h2d(page_manager.block_table(list(seq_ids)), torch.int32, device)
     qlens = [e - s for s, e in zip(starts, ends)]
     max_q = max(qlens)
     uniform = max_q if min(qlens) == max_q else 0
     # one host->device copy per dtype: pack the int64 and the int32 indices together
-    packed = torch.tensor(positions + slots + [q - 1 for q in qsl[1:]], dtype=torch.int64).to(device)
+    packed = h2d(positions + slots + [q - 1 for q in qsl[1:]], torch.int64, device)
     T = len(positions)
-    small = torch.tensor(ends_l + qsl, dtype=torch.int32).to(device)
+    small = h2d(ends_l + qsl, torch.int32, device)
     B = len(ends_l)
     return ForwardMeta(positions=packed[:T], slot_mapping=packed[T:2 * T], block_tables=block_tables,
                        seq_lens=small[:B], query_start_loc=small[B:], max_q_len=max_q,
