@@ -251,8 +251,8 @@ class Generation:
             self.reserved += r.reserved
             new.append(r)
         if new:
+            self.prefixes.extend(new)           # (released by release() if the prefill fails)
             self._prefill(new)
-            self.prefixes.extend(new)
         # fork samples from processed prompts
         events = []
         for r in list(self.prefixes):
@@ -265,8 +265,11 @@ class Generation:
                 continue
             children = []
             for _ in range(k):
-                sid = self.e.new_seq_id()
-                self.pm.fork(r.sid, sid)
+                if r.forked == r.n - 1:          # the last sample takes over the prompt's sequence
+                    sid = r.sid
+                else:
+                    sid = self.e.new_seq_id()
+                    self.pm.fork(r.sid, sid)
                 s = _Seq(sid, r, r.forked, w)
                 r.forked += 1
                 s.plen = self.pm.primary_len(sid)
@@ -274,14 +277,13 @@ class Generation:
                 s.stats["primary_runs"] = int(self.mode != "secondary")
                 s.stats["secondary_runs"] = int(self.mode in ("secondary", "speed"))
                 children.append(s)
+                self.active.append(s)
             if self.uses_prefill_token:
                 logits = r.logits.unsqueeze(0).expand(k, -1).contiguous()
                 toks, _ = self._sample(logits)
                 for s, t in zip(children, toks.tolist()):
                     events.append(self._event(s, self._commit(s, [t])))
-            self.active.extend(children)
             if r.forked == r.n:
-                self.pm.free(r.sid)
                 self.reserved -= r.reserved
                 self.prefixes.remove(r)
                 r.sid = None
