@@ -37,7 +37,11 @@ def test_no_leak_after_finished_failed_and_cancelled(model):
         return real(*a, **k)
 
     engine.primary.forward = failing
-    with pytest.raises(RuntimeError, match="injected"):
+    with pytest.raises(RuntimeError, match="injected"):       # in a verify block
+        engine.generate(prompts, SamplingParams(max_new_tokens=12, n=3, ignore_eos=True), mode="tandem-speed")
+    assert all_free(engine)
+    calls["n"] = 2
+    with pytest.raises(RuntimeError, match="injected"):       # in the prompt's prefill
         engine.generate(prompts, SamplingParams(max_new_tokens=12, n=3, ignore_eos=True), mode="tandem-speed")
     engine.primary.forward = real
     assert all_free(engine)
