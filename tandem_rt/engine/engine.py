@@ -276,6 +276,7 @@ class Engine:
         results: list = [None] * (len(ids) * params.n)
         with self._lock:
             gen = Generation(self, ids, params, mode, gamma, free_token)
+            gen.text_deltas = False
             for ev in gen.events():
                 if ev.finished:
                     results[ev.index] = ev.result

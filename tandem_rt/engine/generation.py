@@ -112,6 +112,7 @@ class Generation:
         else:
             self.dmodel, self.dpool = engine.secondary, engine.secondary_cache
         self.ps = self.pm.page_size
+        self.text_deltas = True             # decode text per event (streaming); generate() turns it off
 
     # ------------------------------------------------------------------ helpers
     def _pages(self, n_tokens: int) -> int:
@@ -175,7 +176,7 @@ class Generation:
     def _event(self, s: _Seq, new: list) -> StreamEvent:
         text = ""
         tok = self.e.tokenizer
-        if tok is not None and (new or s.finished):
+        if tok is not None and self.text_deltas and (new or s.finished):
             full = tok.decode(s.tokens[s.prompt_len:])
             text, s.text_len = full[s.text_len:], len(full)
         ev = StreamEvent(index=s.req.index * self.params.n + s.sample, prompt_index=s.req.index,
