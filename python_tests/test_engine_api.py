@@ -79,3 +79,21 @@ def test_concurrent_generate_equals_sequential(engine):
     assert not errors
     assert results == sequential + sequential
     assert engine.num_free_pages == engine.page_manager.num_pages
+
+
+def test_string_prompts_text_and_stream_deltas():
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+
+    vocab = {f"w{i}": i for i in range(61)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w2"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")          # joins words with spaces
+    e = Engine(agreeing_tandem_model(seed=14, layer_scale=0.4), tok, num_pages=64, page_size=8)
+    params = SamplingParams(max_new_tokens=9, ignore_eos=True)
+    [r] = e.generate("w5 w6 w7", params, mode="tandem-speed", gamma=3)
+    [ref] = e.generate([[5, 6, 7]], params, mode="primary")
+    assert r.token_ids == ref.token_ids
+    assert r.text == tok.decode(r.token_ids) and r.text.split() == [f"w{t}" for t in r.token_ids]
+    events = list(e.stream("w5 w6 w7", params, mode="tandem-speed", gamma=3))
+    assert "".join(ev.text for ev in events) == r.text
+    assert sum((ev.token_ids for ev in events), []) == r.token_ids
