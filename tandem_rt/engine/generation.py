@@ -461,9 +461,13 @@ class Generation:
         if G == 0:
             logits, hidden = e.run(e.primary, e.primary_cache, last, meta, hidden_layers=hidden_layers)
         else:
-            block = torch.cat([last.unsqueeze(1), drafts], 1)                    # [B, G+1]
-            flat = h2d([b * (G + 1) + t for b in range(B) for t in range(lens[b] + 1)], torch.int64, self.device)
-            ids = block.reshape(-1).index_select(0, flat)
+            block = torch.cat([last.unsqueeze(1), drafts], 1).reshape(-1)        # [B * (G+1)]
+            if meta.uniform_q_len:
+                ids = block
+            else:                                 # ragged draft lengths: gather the real rows
+                flat = h2d([b * (G + 1) + t for b in range(B) for t in range(lens[b] + 1)], torch.int64,
+                           self.device)
+                ids = block.index_select(0, flat)
             logits, hidden = e.run(e.primary, e.primary_cache, ids, meta, hidden_layers=hidden_layers)
         if tandem:
             e.refresh(hidden, meta.positions, meta.slot_mapping, e.secondary_cache.k, e.secondary_cache.v)
@@ -473,8 +477,11 @@ class Generation:
             emitted = [[t] for t in toks.tolist()]             # the one host read
         else:
             V = logits.shape[-1]
-            target = logits.new_zeros(B * (G + 1), V)
-            target.index_copy_(0, flat, logits)
+            if meta.uniform_q_len:               # every sequence drafted G tokens: rows are [B, G+1]
+                target = logits
+            else:
+                target = logits.new_zeros(B * (G + 1), V)
+                target.index_copy_(0, flat, logits)
             temp, top_k, top_p = self._params(B)
             lens_t = h2d(lens, torch.int32, self.device)
             acc, em = ops.verify(drafts, lens_t, probs, target.view(B, G + 1, V), temp, top_k, top_p, self.rng)
@@ -531,7 +538,8 @@ class Generation:
             last = h2d([s.tokens[-1] for s in seqs], torch.int64, self.device)
             if G > 0:
                 block = torch.cat([last.unsqueeze(1), drafts], 1)
-                flat = h2d([b * (G + 1) + t for b in range(B) for t in range(lens[b] + 1)], torch.int64, self.device)
+                flat = h2d([b * (G + 1) + t for b in range(B) for t in range(lens[b] + 1)], torch.int64,
+                           self.device)
                 ids = block.reshape(-1).index_select(0, flat)
             else:
                 ids = last
