@@ -23,3 +23,6 @@ Ops:
   rng_state) -> (accepted, emitted)``
 * ``copy_pages(caches, src_pages, dst_pages)``
 """
+
+from tandem_rt.ops.attention import paged_attention  # noqa: E402,F401
+from tandem_rt.ops.rope import rope_cache_write  # noqa: E402,F401
