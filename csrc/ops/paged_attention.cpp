@@ -106,6 +106,18 @@ void validate_paged_attention_indices(const at::Tensor& q, const at::Tensor& k_c
 namespace {
 
 constexpr int kChunk = 128;  // keys per online-softmax step
+constexpr int kPrefetch = 8;  // rows ahead: K/V rows of a KV head are scattered (stride Hkv * D, pages)
+
+__attribute__((always_inline)) inline void prefetch_row(const void* p, int64_t bytes, bool to_l1) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) {
+    if (to_l1) {
+      __builtin_prefetch(c + off, 0, 3);
+    } else {
+      __builtin_prefetch(c + off, 0, 2);
+    }
+  }
+}
 
 // One chunk of keys for the M query rows of a work item (all pointers fp32).
 struct ChunkArgs {
@@ -118,6 +130,7 @@ struct ChunkArgs {
   float* lrow;             // [M] running denominator
   float* acc;              // [M, D] running unnormalised output
   int M, D, n;
+  bool prefetch;           // k/v point into the cache (fp32): prefetch rows ahead
 };
 
 // exp(x) for x <= 0 (Cephes polynomial, ~2 ulp), written so that the compiler vectorises it.
@@ -142,6 +155,10 @@ __attribute__((always_inline)) inline void attend_chunk_body(const ChunkArgs& a)
   // Scores: four query rows per pass share each key row load.
   for (int j = 0; j < n; ++j) {
     const float* __restrict kr = a.k[j];
+    if (a.prefetch) {
+      if (j + kPrefetch < n) prefetch_row(a.k[j + kPrefetch], D * 4, true);
+      prefetch_row(a.v[j], D * 4, false);
+    }
     int m = 0;
     for (; m + 4 <= M; m += 4) {
       const float* __restrict q0 = a.q + m * D;
@@ -278,14 +295,22 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
       }
       for (int64_t c0 = 0; c0 < seq; c0 += kChunk) {
         const int n = static_cast<int>(std::min<int64_t>(kChunk, seq - c0));
+        auto row_base = [&](int64_t key) {
+          const int64_t page = bt[b * max_pages + key / page_size];
+          return ((page * page_size + key % page_size) * hkv + h) * d;
+        };
         for (int j = 0; j < n; ++j) {
           const int64_t key = c0 + j;
-          const int64_t page = bt[b * max_pages + key / page_size];
-          const int64_t base = ((page * page_size + key % page_size) * hkv + h) * d;
+          const int64_t base = row_base(key);
           if constexpr (kIsFloat) {
             kptr[j] = kc + base;
             vptr[j] = vc + base;
           } else {
+            if (key + kPrefetch < seq) {
+              const int64_t ahead = row_base(key + kPrefetch);
+              prefetch_row(kc + ahead, d * sizeof(T), true);
+              prefetch_row(vc + ahead, d * sizeof(T), true);
+            }
             float* kd = kbuf.data() + j * d;
             float* vd = vbuf.data() + j * d;
             for (int64_t e = 0; e < d; ++e) kd[e] = static_cast<float>(kc[base + e]);
@@ -296,7 +321,7 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
         }
         for (int m = 0; m < M; ++m) nvalid[m] = std::clamp(limit[m] - static_cast<int>(c0), 0, n);
         chunk_fn(ChunkArgs{qf.data(), kptr.data(), vptr.data(), nvalid.data(), s.data(), mrow.data(), lrow.data(),
-                           acc.data(), M, static_cast<int>(d), n});
+                           acc.data(), M, static_cast<int>(d), n, kIsFloat});
       }
       for (int64_t t = 0; t < q_len; ++t) {
         for (int64_t g = 0; g < group; ++g) {

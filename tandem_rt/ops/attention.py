@@ -9,7 +9,7 @@ import torch
 from tandem_rt import _ext  # noqa: F401  (loads tandem_rt._C, which registers the ops)
 from tandem_rt.ops._checks import FLOAT_DTYPES, check_heads_packed, check_shape, check_tensor
 
-CUDA_HEAD_DIMS = (32, 64, 128, 256)
+CUDA_HEAD_DIMS = (32, 64, 128)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -26,7 +26,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Args:
         q: ``[Ntok, Hq, D]`` float32/float16/bfloat16 queries (heads packed; rows may be strided).
         k_cache, v_cache: ``[num_pages, page_size, Hkv, D]`` contiguous (NHD), dtype of ``q``;
-            ``Hq % Hkv == 0``. On CUDA ``D`` must be one of 32, 64, 128, 256.
+            ``Hq % Hkv == 0``. On CUDA ``D`` must be one of 32, 64, 128.
         block_tables: int32 ``[B, max_pages_per_seq]``; row ``b`` lists sequence ``b``'s pages.
         seq_lens: int32 ``[B]`` tokens in the cache per sequence (>= its ``q_len``).
         query_start_loc: int32 ``[B + 1]``, ``0 = query_start_loc[0] <= ... <= query_start_loc[B] = Ntok``.
