@@ -225,33 +225,50 @@ __attribute__((always_inline)) inline void attend_chunk_body(const ChunkArgs& a)
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))) void attend_chunk_avx512(const ChunkArgs& a) {
-  attend_chunk_body(a);
+// bf16 rows (raw bits) -> fp32 rows: dst [n, D].
+__attribute__((always_inline)) inline void bf16_rows_body(const uint16_t* const* src, int n, int D, float* dst) {
+  for (int j = 0; j < n; ++j) {
+    const uint16_t* __restrict s = src[j];
+    float* __restrict o = dst + static_cast<int64_t>(j) * D;
+#pragma omp simd
+    for (int d = 0; d < D; ++d) o[d] = std::bit_cast<float>(static_cast<uint32_t>(s[d]) << 16);
+  }
 }
-__attribute__((target("avx2,fma"))) void attend_chunk_avx2(const ChunkArgs& a) { attend_chunk_body(a); }
+
+#define TANDEM_CPU_VARIANT(suffix, attr)                                                                  \
+  attr void attend_chunk_##suffix(const ChunkArgs& a) { attend_chunk_body(a); }                          \
+  attr void bf16_rows_##suffix(const uint16_t* const* src, int n, int D, float* dst) {                   \
+    bf16_rows_body(src, n, D, dst);                                                                      \
+  }
+#if defined(__x86_64__) && defined(__GNUC__)
+TANDEM_CPU_VARIANT(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))))
+TANDEM_CPU_VARIANT(avx2, __attribute__((target("avx2,fma"))))
 #endif
-void attend_chunk_base(const ChunkArgs& a) { attend_chunk_body(a); }
+TANDEM_CPU_VARIANT(base, )
+#undef TANDEM_CPU_VARIANT
 
-using ChunkFn = void (*)(const ChunkArgs&);
+struct CpuKernels {
+  void (*attend_chunk)(const ChunkArgs&);
+  void (*bf16_rows)(const uint16_t* const*, int, int, float*);
+};
 
-ChunkFn pick_chunk_fn() {
+CpuKernels pick_cpu_kernels() {
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
-    return &attend_chunk_avx512;
+    return {&attend_chunk_avx512, &bf16_rows_avx512};
   }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &attend_chunk_avx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {&attend_chunk_avx2, &bf16_rows_avx2};
 #endif
-  return &attend_chunk_base;
+  return {&attend_chunk_base, &bf16_rows_base};
 }
 
 template <typename T>
 void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
                           const at::Tensor& query_start_loc, double scale) {
-  static const ChunkFn chunk_fn = pick_chunk_fn();
+  static const CpuKernels kern = pick_cpu_kernels();
   const int64_t nseq = seq_lens.size(0), hq = q.size(1), d = q.size(2);
   const int64_t hkv = k_cache.size(2), page_size = k_cache.size(1), max_pages = block_tables.size(1);
   const int64_t group = hq / hkv, q_stride = q.stride(0);
@@ -264,10 +281,12 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
   const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
   const float fscale = static_cast<float>(scale);
   constexpr bool kIsFloat = std::is_same_v<T, float>;
+  constexpr bool kIsBf16 = std::is_same_v<T, c10::BFloat16>;
 
   at::parallel_for(0, nseq * hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf, s, mrow, lrow, acc, kbuf, vbuf;
     std::vector<const float*> kptr(kChunk), vptr(kChunk);
+    std::vector<const uint16_t*> kraw(kChunk), vraw(kChunk);
     std::vector<int> nvalid, limit;
     if (!kIsFloat) {
       kbuf.resize(kChunk * d);
@@ -305,6 +324,16 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
           if constexpr (kIsFloat) {
             kptr[j] = kc + base;
             vptr[j] = vc + base;
+          } else if constexpr (kIsBf16) {
+            if (key + kPrefetch < seq) {
+              const int64_t ahead = row_base(key + kPrefetch);
+              prefetch_row(kc + ahead, d * sizeof(T), true);
+              prefetch_row(vc + ahead, d * sizeof(T), true);
+            }
+            kraw[j] = reinterpret_cast<const uint16_t*>(kc + base);
+            vraw[j] = reinterpret_cast<const uint16_t*>(vc + base);
+            kptr[j] = kbuf.data() + j * d;
+            vptr[j] = vbuf.data() + j * d;
           } else {
             if (key + kPrefetch < seq) {
               const int64_t ahead = row_base(key + kPrefetch);
@@ -319,8 +348,12 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
             vptr[j] = vd;
           }
         }
+        if constexpr (kIsBf16) {
+          kern.bf16_rows(kraw.data(), n, static_cast<int>(d), kbuf.data());
+          kern.bf16_rows(vraw.data(), n, static_cast<int>(d), vbuf.data());
+        }
         for (int m = 0; m < M; ++m) nvalid[m] = std::clamp(limit[m] - static_cast<int>(c0), 0, n);
-        chunk_fn(ChunkArgs{qf.data(), kptr.data(), vptr.data(), nvalid.data(), s.data(), mrow.data(), lrow.data(),
+        kern.attend_chunk(ChunkArgs{qf.data(), kptr.data(), vptr.data(), nvalid.data(), s.data(), mrow.data(), lrow.data(),
                            acc.data(), M, static_cast<int>(d), n, kIsFloat});
       }
       for (int64_t t = 0; t < q_len; ++t) {
