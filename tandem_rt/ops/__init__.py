@@ -28,5 +28,7 @@ top_p, device)`` (per-row parameter tensors), ``rng_uniform(rng_state, num_subse
 num_draws)`` (the uniforms the sampling ops draw, for tests).
 """
 
-from tandem_rt.ops.sampling import make_rng_state, rng_uniform, sample, sampling_params, verify  # noqa: E402
-from tandem_rt.ops.pages import copy_pages  # noqa: E402
+from tandem_rt.ops.attention import paged_attention  # noqa: E402,F401
+from tandem_rt.ops.rope import rope_cache_write  # noqa: E402,F401
+from tandem_rt.ops.sampling import make_rng_state, rng_uniform, sample, sampling_params, verify  # noqa: E402,F401
+from tandem_rt.ops.pages import copy_pages  # noqa: E402,F401

@@ -1,0 +1,41 @@
+// Raw-pointer launcher for paged attention (decode and verify blocks; no ATen: included by .cu
+// and .cpp).
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include "kernels/kv_dtype.h"
+
+namespace tandem_rt::kernels {
+
+struct PagedAttentionParams {
+  void* out;                       // [ntok, hq, head_dim] contiguous
+  const void* q;                   // [ntok, hq, head_dim], row stride q_stride elements, 16-byte aligned rows
+  const void* k_cache;             // [num_pages, page_size, hkv, head_dim] contiguous
+  const void* v_cache;             // [num_pages, page_size, hkv, head_dim] contiguous
+  const int32_t* block_tables;     // [num_seqs, max_pages]
+  const int32_t* seq_lens;         // [num_seqs] cached tokens, including this call's queries
+  const int32_t* query_start_loc;  // [num_seqs + 1]
+  float* part_out;                 // [num_splits, ntok, hq, head_dim] fp32 workspace (num_splits > 1)
+  float* part_ml;                  // [num_splits, ntok, hq, 2] fp32 workspace: (max in log2 units, sum)
+  int64_t q_stride;
+  int num_seqs, ntok, hq, hkv, head_dim, page_size, max_pages, num_pages;
+  int max_q_len;                   // upper bound of q_len per sequence (grid sizing)
+  int num_splits, split_len;       // KV splits and keys per split (from paged_attention_splits)
+  float scale;
+  KvDType dtype;
+};
+
+// Head dims with a compiled kernel.
+bool paged_attention_head_dim_supported(int head_dim);
+
+// Chooses the number of KV splits (and keys per split, written to *split_len) for a launch, from
+// the CTA count without splitting, max_seq_len and the SM count of `device` (queried once, cached).
+int paged_attention_splits(int device, int num_seqs, int hq, int hkv, int max_q_len, int max_seq_len,
+                           int* split_len);
+
+// Launches the attention kernel and, when num_splits > 1, the reduction over splits.
+cudaError_t launch_paged_attention(const PagedAttentionParams& p, cudaStream_t stream);
+
+}  // namespace tandem_rt::kernels

@@ -1,0 +1,200 @@
+"""paged_attention against a plain-PyTorch float64 reference on gathered, contiguous K/V."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICES
+from tandem_rt.ops import paged_attention
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+CPU_HEAD_DIMS = [8, 16, 64, 128]
+CUDA_HEAD_DIMS = [32, 64, 128]
+
+
+def reference_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
+    """float64 ``[Ntok, Hq, D]``: per sequence, gather its K/V pages into contiguous tensors and run
+    softmax attention with an explicit causal mask (query t at position seq_len - q_len + t)."""
+    q, k_cache, v_cache = q.cpu().double(), k_cache.cpu().double(), v_cache.cpu().double()
+    block_tables, seq_lens, qsl = block_tables.cpu(), seq_lens.cpu().tolist(), query_start_loc.cpu().tolist()
+    _, page_size, hkv, d = k_cache.shape
+    group = q.shape[1] // hkv
+    out = torch.zeros_like(q)
+    for b, L in enumerate(seq_lens):
+        q0, q1 = qsl[b], qsl[b + 1]
+        if q1 == q0:
+            continue
+        pages = block_tables[b, : math.ceil(L / page_size)].long()
+        k = k_cache[pages].reshape(-1, hkv, d)[:L].repeat_interleave(group, dim=1)  # [L, Hq, D]
+        v = v_cache[pages].reshape(-1, hkv, d)[:L].repeat_interleave(group, dim=1)
+        qb = q[q0:q1]  # [T, Hq, D]
+        scores = torch.einsum("thd,shd->hts", qb, k) * scale
+        pos = L - (q1 - q0) + torch.arange(q1 - q0)
+        mask = torch.arange(L)[None, :] <= pos[:, None]  # [T, L]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out[q0:q1] = torch.einsum("hts,shd->thd", scores.softmax(-1), v)
+    return out
+
+
+def make_batch(seq_lens, q_lens, hq, hkv, d, page_size, dtype, device, extra_pages=3, gen=None):
+    """Random caches with a random page permutation; unused slots and pages are NaN so that any read
+    beyond a sequence's length shows up in the output."""
+    pages_per_seq = [math.ceil(L / page_size) for L in seq_lens]
+    num_pages = sum(pages_per_seq) + extra_pages
+    perm = torch.randperm(num_pages, generator=gen)
+    max_pages = max(pages_per_seq + [1]) + 1
+    block_tables = torch.full((len(seq_lens), max_pages), -1, dtype=torch.int32)
+    k_cache = torch.full((num_pages, page_size, hkv, d), float("nan"), dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    used = 0
+    for b, (L, n) in enumerate(zip(seq_lens, pages_per_seq)):
+        pages = perm[used:used + n]
+        used += n
+        block_tables[b, :n] = pages.int()
+        flat_k = torch.randn(n * page_size, hkv, d, generator=gen).to(dtype)
+        flat_v = torch.randn(n * page_size, hkv, d, generator=gen).to(dtype)
+        flat_k[L:] = float("nan")
+        flat_v[L:] = float("nan")
+        k_cache[pages] = flat_k.view(n, page_size, hkv, d)
+        v_cache[pages] = flat_v.view(n, page_size, hkv, d)
+    qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0).tolist()), dtype=torch.int32)
+    q = torch.randn(int(qsl[-1]), hq, d, generator=gen).to(dtype)
+    to = lambda t: t.to(device)  # noqa: E731
+    return (to(q), to(k_cache), to(v_cache), to(block_tables), to(torch.tensor(seq_lens, dtype=torch.int32)),
+            to(qsl))
+
+
+def run_and_check(seq_lens, q_lens, hq, hkv, d, page_size, dtype, device, scale=None, q_view=False):
+    q, k_cache, v_cache, bt, sl, qsl = make_batch(seq_lens, q_lens, hq, hkv, d, page_size, dtype, device)
+    if q_view:  # q as a strided slice of a wider projection output
+        wide = torch.randn(q.shape[0], hq * d + 24, dtype=dtype, device=device)
+        wide[:, : hq * d] = q.reshape(q.shape[0], -1)
+        q = wide[:, : hq * d].view(q.shape[0], hq, d)
+    scale = d ** -0.5 if scale is None else scale
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device=device)
+    res = paged_attention(q, k_cache, v_cache, bt, sl, qsl, scale, max(q_lens + [0]), max(seq_lens + [0]), out=out)
+    assert res is out
+    assert torch.isfinite(out).all(), "output not fully written (NaN left) or padding read"
+    ref = reference_attention(q, k_cache, v_cache, bt, sl, qsl, scale)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=tol, atol=tol * (ref.abs().max().item() + 1e-6))
+
+
+def head_dims(device):
+    return CUDA_HEAD_DIMS if device == "cuda" else CPU_HEAD_DIMS
+
+
+def _params():
+    """Every head_dim x dtype of the device; page sizes 8/16/32 rotate across the cases."""
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    for device in DEVICES:
+        name = device if isinstance(device, str) else device.values[0]
+        for i, d in enumerate(head_dims(name)):
+            for j, dtype in enumerate(dtypes):
+                page_size = (8, 16, 32)[(i + j) % 3]
+                yield pytest.param(device, d, dtype, page_size, id=f"{name}-d{d}-{str(dtype)[6:]}-p{page_size}")
+
+
+@pytest.mark.parametrize("device, head_dim, dtype, page_size", list(_params()))
+def test_paged_attention_matches_reference(device, head_dim, dtype, page_size):
+    """Lengths at and across page boundaries, GQA ratios 1/2/4/8, decode and ragged verify blocks."""
+    P = page_size
+    seq_lens = [1, P - 1, P, P + 1, 2 * P + 3]
+    for group in (1, 2, 4, 8):
+        hkv = 2 if group <= 2 else 1
+        hq = hkv * group
+        # decode: one query per sequence
+        run_and_check(seq_lens, [1] * len(seq_lens), hq, hkv, head_dim, P, dtype, device)
+        # verify blocks, ragged across the batch (q_len <= seq_len), one empty block
+        q_lens = [1, min(P - 1, 5), 0, 8, 2 * P + 3 if group == 1 else 7]
+        run_and_check(seq_lens, q_lens, hq, hkv, head_dim, P, dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_long_context_and_split(device, dtype):
+    """Contexts spanning many key chunks (CPU) and several KV splits (CUDA: one sequence, long context)."""
+    run_and_check([1500], [1], 8, 2, 64, 16, dtype, device)
+    run_and_check([900, 37, 300], [8, 3, 32], 8, 2, 64, 16, dtype, device)
+    run_and_check([1101], [32], 16, 4, 128, 32, dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_attention_strided_q_scale_and_empty(device):
+    run_and_check([40, 9], [3, 1], 4, 2, 64, 8, torch.float32, device, scale=0.37, q_view=True)
+    # every sequence with q_len 0: nothing to do, output has no rows
+    q, k, v, bt, sl, qsl = make_batch([5, 9], [0, 0], 4, 2, 64, 8, torch.float32, device)
+    out = paged_attention(q, k, v, bt, sl, qsl, 0.125, 0, 9)
+    assert out.shape == (0, 4, 64)
+    # an empty batch
+    empty = torch.empty(0, dtype=torch.int32, device=device)
+    out = paged_attention(q, k, v, torch.empty(0, 3, dtype=torch.int32, device=device), empty,
+                          torch.zeros(1, dtype=torch.int32, device=device), 0.125, 0, 0)
+    assert out.shape == (0, 4, 64)
+
+
+def _valid(device="cpu"):
+    q, k, v, bt, sl, qsl = make_batch([10, 20], [2, 3], 4, 2, 32, 8, torch.float32, device)
+    return dict(q=q, k_cache=k, v_cache=v, block_tables=bt, seq_lens=sl, query_start_loc=qsl, scale=0.1,
+                max_q_len=3, max_seq_len=20)
+
+
+def _set(key, fn):
+    return lambda a: a.update({key: fn(a[key])})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mutate, match", [
+    (_set("q", lambda t: t.double()), "q must have dtype"),
+    (_set("q", lambda t: t[0]), "q must have 3 dimensions"),
+    (_set("q", lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)), "q must have packed heads"),
+    (_set("k_cache", lambda t: t.bfloat16()), "k_cache must have dtype"),
+    (_set("k_cache", lambda t: t.transpose(0, 1)), "k_cache must be contiguous"),
+    (_set("k_cache", lambda t: t[..., :16].contiguous()), "k_cache"),
+    (_set("v_cache", lambda t: t[:, :4].contiguous()), "v_cache"),
+    (lambda a: a.update(k_cache=a["k_cache"][:, :, :1].repeat(1, 1, 3, 1), v_cache=a["v_cache"][:, :, :1].repeat(1, 1, 3, 1)),
+     "heads"),
+    (_set("block_tables", lambda t: t.long()), "block_tables must have dtype"),
+    (_set("block_tables", lambda t: t[0]), "block_tables must have 2 dimensions"),
+    (_set("seq_lens", lambda t: t[:1]), "seq_lens must have shape"),
+    (_set("seq_lens", lambda t: t.long()), "seq_lens must have dtype"),
+    (_set("query_start_loc", lambda t: t[:2]), "query_start_loc must have shape"),
+    (_set("scale", lambda s: float("nan")), "scale"),
+    (_set("max_q_len", lambda s: -1), "max_q_len"),
+    (lambda a: a.update(out=torch.empty(1, 4, 32, device=a["q"].device)), "out must have shape"),
+    (lambda a: a.update(out=torch.empty(5, 32, 4, device=a["q"].device).transpose(1, 2)), "out must be contiguous"),
+])
+def test_paged_attention_validation(device, mutate, match):
+    args = _valid(device)
+    mutate(args)
+    with pytest.raises(ValueError, match=match):
+        paged_attention(**args)
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda a: a["block_tables"].__setitem__((1, 2), 999), r"block_tables\[1, 2\]"),
+    (lambda a: a["block_tables"].__setitem__((0, 0), -1), r"block_tables\[0, 0\]"),
+    (lambda a: a["seq_lens"].__setitem__(0, 1), r"seq_lens\[0\]"),
+    (lambda a: (a["seq_lens"].__setitem__(1, 40), a.update(max_seq_len=40)), "block_tables has"),
+    (lambda a: a["query_start_loc"].__setitem__(2, 4), "query_start_loc"),
+    (lambda a: (a["query_start_loc"].__setitem__(1, 6), a.update(max_q_len=8)), "query_start_loc must be non-decreasing"),
+    (lambda a: a.update(max_q_len=2), "max_q_len"),
+    (lambda a: a.update(max_seq_len=19), "max_seq_len"),
+])
+def test_paged_attention_index_validation_on_cpu(mutate, match):
+    args = _valid("cpu")
+    mutate(args)
+    with pytest.raises(ValueError, match=match):
+        paged_attention(**args)
+
+
+def test_cpu_head_dim_any_even_cuda_head_dim_checked():
+    run_and_check([13, 30], [2, 5], 6, 3, 48, 8, torch.float32, "cpu")
+    if torch.cuda.is_available():
+        args = _valid("cuda")
+        for key in ("q", "k_cache", "v_cache"):
+            args[key] = torch.cat([args[key], args[key][..., :16]], -1).contiguous()
+        with pytest.raises(ValueError, match="head_dim"):
+            paged_attention(**args)

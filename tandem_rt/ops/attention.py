@@ -1,0 +1,79 @@
+"""Paged attention for decode and verify blocks (``torch.ops.tandem_rt.paged_attention``)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from tandem_rt import _ext  # noqa: F401  (loads tandem_rt._C, which registers the ops)
+from tandem_rt.ops._checks import FLOAT_DTYPES, check_heads_packed, check_shape, check_tensor
+
+CUDA_HEAD_DIMS = (32, 64, 128)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, max_q_len: int,
+                    max_seq_len: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal attention of ragged query blocks over the paged KV cache (decode is ``q_len == 1``).
+
+    Sequence ``b`` owns query rows ``query_start_loc[b] .. query_start_loc[b+1]-1`` (``q_len_b``,
+    possibly 0). Its cache holds ``seq_lens[b]`` tokens, including the K/V of these queries
+    (written before the call); query ``t`` sits at absolute position ``seq_lens[b] - q_len_b + t``
+    and attends keys ``0 ..`` that position. Query head ``h`` reads KV head ``h // (Hq // Hkv)``
+    (GQA). Softmax and accumulation in float32.
+
+    Args:
+        q: ``[Ntok, Hq, D]`` float32/float16/bfloat16 queries (heads packed; rows may be strided).
+        k_cache, v_cache: ``[num_pages, page_size, Hkv, D]`` contiguous (NHD), dtype of ``q``;
+            ``Hq % Hkv == 0``. On CUDA ``D`` must be one of 32, 64, 128.
+        block_tables: int32 ``[B, max_pages_per_seq]``; row ``b`` lists sequence ``b``'s pages.
+        seq_lens: int32 ``[B]`` tokens in the cache per sequence (>= its ``q_len``).
+        query_start_loc: int32 ``[B + 1]``, ``0 = query_start_loc[0] <= ... <= query_start_loc[B] = Ntok``.
+        scale: softmax scale (usually ``D ** -0.5``).
+        max_q_len: host-side upper bound of ``q_len_b`` (grid sizing; no host sync).
+        max_seq_len: host-side upper bound of ``seq_lens`` (chooses the KV split on CUDA).
+        out: optional ``[Ntok, Hq, D]`` contiguous output, dtype of ``q``.
+    Returns:
+        ``out`` ``[Ntok, Hq, D]``.
+
+    Raises ``ValueError`` naming the bad argument. Index values (pages, lengths, offsets) are
+    checked by the CPU op (ValueError naming the tensor); on CUDA out-of-range pages are skipped, not read.
+    """
+    check_tensor(q, "q", rank=3, dtype=FLOAT_DTYPES)
+    dev, dt = q.device, q.dtype
+    ntok, hq, d = q.shape
+    if d == 0 or d % 2:
+        raise ValueError(f"q head_dim must be even and positive, got {d}")
+    if dev.type == "cuda" and d not in CUDA_HEAD_DIMS:
+        raise ValueError(f"q head_dim {d} is not supported on CUDA (supported: {CUDA_HEAD_DIMS})")
+    check_heads_packed(q, "q")
+    for t, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+        check_tensor(t, name, rank=4, dtype=dt, device=dev, contiguous=True)
+        if t.shape[0] == 0 or t.shape[1] == 0 or t.shape[2] == 0 or t.shape[3] != d:
+            raise ValueError(f"{name} must have shape [num_pages > 0, page_size > 0, Hkv > 0, {d}], "
+                             f"got {tuple(t.shape)}")
+    check_shape(v_cache, "v_cache", k_cache.shape)
+    hkv = k_cache.shape[2]
+    if hq == 0 or hq % hkv:
+        raise ValueError(f"q heads ({hq}) must be a positive multiple of k_cache heads ({hkv})")
+    check_tensor(block_tables, "block_tables", rank=2, dtype=torch.int32, device=dev, contiguous=True)
+    nseq = block_tables.shape[0]
+    check_tensor(seq_lens, "seq_lens", rank=1, dtype=torch.int32, device=dev, contiguous=True)
+    check_shape(seq_lens, "seq_lens", (nseq,))
+    check_tensor(query_start_loc, "query_start_loc", rank=1, dtype=torch.int32, device=dev, contiguous=True)
+    check_shape(query_start_loc, "query_start_loc", (nseq + 1,))
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    for val, name in ((max_q_len, "max_q_len"), (max_seq_len, "max_seq_len")):
+        if not isinstance(val, int) or val < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {val!r}")
+    if out is None:
+        out = torch.empty((ntok, hq, d), dtype=dt, device=dev)
+    else:
+        check_tensor(out, "out", rank=3, dtype=dt, device=dev, contiguous=True)
+        check_shape(out, "out", q.shape)
+    torch.ops.tandem_rt.paged_attention(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                        float(scale), int(max_q_len), int(max_seq_len))
+    return out
+

@@ -1,0 +1,259 @@
+#!/usr/bin/env python
+"""Time the paged-KV-cache ops on the current device over realistic shapes.
+
+Every benchmark is a function in ``BENCHMARKS`` that yields result rows; add new ops (sampling,
+verification, ...) by writing another ``@benchmark`` function. Each row records the op's median
+time, the bytes it must move, the achieved GB/s next to the device-to-device copy bandwidth
+measured in the same run, and, where one exists, the time of an outside reference on the same
+shapes (``torch.nn.functional.scaled_dot_product_attention`` on contiguous K/V).
+
+    python tools/bench_kernels.py                 # CUDA if present, else CPU
+    python tools/bench_kernels.py --device cpu --quick --out runs/bench_kernels-cpu.json
+
+Timing: medians over repetitions after warm-up; CUDA events on the GPU, perf_counter on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tandem_rt.ops import paged_attention, rope_cache_write  # noqa: E402
+
+HQ, HKV, HEAD_DIM, PAGE_SIZE, ROPE_THETA = 32, 8, 128, 16, 10000.0
+
+
+@dataclass
+class Context:
+    device: torch.device
+    dtypes: list
+    batches: list
+    contexts: list
+    q_lens: list
+    min_time: float
+    copy_gbps: float = 0.0
+    last_min: float = 0.0
+    rows: list = field(default_factory=list)
+
+
+BENCHMARKS = []
+
+
+def benchmark(fn):
+    BENCHMARKS.append(fn)
+    return fn
+
+
+def time_fn(fn, ctx: Context) -> float:
+    """Median seconds per call (the minimum is kept in ctx.last_min: robust on a shared machine)."""
+    fn()
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        est = max(start.elapsed_time(end) / 1e3, 1e-6)
+        reps = int(min(200, max(5, ctx.min_time / est)))
+        times = []
+        for _ in range(reps):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        ctx.last_min = min(times)
+        return statistics.median(times)
+    times, total = [], 0.0
+    while (total < ctx.min_time or len(times) < 3) and len(times) < 200:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+        total += times[-1]
+    ctx.last_min = min(times)
+    return statistics.median(times)
+
+
+def measure_copy_bandwidth(ctx: Context) -> float:
+    """GB/s of a large device-to-device copy (bytes read + bytes written)."""
+    nbytes = (512 << 20) if ctx.device.type == "cuda" else (64 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=ctx.device).random_(0, 255)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), ctx)
+    return 2 * nbytes / t / 1e9
+
+
+def make_paged(batch, context, dtype, device, q_len, gen):
+    pages_per_seq = math.ceil(context / PAGE_SIZE)
+    num_pages = batch * pages_per_seq
+    k_cache = torch.randn(num_pages, PAGE_SIZE, HKV, HEAD_DIM, generator=gen).to(device=device, dtype=dtype)
+    v_cache = torch.randn(num_pages, PAGE_SIZE, HKV, HEAD_DIM, generator=gen).to(device=device, dtype=dtype)
+    block_tables = torch.randperm(num_pages, generator=gen).view(batch, pages_per_seq).int().to(device)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    qsl = (torch.arange(batch + 1, dtype=torch.int32) * q_len).to(device)
+    q = torch.randn(batch * q_len, HQ, HEAD_DIM, generator=gen).to(device=device, dtype=dtype)
+    return q, k_cache, v_cache, block_tables, seq_lens, qsl
+
+
+def contiguous_kv(k_cache, block_tables, batch, context):
+    """[B, Hkv, S, D] contiguous copy of the paged cache (what SDPA gets)."""
+    pages = k_cache[block_tables.long()]  # [B, pages, P, Hkv, D]
+    return pages.reshape(batch, -1, HKV, HEAD_DIM)[:, :context].transpose(1, 2).contiguous()
+
+
+def add_row(ctx, op, dtype, shape, seconds, nbytes, ref_seconds=None, ref_name=None, min_s=None, ref_min_s=None):
+    gbps = nbytes / seconds / 1e9
+    row = dict(op=op, dtype=str(dtype).replace("torch.", ""), **shape, time_us=seconds * 1e6, bytes=nbytes,
+               gbps=gbps, pct_copy=100 * gbps / ctx.copy_gbps if ctx.copy_gbps else None,
+               min_time_us=(min_s or ctx.last_min) * 1e6)
+    if ref_seconds is not None:
+        row.update(ref=ref_name, ref_time_us=ref_seconds * 1e6, ratio_vs_ref=seconds / ref_seconds,
+                   ref_min_time_us=ref_min_s * 1e6, min_ratio_vs_ref=min_s / ref_min_s)
+    ctx.rows.append(row)
+    return row
+
+
+@benchmark
+def bench_paged_attention(ctx: Context):
+    gen = torch.Generator().manual_seed(0)
+    for dtype in ctx.dtypes:
+        for batch in ctx.batches:
+            for context in ctx.contexts:
+                for q_len in ctx.q_lens:
+                    q, kc, vc, bt, sl, qsl = make_paged(batch, context, dtype, ctx.device, q_len, gen)
+                    out = torch.empty_like(q)
+                    scale = HEAD_DIM ** -0.5
+                    t = time_fn(lambda: paged_attention(q, kc, vc, bt, sl, qsl, scale, q_len, context, out=out), ctx)
+                    t_min = ctx.last_min
+                    kv_bytes = 2 * batch * context * HKV * HEAD_DIM * kc.element_size()
+                    nbytes = kv_bytes + 2 * q.numel() * q.element_size() + bt.numel() * 4
+                    k_ref, v_ref = contiguous_kv(kc, bt, batch, context), contiguous_kv(vc, bt, batch, context)
+                    q_ref = q.view(batch, q_len, HQ, HEAD_DIM).transpose(1, 2).contiguous()
+                    mask = None
+                    if q_len > 1:  # query t at position context - q_len + t (bottom-right causal)
+                        pos = context - q_len + torch.arange(q_len, device=ctx.device)
+                        mask = torch.arange(context, device=ctx.device)[None, :] <= pos[:, None]
+                    t_ref = time_fn(lambda: F.scaled_dot_product_attention(q_ref, k_ref, v_ref, attn_mask=mask,
+                                                                           scale=scale, enable_gqa=True), ctx)
+                    yield add_row(ctx, "paged_attention", dtype, dict(batch=batch, context=context, q_len=q_len),
+                                  t, nbytes, t_ref, "sdpa_contiguous", t_min, ctx.last_min)
+                    del q, kc, vc, k_ref, v_ref, q_ref
+
+
+@benchmark
+def bench_rope_cache_write(ctx: Context):
+    gen = torch.Generator().manual_seed(1)
+    for dtype in ctx.dtypes:
+        for batch in ctx.batches:
+            for q_len in ctx.q_lens:
+                n = batch * q_len
+                k = torch.randn(n, HKV, HEAD_DIM, generator=gen).to(ctx.device, dtype)
+                v = torch.randn(n, HKV, HEAD_DIM, generator=gen).to(ctx.device, dtype)
+                q = torch.randn(n, HQ, HEAD_DIM, generator=gen).to(ctx.device, dtype)
+                kc = torch.zeros(max(1, n // PAGE_SIZE + 1), PAGE_SIZE, HKV, HEAD_DIM, device=ctx.device, dtype=dtype)
+                vc = torch.zeros_like(kc)
+                pos = torch.arange(n, device=ctx.device) + 1000
+                slots = torch.arange(n, device=ctx.device)
+                t = time_fn(lambda: rope_cache_write(k, v, pos, slots, kc, vc, ROPE_THETA, q=q), ctx)
+                nbytes = (2 * (q.numel() + k.numel()) + 2 * v.numel() + k.numel()) * k.element_size()
+                yield add_row(ctx, "rope_cache_write", dtype, dict(batch=batch, context=0, q_len=q_len), t, nbytes)
+
+
+@benchmark
+def bench_copy_pages(ctx: Context):
+    """Copy-on-write of a few pages in every layer of two pools (e.g. 32 + 4 layers, K and V)."""
+    layers = 2 * (32 + 4)
+    num_pages = 64
+    for dtype in ctx.dtypes:
+        for pairs in (1, 16):
+            caches = [torch.zeros(num_pages, PAGE_SIZE, HKV, HEAD_DIM, device=ctx.device, dtype=dtype)
+                      for _ in range(layers)]
+            src = torch.arange(pairs, device=ctx.device, dtype=torch.int64)
+            dst = src + num_pages // 2
+            t = time_fn(lambda: torch.ops.tandem_rt.copy_pages(caches, src, dst), ctx)
+            page_bytes = PAGE_SIZE * HKV * HEAD_DIM * caches[0].element_size()
+            yield add_row(ctx, "copy_pages", dtype, dict(batch=pairs, context=layers, q_len=0), t,
+                          2 * pairs * layers * page_bytes)
+            del caches
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def print_row(row):
+    print(f"{row['op']:<17} {row['dtype']:<9} {row['batch']:>5} {row['context']:>7} {row['q_len']:>5} "
+          f"{row['time_us']:>11.1f} {row['gbps']:>8.2f} {fmt(row['pct_copy'], '>6.1f'):>6} "
+          f"{fmt(row.get('ref_time_us'), '>11.1f'):>11} {fmt(row.get('ratio_vs_ref'), '>6.2f'):>6} "
+          f"{row['min_time_us']:>11.1f} {fmt(row.get('ref_min_time_us'), '>11.1f'):>11} "
+          f"{fmt(row.get('min_ratio_vs_ref'), '>6.2f'):>6}", flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="a small shape set (CI smoke run)")
+    ap.add_argument("--only", nargs="*", help="benchmark names to run (e.g. paged_attention copy_pages)")
+    ap.add_argument("--out", help="JSON path (default runs/bench_kernels-<device>.json)")
+    ap.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads) for the op and the reference")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        dtypes, batches, contexts = [torch.bfloat16], [1, 4, 16, 64], [256, 1024, 4096, 16384]
+        if args.quick:
+            batches, contexts = [1, 16], [1024, 4096]
+        min_time = 0.05
+    else:
+        dtypes, batches, contexts = [torch.float32, torch.bfloat16], [1, 4, 16], [256, 1024, 4096]
+        if args.quick:
+            batches, contexts = [1, 4], [256, 1024]
+        min_time = 0.1 if args.quick else 0.3
+    ctx = Context(device, dtypes, batches, contexts, [1, 8], min_time)
+    ctx.copy_gbps = measure_copy_bandwidth(ctx)
+    print(f"device: {device_name(device)}; torch {torch.__version__}; copy bandwidth {ctx.copy_gbps:.1f} GB/s")
+    print(f"{'op':<17} {'dtype':<9} {'batch':>5} {'context':>7} {'q_len':>5} {'time_us':>11} {'GB/s':>8} "
+          f"{'%copy':>6} {'ref_us':>11} {'ratio':>6} {'min_us':>11} {'ref_min_us':>11} {'ratio':>6}")
+    print("(ratio = op time / reference time; median columns first, then minimum columns)")
+    for bench in BENCHMARKS:
+        name = bench.__name__.removeprefix("bench_")
+        if args.only and name not in args.only:
+            continue
+        for row in bench(ctx):
+            print_row(row)
+    out = Path(args.out or f"runs/bench_kernels-{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(device=device_name(device), torch=torch.__version__, quick=args.quick,
+                                   copy_gbps=ctx.copy_gbps, ratio="op time / reference time", rows=ctx.rows),
+                              indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
