@@ -111,19 +111,23 @@ def bench_hf(engine, prompts, max_new, repeats):
         V = engine.vocab_size
         p_dir = export_hf(model.primary, Path(tmp) / "primary", V)
         d_dir = export_hf(model.drafter, Path(tmp) / "drafter", V)
-        primary = transformers.AutoModelForCausalLM.from_pretrained(p_dir, dtype=engine.dtype).eval()
-        drafter = transformers.AutoModelForCausalLM.from_pretrained(d_dir, dtype=engine.dtype).eval()
+        dev = engine.device
+        primary = transformers.AutoModelForCausalLM.from_pretrained(p_dir, dtype=engine.dtype).to(dev).eval()
+        drafter = transformers.AutoModelForCausalLM.from_pretrained(d_dir, dtype=engine.dtype).to(dev).eval()
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         for name, kwargs in (("hf greedy", {}), ("hf assisted", {"assistant_model": drafter})):
             outs, wall = [], 0.0
             for prompt in prompts:
-                ids = torch.tensor([prompt])
+                ids = torch.tensor([prompt], device=dev)
                 with torch.no_grad():
                     primary.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, **kwargs)  # warm-up
                     best = float("inf")
                     for _ in range(repeats):
+                        sync()
                         t = time.perf_counter()
                         out = primary.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
                                                min_new_tokens=max_new, do_sample=False, **kwargs)
+                        sync()
                         best = min(best, time.perf_counter() - t)
                 wall += best
                 outs.append(out[0, len(prompt):].tolist())
@@ -138,9 +142,12 @@ def run_engine(engine, prompts, params, mode, gamma, repeats):
     engine.generate(prompts[:1], params.__class__(max_new_tokens=4, ignore_eos=True, n=params.n),
                     mode=mode, gamma=gamma)                                           # warm-up
     best, out = float("inf"), None
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         res = engine.generate(prompts, params, mode=mode, gamma=gamma)
+        sync()
         wall = time.perf_counter() - t
         if wall < best:
             best, out = wall, res
