@@ -175,7 +175,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cuda-graphs", action="store_true")
     ap.add_argument("--peer", choices=["hf"], default=None)
     ap.add_argument("--json", "--out", dest="json", default="bench_e2e.json", help="JSON report path")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from tandem_rt.engine import Engine, SamplingParams
 

@@ -57,7 +57,10 @@ def main(argv=None) -> int:
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--steps", type=int, default=10, help="steps timed for the host-overhead figure")
     ap.add_argument("--out", default="profile_step")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from tandem_rt.engine import Engine, SamplingParams, generation
 
