@@ -10,12 +10,12 @@ from tandem_rt.models import TandemModel
 
 
 def agreeing_tandem_model(seed=0, vocab_size=61, layer_scale=0.35, router=True, drafter=True,
-                          max_position_embeddings=256) -> TandemModel:
+                          max_position_embeddings=256, head_dim=None) -> TandemModel:
     """All three models share the embedding (tied LM heads) and final norm; their layers add
     random updates scaled by ``layer_scale`` to a residual stream dominated by the embedding, so
     next-token predictions overlap but differ. The secondary reads the primary through random
-    projections near the identity."""
-    kw = dict(max_position_embeddings=max_position_embeddings)
+    projections near the identity. ``head_dim`` (default 8) must be 32/64/128 for CUDA kernels."""
+    kw = dict(max_position_embeddings=max_position_embeddings, head_dim=head_dim)
     primary = tiny_model_config(vocab_size, hidden_size=32, layers=3, heads=4, kv_heads=2,
                                 intermediate_size=64, tie=True, bias=True, **kw)
     small = dict(hidden_size=32, layers=2, heads=4, kv_heads=1, intermediate_size=48, tie=True, **kw)

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     engine = Engine.from_pretrained(path, device=args.device, dtype=args.dtype, max_batch_size=args.batch)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, engine.vocab_size, (args.context,), generator=g).tolist() for _ in range(args.batch)]
-    params = SamplingParams(max_new_tokens=args.steps * (args.gamma + 1) + 4, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=(args.steps + 4) * (args.gamma + 1) + 4, ignore_eos=True)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {}
@@ -81,6 +81,7 @@ def main(argv=None) -> int:
         next(events)                       # admission: prefill and the first token
         for _ in range(2):                 # warm-up steps
             list(gen._step())
+            list(gen._retire())
         sync = (lambda: torch.cuda.synchronize()) if engine.device.type == "cuda" else (lambda: None)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
         with profile(activities=acts, record_shapes=False) as prof:
@@ -104,6 +105,7 @@ def main(argv=None) -> int:
             if not gen.active:
                 break
             list(gen._step())
+            list(gen._retire())
             steps += 1
         sync()
         wall = (time.perf_counter() - t) / max(steps, 1)
