@@ -4,6 +4,7 @@ from __future__ import annotations
 import lzma
 
 import pytest
+import torch
 
 from tandem_rt.train.tokenizer import EOS_ID, EOS_TOKEN, PAD_ID, encode_lines, iter_lines, load_tokenizer, train_bpe
 
