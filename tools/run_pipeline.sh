@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python}
 TORCHRUN=${TORCHRUN:-torchrun}
 RUNS=${RUNS:-runs}
-TOK=${STAGE_TOKENS:-400000}          # tokens per tandem / distillation stage
+TOK=${STAGE_TOKENS:-300000}          # tokens per tandem / distillation stage
 export PYTHONPATH=${PYTHONPATH:-$PWD} OMP_NUM_THREADS=1
 
 prep() {
@@ -19,7 +19,7 @@ prep() {
 pretrain() {
   $PY tools/pretrain.py --role secondary --tokens 800000 --batch-size 8 --seq-len 256 --lr 2e-3 --warmup 40 \
       --bf16 --threads 1 --ckpt-every 25 --data $RUNS/data --out $RUNS/secondary > $RUNS/secondary.log 2>&1 &
-  $TORCHRUN --standalone --nproc_per_node 2 tools/pretrain.py --role primary --tokens 1800000 --batch-size 4 \
+  $TORCHRUN --standalone --nproc_per_node 2 tools/pretrain.py --role primary --tokens 1300000 --batch-size 4 \
       --seq-len 256 --lr 1.5e-3 --warmup 40 --bf16 --threads 1 --ckpt-every 20 --device cpu \
       --data $RUNS/data --out $RUNS/primary > $RUNS/primary.log 2>&1
   wait
