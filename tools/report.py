@@ -125,6 +125,10 @@ def main() -> None:
         results["generations"] = gens
     if "spec" not in args.skip:
         spec = {}
+        reference = {}
+        for prompt in PROMPTS[:args.spec_prompts]:
+            ids = tok.encode(prompt).ids
+            reference[prompt] = greedy_generate(primary, ids, args.spec_tokens)
         for gamma in args.gammas:
             row = {}
             for label, kw in (("secondary-Distil", {"drafter": sec_distil}), ("Tandem-Distil", {"tandem": t_distil})):
@@ -133,7 +137,7 @@ def main() -> None:
                     ids = tok.encode(prompt).ids
                     r = speculative_greedy(primary, ids, args.spec_tokens, gamma, **kw)
                     acc += r["accepted"]
-                    same &= r["tokens"] == greedy_generate(primary, ids, args.spec_tokens)
+                    same &= r["tokens"] == reference[prompt]
                 row[label] = {"mean_accepted_drafts": float(np.mean(acc)),
                               "mean_tokens_per_block": float(np.mean(acc)) + 1.0, "blocks": len(acc),
                               "output_equals_primary_greedy": bool(same)}
