@@ -2,7 +2,7 @@
 // The torch ops themselves (torch.ops.tandem_rt.*) are registered by static
 // initialisers in csrc/ops/*.cpp (CPU) and csrc/cuda/*.cpp (CUDA) when this
 // library is loaded.
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>
 
 #include <string>
 

@@ -2,7 +2,7 @@
 // ValueError (c10::ValueError) whose message names the offending argument.
 #pragma once
 
-#include <torch/extension.h>
+#include "common/torch_headers.h"
 
 #include <string>
 

@@ -1,7 +1,7 @@
 // ATen dtype -> kernel dtype tag (CUDA glue only).
 #pragma once
 
-#include <torch/extension.h>
+#include "common/torch_headers.h"
 
 #include "kernels/kv_dtype.h"
 

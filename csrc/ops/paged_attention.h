@@ -1,7 +1,7 @@
 // Declarations shared by the paged_attention CPU op file and its CUDA glue.
 #pragma once
 
-#include <torch/extension.h>
+#include "common/torch_headers.h"
 
 namespace tandem_rt {
 

@@ -1,7 +1,7 @@
 // Declarations shared by the rope_cache_write CPU op file and its CUDA glue.
 #pragma once
 
-#include <torch/extension.h>
+#include "common/torch_headers.h"
 
 #include <optional>
 

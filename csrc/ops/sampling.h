@@ -1,7 +1,7 @@
 // Declarations shared by the sampling ops' CPU file and their CUDA glue.
 #pragma once
 
-#include <torch/extension.h>
+#include "common/torch_headers.h"
 
 #include <optional>
 

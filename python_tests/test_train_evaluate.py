@@ -1,0 +1,102 @@
+"""Table 1 metrics against an independent computation; export round trip."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_tandem_model
+from tandem_rt.checkpoint import load_checkpoint, save_checkpoint
+from tandem_rt.train.evaluate import evaluate_models, format_table
+from tandem_rt.train.export import assemble
+from tandem_rt.train.tandem import freeze
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny shapes: intra-op threads only add synchronisation cost on a loaded machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _metrics(logits, primary, targets):
+    ls = torch.log_softmax(logits.double(), -1)
+    lp = torch.log_softmax(primary.double(), -1)
+    return {"accuracy": (logits.argmax(-1) == targets).double().mean().item(),
+            "cross_entropy": -ls.gather(-1, targets[..., None]).mean().item(),
+            "relative_accuracy": (logits.argmax(-1) == primary.argmax(-1)).double().mean().item(),
+            "relative_tv": 0.5 * (ls.exp() - lp.exp()).abs().sum(-1).mean().item()}
+
+
+def test_evaluate_models_matches_direct_computation():
+    tandem = random_tandem_model(seed=5)
+    freeze(tandem.primary)
+    tokens = np.random.default_rng(0).integers(0, 97, 100).astype(np.uint16)
+    res = evaluate_models(tandem.primary, tokens, standalone={"drafter": tandem.drafter},
+                          tandems={"tandem": tandem}, seq_len=12, batch_size=3, block_length=2, progress=False)
+    ids = torch.from_numpy(tokens[:96].astype(np.int64)).view(8, 12)
+    with torch.no_grad():
+        out = tandem(ids, block_length=2)
+        drafter = tandem.drafter(ids)
+    p = out.primary_logits[:, :-1]
+    tgt = ids[:, 1:]
+    for name, logits in (("primary", p), ("drafter", drafter[:, :-1]), ("tandem", out.secondary_logits[:, :-1])):
+        exp = _metrics(logits, p, tgt)
+        for k, v in exp.items():
+            assert res[name][k] == pytest.approx(v, abs=1e-5), (name, k)
+        assert res[name]["positions"] == 8 * 11
+    assert res["primary"]["relative_accuracy"] == 1.0
+    assert res["_meta"]["tokens"] == 96
+    assert "| tandem |" in format_table(res)
+
+
+def test_assemble_and_checkpoint_round_trip(tmp_path):
+    tandem = random_tandem_model(seed=6, drafter=False, router=False)
+    donor = random_tandem_model(seed=7)
+    model = assemble(tandem, donor.drafter, donor.router, dtype="bfloat16")
+    save_checkpoint(model, tmp_path, dtype=torch.bfloat16)
+    back = load_checkpoint(tmp_path, dtype=torch.float32)
+    assert back.config.torch_dtype == "bfloat16"
+    for src, dst in ((tandem.primary, back.primary), (tandem.secondary, back.secondary), (tandem.tandem, back.tandem),
+                     (donor.drafter, back.drafter), (donor.router, back.router)):
+        for name, t in src.state_dict().items():
+            torch.testing.assert_close(dst.state_dict()[name], t.to(torch.bfloat16).float(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="router"):
+        bad = random_tandem_model(seed=1)
+        bad.router.config.embed_dim = 5
+        assemble(tandem, None, bad.router)
+
+
+@pytest.mark.parametrize("mode", ["drafter", "tandem"])
+def test_speculative_greedy_is_lossless(mode):
+    from tandem_rt.train.evaluate import greedy_generate, speculative_greedy
+
+    tandem = random_tandem_model(seed=8)
+    freeze(tandem.primary)
+    prompt = [5, 17, 3, 44, 9]
+    kw = {"drafter": tandem.drafter} if mode == "drafter" else {"tandem": tandem}
+    r = speculative_greedy(tandem.primary, prompt, 12, gamma=3, **kw)
+    assert r["tokens"] == greedy_generate(tandem.primary, prompt, 12)
+    assert all(0 <= a <= 3 for a in r["accepted"]) and sum(a + 1 for a in r["accepted"]) >= 12
+    # a drafter identical to the primary is always accepted
+    perfect = speculative_greedy(tandem.primary, prompt, 8, gamma=3, drafter=tandem.primary)
+    assert perfect["accepted"] == [3, 3]
+
+
+def test_tandem_drafts_use_primary_kv_of_committed_tokens():
+    """The first draft of speculative_greedy equals the Eq. (2) block forward at the boundary."""
+    from tandem_rt.train.evaluate import speculative_greedy
+
+    tandem = random_tandem_model(seed=9)
+    freeze(tandem.primary)
+    prompt = [5, 17, 3, 44, 9, 2]
+    r = speculative_greedy(tandem.primary, prompt, 1, gamma=1, tandem=tandem)
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        _, hidden = tandem.primary(ids, hidden_layers=tandem.layer_map)
+        b = torch.tensor([1, 2, 3, 4, 5, 5])  # the last prompt token is not yet processed by the primary
+        first = int(tandem.secondary_forward(ids, hidden, b)[0, -1].argmax())
+        p = tandem.primary(torch.tensor([prompt + [first]]))[0, -2:].argmax(-1).tolist()
+    assert r["accepted"] == [int(first == p[0])]
