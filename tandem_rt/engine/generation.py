@@ -440,10 +440,14 @@ class Generation:
         B = len(seqs)
         limits = [min(self.gamma, self.params.max_new_tokens - s.generated - 1) for s in seqs]
         firsts = [min(s.dlen, s.n - 1) for s in seqs]
-        self._prepare(seqs, firsts, [s.n + g for s, g in zip(seqs, limits)])
+        G = max(limits)
+        # every sequence gets slots for a full block of G drafts: the verify block is uniform
+        # ([B, G+1] rows, one CUDA graph per bucket) even when draft lengths are ragged; rows past a
+        # sequence's drafts hold padding tokens, are ignored by `verify` and rolled back below.
+        # (n + G stays inside the sequence's worst-case page reservation.)
+        self._prepare(seqs, firsts, [s.n + G for s in seqs])
         sids = [s.sid for s in seqs]
         bt = h2d(self.pm.block_table(sids), torch.int32, self.device)
-        G = max(limits)
         if G > 0:
             drafts, probs, lens = self._draft(seqs, limits, bt, want_probs=not self.greedy)
             G = max(lens)
@@ -454,7 +458,7 @@ class Generation:
             lens = [0] * B
         # verify block [tokens[n-1], drafts...] on the primary
         starts = [s.n - 1 for s in seqs]
-        ends = [s.n + g for s, g in zip(seqs, lens)]
+        ends = [s.n + G for s in seqs]
         meta = build_meta(self.pm, sids, starts, ends, starts, self.device, block_tables=bt)
         last = h2d([s.tokens[-1] for s in seqs], torch.int64, self.device)
         hidden_layers = e.layer_map if tandem else ()
@@ -462,13 +466,7 @@ class Generation:
             logits, hidden = e.run(e.primary, e.primary_cache, last, meta, hidden_layers=hidden_layers)
         else:
             block = torch.cat([last.unsqueeze(1), drafts], 1).reshape(-1)        # [B * (G+1)]
-            if meta.uniform_q_len:
-                ids = block
-            else:                                 # ragged draft lengths: gather the real rows
-                flat = h2d([b * (G + 1) + t for b in range(B) for t in range(lens[b] + 1)], torch.int64,
-                           self.device)
-                ids = block.index_select(0, flat)
-            logits, hidden = e.run(e.primary, e.primary_cache, ids, meta, hidden_layers=hidden_layers)
+            logits, hidden = e.run(e.primary, e.primary_cache, block, meta, hidden_layers=hidden_layers)
         if tandem:
             e.refresh(hidden, meta.positions, meta.slot_mapping, e.secondary_cache.k, e.secondary_cache.v)
         if G == 0:
@@ -477,11 +475,7 @@ class Generation:
             emitted = [[t] for t in toks.tolist()]             # the one host read
         else:
             V = logits.shape[-1]
-            if meta.uniform_q_len:               # every sequence drafted G tokens: rows are [B, G+1]
-                target = logits
-            else:
-                target = logits.new_zeros(B * (G + 1), V)
-                target.index_copy_(0, flat, logits)
+            target = logits                                   # rows are [B, G+1]
             temp, top_k, top_p = self._params(B)
             lens_t = h2d(lens, torch.int32, self.device)
             acc, em = ops.verify(drafts, lens_t, probs, target.view(B, G + 1, V), temp, top_k, top_p, self.rng)
