@@ -97,8 +97,9 @@ def measure_copy_bandwidth(ctx: Context) -> float:
 def make_paged(batch, context, dtype, device, q_len, gen):
     pages_per_seq = math.ceil(context / PAGE_SIZE)
     num_pages = batch * pages_per_seq
-    k_cache = torch.randn(num_pages, PAGE_SIZE, HKV, HEAD_DIM, generator=gen).to(device=device, dtype=dtype)
-    v_cache = torch.randn(num_pages, PAGE_SIZE, HKV, HEAD_DIM, generator=gen).to(device=device, dtype=dtype)
+    # generated on the device itself: a 64 x 16k context is gigabytes of K/V
+    k_cache = torch.randn(num_pages, PAGE_SIZE, HKV, HEAD_DIM, device=device, dtype=dtype)
+    v_cache = torch.randn(num_pages, PAGE_SIZE, HKV, HEAD_DIM, device=device, dtype=dtype)
     block_tables = torch.randperm(num_pages, generator=gen).view(batch, pages_per_seq).int().to(device)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     qsl = (torch.arange(batch + 1, dtype=torch.int32) * q_len).to(device)
