@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/device_check}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$PATH:${CUDA_HOME:-/usr/local/cuda}/bin" PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 t0=$(date +%s)
 stamp() { echo "== [$(( $(date +%s) - t0 ))s] $*" | tee -a "$OUT/summary.txt"; }
 status=0
@@ -37,12 +37,12 @@ grep -i "spill\|warning" "$OUT/build.log" | sort -u | head -20 > "$OUT/ptxas_war
 "$PY" -c "import tandem_rt, json; print(json.dumps(tandem_rt.build_info()))" | tee -a "$OUT/summary.txt"
 
 stamp "CUDA tests (ops and engine)"
-timeout 240 "$PY" -m pytest python_tests -q -p no:cacheprovider -k cuda > "$OUT/pytest_cuda.log" 2>&1 || status=1
+timeout 150 "$PY" -m pytest python_tests -q -p no:cacheprovider -k cuda > "$OUT/pytest_cuda.log" 2>&1 || status=1
 grep -E "FAILED|Error" "$OUT/pytest_cuda.log" | head -20
 tail -3 "$OUT/pytest_cuda.log" | tee -a "$OUT/summary.txt"
 
 stamp "kernel benchmarks"
-timeout 180 "$PY" tools/bench_kernels.py --device cuda --out "$OUT/bench_kernels.json" ${BENCH_ARGS:-} \
+timeout 120 "$PY" tools/bench_kernels.py --device cuda --out "$OUT/bench_kernels.json" ${BENCH_ARGS:-} \
   > "$OUT/bench_kernels.txt" 2>&1 || status=1
 cat "$OUT/bench_kernels.txt"
 
@@ -54,7 +54,7 @@ fi
 
 if [ "${SKIP_SANITIZER:-0}" != 1 ] && command -v compute-sanitizer > /dev/null; then
   stamp "compute-sanitizer memcheck on the kernel tests"
-  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 \
+  timeout 100 compute-sanitizer --tool memcheck --error-exitcode 3 \
     "$PY" -m pytest python_tests -q -x -p no:cacheprovider -k "cuda and op_" > "$OUT/memcheck.log" 2>&1 || status=1
   grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3 | tee -a "$OUT/summary.txt"
 fi
