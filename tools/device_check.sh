@@ -19,8 +19,8 @@ stamp() { echo "== [$(( $(date +%s) - t0 ))s] $*" | tee -a "$OUT/summary.txt"; }
 status=0
 
 stamp "device"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/device.txt"
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" | tee -a "$OUT/device.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee -a "$OUT/summary.txt"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" | tee -a "$OUT/summary.txt"
 
 stamp "build (plain CMake, TANDEM_RT_CUDA=ON)"
 cc=$("$PY" -c "import torch; p=torch.cuda.get_device_capability(0); print(f'{p[0]}{p[1]}' + ('a' if p[0] == 9 else ''))")
@@ -33,7 +33,7 @@ build="build/device-$("$PY" -c 'import sys, torch; print(f"py{sys.version_info[0
   cmake --build "$build" -j "$(nproc)" &&
   cp "$build"/_C*.so tandem_rt/ && cp "$build/_C_build.json" tandem_rt/
 } > "$OUT/build.log" 2>&1 || { stamp "BUILD FAILED (see build.log)"; tail -40 "$OUT/build.log"; exit 1; }
-grep -i "spill\|warning" "$OUT/build.log" | sort -u | head -20 > "$OUT/ptxas_warnings.txt"
+grep -i "spill\|warning" "$OUT/build.log" | sort -u | head -20 >> "$OUT/summary.txt"
 "$PY" -c "import tandem_rt, json; print(json.dumps(tandem_rt.build_info()))" | tee -a "$OUT/summary.txt"
 
 stamp "CUDA tests (ops and engine)"
@@ -45,6 +45,13 @@ stamp "kernel benchmarks"
 timeout 120 "$PY" tools/bench_kernels.py --device cuda --out "$OUT/bench_kernels.json" ${BENCH_ARGS:-} \
   > "$OUT/bench_kernels.txt" 2>&1 || status=1
 cat "$OUT/bench_kernels.txt"
+# A/B of the KV-split heuristic (CTA waves aimed for), same run, same card; appended to the table.
+for waves in ${PA_WAVES_AB:-2}; do
+  echo "-- TANDEM_RT_PA_WAVES=$waves" >> "$OUT/bench_kernels.txt"
+  TANDEM_RT_PA_WAVES=$waves timeout 60 "$PY" tools/bench_kernels.py --device cuda --only paged_attention \
+    --out "$OUT/.pa_waves.json" >> "$OUT/bench_kernels.txt" 2>&1 || status=1
+done
+rm -f "$OUT/.pa_waves.json"
 
 if [ "${SKIP_SUITE:-0}" != 1 ]; then
   stamp "whole test suite"
