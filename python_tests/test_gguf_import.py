@@ -2,10 +2,11 @@
 llama.cpp's converter) load to the logits of the source model and of transformers' GGUF loader."""
 from __future__ import annotations
 
-import gguf
 import numpy as np
 import pytest
 import torch
+
+gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
 
 from tiny_ecosystem_models import hf_logits, llama_cpp_permute, tiny_hf_model, write_llama_gguf
 from tandem_rt.gguf import gguf_model_config, load_gguf_model, unpermute_qk

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tandem_rt.ops import paged_attention, rope_cache_write  # noqa: E402
+from tandem_rt.ops import copy_pages, make_rng_state, paged_attention, rope_cache_write, sample, sampling_params, verify  # noqa: E402
 
 HQ, HKV, HEAD_DIM, PAGE_SIZE, ROPE_THETA = 32, 8, 128, 16, 10000.0
 
@@ -97,8 +97,9 @@ def measure_copy_bandwidth(ctx: Context) -> float:
 def make_paged(batch, context, dtype, device, q_len, gen):
     pages_per_seq = math.ceil(context / PAGE_SIZE)
     num_pages = batch * pages_per_seq
-    k_cache = torch.randn(num_pages, PAGE_SIZE, HKV, HEAD_DIM, generator=gen).to(device=device, dtype=dtype)
-    v_cache = torch.randn(num_pages, PAGE_SIZE, HKV, HEAD_DIM, generator=gen).to(device=device, dtype=dtype)
+    # generated on the device itself: a 64 x 16k context is gigabytes of K/V
+    k_cache = torch.randn(num_pages, PAGE_SIZE, HKV, HEAD_DIM, device=device, dtype=dtype)
+    v_cache = torch.randn(num_pages, PAGE_SIZE, HKV, HEAD_DIM, device=device, dtype=dtype)
     block_tables = torch.randperm(num_pages, generator=gen).view(batch, pages_per_seq).int().to(device)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     qsl = (torch.arange(batch + 1, dtype=torch.int32) * q_len).to(device)
@@ -181,11 +182,46 @@ def bench_copy_pages(ctx: Context):
                       for _ in range(layers)]
             src = torch.arange(pairs, device=ctx.device, dtype=torch.int64)
             dst = src + num_pages // 2
-            t = time_fn(lambda: torch.ops.tandem_rt.copy_pages(caches, src, dst), ctx)
+            t = time_fn(lambda: copy_pages(caches, src, dst), ctx)
             page_bytes = PAGE_SIZE * HKV * HEAD_DIM * caches[0].element_size()
             yield add_row(ctx, "copy_pages", dtype, dict(batch=pairs, context=layers, q_len=0), t,
                           2 * pairs * layers * page_bytes)
             del caches
+
+
+VOCAB, GAMMA = 32000, 5
+
+
+@benchmark
+def bench_sample(ctx: Context):
+    """Temperature + top-k + top-p sampling of one token per row from [B, V] logits."""
+    gen = torch.Generator().manual_seed(2)
+    rng = make_rng_state(0, ctx.device)
+    for dtype in ctx.dtypes:
+        for batch in ctx.batches:
+            logits = torch.randn(batch, VOCAB, generator=gen).mul_(3).to(ctx.device, dtype)
+            temp, top_k, top_p = sampling_params(batch, 0.8, 50, 0.9, device=ctx.device)
+            t = time_fn(lambda: sample(logits, temp, top_k, top_p, rng), ctx)
+            yield add_row(ctx, "sample", dtype, dict(batch=batch, context=VOCAB, q_len=1), t,
+                          logits.numel() * logits.element_size())
+
+
+@benchmark
+def bench_verify(ctx: Context):
+    """Speculative verification of γ drafts per row: greedy, and rejection sampling with draft probabilities."""
+    gen = torch.Generator().manual_seed(3)
+    rng = make_rng_state(0, ctx.device)
+    for dtype in ctx.dtypes:
+        for batch in ctx.batches:
+            target = torch.randn(batch, GAMMA + 1, VOCAB, generator=gen).mul_(3).to(ctx.device, dtype)
+            drafts = torch.randint(0, VOCAB, (batch, GAMMA), generator=gen).to(ctx.device)
+            lens = torch.full((batch,), GAMMA, dtype=torch.int32, device=ctx.device)
+            q = torch.softmax(torch.randn(batch, GAMMA, VOCAB, generator=gen), -1).to(ctx.device)
+            for mode, temperature, probs in (("greedy", 0.0, None), ("sampling", 1.0, q)):
+                temp, top_k, top_p = sampling_params(batch, temperature, 0, 1.0, device=ctx.device)
+                t = time_fn(lambda: verify(drafts, lens, probs, target, temp, top_k, top_p, rng), ctx)
+                nbytes = target.numel() * target.element_size() + (0 if probs is None else probs.numel() * 4)
+                yield add_row(ctx, f"verify_{mode}", dtype, dict(batch=batch, context=VOCAB, q_len=GAMMA + 1), t, nbytes)
 
 
 def device_name(device: torch.device) -> str:
