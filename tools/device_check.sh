@@ -61,14 +61,14 @@ fi
 
 if [ "${SKIP_SANITIZER:-0}" != 1 ] && command -v compute-sanitizer > /dev/null; then
   stamp "compute-sanitizer memcheck on the kernel tests"
-  timeout 100 compute-sanitizer --tool memcheck --error-exitcode 3 \
+  timeout 70 compute-sanitizer --tool memcheck --error-exitcode 3 \
     "$PY" -m pytest python_tests -q -x -p no:cacheprovider -k "cuda and op_" > "$OUT/memcheck.log" 2>&1 || status=1
   grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3 | tee -a "$OUT/summary.txt"
 fi
 
 if [ "${SKIP_E2E:-0}" != 1 ] && [ -f tools/bench_e2e.py ]; then
   stamp "end-to-end benchmark"
-  timeout 180 "$PY" tools/bench_e2e.py --device cuda --out "$OUT/bench_e2e.json" ${E2E_ARGS:-} \
+  timeout 120 "$PY" tools/bench_e2e.py --device cuda --out "$OUT/bench_e2e.json" ${E2E_ARGS:---dtype bfloat16 --cuda-graphs --max-new-tokens 128 --batch-sizes 1,4 --num-samples 1 --gammas 2,4,auto --repeats 2 --peer hf} \
     > "$OUT/bench_e2e.txt" 2>&1 || status=1
   tail -40 "$OUT/bench_e2e.txt"
 fi
