@@ -91,10 +91,12 @@ def _params():
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     for device in DEVICES:
         name = device if isinstance(device, str) else device.values[0]
+        marks = () if isinstance(device, str) else device.marks
         for i, d in enumerate(head_dims(name)):
             for j, dtype in enumerate(dtypes):
                 page_size = (8, 16, 32)[(i + j) % 3]
-                yield pytest.param(device, d, dtype, page_size, id=f"{name}-d{d}-{str(dtype)[6:]}-p{page_size}")
+                yield pytest.param(name, d, dtype, page_size, marks=marks,
+                                   id=f"{name}-d{d}-{str(dtype)[6:]}-p{page_size}")
 
 
 @pytest.mark.parametrize("device, head_dim, dtype, page_size", list(_params()))

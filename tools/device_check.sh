@@ -68,7 +68,7 @@ fi
 
 if [ "${SKIP_E2E:-0}" != 1 ] && [ -f tools/bench_e2e.py ]; then
   stamp "end-to-end benchmark"
-  timeout 120 "$PY" tools/bench_e2e.py --device cuda --out "$OUT/bench_e2e.json" ${E2E_ARGS:---dtype bfloat16 --cuda-graphs --max-new-tokens 128 --batch-sizes 1,4 --num-samples 1 --gammas 2,4,auto --repeats 2 --peer hf} \
+  timeout 120 "$PY" tools/bench_e2e.py --device cuda --out "$OUT/bench_e2e.json" ${E2E_ARGS:---dtype bfloat16 --cuda-graphs --max-new-tokens 128 --batch-sizes 1,4 --num-samples 1 --gammas 2,4 --repeats 2 --peer hf} \
     > "$OUT/bench_e2e.txt" 2>&1 || status=1
   tail -40 "$OUT/bench_e2e.txt"
 fi
