@@ -55,6 +55,15 @@ def random_tandem_model(seed=0, **kw):
     return model.eval()
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with one intra-op thread (tiny shapes: more threads only add synchronisation)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     random.seed(0)

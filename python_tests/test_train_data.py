@@ -11,13 +11,7 @@ from tandem_rt.train.data import WindowSampler, load_tokens, sequential_windows,
 from tandem_rt.train.tokenizer import EOS_TOKEN, train_bpe
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny shapes: intra-op threads only add synchronisation cost on a loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TEXT = ["The cat sat on the mat and looked at the little dog.",
         "A dog ran after the ball in the green garden.", EOS_TOKEN] * 30

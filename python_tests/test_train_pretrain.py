@@ -16,13 +16,7 @@ from tandem_rt.train.loop import TrainConfig, load_run_state, lr_at, train
 from tandem_rt.train.pretrain import CausalLMObjective, count_params, init_weights, preset_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny shapes: intra-op threads only add synchronisation cost on a loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pattern_tokens(n=4000, vocab=29):

@@ -12,13 +12,7 @@ from tandem_rt.train.router import router_batch, router_loss, simulate_threshold
 from tandem_rt.train.tandem import freeze
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny shapes: intra-op threads only add synchronisation cost on a loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_features_and_tv_labels_match_independent_computation():

@@ -18,13 +18,7 @@ from tandem_rt.train.pretrain import init_weights
 from tandem_rt.train.tandem import DistilObjective, TandemObjective, build_tandem, freeze
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny shapes: intra-op threads only add synchronisation cost on a loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rope(x, theta):

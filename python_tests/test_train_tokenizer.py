@@ -9,13 +9,7 @@ import torch
 from tandem_rt.train.tokenizer import EOS_ID, EOS_TOKEN, PAD_ID, encode_lines, iter_lines, load_tokenizer, train_bpe
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny shapes: intra-op threads only add synchronisation cost on a loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LINES = [
     "Once upon a time there was a little girl who lived in a wood.",

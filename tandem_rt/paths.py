@@ -13,12 +13,12 @@ def default_model_path() -> Path:
     return Path(__file__).resolve().parent / "bundled" / BUNDLED_NAME
 
 
-def default_data_dir() -> Path:
+def default_data_dir(must_exist: bool = True) -> Path:
     """Directory holding ``{train,val,test}.txt.xz``.
 
     ``$TANDEM_RT_DATA/gutenberg_kids`` when the variable is set (the shared data root), else the
-    first existing ``<ancestor>/shared/data/gutenberg_kids`` above the package. Raises ValueError
-    when none exists.
+    first existing ``<ancestor>/shared/data/gutenberg_kids`` above the package. When none exists:
+    ValueError, or with ``must_exist=False`` the conventional ``../shared/data/gutenberg_kids``.
     """
     env = os.environ.get("TANDEM_RT_DATA")
     if env:
@@ -28,5 +28,7 @@ def default_data_dir() -> Path:
         cand = ancestor / "shared" / "data" / CORPUS_NAME
         if cand.is_dir():
             return cand
+    if not must_exist:
+        return Path("..") / "shared" / "data" / CORPUS_NAME
     raise ValueError("corpus directory not found: set TANDEM_RT_DATA to the shared data root "
                      f"(the directory holding {CORPUS_NAME}/)")

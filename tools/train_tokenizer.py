@@ -13,15 +13,7 @@ from tandem_rt.train.tokenizer import iter_lines, train_bpe
 
 from tandem_rt.paths import default_data_dir
 
-
-def _default_data() -> str:
-    try:
-        return str(default_data_dir())
-    except ValueError:
-        return "../shared/data/gutenberg_kids"
-
-
-DEFAULT_DATA = _default_data()
+DEFAULT_DATA = str(default_data_dir(must_exist=False))
 
 
 def main() -> None:
