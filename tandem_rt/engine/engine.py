@@ -31,18 +31,16 @@ from tandem_rt.engine.params import SamplingParams
 from tandem_rt.engine.refresh import TandemRefresh
 from tandem_rt.engine.results import Result, StreamEvent
 from tandem_rt.models.tandem import TandemModel
+from tandem_rt.paths import default_model_path
 
 MODES = ("primary", "secondary", "speed", "tandem", "tandem-speed")
 MAX_GAMMA = 31          # a verify block holds gamma + 1 <= 32 queries per sequence (paged_attention)
 
 
 def _default_model_path() -> Optional[str]:
-    try:
-        from tandem_rt.paths import default_model_path
-    except ImportError:
-        return None
+    """The bundled checkpoint, when the installation has it."""
     path = default_model_path()
-    return str(path) if path is not None and Path(path).exists() else None
+    return str(path) if path.exists() else None
 
 
 class Engine:
