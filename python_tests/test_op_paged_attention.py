@@ -200,3 +200,11 @@ def test_cpu_head_dim_any_even_cuda_head_dim_checked():
             args[key] = torch.cat([args[key], args[key][..., :16]], -1).contiguous()
         with pytest.raises(ValueError, match="head_dim"):
             paged_attention(**args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_long_contexts(device, dtype):
+    """Contexts long enough for the CPU's GEMM path (rows x keys >= 4096), ragged, mixed with short ones."""
+    d = 64 if device == "cuda" else 32
+    run_and_check([700, 517, 40, 1100], [1, 8, 3, 32], 8, 2, d, 16, dtype, device)

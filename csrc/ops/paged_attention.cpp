@@ -264,6 +264,40 @@ CpuKernels pick_cpu_kernels() {
   return {&attend_chunk_base, &bf16_rows_base};
 }
 
+// Verify blocks over long contexts: gather the sequence's K/V rows of one KV head into contiguous fp32 matrices and
+// let torch's GEMM do Q K^T and P V (one pass of softmax in between). Beats per-key dot products
+// once rows x keys is large; the gather is one extra pass over K/V that stays in cache per head.
+constexpr int64_t kGemmMinWork = 4096;  // rows x keys from which the GEMM path is used (q_len > 1 only:
+                                        // for decode the gather costs more than the GEMM saves, measured)
+
+template <typename T>
+void attend_gemm(const float* qf, int M, int64_t d, int64_t seq, const int* limit, const T* kc, const T* vc,
+                 const int32_t* bt_row, int64_t page_size, int64_t hkv, int64_t h, float* acc, float* lrow) {
+  // qf: [M, d] scaled queries; limit: [M] exclusive key bound; bt_row: [max_pages];
+  // acc: [M, d] receives the normalised output; lrow: [M] set to 1 (acc is already normalised).
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor K = at::empty({seq, d}, opts), V = at::empty({seq, d}, opts);
+  float* kd = K.data_ptr<float>();
+  float* vd = V.data_ptr<float>();
+  for (int64_t key = 0; key < seq; ++key) {
+    const int64_t page = bt_row[key / page_size];
+    const int64_t base = ((page * page_size + key % page_size) * hkv + h) * d;
+    for (int64_t e = 0; e < d; ++e) kd[key * d + e] = static_cast<float>(kc[base + e]);
+    for (int64_t e = 0; e < d; ++e) vd[key * d + e] = static_cast<float>(vc[base + e]);
+  }
+  const at::Tensor Q = at::from_blob(const_cast<float*>(qf), {M, d}, opts);
+  at::Tensor S = at::mm(Q, K.t());  // [M, seq], scores (queries are pre-scaled)
+  float* sd = S.data_ptr<float>();
+  for (int m = 0; m < M; ++m) {
+    float* row = sd + m * seq;
+    for (int64_t j = limit[m]; j < seq; ++j) row[j] = -std::numeric_limits<float>::infinity();
+  }
+  const at::Tensor P = at::softmax(S, 1);
+  at::Tensor O = at::from_blob(acc, {M, d}, opts);
+  at::mm_out(O, P, V);
+  for (int m = 0; m < M; ++m) lrow[m] = 1.f;
+}
+
 template <typename T>
 void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
@@ -312,7 +346,13 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
           limit[row] = static_cast<int>(seq - q_len + t + 1);
         }
       }
-      for (int64_t c0 = 0; c0 < seq; c0 += kChunk) {
+      const bool gemm = q_len > 1 && static_cast<int64_t>(M) * seq >= kGemmMinWork;
+      if (gemm) {
+        lrow.resize(M);
+        attend_gemm<T>(qf.data(), M, d, seq, limit.data(), kc, vc, bt + b * max_pages, page_size, hkv, h,
+                       acc.data(), lrow.data());
+      }
+      for (int64_t c0 = 0; !gemm && c0 < seq; c0 += kChunk) {
         const int n = static_cast<int>(std::min<int64_t>(kChunk, seq - c0));
         auto row_base = [&](int64_t key) {
           const int64_t page = bt[b * max_pages + key / page_size];
