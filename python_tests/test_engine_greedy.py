@@ -64,3 +64,26 @@ def test_greedy_stop_tokens():
         assert [o.token_ids for o in out] == expect, mode
         assert out[0].finish_reason == "stop" and out[0].token_ids[-1] == stop
     assert engine.num_free_pages == engine.page_manager.num_pages
+
+
+@pytest.mark.parametrize("dense_prefill, chunk, max_prefill_tokens", [(False, 7, 8192), (True, 32, 50),
+                                                                      (True, 32, 8192)])
+def test_prefill_paths_equal_reference(dense_prefill, chunk, max_prefill_tokens):
+    """Prompts longer than one paged chunk: chunked paged prefill and dense prefill (grouped by the
+    row budget, or all in one forward) all continue exactly like the reference greedy loop."""
+    model = agreeing_tandem_model(seed=4, layer_scale=0.35)
+    engine = Engine(model, num_pages=128, page_size=8, max_batch_size=3, dense_prefill=dense_prefill,
+                    prefill_chunk=chunk, max_prefill_tokens=max_prefill_tokens)
+    prompts = random_prompts(4, model.config.primary.vocab_size, [70, 3, 41])
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    for mode in ("primary", "tandem-speed"):
+        out = engine.generate(prompts, params, mode=mode, gamma=3)
+        assert [o.token_ids for o in out] == [reference_greedy(model, p, 8) for p in prompts], mode
+    assert engine.num_free_pages == engine.page_manager.num_pages
+
+
+@pytest.mark.parametrize("kwargs, match", [({"dense_prefill": "yes"}, "dense_prefill"),
+                                           ({"max_prefill_tokens": 0}, "max_prefill_tokens")])
+def test_prefill_options_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Engine(agreeing_tandem_model(seed=0), num_pages=8, **kwargs)

@@ -33,13 +33,13 @@ class Harness:
         self.e = Engine(model, num_pages=64, page_size=page_size, max_batch_size=4)
         self.pm = self.e.page_manager
 
-    def primary(self, sids, seqs, starts, refresh=True):
+    def primary(self, sids, seqs, starts, refresh=True, dense=False):
         """Primary rows [starts[b], len(seqs[b])) of every sequence (writes); refresh the secondary."""
         e = self.e
         ends = [len(s) for s in seqs]
         for sid, a, b in zip(sids, starts, ends):
             assert not self.pm.prepare_write(sid, a, b)
-        meta = build_meta(self.pm, sids, starts, ends, starts, "cpu")
+        meta = build_meta(self.pm, sids, starts, ends, starts, "cpu", dense=dense)
         ids = torch.tensor([t for s, a in zip(seqs, starts) for t in s[a:]])
         logits, hidden = e.primary.forward(ids, meta, e.primary_cache.k, e.primary_cache.v,
                                            hidden_layers=e.layer_map)
@@ -152,3 +152,44 @@ def test_secondary_refresh_overwrites_draft_entries():
     h.primary([0], [toks[:10]], [6])
     logits = h.secondary([0], [toks[:11]], [10], [10])
     torch.testing.assert_close(logits[0], ref_secondary(model, toks[:11], 10)[10], atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("page_size", [8, 32])
+def test_dense_prefill_matches_reference(page_size):
+    """Whole prompts (ragged, longer than paged_attention's 32 query rows) in one dense forward:
+    every row's logits equal the reference, and the pools it wrote serve later paged decode and
+    secondary steps exactly as the reference says."""
+    model = random_tandem_model(seed=11 + page_size)
+    h = Harness(model, page_size)
+    g = torch.Generator().manual_seed(page_size)
+    V = model.config.primary.vocab_size
+    rnd = lambda n: torch.randint(0, V, (n,), generator=g).tolist()  # noqa: E731
+    seqs = [rnd(45), rnd(1), rnd(70)]
+    sids = [0, 1, 2]
+    for sid in sids:
+        h.pm.add_sequence(sid)
+    tol = dict(atol=2e-4, rtol=2e-4)
+    logits, _ = h.primary(sids, seqs, [0, 0, 0], dense=True)
+    for b, got in enumerate(split(logits, seqs, [0, 0, 0])):
+        torch.testing.assert_close(got, ref_primary(model, seqs[b])[0], **tol)
+    plen = [len(s) for s in seqs]
+    # the secondary reads the refreshed (primary-derived) entries the dense prefill wrote
+    seqs = [s + rnd(1) for s in seqs]
+    starts = [len(s) - 1 for s in seqs]
+    logits = h.secondary(sids, seqs, starts, starts)
+    for b, got in enumerate(split(logits, seqs, starts)):
+        torch.testing.assert_close(got, ref_secondary(model, seqs[b], plen[b])[starts[b]:], **tol)
+    # paged decode on the primary over the dense-prefilled pool
+    logits, _ = h.primary(sids, seqs, starts)
+    for b, got in enumerate(split(logits, seqs, starts)):
+        torch.testing.assert_close(got, ref_primary(model, seqs[b])[0][starts[b]:], **tol)
+    h.pm.check_invariants()
+
+
+def test_dense_prefill_needs_position_zero():
+    model = random_tandem_model(seed=3)
+    h = Harness(model, 8)
+    h.pm.add_sequence(0)
+    assert not h.pm.prepare_write(0, 0, 10)
+    with pytest.raises(ValueError, match="dense prefill"):
+        build_meta(h.pm, [0], [4], [10], [4], "cpu", dense=True)

@@ -26,6 +26,7 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the training objective")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--seed", type=int, default=0)
@@ -35,7 +36,7 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
 
 def train_config(args) -> TrainConfig:
     return TrainConfig(total_tokens=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                       warmup_steps=args.warmup, autocast_bf16=args.bf16, ckpt_every=args.ckpt_every,
+                       warmup_steps=args.warmup, autocast_bf16=args.bf16, compile=args.compile, ckpt_every=args.ckpt_every,
                        seed=args.seed)
 
 

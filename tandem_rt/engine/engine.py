@@ -55,23 +55,31 @@ class Engine:
         kv_cache_memory: bytes for the K/V pools of all models (alternative to ``num_pages``).
         num_pages: pages in the pool (default: ``max_batch_size`` full-context sequences).
         page_size: token positions per page.
-        prefill_chunk: prompt rows per sequence per prefill forward (1..32).
+        prefill_chunk: prompt rows per sequence per prefill forward (1..32) when ``dense_prefill``
+            is off (prompts then go through ``paged_attention`` in chunks).
+        dense_prefill: process whole prompts in one forward with dense causal attention (torch
+            SDPA over the prompt's own rows; their K/V are still written to the pools).
+        max_prefill_tokens: prompt rows per dense prefill forward (prompts are grouped up to this
+            many rows; a longer prompt runs alone).
         use_cuda_graphs: capture and replay the decode / verify steps on CUDA (see ``cuda_graphs.py``).
     """
 
     def __init__(self, model: TandemModel, tokenizer=None, *, device=None, dtype=None, max_batch_size: int = 8,
                  kv_cache_memory: Optional[int] = None, num_pages: Optional[int] = None, page_size: int = 16,
-                 prefill_chunk: int = 32, use_cuda_graphs: bool = False):
+                 prefill_chunk: int = 32, use_cuda_graphs: bool = False, dense_prefill: bool = True,
+                 max_prefill_tokens: int = 8192):
         from tandem_rt.paged import KVCache, PageManager, pages_for_memory
 
         if not isinstance(model, TandemModel):
             raise ValueError(f"model must be a TandemModel, got {type(model).__name__}")
         for name, v, lo in (("max_batch_size", max_batch_size, 1), ("page_size", page_size, 1),
-                            ("prefill_chunk", prefill_chunk, 1)):
+                            ("prefill_chunk", prefill_chunk, 1), ("max_prefill_tokens", max_prefill_tokens, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if prefill_chunk > 32:
             raise ValueError(f"prefill_chunk must be at most 32 (paged_attention's query rows), got {prefill_chunk}")
+        if not isinstance(dense_prefill, bool):
+            raise ValueError(f"dense_prefill must be True or False, got {dense_prefill!r}")
         if num_pages is not None and kv_cache_memory is not None:
             raise ValueError("give num_pages or kv_cache_memory, not both")
         param = next(model.parameters())
@@ -89,6 +97,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk
+        self.dense_prefill = dense_prefill
+        self.max_prefill_tokens = max_prefill_tokens
         cfg = model.config
         self.vocab_size = cfg.primary.vocab_size
         self.layer_map = list(model.layer_map)

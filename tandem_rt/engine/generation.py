@@ -316,10 +316,12 @@ class Generation:
             r.logits = row
 
     def _chunked(self, model, cache, reqs, refresh: bool) -> list:
-        """Prompt forward in chunks of ``engine.prefill_chunk`` rows per sequence -> last-row logits."""
+        """Prompt forward -> last-row logits per request: whole prompts with dense attention
+        (``engine.dense_prefill``), else chunks of ``engine.prefill_chunk`` rows per sequence."""
+        if self.e.dense_prefill:
+            return self._dense(model, cache, reqs, refresh)
         C = self.e.prefill_chunk
         out = [None] * len(reqs)
-        hidden_layers = self.e.layer_map if refresh else ()
         start = 0
         while True:
             idx = [i for i, r in enumerate(reqs) if len(r.prompt) > start]
@@ -329,17 +331,43 @@ class Generation:
             ends = [min(len(r.prompt), start + C) for r in sub]
             meta = build_meta(self.pm, [r.sid for r in sub], [start] * len(sub), ends, [start] * len(sub),
                               self.device)
-            ids = h2d([t for r, e_ in zip(sub, ends) for t in r.prompt[start:e_]], torch.int64, self.device)
-            logits, hidden = model.forward(ids, meta, cache.k, cache.v, logits_rows=meta.last_rows,
-                                           hidden_layers=hidden_layers)
-            if refresh:
-                self.e.refresh(hidden, meta.positions, meta.slot_mapping,
-                               self.e.secondary_cache.k, self.e.secondary_cache.v)
+            logits = self._prompt_forward(model, cache, meta, [r.prompt[start:e_] for r, e_ in zip(sub, ends)],
+                                          refresh)
             for j, i in enumerate(idx):
                 if ends[j] == len(reqs[i].prompt):
                     out[i] = logits[j]
             start += C
         return out
+
+    def _dense(self, model, cache, reqs, refresh: bool) -> list:
+        """Whole prompts, grouped up to ``engine.max_prefill_tokens`` rows per forward."""
+        out, group, rows = [], [], 0
+
+        def flush():
+            meta = build_meta(self.pm, [r.sid for r in group], [0] * len(group), [len(r.prompt) for r in group],
+                              [0] * len(group), self.device, dense=True)
+            out.extend(self._prompt_forward(model, cache, meta, [r.prompt for r in group], refresh))
+
+        for r in reqs:
+            if group and rows + len(r.prompt) > self.e.max_prefill_tokens:
+                flush()
+                group, rows = [], 0
+            group.append(r)
+            rows += len(r.prompt)
+        if group:
+            flush()
+        return out
+
+    def _prompt_forward(self, model, cache, meta, chunks: list, refresh: bool):
+        """One prefill forward over ``chunks`` (token lists, one per sequence of ``meta``) ->
+        last-row logits ``[B, V]``; writes the pools and, with ``refresh``, the tandem refresh."""
+        ids = h2d([t for c in chunks for t in c], torch.int64, self.device)
+        logits, hidden = model.forward(ids, meta, cache.k, cache.v, logits_rows=meta.last_rows,
+                                       hidden_layers=self.e.layer_map if refresh else ())
+        if refresh:
+            self.e.refresh(hidden, meta.positions, meta.slot_mapping, self.e.secondary_cache.k,
+                           self.e.secondary_cache.v)
+        return logits
 
     # ------------------------------------------------------------------ iterations
     def _step(self) -> Iterator[StreamEvent]:

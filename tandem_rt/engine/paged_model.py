@@ -10,6 +10,11 @@ A forward processes a *ragged batch of query rows*: sequence ``b`` contributes t
 (the last ``q_len_b`` positions of its ``seq_lens[b]``), causal inside the rows, attending to the
 pool entries of all earlier positions. ``slot_mapping[r] = -1`` runs a row as a query only, without
 writing its K/V (used when the pool already holds a primary-derived entry for that position).
+
+Prompt prefill from position 0 (``meta.dense``) still writes every row's K/V into the pool but
+computes attention densely: each sequence's rows attend causally to themselves only
+(``dense_causal_attention``, torch SDPA), so a whole prompt of any length is one forward instead
+of chunks of at most 32 rows (``paged_attention``'s query limit).
 """
 from __future__ import annotations
 
@@ -38,6 +43,9 @@ class ForwardMeta:
         last_rows: int64 ``[B]`` index of each sequence's last row (for next-token logits).
         uniform_q_len: rows per sequence when every sequence has the same number, else 0
             (uniform layouts can replay a captured CUDA graph).
+        row_splits: host list of the ``B + 1`` row offsets (``query_start_loc`` on the host).
+        dense: every sequence's rows are its positions ``0 .. q_len - 1`` (a prompt with no cached
+            prefix): attention runs densely over the rows (see ``dense_causal_attention``).
     """
 
     positions: torch.Tensor
@@ -49,6 +57,8 @@ class ForwardMeta:
     max_seq_len: int
     last_rows: torch.Tensor
     uniform_q_len: int = 0
+    row_splits: tuple = ()
+    dense: bool = False
 
     @property
     def num_rows(self) -> int:
@@ -69,13 +79,17 @@ def h2d(values, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def build_meta(page_manager, seq_ids: Sequence, starts: Sequence[int], ends: Sequence[int],
-               write_from: Sequence[int], device, block_tables: Optional[torch.Tensor] = None) -> ForwardMeta:
+               write_from: Sequence[int], device, block_tables: Optional[torch.Tensor] = None,
+               dense: bool = False) -> ForwardMeta:
     """Host-side construction of :class:`ForwardMeta` (one host->device copy per tensor).
 
     Sequence ``seq_ids[b]`` queries positions ``[starts[b], ends[b])`` and writes K/V only for
     positions ``>= write_from[b]`` (the others must already be in the pool). Every written slot
-    must have been made writable with ``page_manager.prepare_write`` first.
+    must have been made writable with ``page_manager.prepare_write`` first. ``dense=True`` (prompt
+    prefill) needs ``starts`` and ``write_from`` all 0 and lifts the 32-row limit per sequence.
     """
+    if dense and (any(s != 0 for s in starts) or any(w != 0 for w in write_from)):
+        raise ValueError("dense prefill needs every sequence to start (and write) at position 0")
     positions: list[int] = []
     slots: list[int] = []
     qsl = [0]
@@ -103,7 +117,31 @@ def build_meta(page_manager, seq_ids: Sequence, starts: Sequence[int], ends: Seq
     B = len(ends_l)
     return ForwardMeta(positions=packed[:T], slot_mapping=packed[T:2 * T], block_tables=block_tables,
                        seq_lens=small[:B], query_start_loc=small[B:], max_q_len=max_q,
-                       max_seq_len=max(ends_l), last_rows=packed[2 * T:], uniform_q_len=uniform)
+                       max_seq_len=max(ends_l), last_rows=packed[2 * T:], uniform_q_len=uniform,
+                       row_splits=tuple(qsl), dense=dense)
+
+
+def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_splits: Sequence[int],
+                           scale: float) -> torch.Tensor:
+    """Causal self-attention of each sequence's rows over its own rows (prefill from position 0).
+
+    Args:
+        q: ``[T, Hq, D]`` rotated queries (may be a row-strided view), float32/bf16/fp16.
+        k, v: ``[T, Hkv, D]`` rotated keys and values of the same rows (``Hq % Hkv == 0``).
+        row_splits: host ints, the ``B + 1`` row offsets of the sequences.
+        scale: softmax scale.
+    Returns:
+        ``[T, Hq, D]`` contiguous, dtype of ``q``.
+    """
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    gqa = q.shape[1] != k.shape[1]
+    for s, e in zip(row_splits[:-1], row_splits[1:]):
+        if e > s:
+            o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
+                                               v[s:e].transpose(0, 1), is_causal=True, scale=scale,
+                                               enable_gqa=gqa)
+            out[s:e] = o.transpose(0, 1)
+    return out
 
 
 class PagedLlama:
@@ -163,8 +201,11 @@ class PagedLlama:
             v = qkv[:, qs + kvs:].view(T, Hkv, D)
             ops.rope_cache_write(k, v, meta.positions, meta.slot_mapping, k_cache[i], v_cache[i],
                                  cfg.rope_theta, q=q)
-            attn = ops.paged_attention(q, k_cache[i], v_cache[i], meta.block_tables, meta.seq_lens,
-                                       meta.query_start_loc, self.scale, meta.max_q_len, meta.max_seq_len)
+            if meta.dense:
+                attn = dense_causal_attention(q, k, v, meta.row_splits, self.scale)
+            else:
+                attn = ops.paged_attention(q, k_cache[i], v_cache[i], meta.block_tables, meta.seq_lens,
+                                           meta.query_start_loc, self.scale, meta.max_q_len, meta.max_seq_len)
             x = x + layer.self_attn.o_proj(attn.reshape(T, qs))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             if i + 1 in wanted:
