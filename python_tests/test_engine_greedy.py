@@ -87,3 +87,33 @@ def test_prefill_paths_equal_reference(dense_prefill, chunk, max_prefill_tokens)
 def test_prefill_options_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Engine(agreeing_tandem_model(seed=0), num_pages=8, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["speed", "tandem-speed", "tandem"])
+def test_router_lag_drafts_the_same_blocks(mode):
+    """gamma="auto" with the router's decisions read one draft step late (the CUDA default) drafts
+    exactly the blocks of the immediate read: same tokens, same drafted / accepted counts; only
+    the secondary runs one extra (dropped) step per router stop."""
+    model = agreeing_tandem_model(seed=5, layer_scale=0.35)
+    model.router.config.threshold = 0.5
+    prompts = random_prompts(5, model.config.primary.vocab_size, [3, 17, 9])
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    out = {}
+    for lag in (False, True):
+        engine = Engine(model, num_pages=128, page_size=8, max_batch_size=3)
+        engine.router_lag = lag
+        out[lag] = engine.generate(prompts, params, mode=mode, gamma="auto")
+        assert engine.num_free_pages == engine.page_manager.num_pages
+    gamma_max = model.router.config.gamma_max
+    blocks = sum(r.stats["blocks"] for r in out[False]) if mode != "tandem" else None
+    for a, b in zip(out[False], out[True]):
+        assert a.token_ids == b.token_ids
+        for key in ("drafted_tokens", "accepted_tokens", "accepted_per_block", "primary_runs"):
+            assert a.stats[key] == b.stats[key], key
+        assert a.stats["secondary_runs"] <= b.stats["secondary_runs"]
+    # the lagged path really ran (its dropped steps show up as extra secondary runs)
+    assert sum(r.stats["secondary_runs"] for r in out[True]) > sum(r.stats["secondary_runs"] for r in out[False])
+    if mode != "tandem":
+        # the router really cut blocks short (otherwise this test would not exercise it)
+        assert sum(r.stats["drafted_tokens"] for r in out[False]) < blocks * gamma_max
+        assert [r.token_ids for r in out[False]] == [reference_greedy(model, p, 24) for p in prompts]

@@ -99,6 +99,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.dense_prefill = dense_prefill
         self.max_prefill_tokens = max_prefill_tokens
+        self.router_lag = None    # gamma="auto" reads router decisions a step late: None = on CUDA only
         cfg = model.config
         self.vocab_size = cfg.primary.vocab_size
         self.layer_map = list(model.layer_map)

@@ -89,6 +89,9 @@ class Generation:
         router_cfg = engine.model.router.config if self.auto else None
         self.gamma = router_cfg.gamma_max if self.auto else int(gamma)
         self.threshold = router_cfg.threshold if self.auto else None
+        # gamma="auto": read the router's stop decision one draft step late (see _draft) on CUDA,
+        # where the host read would otherwise stall the queue every step
+        self.router_lag = engine.router_lag if engine.router_lag is not None else engine.device.type == "cuda"
         self.free_token = free_token
         self.device = engine.device
         self.pm = engine.page_manager
@@ -418,6 +421,7 @@ class Generation:
         act = [b for b in range(B) if limits[b] > 0]
         k = 0
         model, cache = self.dmodel, self.dpool
+        pending = None   # (rows, device bool [rows]): the router's continue decisions not yet read
         while act:
             sub = [seqs[b] for b in act]
             sids = [s.sid for s in sub]
@@ -446,18 +450,32 @@ class Generation:
                 drafts[idx, k] = tok
                 if pr is not None:
                     probs[idx, k] = pr
-            for s, b, w, en in zip(sub, act, write, ends):
-                lens[b] += 1
+            for s, w, en in zip(sub, write, ends):
                 s.stats["secondary_runs"] += 1
-                s.dlen = max(s.dlen, en)
+                s.dlen = max(s.dlen, en)      # (this step's K/V row is a kept draft's even if its output is not)
+            # Lagged router read: the decision after step k-1 is read only now, with step k already
+            # queued, so the device never idles on the host; a sequence told to stop has run one
+            # step too many and that step's draft is dropped (lens not counted).
+            stopped = set()
+            if pending is not None:
+                stopped = {b for b, c in zip(pending[0], pending[1].tolist()) if not c}
+                pending = None
+            kept = [b for b in act if b not in stopped]
+            for b in kept:
+                lens[b] += 1
             k += 1
-            nxt = [j for j, b in enumerate(act) if lens[b] < limits[b]]
+            nxt = [b for b in kept if lens[b] < limits[b]]
             if self.auto and nxt:
                 feats = router_features(logits, model.model.model.embed_tokens.weight, self.e.router_top_k)
-                tv = self.e.model.router(feats)
-                cont = ((1.0 - tv) >= self.threshold).tolist()     # the router's stop decision
-                nxt = [j for j in nxt if cont[j]]
-            act = [act[j] for j in nxt]
+                cont = (1.0 - self.e.model.router(feats)) >= self.threshold     # device [len(act)]
+                if self.router_lag:
+                    rows = {b: j for j, b in enumerate(act)}
+                    pending = (nxt, cont[h2d([rows[b] for b in nxt], torch.int64, self.device)]
+                               if len(nxt) < len(act) else cont)
+                else:
+                    go = cont.tolist()                                         # the router's stop decision
+                    nxt = [b for b in nxt if go[act.index(b)]]
+            act = nxt
         for s, n_ in zip(seqs, lens):
             s.stats["drafted_tokens"] += n_
         return drafts, probs, lens
