@@ -41,17 +41,11 @@ def tiny_tandem_config(vocab_size=97, drafter=True, router=True, dtype="float32"
 def random_tandem_model(seed=0, **kw):
     """A TandemModel with random weights (std large enough for non-trivial attention)."""
     from tandem_rt.models import TandemModel
+    from tandem_rt.models.random_init import randomize_
 
     torch.manual_seed(seed)
     model = TandemModel(tiny_tandem_config(**kw))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.2)
-            elif "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.1)
+    randomize_(model, 0.2, norm_range=(0.5, 1.5), vector_std=0.1)
     return model.eval()
 
 

@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_model_config
 from tandem_rt.config import RouterConfig, TandemConfig
 from tandem_rt.models import TandemModel
+from tandem_rt.models.random_init import make_agreeing_, randomize_
 
 
 def agreeing_tandem_model(seed=0, vocab_size=61, layer_scale=0.35, router=True, drafter=True,
@@ -26,26 +27,9 @@ def agreeing_tandem_model(seed=0, vocab_size=61, layer_scale=0.35, router=True, 
                        torch_dtype="float32")
     torch.manual_seed(seed)
     model = TandemModel(cfg)
+    randomize_(model, 0.3, norm_range=(0.8, 1.2), vector_std=0.1)
+    make_agreeing_(model, layer_scale, share_norm=True, proj_noise=0.1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.3)
-            elif "norm" in name:
-                p.uniform_(0.8, 1.2)
-            else:
-                p.normal_(0.0, 0.1)
-        emb = model.primary.model.embed_tokens.weight
-        emb.normal_(0.0, 1.0)
-        for m in [model.secondary] + ([model.drafter] if drafter else []):
-            m.model.embed_tokens.weight.copy_(emb)
-            m.model.norm.weight.copy_(model.primary.model.norm.weight)
-        for m in [model.primary, model.secondary] + ([model.drafter] if drafter else []):
-            for layer in m.model.layers:
-                layer.self_attn.o_proj.weight.mul_(layer_scale)
-                layer.mlp.down_proj.weight.mul_(layer_scale)
-        for proj in model.tandem.proj:
-            proj.weight.mul_(0.1).add_(torch.eye(32))
-            proj.bias.zero_()
         if router:
             # centre the router's output so that drafting stops at different lengths
             feats = torch.randn(256, cfg.router.num_features)

@@ -43,6 +43,7 @@ def make_random_checkpoint(out: Path, vocab=2048, seed=0) -> Path:
     from tandem_rt.checkpoint import save_checkpoint
     from tandem_rt.config import ModelConfig, RouterConfig, TandemConfig
     from tandem_rt.models import TandemModel
+    from tandem_rt.models.random_init import make_agreeing_, randomize_
 
     def mc(h, layers, heads, kv, ffn):
         return ModelConfig(vocab_size=vocab, hidden_size=h, intermediate_size=ffn, num_hidden_layers=layers,
@@ -55,24 +56,8 @@ def make_random_checkpoint(out: Path, vocab=2048, seed=0) -> Path:
                        torch_dtype="float32")
     torch.manual_seed(seed)
     model = TandemModel(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.5 / p.shape[1] ** 0.5)
-            elif "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.zero_()
-        emb = model.primary.model.embed_tokens.weight
-        emb.normal_(0.0, 1.0)
-        for m in (model.secondary, model.drafter):
-            m.model.embed_tokens.weight.copy_(emb)
-        for m in (model.primary, model.secondary, model.drafter):
-            for layer in m.model.layers:
-                layer.self_attn.o_proj.weight.mul_(3.0)
-                layer.mlp.down_proj.weight.mul_(3.0)
-        for proj in model.tandem.proj:
-            proj.weight.copy_(torch.eye(512))
+    randomize_(model, lambda p: 0.5 / p.shape[1] ** 0.5)
+    make_agreeing_(model, 3.0)
     return save_checkpoint(model, out)
 
 
