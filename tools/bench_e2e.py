@@ -61,6 +61,34 @@ def make_random_checkpoint(out: Path, vocab=2048, seed=0) -> Path:
     return save_checkpoint(model, out)
 
 
+def add_model_args(ap) -> None:
+    """Arguments choosing the checkpoint, device, dtype and CPU threads (shared with profile_step.py)."""
+    ap.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    ap.add_argument("--random-checkpoint", help="build a random-weights checkpoint in this directory and use it")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def engine_from_args(args, **engine_kw):
+    """(checkpoint path, Engine) for :func:`add_model_args`' arguments; sets the CPU threads. Without
+    --model and without a bundled model, a random-weights checkpoint in a temporary directory."""
+    from tandem_rt.engine import Engine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = args.model
+    if args.random_checkpoint:
+        path = str(make_random_checkpoint(Path(args.random_checkpoint)))
+    elif path is None:
+        from tandem_rt.engine.engine import _default_model_path
+        path = _default_model_path()
+        if path is None:
+            path = str(make_random_checkpoint(Path(tempfile.mkdtemp(prefix="bench_e2e_")) / "random"))
+            print(f"no --model and no bundled model: using a random-weights checkpoint at {path}")
+    return path, Engine.from_pretrained(path, device=args.device, dtype=args.dtype, **engine_kw)
+
+
 # ----------------------------------------------------------------------------- Hugging Face peer
 
 def export_hf(model, out: Path, vocab_size: int) -> Path:
@@ -146,10 +174,7 @@ def run_engine(engine, prompts, params, mode, gamma, repeats):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="checkpoint directory (default: the bundled model)")
-    ap.add_argument("--random-checkpoint", help="build a random-weights checkpoint in this directory and use it")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    add_model_args(ap)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt (random ids, or text)")
     ap.add_argument("--prompts-file", help="text prompts, one per line (needs a tokenizer)")
@@ -160,24 +185,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cuda-graphs", action="store_true")
     ap.add_argument("--peer", choices=["hf"], default=None)
     ap.add_argument("--json", "--out", dest="json", default="bench_e2e.json", help="JSON report path")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from tandem_rt.engine import SamplingParams
 
-    from tandem_rt.engine import Engine, SamplingParams
-
-    path = args.model
-    if args.random_checkpoint:
-        path = str(make_random_checkpoint(Path(args.random_checkpoint)))
-    elif path is None:
-        from tandem_rt.engine.engine import _default_model_path
-        path = _default_model_path()
-        if path is None:                    # no bundled model: a random-weights one
-            path = str(make_random_checkpoint(Path(tempfile.mkdtemp(prefix="bench_e2e_")) / "random"))
-            print(f"no --model and no bundled model: using a random-weights checkpoint at {path}")
-    engine = Engine.from_pretrained(path, device=args.device, dtype=args.dtype, max_batch_size=16,
-                                    use_cuda_graphs=args.cuda_graphs)
+    path, engine = engine_from_args(args, max_batch_size=16, use_cuda_graphs=args.cuda_graphs)
     V = engine.vocab_size
     if args.prompts_file:
         lines = [l.strip() for l in open(args.prompts_file) if l.strip()]

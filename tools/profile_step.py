@@ -20,6 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_e2e import add_model_args, engine_from_args  # noqa: E402
 
 
 class HostTimer:
@@ -48,27 +49,16 @@ class HostTimer:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model")
-    ap.add_argument("--random-checkpoint")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    add_model_args(ap)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--steps", type=int, default=10, help="steps timed for the host-overhead figure")
     ap.add_argument("--out", default="profile_step")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from tandem_rt.engine import SamplingParams, generation
 
-    from tandem_rt.engine import Engine, SamplingParams, generation
-
-    path = args.model
-    if args.random_checkpoint:
-        from bench_e2e import make_random_checkpoint
-        path = str(make_random_checkpoint(Path(args.random_checkpoint)))
-    engine = Engine.from_pretrained(path, device=args.device, dtype=args.dtype, max_batch_size=args.batch)
+    _, engine = engine_from_args(args, max_batch_size=args.batch)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, engine.vocab_size, (args.context,), generator=g).tolist() for _ in range(args.batch)]
     params = SamplingParams(max_new_tokens=(args.steps + 4) * (args.gamma + 1) + 4, ignore_eos=True)
