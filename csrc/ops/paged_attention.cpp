@@ -5,13 +5,15 @@
 // seq_lens[b] - q_len_b + t and attends keys 0..that position. GQA: query head h reads KV head
 // h / (Hq / Hkv). Softmax and accumulation in fp32.
 //
-// CPU design: one work item per (sequence, KV head) holds the q_len x group query rows, so each K/V
-// row is read (and converted to fp32) once per item; keys are processed in chunks of kChunk with an
-// online softmax. The fp32 inner loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and
-// chosen once at run time.
+// CPU design: a work item is (sequence, group of KV heads); per head it holds the q_len x group
+// query rows, so each K/V row is read (and converted to fp32) once per item. Keys are processed in
+// chunks of kChunk (outer loop; heads inner, so memory is read in address order) with an online
+// softmax (inner kernels: ops/attention_chunk_cpu.h); verify blocks over long contexts use torch's
+// GEMM on gathered K/V instead (attend_gemm).
 #include "common/check.h"
 #include "ops/paged_attention.h"
 #include "ops/rope_cache.h"
+#include "ops/attention_chunk_cpu.h"
 
 #include <ATen/Parallel.h>
 
@@ -105,170 +107,12 @@ void validate_paged_attention_indices(const at::Tensor& q, const at::Tensor& k_c
 
 namespace {
 
-constexpr int kChunk = 128;  // keys per online-softmax step
-constexpr int kPrefetch = 8;  // rows ahead: K/V rows of a KV head are scattered (stride Hkv * D, pages)
-
-__attribute__((always_inline)) inline void prefetch_row(const void* p, int64_t bytes, bool to_l1) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) {
-    if (to_l1) {
-      __builtin_prefetch(c + off, 0, 3);
-    } else {
-      __builtin_prefetch(c + off, 0, 2);
-    }
-  }
-}
-
-// One chunk of keys for the M query rows of a work item (all pointers fp32).
-struct ChunkArgs {
-  const float* q;          // [M, D] query rows, pre-multiplied by the softmax scale
-  const float* const* k;   // [n] pointers to key rows, D floats each
-  const float* const* v;   // [n] pointers to value rows, D floats each
-  const int* nvalid;       // [M] keys of this chunk row m may attend (causal), in [0, n]
-  float* s;                // [M, kChunk] scratch: scores, then probabilities
-  float* mrow;             // [M] running max
-  float* lrow;             // [M] running denominator
-  float* acc;              // [M, D] running unnormalised output
-  int M, D, n;
-  bool prefetch;           // k/v point into the cache (fp32): prefetch rows ahead
-};
-
-// exp(x) for x <= 0 (Cephes polynomial, ~2 ulp), written so that the compiler vectorises it.
-__attribute__((always_inline)) inline float exp_nonpos(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float fn = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = x - fn * 0.693359375f;
-  r = r - fn * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(fn) + 127) << 23;
-  return y * std::bit_cast<float>(bits);
-}
-
-__attribute__((always_inline)) inline void attend_chunk_body(const ChunkArgs& a) {
-  const int M = a.M, D = a.D, n = a.n;
-  // Scores: four query rows per pass share each key row load.
-  for (int j = 0; j < n; ++j) {
-    const float* __restrict kr = a.k[j];
-    if (a.prefetch) {
-      if (j + kPrefetch < n) prefetch_row(a.k[j + kPrefetch], D * 4, true);
-      prefetch_row(a.v[j], D * 4, false);
-    }
-    int m = 0;
-    for (; m + 4 <= M; m += 4) {
-      const float* __restrict q0 = a.q + m * D;
-      const float* __restrict q1 = q0 + D;
-      const float* __restrict q2 = q1 + D;
-      const float* __restrict q3 = q2 + D;
-      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int d = 0; d < D; ++d) {
-        const float kv = kr[d];
-        s0 += q0[d] * kv;
-        s1 += q1[d] * kv;
-        s2 += q2[d] * kv;
-        s3 += q3[d] * kv;
-      }
-      a.s[m * kChunk + j] = s0;
-      a.s[(m + 1) * kChunk + j] = s1;
-      a.s[(m + 2) * kChunk + j] = s2;
-      a.s[(m + 3) * kChunk + j] = s3;
-    }
-    for (; m < M; ++m) {
-      const float* __restrict q0 = a.q + m * D;
-      float s0 = 0.f;
-#pragma omp simd reduction(+ : s0)
-      for (int d = 0; d < D; ++d) s0 += q0[d] * kr[d];
-      a.s[m * kChunk + j] = s0;
-    }
-  }
-  // Online softmax per row.
-  for (int m = 0; m < M; ++m) {
-    const int nv = a.nvalid[m];
-    if (nv <= 0) continue;
-    float* __restrict row = a.s + m * kChunk;
-    float mx = a.mrow[m];
-#pragma omp simd reduction(max : mx)
-    for (int j = 0; j < nv; ++j) mx = std::max(mx, row[j]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int j = 0; j < nv; ++j) {
-      const float p = exp_nonpos(row[j] - mx);
-      row[j] = p;
-      sum += p;
-    }
-    const float old = a.mrow[m];
-    const float alpha = old == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(old - mx);
-    a.lrow[m] = a.lrow[m] * alpha + sum;
-    a.mrow[m] = mx;
-    if (alpha != 1.f) {
-      float* __restrict acc = a.acc + m * D;
-#pragma omp simd
-      for (int d = 0; d < D; ++d) acc[d] *= alpha;
-    }
-  }
-  // acc += P V, one value row at a time.
-  for (int j = 0; j < n; ++j) {
-    const float* __restrict vr = a.v[j];
-    for (int m = 0; m < M; ++m) {
-      if (j >= a.nvalid[m]) continue;
-      const float p = a.s[m * kChunk + j];
-      float* __restrict acc = a.acc + m * D;
-#pragma omp simd
-      for (int d = 0; d < D; ++d) acc[d] += p * vr[d];
-    }
-  }
-}
-
-// bf16 rows (raw bits) -> fp32 rows: dst [n, D].
-__attribute__((always_inline)) inline void bf16_rows_body(const uint16_t* const* src, int n, int D, float* dst) {
-  for (int j = 0; j < n; ++j) {
-    const uint16_t* __restrict s = src[j];
-    float* __restrict o = dst + static_cast<int64_t>(j) * D;
-#pragma omp simd
-    for (int d = 0; d < D; ++d) o[d] = std::bit_cast<float>(static_cast<uint32_t>(s[d]) << 16);
-  }
-}
-
-#define TANDEM_CPU_VARIANT(suffix, attr)                                                                  \
-  attr void attend_chunk_##suffix(const ChunkArgs& a) { attend_chunk_body(a); }                          \
-  attr void bf16_rows_##suffix(const uint16_t* const* src, int n, int D, float* dst) {                   \
-    bf16_rows_body(src, n, D, dst);                                                                      \
-  }
-#if defined(__x86_64__) && defined(__GNUC__)
-TANDEM_CPU_VARIANT(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))))
-TANDEM_CPU_VARIANT(avx2, __attribute__((target("avx2,fma"))))
-#endif
-TANDEM_CPU_VARIANT(base, )
-#undef TANDEM_CPU_VARIANT
-
-struct CpuKernels {
-  void (*attend_chunk)(const ChunkArgs&);
-  void (*bf16_rows)(const uint16_t* const*, int, int, float*);
-};
-
-CpuKernels pick_cpu_kernels() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
-    return {&attend_chunk_avx512, &bf16_rows_avx512};
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {&attend_chunk_avx2, &bf16_rows_avx2};
-#endif
-  return {&attend_chunk_base, &bf16_rows_base};
-}
-
-// Verify blocks over long contexts: gather the sequence's K/V rows of one KV head into contiguous fp32 matrices and
-// let torch's GEMM do Q K^T and P V (one pass of softmax in between). Beats per-key dot products
-// once rows x keys is large; the gather is one extra pass over K/V that stays in cache per head.
-constexpr int64_t kGemmMinWork = 4096;  // rows x keys from which the GEMM path is used (q_len > 1 only:
-                                        // for decode the gather costs more than the GEMM saves, measured)
+// Verify blocks over long contexts on CPUs without the AVX-512 chunk kernel: gather the sequence's
+// K/V rows of one KV head into contiguous fp32 matrices and let torch's GEMM do Q K^T and P V (one
+// pass of softmax in between). Beats the portable per-key loops once rows x keys is large; with
+// AVX-512 the register-blocked chunk kernel is as fast or faster (measured), so it is not used there.
+constexpr int64_t kGemmMinWork = 4096;  // rows x keys from which the GEMM path is used (q_len > 1 only)
+constexpr int kDirectBf16MaxRows = 8;   // rows per item up to which bf16 rows are converted on load
 
 template <typename T>
 void attend_gemm(const float* qf, int M, int64_t d, int64_t seq, const int* limit, const T* kc, const T* vc,
@@ -298,6 +142,14 @@ void attend_gemm(const float* qf, int M, int64_t d, int64_t seq, const int* limi
   for (int m = 0; m < M; ++m) lrow[m] = 1.f;
 }
 
+// KV heads per work item: all of a sequence's heads when there are enough sequences to occupy the
+// threads, else fewer, so that B x groups >= 2 x threads where the head count allows.
+int64_t heads_per_item(int64_t nseq, int64_t hkv) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t groups = std::clamp<int64_t>((2 * threads + nseq - 1) / nseq, 1, hkv);
+  return (hkv + groups - 1) / groups;
+}
+
 template <typename T>
 void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
@@ -306,102 +158,120 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
   const int64_t nseq = seq_lens.size(0), hq = q.size(1), d = q.size(2);
   const int64_t hkv = k_cache.size(2), page_size = k_cache.size(1), max_pages = block_tables.size(1);
   const int64_t group = hq / hkv, q_stride = q.stride(0);
-  const T* qp = q.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  const T* kc = k_cache.data_ptr<T>();
-  const T* vc = v_cache.data_ptr<T>();
-  const int32_t* bt = block_tables.data_ptr<int32_t>();
-  const int32_t* sl = seq_lens.data_ptr<int32_t>();
-  const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
+  const T* qp = q.data_ptr<T>();         // [ntok, hq, d], row stride q_stride
+  T* op = out.data_ptr<T>();             // [ntok, hq, d]
+  const T* kc = k_cache.data_ptr<T>();   // [num_pages, page_size, hkv, d]
+  const T* vc = v_cache.data_ptr<T>();   // [num_pages, page_size, hkv, d]
+  const int32_t* bt = block_tables.data_ptr<int32_t>();     // [nseq, max_pages]
+  const int32_t* sl = seq_lens.data_ptr<int32_t>();         // [nseq]
+  const int32_t* qsl = query_start_loc.data_ptr<int32_t>();  // [nseq + 1]
   const float fscale = static_cast<float>(scale);
   constexpr bool kIsFloat = std::is_same_v<T, float>;
   constexpr bool kIsBf16 = std::is_same_v<T, c10::BFloat16>;
+  const bool v16 = d % 16 == 0 && kern.attend_chunk16 != nullptr;
+  const auto chunk_fn = v16 ? kern.attend_chunk16 : kern.attend_chunk;
+  const bool v16_bf16 = kIsBf16 && v16;  // decode-sized items: the bf16 kernel converts rows as it loads them
+  const int64_t hg = heads_per_item(nseq, hkv);
+  const int64_t groups = (hkv + hg - 1) / hg;
 
-  at::parallel_for(0, nseq * hkv, 1, [&](int64_t begin, int64_t end) {
+  // Work item = (sequence, group of KV heads). Chunks of keys are the outer loop and the heads the
+  // inner one, so a chunk's K/V slots (hkv x d contiguous elements each) are read in address order,
+  // which the hardware prefetchers follow; per-head loops would stride hkv x d between keys.
+  at::parallel_for(0, nseq * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf, s, mrow, lrow, acc, kbuf, vbuf;
     std::vector<const float*> kptr(kChunk), vptr(kChunk);
     std::vector<const uint16_t*> kraw(kChunk), vraw(kChunk);
+    std::vector<int64_t> slot(kChunk);
     std::vector<int> nvalid, limit;
     if (!kIsFloat) {
       kbuf.resize(kChunk * d);
       vbuf.resize(kChunk * d);
     }
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / hkv, h = item % hkv;
+      const int64_t b = item / groups;
+      const int64_t h0 = (item % groups) * hg, h1 = std::min(hkv, h0 + hg), nh = h1 - h0;
       const int64_t q0 = qsl[b], q_len = int64_t(qsl[b + 1]) - q0, seq = sl[b];
       if (q_len <= 0) continue;
       const int M = static_cast<int>(q_len * group);
-      qf.resize(M * d);
+      // per head i of the item: qf/acc [nh, M, d], mrow/lrow [nh, M]; s is scratch of one chunk call
+      qf.resize(nh * M * d);
       s.resize(M * kChunk);
-      acc.assign(M * d, 0.f);
-      mrow.assign(M, -std::numeric_limits<float>::infinity());
-      lrow.assign(M, 0.f);
+      acc.assign(nh * M * d, 0.f);
+      mrow.assign(nh * M, -std::numeric_limits<float>::infinity());
+      lrow.assign(nh * M, 0.f);
       nvalid.resize(M);
       limit.resize(M);
-      for (int64_t t = 0; t < q_len; ++t) {
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t row = t * group + g;
-          const T* src = qp + (q0 + t) * q_stride + (h * group + g) * d;
-          for (int64_t e = 0; e < d; ++e) qf[row * d + e] = static_cast<float>(src[e]) * fscale;
-          limit[row] = static_cast<int>(seq - q_len + t + 1);
+      for (int64_t i = 0; i < nh; ++i) {
+        for (int64_t t = 0; t < q_len; ++t) {
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t row = t * group + g;
+            const T* src = qp + (q0 + t) * q_stride + ((h0 + i) * group + g) * d;
+            float* dst = qf.data() + (i * M + row) * d;
+            for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<float>(src[e]) * fscale;
+            limit[row] = static_cast<int>(seq - q_len + t + 1);
+          }
         }
       }
-      const bool gemm = q_len > 1 && static_cast<int64_t>(M) * seq >= kGemmMinWork;
-      if (gemm) {
-        lrow.resize(M);
-        attend_gemm<T>(qf.data(), M, d, seq, limit.data(), kc, vc, bt + b * max_pages, page_size, hkv, h,
-                       acc.data(), lrow.data());
+      // Without the AVX-512 kernel, verify blocks over long contexts go through torch's GEMM.
+      const bool gemm = !v16 && q_len > 1 && static_cast<int64_t>(M) * seq >= kGemmMinWork;
+      // Few rows: convert bf16 K/V while scoring; many rows re-read each key, so convert it once.
+      const bool bf16_direct = v16_bf16 && M <= kDirectBf16MaxRows;
+      for (int64_t i = 0; gemm && i < nh; ++i) {
+        attend_gemm<T>(qf.data() + i * M * d, M, d, seq, limit.data(), kc, vc, bt + b * max_pages, page_size, hkv,
+                       h0 + i, acc.data() + i * M * d, lrow.data() + i * M);
       }
       for (int64_t c0 = 0; !gemm && c0 < seq; c0 += kChunk) {
         const int n = static_cast<int>(std::min<int64_t>(kChunk, seq - c0));
-        auto row_base = [&](int64_t key) {
-          const int64_t page = bt[b * max_pages + key / page_size];
-          return ((page * page_size + key % page_size) * hkv + h) * d;
-        };
         for (int j = 0; j < n; ++j) {
           const int64_t key = c0 + j;
-          const int64_t base = row_base(key);
-          if constexpr (kIsFloat) {
-            kptr[j] = kc + base;
-            vptr[j] = vc + base;
-          } else if constexpr (kIsBf16) {
-            if (key + kPrefetch < seq) {
-              const int64_t ahead = row_base(key + kPrefetch);
-              prefetch_row(kc + ahead, d * sizeof(T), true);
-              prefetch_row(vc + ahead, d * sizeof(T), true);
-            }
-            kraw[j] = reinterpret_cast<const uint16_t*>(kc + base);
-            vraw[j] = reinterpret_cast<const uint16_t*>(vc + base);
-            kptr[j] = kbuf.data() + j * d;
-            vptr[j] = vbuf.data() + j * d;
-          } else {
-            if (key + kPrefetch < seq) {
-              const int64_t ahead = row_base(key + kPrefetch);
-              prefetch_row(kc + ahead, d * sizeof(T), true);
-              prefetch_row(vc + ahead, d * sizeof(T), true);
-            }
-            float* kd = kbuf.data() + j * d;
-            float* vd = vbuf.data() + j * d;
-            for (int64_t e = 0; e < d; ++e) kd[e] = static_cast<float>(kc[base + e]);
-            for (int64_t e = 0; e < d; ++e) vd[e] = static_cast<float>(vc[base + e]);
-            kptr[j] = kd;
-            vptr[j] = vd;
-          }
-        }
-        if constexpr (kIsBf16) {
-          kern.bf16_rows(kraw.data(), n, static_cast<int>(d), kbuf.data());
-          kern.bf16_rows(vraw.data(), n, static_cast<int>(d), vbuf.data());
+          slot[j] = (int64_t(bt[b * max_pages + key / page_size]) * page_size + key % page_size) * hkv * d;
         }
         for (int m = 0; m < M; ++m) nvalid[m] = std::clamp(limit[m] - static_cast<int>(c0), 0, n);
-        kern.attend_chunk(ChunkArgs{qf.data(), kptr.data(), vptr.data(), nvalid.data(), s.data(), mrow.data(), lrow.data(),
-                           acc.data(), M, static_cast<int>(d), n, kIsFloat});
+        for (int64_t i = 0; i < nh; ++i) {
+          const int64_t head = (h0 + i) * d;
+          for (int j = 0; j < n; ++j) {
+            const int64_t base = slot[j] + head;
+            if constexpr (kIsFloat) {
+              kptr[j] = kc + base;
+              vptr[j] = vc + base;
+            } else if constexpr (kIsBf16) {
+              kraw[j] = reinterpret_cast<const uint16_t*>(kc + base);
+              vraw[j] = reinterpret_cast<const uint16_t*>(vc + base);
+              kptr[j] = kbuf.data() + j * d;
+              vptr[j] = vbuf.data() + j * d;
+            } else {
+              float* kd = kbuf.data() + j * d;
+              float* vd = vbuf.data() + j * d;
+              for (int64_t e = 0; e < d; ++e) kd[e] = static_cast<float>(kc[base + e]);
+              for (int64_t e = 0; e < d; ++e) vd[e] = static_cast<float>(vc[base + e]);
+              kptr[j] = kd;
+              vptr[j] = vd;
+            }
+          }
+          const ChunkArgs args{qf.data() + i * M * d, kptr.data(), vptr.data(), nvalid.data(), s.data(),
+                               mrow.data() + i * M, lrow.data() + i * M, acc.data() + i * M * d, M,
+                               static_cast<int>(d), n, kraw.data(), vraw.data()};
+          if (bf16_direct) {
+            kern.attend_chunk16_bf16(args);
+            continue;
+          }
+          if constexpr (kIsBf16) {
+            kern.bf16_rows(kraw.data(), n, static_cast<int>(d), kbuf.data());
+            kern.bf16_rows(vraw.data(), n, static_cast<int>(d), vbuf.data());
+          }
+          chunk_fn(args);
+        }
       }
-      for (int64_t t = 0; t < q_len; ++t) {
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t row = t * group + g;
-          T* dst = op + ((q0 + t) * hq + h * group + g) * d;
-          const float inv = lrow[row] > 0.f ? 1.f / lrow[row] : 0.f;
-          for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<T>(acc[row * d + e] * inv);
+      for (int64_t i = 0; i < nh; ++i) {
+        for (int64_t t = 0; t < q_len; ++t) {
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t row = t * group + g;
+            T* dst = op + ((q0 + t) * hq + (h0 + i) * group + g) * d;
+            const float l = lrow[i * M + row];
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const float* a = acc.data() + (i * M + row) * d;
+            for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<T>(a[e] * inv);
+          }
         }
       }
     }

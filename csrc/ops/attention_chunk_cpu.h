@@ -1,0 +1,331 @@
+// CPU inner kernels of paged attention (included by paged_attention.cpp only): one chunk of keys
+// for the query rows of one (sequence, KV head), with an online softmax. Compiled for AVX-512,
+// AVX2+FMA and baseline x86-64 and chosen once at run time; with AVX-512 and head_dim % 16 == 0 a
+// register-blocked variant is used (16 keys scored per shuffle-add tree, P V with the accumulators
+// in registers).
+#pragma once
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+namespace tandem_rt {
+namespace {
+
+constexpr int kChunk = 128;  // keys per online-softmax step
+// One chunk of keys for the M query rows of a work item (fp32 rows; the bf16 AVX-512 kernel reads
+// kh / vh instead of k / v).
+struct ChunkArgs {
+  const float* q;          // [M, D] query rows, pre-multiplied by the softmax scale
+  const float* const* k;   // [n] pointers to key rows, D floats each
+  const float* const* v;   // [n] pointers to value rows, D floats each
+  const int* nvalid;       // [M] keys of this chunk row m may attend (causal), in [0, n]
+  float* s;                // [M, kChunk] scratch: scores, then probabilities
+  float* mrow;             // [M] running max
+  float* lrow;             // [M] running denominator
+  float* acc;              // [M, D] running unnormalised output
+  int M, D, n;
+  const uint16_t* const* kh = nullptr;  // [n] pointers to bf16 key rows (attend_chunk16_bf16 only)
+  const uint16_t* const* vh = nullptr;  // [n] pointers to bf16 value rows
+};
+
+// exp(x) for x <= 0 (Cephes polynomial, ~2 ulp), written so that the compiler vectorises it.
+__attribute__((always_inline)) inline float exp_nonpos(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float fn = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = x - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(fn) + 127) << 23;
+  return y * std::bit_cast<float>(bits);
+}
+
+__attribute__((always_inline)) inline void attend_chunk_body(const ChunkArgs& a) {
+  const int M = a.M, D = a.D, n = a.n;
+  // Scores: four query rows per pass share each key row load.
+  for (int j = 0; j < n; ++j) {
+    const float* __restrict kr = a.k[j];
+    int m = 0;
+    for (; m + 4 <= M; m += 4) {
+      const float* __restrict q0 = a.q + m * D;
+      const float* __restrict q1 = q0 + D;
+      const float* __restrict q2 = q1 + D;
+      const float* __restrict q3 = q2 + D;
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int d = 0; d < D; ++d) {
+        const float kv = kr[d];
+        s0 += q0[d] * kv;
+        s1 += q1[d] * kv;
+        s2 += q2[d] * kv;
+        s3 += q3[d] * kv;
+      }
+      a.s[m * kChunk + j] = s0;
+      a.s[(m + 1) * kChunk + j] = s1;
+      a.s[(m + 2) * kChunk + j] = s2;
+      a.s[(m + 3) * kChunk + j] = s3;
+    }
+    for (; m < M; ++m) {
+      const float* __restrict q0 = a.q + m * D;
+      float s0 = 0.f;
+#pragma omp simd reduction(+ : s0)
+      for (int d = 0; d < D; ++d) s0 += q0[d] * kr[d];
+      a.s[m * kChunk + j] = s0;
+    }
+  }
+  // Online softmax per row.
+  for (int m = 0; m < M; ++m) {
+    const int nv = a.nvalid[m];
+    if (nv <= 0) continue;
+    float* __restrict row = a.s + m * kChunk;
+    float mx = a.mrow[m];
+#pragma omp simd reduction(max : mx)
+    for (int j = 0; j < nv; ++j) mx = std::max(mx, row[j]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < nv; ++j) {
+      const float p = exp_nonpos(row[j] - mx);
+      row[j] = p;
+      sum += p;
+    }
+    const float old = a.mrow[m];
+    const float alpha = old == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(old - mx);
+    a.lrow[m] = a.lrow[m] * alpha + sum;
+    a.mrow[m] = mx;
+    if (alpha != 1.f) {
+      float* __restrict acc = a.acc + m * D;
+#pragma omp simd
+      for (int d = 0; d < D; ++d) acc[d] *= alpha;
+    }
+  }
+  // acc += P V, one value row at a time.
+  for (int j = 0; j < n; ++j) {
+    const float* __restrict vr = a.v[j];
+    for (int m = 0; m < M; ++m) {
+      if (j >= a.nvalid[m]) continue;
+      const float p = a.s[m * kChunk + j];
+      float* __restrict acc = a.acc + m * D;
+#pragma omp simd
+      for (int d = 0; d < D; ++d) acc[d] += p * vr[d];
+    }
+  }
+}
+
+// bf16 rows (raw bits) -> fp32 rows: dst [n, D].
+__attribute__((always_inline)) inline void bf16_rows_body(const uint16_t* const* src, int n, int D, float* dst) {
+  for (int j = 0; j < n; ++j) {
+    const uint16_t* __restrict s = src[j];
+    float* __restrict o = dst + static_cast<int64_t>(j) * D;
+#pragma omp simd
+    for (int d = 0; d < D; ++d) o[d] = std::bit_cast<float>(static_cast<uint32_t>(s[d]) << 16);
+  }
+}
+
+#define TANDEM_CPU_VARIANT(suffix, attr)                                                                  \
+  attr void attend_chunk_##suffix(const ChunkArgs& a) { attend_chunk_body(a); }                          \
+  attr void bf16_rows_##suffix(const uint16_t* const* src, int n, int D, float* dst) {                   \
+    bf16_rows_body(src, n, D, dst);                                                                      \
+  }
+#if defined(__x86_64__) && defined(__GNUC__)
+TANDEM_CPU_VARIANT(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))))
+TANDEM_CPU_VARIANT(avx2, __attribute__((target("avx2,fma"))))
+#endif
+TANDEM_CPU_VARIANT(base, )
+#undef TANDEM_CPU_VARIANT
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+// ---- AVX-512, head_dim % 16 == 0: GCC vector types of 16 fp32 lanes --------------------------------
+typedef float v16f __attribute__((vector_size(64)));
+typedef int v16i __attribute__((vector_size(64)));
+
+__attribute__((always_inline)) inline v16f ld16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+__attribute__((always_inline)) inline void st16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
+typedef uint16_t v16h __attribute__((vector_size(32)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+// 16 bf16 (raw bits) -> 16 fp32: zero-extend and shift into the high half.
+__attribute__((always_inline)) inline v16f ld16(const uint16_t* p) {
+  v16h h;
+  std::memcpy(&h, p, sizeof(h));
+  const v16u w = __builtin_convertvector(h, v16u) << 16;
+  v16f f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+
+// r[k] = sum of the 16 lanes of p[k], k = 0..15 (a shuffle-add tree: 45 vector ops for 16 sums).
+__attribute__((always_inline)) inline v16f hsum16(const v16f (&p)[16]) {
+  const v16i lo1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const v16i hi1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+  const v16i lo2 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+  const v16i hi2 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+  const v16i lo3 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+  const v16i hi3 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
+  const v16i lo4 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  const v16i hi4 = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+  v16f c[8], d[4], e[2];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)
+    c[i] = __builtin_shuffle(p[2 * i], p[2 * i + 1], lo1) + __builtin_shuffle(p[2 * i], p[2 * i + 1], hi1);
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)
+    d[i] = __builtin_shuffle(c[2 * i], c[2 * i + 1], lo2) + __builtin_shuffle(c[2 * i], c[2 * i + 1], hi2);
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)
+    e[i] = __builtin_shuffle(d[2 * i], d[2 * i + 1], lo3) + __builtin_shuffle(d[2 * i], d[2 * i + 1], hi3);
+  return __builtin_shuffle(e[0], e[1], lo4) + __builtin_shuffle(e[0], e[1], hi4);
+}
+
+// acc[R rows, VB*16 dims] += P[R, n] V[n, VB*16 dims], accumulators in registers.
+template <typename E, int R, int VB>
+__attribute__((always_inline)) inline void pv_block(const ChunkArgs& a, const E* const* vrows, int m0, int d0) {
+  v16f acc[R][VB];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < VB; ++v) acc[r][v] = ld16(a.acc + (m0 + r) * a.D + d0 + 16 * v);
+  for (int j = 0; j < a.n; ++j) {
+    const E* vr = vrows[j] + d0;
+    v16f vv[VB];
+#pragma GCC unroll 4
+    for (int v = 0; v < VB; ++v) vv[v] = ld16(vr + 16 * v);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const float p = a.s[(m0 + r) * kChunk + j];
+#pragma GCC unroll 4
+      for (int v = 0; v < VB; ++v) acc[r][v] += p * vv[v];
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < VB; ++v) st16(a.acc + (m0 + r) * a.D + d0 + 16 * v, acc[r][v]);
+}
+
+template <typename E, int R>
+__attribute__((always_inline)) inline void pv_rows(const ChunkArgs& a, const E* const* vrows, int m0) {
+  int d0 = 0;
+  for (; d0 + 64 <= a.D; d0 += 64) pv_block<E, R, 4>(a, vrows, m0, d0);
+  for (; d0 < a.D; d0 += 16) pv_block<E, R, 1>(a, vrows, m0, d0);
+}
+
+// E = float (rows of a.k / a.v) or uint16_t (bf16 rows of a.kh / a.vh, converted on load).
+template <typename E>
+__attribute__((always_inline)) inline void attend_chunk_v16_body(const ChunkArgs& a) {
+  const E* const* krows = std::is_same_v<E, float> ? reinterpret_cast<const E* const*>(a.k)
+                                                   : reinterpret_cast<const E* const*>(a.kh);
+  const E* const* vrows = std::is_same_v<E, float> ? reinterpret_cast<const E* const*>(a.v)
+                                                   : reinterpret_cast<const E* const*>(a.vh);
+  const int M = a.M, D = a.D, n = a.n;
+  // Scores: 8 keys x 2 rows at a time (each K vector load feeds two FMAs); one shuffle-add tree
+  // turns the 16 partial vectors into the 16 scores. An odd last row is paired with itself.
+  for (int j0 = 0; j0 < n; j0 += 8) {
+    const E* kr[8];
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t) kr[t] = krows[std::min(j0 + t, n - 1)];  // past n: scored, not stored
+    const int cnt = std::min(8, n - j0);
+    for (int m = 0; m < M; m += 2) {
+      const int m1 = std::min(m + 1, M - 1);
+      const float* q0 = a.q + m * D;
+      const float* q1 = a.q + m1 * D;
+      v16f part[16];
+#pragma GCC unroll 16
+      for (int t = 0; t < 16; ++t) part[t] = v16f{};
+      for (int v = 0; v < D; v += 16) {
+        const v16f qa = ld16(q0 + v), qb = ld16(q1 + v);
+#pragma GCC unroll 8
+        for (int t = 0; t < 8; ++t) {
+          const v16f kv = ld16(kr[t] + v);
+          part[t] += qa * kv;
+          part[8 + t] += qb * kv;
+        }
+      }
+      float sums[16];
+      st16(sums, hsum16(part));
+      for (int t = 0; t < cnt; ++t) a.s[m * kChunk + j0 + t] = sums[t];
+      if (m1 != m)
+        for (int t = 0; t < cnt; ++t) a.s[m1 * kChunk + j0 + t] = sums[8 + t];
+    }
+  }
+  // Online softmax per row; probabilities past the row's causal limit are 0.
+  for (int m = 0; m < M; ++m) {
+    const int nv = a.nvalid[m];
+    float* __restrict row = a.s + m * kChunk;
+    if (nv <= 0) {
+      for (int j = 0; j < n; ++j) row[j] = 0.f;
+      continue;
+    }
+    float mx = a.mrow[m];
+#pragma omp simd reduction(max : mx)
+    for (int j = 0; j < nv; ++j) mx = std::max(mx, row[j]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < nv; ++j) {
+      const float p = exp_nonpos(row[j] - mx);
+      row[j] = p;
+      sum += p;
+    }
+    for (int j = nv; j < n; ++j) row[j] = 0.f;
+    const float old = a.mrow[m];
+    const float alpha = old == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(old - mx);
+    a.lrow[m] = a.lrow[m] * alpha + sum;
+    a.mrow[m] = mx;
+    if (alpha != 1.f) {
+      float* __restrict acc = a.acc + m * D;
+#pragma omp simd
+      for (int d = 0; d < D; ++d) acc[d] *= alpha;
+    }
+  }
+  // acc += P V with register-resident accumulators (4 rows x 64 dims per pass).
+  int m0 = 0;
+  for (; m0 + 4 <= M; m0 += 4) pv_rows<E, 4>(a, vrows, m0);
+  switch (M - m0) {
+    case 3: pv_rows<E, 3>(a, vrows, m0); break;
+    case 2: pv_rows<E, 2>(a, vrows, m0); break;
+    case 1: pv_rows<E, 1>(a, vrows, m0); break;
+    default: break;
+  }
+}
+void attend_chunk16_avx512(const ChunkArgs& a) { attend_chunk_v16_body<float>(a); }
+void attend_chunk16_bf16_avx512(const ChunkArgs& a) { attend_chunk_v16_body<uint16_t>(a); }
+#pragma GCC pop_options
+#endif
+
+struct CpuKernels {
+  void (*attend_chunk)(const ChunkArgs&);
+  void (*bf16_rows)(const uint16_t* const*, int, int, float*);
+  void (*attend_chunk16)(const ChunkArgs&);       // head_dim % 16 == 0 only; nullptr without AVX-512
+  void (*attend_chunk16_bf16)(const ChunkArgs&);  // same, K/V read as bf16 through a.kh / a.vh
+};
+
+CpuKernels pick_cpu_kernels() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+    return {&attend_chunk_avx512, &bf16_rows_avx512, &attend_chunk16_avx512, &attend_chunk16_bf16_avx512};
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return {&attend_chunk_avx2, &bf16_rows_avx2, nullptr, nullptr};
+  }
+#endif
+  return {&attend_chunk_base, &bf16_rows_base, nullptr, nullptr};
+}
+
+}  // namespace
+}  // namespace tandem_rt
