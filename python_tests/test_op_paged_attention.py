@@ -208,3 +208,28 @@ def test_paged_attention_long_contexts(device, dtype):
     """Contexts long enough for the CPU's GEMM path (rows x keys >= 4096), ragged, mixed with short ones."""
     d = 64 if device == "cuda" else 32
     run_and_check([700, 517, 40, 1100], [1, 8, 3, 32], 8, 2, d, 16, dtype, device)
+
+
+@pytest.mark.parametrize("variant", ["avx512", "avx2", "base"])
+def test_cpu_kernel_variants(variant, monkeypatch):
+    """Each CPU kernel variant (forced with TANDEM_RT_CPU_KERNELS): the AVX-512 register-blocked
+    kernel (head_dim % 16 == 0, bf16 converted on load for decode), the portable per-key loops and
+    the GEMM path for long verify blocks that the non-AVX-512 variants use."""
+    monkeypatch.setenv("TANDEM_RT_CPU_KERNELS", variant)
+    try:
+        run_and_check([5], [1], 2, 1, 16, 8, torch.float32, "cpu")
+    except ValueError as e:
+        pytest.skip(f"this CPU cannot run the {variant} kernels: {e}")
+    for d, dtype, P in ((16, torch.float32, 8), (48, torch.bfloat16, 16), (128, torch.float16, 32),
+                        (128, torch.bfloat16, 16), (8, torch.float32, 16)):
+        seq_lens = [1, P - 1, P + 1, 2 * P + 3, 131]
+        for hq, hkv in ((4, 4), (8, 2), (8, 1)):
+            run_and_check(seq_lens, [1] * 5, hq, hkv, d, P, dtype, "cpu")
+            run_and_check(seq_lens, [1, 3, 0, 8, 17], hq, hkv, d, P, dtype, "cpu")
+    run_and_check([700, 517, 40, 1100], [1, 8, 3, 32], 8, 2, 32, 16, torch.bfloat16, "cpu")
+
+
+def test_cpu_kernel_variant_unknown(monkeypatch):
+    monkeypatch.setenv("TANDEM_RT_CPU_KERNELS", "sse9")
+    with pytest.raises(ValueError, match="TANDEM_RT_CPU_KERNELS"):
+        run_and_check([5], [1], 2, 1, 16, 8, torch.float32, "cpu")

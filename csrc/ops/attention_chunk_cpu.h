@@ -10,7 +10,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 #include <limits>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 namespace tandem_rt {
@@ -313,18 +316,29 @@ struct CpuKernels {
   void (*attend_chunk16_bf16)(const ChunkArgs&);  // same, K/V read as bf16 through a.kh / a.vh
 };
 
+// The best variant this CPU runs, or the one TANDEM_RT_CPU_KERNELS names ("avx512", "avx2",
+// "base"; read on every call, for tests and A/B timing). Throws std::invalid_argument for an
+// unknown name or a variant this CPU cannot run.
 CpuKernels pick_cpu_kernels() {
+  const char* env = std::getenv("TANDEM_RT_CPU_KERNELS");
+  const std::string want = env ? env : "";
+  const CpuKernels base{&attend_chunk_base, &bf16_rows_base, nullptr, nullptr};
+  if (want == "base") return base;
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
-    return {&attend_chunk_avx512, &bf16_rows_avx512, &attend_chunk16_avx512, &attend_chunk16_bf16_avx512};
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    return {&attend_chunk_avx2, &bf16_rows_avx2, nullptr, nullptr};
-  }
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const CpuKernels k512{&attend_chunk_avx512, &bf16_rows_avx512, &attend_chunk16_avx512, &attend_chunk16_bf16_avx512};
+  const CpuKernels k2{&attend_chunk_avx2, &bf16_rows_avx2, nullptr, nullptr};
+  if (want.empty()) return avx512 ? k512 : avx2 ? k2 : base;
+  if (want == "avx512" && avx512) return k512;
+  if (want == "avx2" && avx2) return k2;
+#else
+  if (want.empty()) return base;
 #endif
-  return {&attend_chunk_base, &bf16_rows_base, nullptr, nullptr};
+  throw std::invalid_argument("TANDEM_RT_CPU_KERNELS=" + want +
+                              " is not a kernel variant this CPU runs (avx512, avx2, base or unset)");
 }
 
 }  // namespace
