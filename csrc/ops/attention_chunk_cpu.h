@@ -15,6 +15,9 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace tandem_rt {
 namespace {
@@ -34,6 +37,8 @@ struct ChunkArgs {
   int M, D, n;
   const uint16_t* const* kh = nullptr;  // [n] pointers to bf16 key rows (attend_chunk16_bf16 only)
   const uint16_t* const* vh = nullptr;  // [n] pointers to bf16 value rows
+  const uint16_t* qh = nullptr;         // [M, D] bf16 query rows, unscaled (attend_chunk16_bf16dp only)
+  float qscale = 1.f;                   // softmax scale applied to the bf16dp scores
 };
 
 // exp(x) for x <= 0 (Cephes polynomial, ~2 ulp), written so that the compiler vectorises it.
@@ -227,20 +232,16 @@ __attribute__((always_inline)) inline void pv_rows(const ChunkArgs& a, const E* 
   for (; d0 < a.D; d0 += 16) pv_block<E, R, 1>(a, vrows, m0, d0);
 }
 
-// E = float (rows of a.k / a.v) or uint16_t (bf16 rows of a.kh / a.vh, converted on load).
+// Scores s[m][j] = q_m . k_j for E = float rows or uint16_t (bf16) rows converted on load: 8 keys x
+// 2 rows at a time (each K vector load feeds two FMAs); one shuffle-add tree turns the 16 partial
+// vectors into the 16 scores. An odd last row is paired with itself; keys past n are scored, not stored.
 template <typename E>
-__attribute__((always_inline)) inline void attend_chunk_v16_body(const ChunkArgs& a) {
-  const E* const* krows = std::is_same_v<E, float> ? reinterpret_cast<const E* const*>(a.k)
-                                                   : reinterpret_cast<const E* const*>(a.kh);
-  const E* const* vrows = std::is_same_v<E, float> ? reinterpret_cast<const E* const*>(a.v)
-                                                   : reinterpret_cast<const E* const*>(a.vh);
+__attribute__((always_inline)) inline void scores_v16(const ChunkArgs& a, const E* const* krows) {
   const int M = a.M, D = a.D, n = a.n;
-  // Scores: 8 keys x 2 rows at a time (each K vector load feeds two FMAs); one shuffle-add tree
-  // turns the 16 partial vectors into the 16 scores. An odd last row is paired with itself.
   for (int j0 = 0; j0 < n; j0 += 8) {
     const E* kr[8];
 #pragma GCC unroll 8
-    for (int t = 0; t < 8; ++t) kr[t] = krows[std::min(j0 + t, n - 1)];  // past n: scored, not stored
+    for (int t = 0; t < 8; ++t) kr[t] = krows[std::min(j0 + t, n - 1)];
     const int cnt = std::min(8, n - j0);
     for (int m = 0; m < M; m += 2) {
       const int m1 = std::min(m + 1, M - 1);
@@ -265,7 +266,12 @@ __attribute__((always_inline)) inline void attend_chunk_v16_body(const ChunkArgs
         for (int t = 0; t < cnt; ++t) a.s[m1 * kChunk + j0 + t] = sums[8 + t];
     }
   }
-  // Online softmax per row; probabilities past the row's causal limit are 0.
+}
+
+// Online softmax update per row over the chunk's scores; probabilities past the row's causal
+// limit are 0, the running output is rescaled.
+__attribute__((always_inline)) inline void softmax_v16(const ChunkArgs& a) {
+  const int M = a.M, D = a.D, n = a.n;
   for (int m = 0; m < M; ++m) {
     const int nv = a.nvalid[m];
     float* __restrict row = a.s + m * kChunk;
@@ -294,7 +300,12 @@ __attribute__((always_inline)) inline void attend_chunk_v16_body(const ChunkArgs
       for (int d = 0; d < D; ++d) acc[d] *= alpha;
     }
   }
-  // acc += P V with register-resident accumulators (4 rows x 64 dims per pass).
+}
+
+// acc += P V with register-resident accumulators (4 rows x 64 dims per pass).
+template <typename E>
+__attribute__((always_inline)) inline void pv_v16(const ChunkArgs& a, const E* const* vrows) {
+  const int M = a.M;
   int m0 = 0;
   for (; m0 + 4 <= M; m0 += 4) pv_rows<E, 4>(a, vrows, m0);
   switch (M - m0) {
@@ -304,8 +315,68 @@ __attribute__((always_inline)) inline void attend_chunk_v16_body(const ChunkArgs
     default: break;
   }
 }
-void attend_chunk16_avx512(const ChunkArgs& a) { attend_chunk_v16_body<float>(a); }
-void attend_chunk16_bf16_avx512(const ChunkArgs& a) { attend_chunk_v16_body<uint16_t>(a); }
+
+void attend_chunk16_avx512(const ChunkArgs& a) {
+  scores_v16<float>(a, a.k);
+  softmax_v16(a);
+  pv_v16<float>(a, a.v);
+}
+void attend_chunk16_bf16_avx512(const ChunkArgs& a) {
+  scores_v16<uint16_t>(a, a.kh);
+  softmax_v16(a);
+  pv_v16<uint16_t>(a, a.vh);
+}
+#pragma GCC pop_options
+
+// ---- AVX-512 BF16 (head_dim % 32 == 0): scores with vdpbf16ps on the raw bf16 Q and K -----------
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma")
+// Scores from bf16 query rows a.qh (unscaled) and bf16 key rows a.kh: each vdpbf16ps adds 32
+// exact bf16 products pairwise into 16 fp32 lanes (no conversion of K); then x a.qscale.
+__attribute__((always_inline)) inline void scores_bf16dp(const ChunkArgs& a) {
+  const int M = a.M, D = a.D, n = a.n;
+  for (int j0 = 0; j0 < n; j0 += 8) {
+    const uint16_t* kr[8];
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t) kr[t] = a.kh[std::min(j0 + t, n - 1)];
+    const int cnt = std::min(8, n - j0);
+    for (int m = 0; m < M; m += 2) {
+      const int m1 = std::min(m + 1, M - 1);
+      const uint16_t* q0 = a.qh + m * D;
+      const uint16_t* q1 = a.qh + m1 * D;
+      v16f part[16];
+#pragma GCC unroll 16
+      for (int t = 0; t < 16; ++t) part[t] = v16f{};
+      for (int v = 0; v < D; v += 32) {
+        const __m512bh qa = (__m512bh)_mm512_loadu_si512(q0 + v);
+        const __m512bh qb = (__m512bh)_mm512_loadu_si512(q1 + v);
+#pragma GCC unroll 8
+        for (int t = 0; t < 8; ++t) {
+          const __m512bh kv = (__m512bh)_mm512_loadu_si512(kr[t] + v);
+          part[t] = (v16f)_mm512_dpbf16_ps((__m512)part[t], qa, kv);
+          part[8 + t] = (v16f)_mm512_dpbf16_ps((__m512)part[8 + t], qb, kv);
+        }
+      }
+      float sums[16];
+      st16(sums, hsum16(part) * a.qscale);
+      for (int t = 0; t < cnt; ++t) a.s[m * kChunk + j0 + t] = sums[t];
+      if (m1 != m)
+        for (int t = 0; t < cnt; ++t) a.s[m1 * kChunk + j0 + t] = sums[8 + t];
+    }
+  }
+}
+
+// bf16 K via vdpbf16ps; V as bf16 rows (a.vh, converted on load) or, when a.vh is null,
+// fp32 rows (a.v, converted once by the caller: better when many rows re-read each V row).
+void attend_chunk16_bf16dp_avx512(const ChunkArgs& a) {
+  scores_bf16dp(a);
+  softmax_v16(a);
+  if (a.vh != nullptr) {
+    pv_v16<uint16_t>(a, a.vh);
+  } else {
+    pv_v16<float>(a, a.v);
+  }
+}
 #pragma GCC pop_options
 #endif
 
@@ -314,6 +385,7 @@ struct CpuKernels {
   void (*bf16_rows)(const uint16_t* const*, int, int, float*);
   void (*attend_chunk16)(const ChunkArgs&);       // head_dim % 16 == 0 only; nullptr without AVX-512
   void (*attend_chunk16_bf16)(const ChunkArgs&);  // same, K/V read as bf16 through a.kh / a.vh
+  void (*attend_chunk16_bf16dp)(const ChunkArgs&);  // head_dim % 32 == 0, AVX-512 BF16: a.qh x a.kh
 };
 
 // The best variant this CPU runs, or the one TANDEM_RT_CPU_KERNELS names ("avx512", "avx2",
@@ -322,15 +394,17 @@ struct CpuKernels {
 CpuKernels pick_cpu_kernels() {
   const char* env = std::getenv("TANDEM_RT_CPU_KERNELS");
   const std::string want = env ? env : "";
-  const CpuKernels base{&attend_chunk_base, &bf16_rows_base, nullptr, nullptr};
+  const CpuKernels base{&attend_chunk_base, &bf16_rows_base, nullptr, nullptr, nullptr};
   if (want == "base") return base;
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const CpuKernels k512{&attend_chunk_avx512, &bf16_rows_avx512, &attend_chunk16_avx512, &attend_chunk16_bf16_avx512};
-  const CpuKernels k2{&attend_chunk_avx2, &bf16_rows_avx2, nullptr, nullptr};
+  const bool bf16dp = avx512 && __builtin_cpu_supports("avx512bf16");
+  const CpuKernels k512{&attend_chunk_avx512, &bf16_rows_avx512, &attend_chunk16_avx512, &attend_chunk16_bf16_avx512,
+                        bf16dp ? &attend_chunk16_bf16dp_avx512 : nullptr};
+  const CpuKernels k2{&attend_chunk_avx2, &bf16_rows_avx2, nullptr, nullptr, nullptr};
   if (want.empty()) return avx512 ? k512 : avx2 ? k2 : base;
   if (want == "avx512" && avx512) return k512;
   if (want == "avx2" && avx2) return k2;

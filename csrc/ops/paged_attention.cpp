@@ -21,6 +21,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -176,6 +177,8 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
   const bool v16 = d % 16 == 0 && kern.attend_chunk16 != nullptr;
   const auto chunk_fn = v16 ? kern.attend_chunk16 : kern.attend_chunk;
   const bool v16_bf16 = kIsBf16 && v16;  // decode-sized items: the bf16 kernel converts rows as it loads them
+  // bf16 with AVX-512 BF16: scores by vdpbf16ps on the raw bf16 rows (queries copied unscaled)
+  const bool bf16dp = kIsBf16 && d % 32 == 0 && kern.attend_chunk16_bf16dp != nullptr;
   const int64_t hg = heads_per_item(nseq, hkv);
   const int64_t groups = (hkv + hg - 1) / hg;
 
@@ -184,6 +187,7 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
   // which the hardware prefetchers follow; per-head loops would stride hkv x d between keys.
   at::parallel_for(0, nseq * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf, s, mrow, lrow, acc, kbuf, vbuf;
+    std::vector<uint16_t> qh;   // [nh, M, d] bf16 query rows (bf16dp only)
     std::vector<const float*> kptr(kChunk), vptr(kChunk);
     std::vector<const uint16_t*> kraw(kChunk), vraw(kChunk);
     std::vector<int64_t> slot(kChunk);
@@ -213,6 +217,10 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
             const T* src = qp + (q0 + t) * q_stride + ((h0 + i) * group + g) * d;
             float* dst = qf.data() + (i * M + row) * d;
             for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<float>(src[e]) * fscale;
+            if (bf16dp) {
+              qh.resize(nh * M * d);
+              std::memcpy(qh.data() + (i * M + row) * d, src, d * sizeof(uint16_t));
+            }
             limit[row] = static_cast<int>(seq - q_len + t + 1);
           }
         }
@@ -256,6 +264,17 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
           const ChunkArgs args{qf.data() + i * M * d, kptr.data(), vptr.data(), nvalid.data(), s.data(),
                                mrow.data() + i * M, lrow.data() + i * M, acc.data() + i * M * d, M,
                                static_cast<int>(d), n, kraw.data(), vraw.data()};
+          if (bf16dp) {
+            ChunkArgs dp = args;
+            dp.qh = qh.data() + i * M * d;
+            dp.qscale = fscale;
+            if (!bf16_direct) {  // many rows: convert V once, read it as fp32
+              kern.bf16_rows(vraw.data(), n, static_cast<int>(d), vbuf.data());
+              dp.vh = nullptr;
+            }
+            kern.attend_chunk16_bf16dp(dp);
+            continue;
+          }
           if (bf16_direct) {
             kern.attend_chunk16_bf16(args);
             continue;
