@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICES
+from conftest import DEVICES, requires_cuda
 from tandem_rt.ops import paged_attention
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -102,6 +102,10 @@ def _params():
 @pytest.mark.parametrize("device, head_dim, dtype, page_size", list(_params()))
 def test_paged_attention_matches_reference(device, head_dim, dtype, page_size):
     """Lengths at and across page boundaries, GQA ratios 1/2/4/8, decode and ragged verify blocks."""
+    check_reference_cases(device, head_dim, dtype, page_size)
+
+
+def check_reference_cases(device, head_dim, dtype, page_size):
     P = page_size
     seq_lens = [1, P - 1, P, P + 1, 2 * P + 3]
     for group in (1, 2, 4, 8):
@@ -118,6 +122,10 @@ def test_paged_attention_matches_reference(device, head_dim, dtype, page_size):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_attention_long_context_and_split(device, dtype):
     """Contexts spanning many key chunks (CPU) and several KV splits (CUDA: one sequence, long context)."""
+    check_long_context_and_split(device, dtype)
+
+
+def check_long_context_and_split(device, dtype):
     run_and_check([1500], [1], 8, 2, 64, 16, dtype, device)
     run_and_check([900, 37, 300], [8, 3, 32], 8, 2, 64, 16, dtype, device)
     run_and_check([1101], [32], 16, 4, 128, 32, dtype, device)
@@ -206,6 +214,10 @@ def test_cpu_head_dim_any_even_cuda_head_dim_checked():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_attention_long_contexts(device, dtype):
     """Contexts long enough for the CPU's GEMM path (rows x keys >= 4096), ragged, mixed with short ones."""
+    check_long_contexts(device, dtype)
+
+
+def check_long_contexts(device, dtype):
     d = 64 if device == "cuda" else 32
     run_and_check([700, 517, 40, 1100], [1, 8, 3, 32], 8, 2, d, 16, dtype, device)
 
@@ -233,3 +245,105 @@ def test_cpu_kernel_variant_unknown(monkeypatch):
     monkeypatch.setenv("TANDEM_RT_CPU_KERNELS", "sse9")
     with pytest.raises(ValueError, match="TANDEM_RT_CPU_KERNELS"):
         run_and_check([5], [1], 2, 1, 16, 8, torch.float32, "cpu")
+
+
+# ---- tensor-core kernel (TANDEM_RT_PA_KERNEL=mma), CUDA only --------------------------------------
+# The glue reads TANDEM_RT_PA_KERNEL on every call: "mma" selects the mma.sync / cp.async kernel of
+# csrc/kernels/paged_attention_mma.cu for fp16 / bf16 (fp32 keeps the SIMT kernel). The cases below
+# rerun the reference comparisons above with it; tools/device_check.sh also reruns this whole file
+# with the variable set.
+MMA_DTYPES = (torch.bfloat16, torch.float16)
+mma_case = pytest.mark.usefixtures("mma_kernel")
+
+
+@pytest.fixture
+def mma_kernel(monkeypatch):
+    monkeypatch.setenv("TANDEM_RT_PA_KERNEL", "mma")
+
+
+def _mma_params():
+    """Every CUDA head_dim x {bf16, fp16} x page size 8/16/32."""
+    for d in CUDA_HEAD_DIMS:
+        for dtype in MMA_DTYPES:
+            for page_size in (8, 16, 32):
+                yield pytest.param(d, dtype, page_size, id=f"cuda-mma-d{d}-{str(dtype)[6:]}-p{page_size}")
+
+
+@pytest.mark.cuda
+@requires_cuda
+@mma_case
+@pytest.mark.parametrize("head_dim, dtype, page_size", list(_mma_params()))
+def test_paged_attention_mma_matches_reference(head_dim, dtype, page_size):
+    """As test_paged_attention_matches_reference: GQA 1/2/4/8, decode (one 16-row tile) and ragged
+    verify blocks up to 2 * page_size + 3 queries (rows per KV head up to 67, several 32-row tiles)."""
+    check_reference_cases("cuda", head_dim, dtype, page_size)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@mma_case
+@pytest.mark.parametrize("dtype", MMA_DTYPES, ids=["bf16", "fp16"])
+def test_paged_attention_mma_long_context_and_split(dtype):
+    """Several KV splits (fp32 partials + the SIMT combine kernel), decode and 32-row tiles."""
+    check_long_context_and_split("cuda", dtype)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@mma_case
+@pytest.mark.parametrize("dtype", MMA_DTYPES, ids=["bf16", "fp16"])
+def test_paged_attention_mma_long_contexts(dtype):
+    check_long_contexts("cuda", dtype)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@mma_case
+@pytest.mark.parametrize("dtype", MMA_DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("head_dim", CUDA_HEAD_DIMS)
+def test_paged_attention_mma_ragged_gqa(head_dim, group, dtype):
+    """Ragged verify blocks with q_len up to 32 for each GQA ratio, rows per KV head (q_len x group)
+    at the kernel's tile boundaries: <= 16 (one m16 tile), exactly 16, in (16, 32] (one 32-row
+    tile), > 32 (several row tiles); keys not a multiple of the 64-key tile; one empty block."""
+    hkv = 2
+    hq = hkv * group
+    page_size = (8, 16, 32)[CUDA_HEAD_DIMS.index(head_dim)]
+    seq_lens = [1, 17, 64, 65, 100, 129]
+    for max_rows in (16, 32, 256):
+        q_max = max(1, min(32, max_rows // group))
+        q_lens = [1, min(17, q_max), 0, q_max, max(1, q_max // 3), q_max]
+        run_and_check(seq_lens, q_lens, hq, hkv, head_dim, page_size, dtype, "cuda")
+    run_and_check([3, 40], [1, 1], hq, hkv, head_dim, page_size, dtype, "cuda")  # decode only
+
+
+@pytest.mark.cuda
+@requires_cuda
+@mma_case
+@pytest.mark.parametrize("dtype", MMA_DTYPES, ids=["bf16", "fp16"])
+def test_paged_attention_mma_strided_q_and_scale(dtype):
+    run_and_check([40, 9], [3, 1], 4, 2, 64, 8, dtype, "cuda", scale=0.37, q_view=True)
+    run_and_check([300, 77], [20, 32], 16, 2, 128, 16, dtype, "cuda", scale=0.05, q_view=True)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@mma_case
+def test_paged_attention_mma_fp32_uses_simt():
+    """fp32 has no tensor-core kernel: with TANDEM_RT_PA_KERNEL=mma it keeps the SIMT kernel."""
+    run_and_check([40, 9], [3, 1], 4, 2, 64, 8, torch.float32, "cuda")
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_paged_attention_kernel_env_variable(monkeypatch):
+    """Read on every call: simt / mma / unset are accepted, anything else raises ValueError naming it."""
+    for value in ("simt", "mma", ""):
+        monkeypatch.setenv("TANDEM_RT_PA_KERNEL", value)
+        run_and_check([20, 9], [4, 1], 8, 2, 64, 16, torch.bfloat16, "cuda")
+    monkeypatch.setenv("TANDEM_RT_PA_KERNEL", "tensor")
+    args = _valid("cuda")
+    with pytest.raises(ValueError, match="TANDEM_RT_PA_KERNEL"):
+        paged_attention(**args)
+    monkeypatch.delenv("TANDEM_RT_PA_KERNEL")
+    paged_attention(**args)

@@ -1,9 +1,15 @@
-// CUDA dispatch for tandem_rt::paged_attention (glue only: kernels live in kernels/paged_attention.cu).
+// CUDA dispatch for tandem_rt::paged_attention (glue only: kernels live in kernels/paged_attention.cu
+// and kernels/paged_attention_mma.cu).
 // Chooses the KV split from max_seq_len and the SM count, allocates the fp32 partial-result
 // workspace through the caching allocator (graph-capture safe) and launches; no host sync.
+// The attention kernel comes from the environment variable TANDEM_RT_PA_KERNEL, read on every call:
+// unset, empty or "simt" -> SIMT kernel (default); "mma" -> tensor-core kernel for fp16/bf16 (fp32
+// keeps the SIMT kernel); anything else -> ValueError.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "common/check.h"
@@ -14,6 +20,15 @@
 namespace tandem_rt {
 namespace {
 
+// Not cached, so that tests and benchmarks can switch kernels within one process.
+kernels::PagedAttentionKernel kernel_from_env() {
+  const char* env = std::getenv("TANDEM_RT_PA_KERNEL");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "simt") == 0) return kernels::kPagedAttentionSimt;
+  TORCH_CHECK_VALUE(std::strcmp(env, "mma") == 0, "TANDEM_RT_PA_KERNEL must be 'simt' or 'mma' (or unset), got '",
+                    env, "'");
+  return kernels::kPagedAttentionMma;
+}
+
 void paged_attention_cuda(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
                           const at::Tensor& query_start_loc, double scale, int64_t max_q_len, int64_t max_seq_len) {
@@ -22,6 +37,7 @@ void paged_attention_cuda(const at::Tensor& out, const at::Tensor& q, const at::
   const int64_t d = q.size(2);
   TORCH_CHECK_VALUE(kernels::paged_attention_head_dim_supported(static_cast<int>(d)), "head_dim ", d,
                     " is not supported by the CUDA paged_attention kernel (supported: 32, 64, 128)");
+  const kernels::PagedAttentionKernel kernel = kernel_from_env();
   const int64_t elem = q.element_size();
   TORCH_CHECK_VALUE(aligned16(q.data_ptr()) && (q.stride(0) * elem) % 16 == 0,
                     "q rows must start at 16-byte aligned addresses");
@@ -57,6 +73,7 @@ void paged_attention_cuda(const at::Tensor& out, const at::Tensor& q, const at::
   p.max_q_len = static_cast<int>(max_q_len);
   p.scale = static_cast<float>(scale);
   p.dtype = to_kv_dtype(q.scalar_type());
+  p.kernel = p.dtype == kernels::KvDType::kFloat32 ? kernels::kPagedAttentionSimt : kernel;
   p.num_splits = kernels::paged_attention_splits(q.get_device(), p.num_seqs, p.hq, p.hkv, p.max_q_len,
                                                  static_cast<int>(max_seq_len), &p.split_len);
   at::Tensor part_out, part_ml;
@@ -68,6 +85,9 @@ void paged_attention_cuda(const at::Tensor& out, const at::Tensor& q, const at::
     p.part_ml = part_ml.data_ptr<float>();
   }
   const auto err = kernels::launch_paged_attention(p, c10::cuda::getCurrentCUDAStream());
+  // The tensor-core launcher refuses devices below sm_80 before launching anything.
+  TORCH_CHECK_VALUE(!(err == cudaErrorNotSupported && p.kernel == kernels::kPagedAttentionMma),
+                    "TANDEM_RT_PA_KERNEL=mma needs a GPU of compute capability 8.0 or newer");
   TORCH_CHECK(err == cudaSuccess, "paged_attention kernel launch failed: ", cudaGetErrorString(err));
 }
 

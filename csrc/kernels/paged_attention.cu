@@ -14,6 +14,8 @@
 //      V rows of the tile (16-byte loads) and accumulates in fp32 registers.
 // With one split the CTA normalises and writes `out`; otherwise it writes unnormalised partials and
 // (max, sum) per row, which paged_attention_combine_kernel merges.
+// launch_paged_attention runs this kernel unless p.kernel selects the tensor-core kernel of
+// paged_attention_mma.cu (fp16/bf16 only); the split choice and the combine are shared by both.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -336,11 +338,16 @@ __global__ void __launch_bounds__(D) paged_attention_combine_kernel(const PagedA
 
 template <typename T, int D>
 cudaError_t launch_dim(const PagedAttentionParams& p, cudaStream_t stream) {
-  const int group = p.hq / p.hkv;
-  const int row_tiles = (p.max_q_len * group + kRows - 1) / kRows;
-  const dim3 grid(p.hkv * row_tiles, p.num_seqs, p.num_splits);
-  paged_attention_kernel<T, D><<<grid, kThreads, 0, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err;
+  if (!std::is_same_v<T, float> && p.kernel == kPagedAttentionMma) {
+    err = launch_paged_attention_mma(p, stream);  // tensor-core kernel (paged_attention_mma.cu)
+  } else {
+    const int group = p.hq / p.hkv;
+    const int row_tiles = (p.max_q_len * group + kRows - 1) / kRows;
+    const dim3 grid(p.hkv * row_tiles, p.num_seqs, p.num_splits);
+    paged_attention_kernel<T, D><<<grid, kThreads, 0, stream>>>(p);
+    err = cudaGetLastError();
+  }
   if (err != cudaSuccess || p.num_splits == 1) return err;
   paged_attention_combine_kernel<T, D><<<dim3(p.ntok, p.hq), D, 0, stream>>>(p);
   return cudaGetLastError();

@@ -9,6 +9,13 @@
 
 namespace tandem_rt::kernels {
 
+// Attention kernel of a launch (PagedAttentionParams::kernel).
+enum PagedAttentionKernel : int {
+  kPagedAttentionSimt = 0,  // paged_attention.cu: CUDA cores, every dtype (the default)
+  kPagedAttentionMma = 1,   // paged_attention_mma.cu: tensor cores + cp.async, fp16/bf16, sm_80+
+                            // (fp32 launches use the SIMT kernel whatever this field says)
+};
+
 struct PagedAttentionParams {
   void* out;                       // [ntok, hq, head_dim] contiguous
   const void* q;                   // [ntok, hq, head_dim], row stride q_stride elements, 16-byte aligned rows
@@ -25,6 +32,7 @@ struct PagedAttentionParams {
   int num_splits, split_len;       // KV splits and keys per split (from paged_attention_splits)
   float scale;
   KvDType dtype;
+  int kernel;                      // PagedAttentionKernel
 };
 
 // Head dims with a compiled kernel.
@@ -35,7 +43,14 @@ bool paged_attention_head_dim_supported(int head_dim);
 int paged_attention_splits(int device, int num_seqs, int hq, int hkv, int max_q_len, int max_seq_len,
                            int* split_len);
 
-// Launches the attention kernel and, when num_splits > 1, the reduction over splits.
+// Launches the attention kernel chosen by p.kernel and, when num_splits > 1, the reduction over
+// splits.
 cudaError_t launch_paged_attention(const PagedAttentionParams& p, cudaStream_t stream);
+
+// Launches only the tensor-core attention kernel (paged_attention_mma.cu; fp16/bf16, head_dim
+// 32/64/128): with num_splits > 1 it writes part_out / part_ml and the caller launches the combine.
+// Returns cudaErrorNotSupported below compute capability 8.0, cudaErrorInvalidValue for fp32.
+// Called by launch_paged_attention.
+cudaError_t launch_paged_attention_mma(const PagedAttentionParams& p, cudaStream_t stream);
 
 }  // namespace tandem_rt::kernels
