@@ -331,6 +331,8 @@ void attend_chunk16_bf16_avx512(const ChunkArgs& a) {
 // ---- AVX-512 BF16 (head_dim % 32 == 0): scores with vdpbf16ps on the raw bf16 Q and K -----------
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma")
+constexpr int kMaxDpRows = 32;  // rows per bf16-probability block of the vdpbf16ps P V
+
 // Scores from bf16 query rows a.qh (unscaled) and bf16 key rows a.kh: each vdpbf16ps adds 32
 // exact bf16 products pairwise into 16 fp32 lanes (no conversion of K); then x a.qscale.
 __attribute__((always_inline)) inline void scores_bf16dp(const ChunkArgs& a) {
@@ -366,12 +368,80 @@ __attribute__((always_inline)) inline void scores_bf16dp(const ChunkArgs& a) {
   }
 }
 
-// bf16 K via vdpbf16ps; V as bf16 rows (a.vh, converted on load) or, when a.vh is null,
-// fp32 rows (a.v, converted once by the caller: better when many rows re-read each V row).
+// acc[R rows, 64 dims at d0] += P V with vdpbf16ps: P rounded to bf16 (pairs of adjacent keys in
+// one 32-bit word, pb: [M, kChunk + 1] bf16), each pair of V rows interleaved element-wise so that
+// one instruction adds p_j v_j + p_j+1 v_j+1 into 16 fp32 lanes.
+template <int R>
+__attribute__((always_inline)) inline void pv_bf16dp_block(const ChunkArgs& a, const uint16_t* pb, int m0, int d0) {
+  const __m512i inter = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  __m512 acc[R][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_loadu_ps(a.acc + (m0 + r) * a.D + d0 + 16 * v);
+  for (int j = 0; j < a.n; j += 2) {
+    const uint16_t* v0 = a.vh[j] + d0;
+    const uint16_t* v1 = a.vh[std::min(j + 1, a.n - 1)] + d0;  // odd n: its p is 0 (pb padding)
+    __m512bh vv[4];
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) {
+      const __m512i x = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + 16 * v)));
+      const __m512i y = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + 16 * v)));
+      vv[v] = (__m512bh)_mm512_permutex2var_epi16(x, inter, y);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, pb + (m0 + r) * (kChunk + 2) + j, 4);
+      const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], pp, vv[v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(a.acc + (m0 + r) * a.D + d0 + 16 * v, acc[r][v]);
+}
+
+// bf16 K via vdpbf16ps. V: with D % 64 == 0 also via vdpbf16ps (P rounded to bf16, as tensor-core
+// kernels do); otherwise as bf16 rows converted on load (a.vh) or, when a.vh is null, fp32 rows
+// (a.v, converted once by the caller).
 void attend_chunk16_bf16dp_avx512(const ChunkArgs& a) {
   scores_bf16dp(a);
   softmax_v16(a);
-  if (a.vh != nullptr) {
+  if (a.vh != nullptr && a.D % 64 == 0) {
+    // pb: [M, kChunk + 2] bf16 probabilities (round to nearest even; p in [0, 1], no NaN), zero-padded
+    alignas(64) uint16_t pb[kMaxDpRows * (kChunk + 2)];
+    for (int m0 = 0; m0 < a.M; m0 += kMaxDpRows) {
+      const int rows = std::min(kMaxDpRows, a.M - m0);
+      for (int r = 0; r < rows; ++r) {
+        const float* srow = a.s + (m0 + r) * kChunk;
+        uint16_t* prow = pb + r * (kChunk + 2);
+#pragma omp simd
+        for (int j = 0; j < a.n; ++j) {
+          const uint32_t bits = std::bit_cast<uint32_t>(srow[j]);
+          prow[j] = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+        }
+        prow[a.n] = 0;
+        prow[a.n + 1] = 0;
+      }
+      ChunkArgs sub = a;
+      sub.acc = a.acc + m0 * a.D;
+      int r0 = 0;
+      for (; r0 + 4 <= rows; r0 += 4)
+        for (int d0 = 0; d0 < a.D; d0 += 64) pv_bf16dp_block<4>(sub, pb, r0, d0);
+      for (int d0 = 0; d0 < a.D && r0 < rows; d0 += 64) {
+        switch (rows - r0) {
+          case 3: pv_bf16dp_block<3>(sub, pb, r0, d0); break;
+          case 2: pv_bf16dp_block<2>(sub, pb, r0, d0); break;
+          case 1: pv_bf16dp_block<1>(sub, pb, r0, d0); break;
+          default: break;
+        }
+      }
+    }
+  } else if (a.vh != nullptr) {
     pv_v16<uint16_t>(a, a.vh);
   } else {
     pv_v16<float>(a, a.v);

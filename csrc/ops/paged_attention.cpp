@@ -268,7 +268,7 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
             ChunkArgs dp = args;
             dp.qh = qh.data() + i * M * d;
             dp.qscale = fscale;
-            if (!bf16_direct) {  // many rows: convert V once, read it as fp32
+            if (!bf16_direct && d % 64 != 0) {  // many rows, no bf16 P V: convert V once, read it as fp32
               kern.bf16_rows(vraw.data(), n, static_cast<int>(d), vbuf.data());
               dp.vh = nullptr;
             }
