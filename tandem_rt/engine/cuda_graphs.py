@@ -8,9 +8,9 @@ written, their outputs are discarded). The graph's ``max_seq_len`` is the model'
 the attention launch covers every length; lengths, positions, slots and page tables are device
 inputs copied into the graph's static buffers before each replay. Sampling and verification run
 after the replay on the device random state, which they advance in place, so every replay draws
-fresh numbers. Ragged steps (the drafter's catch-up step, prompt chunks, blocks with unequal
-draft lengths) run eagerly. Results are identical with and without graphs up to floating-point
-reassociation inside the captured kernels (none: the same kernels run).
+fresh numbers. Ragged steps (prompt chunks, blocks with unequal draft lengths) run eagerly; the
+drafter's catch-up step is made uniform by the caller. Results are identical with and without
+graphs up to floating-point reassociation inside the captured kernels (none: the same kernels run).
 
 Not exercised without a GPU: the CPU build never constructs this class.
 """

@@ -410,7 +410,8 @@ class Generation:
 
         Returns (drafts int64 ``[B, G]``, probs fp32 ``[B, G, V]`` or None, lens list).
         The first step runs positions ``[min(dlen, n-1), n)`` (catching up the drafter; a query-only
-        row when the pool already holds position ``n - 1``).
+        row when the pool already holds position ``n - 1``), front-padded with query-only rows to the
+        same row count for every sequence, so that the step can replay a CUDA graph.
         """
         B = len(seqs)
         G = max(limits)
@@ -428,7 +429,10 @@ class Generation:
             bt = block_tables if len(act) == B else block_tables.index_select(
                 0, h2d(act, torch.int64, self.device))
             if k == 0:
-                starts = [min(s.dlen, s.n - 1) for s in sub]
+                # catch up the drafting model: positions [min(dlen, n-1), n) of each sequence, padded
+                # at the front with query-only rows to a uniform count (a graph-capturable step)
+                q_rows = max(s.n - min(s.dlen, s.n - 1) for s in sub)
+                starts = [max(0, s.n - q_rows) for s in sub]
                 ends = [s.n for s in sub]
                 write = [s.dlen for s in sub]
                 ids = h2d([t for s, a in zip(sub, starts) for t in s.tokens[a:]], torch.int64, self.device)
