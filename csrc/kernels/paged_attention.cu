@@ -26,6 +26,7 @@
 #include <type_traits>
 
 #include "kernels/paged_attention.h"
+#include "kernels/paged_attention_cta.cuh"
 
 namespace tandem_rt::kernels {
 namespace {
@@ -117,27 +118,15 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const PagedAt
   __shared__ float m_s[kRows], l_s[kRows], alpha_s[kRows];
   __shared__ int limit_s[kRows];                       // exclusive key bound per row (causal)
 
-  const int kvh = blockIdx.x % p.hkv;
-  const int tile = blockIdx.x / p.hkv;
-  const int b = blockIdx.y;
-  const int split = blockIdx.z;
-  const int group = p.hq / p.hkv;
-  const int q0 = p.query_start_loc[b];
-  const int q_len = p.query_start_loc[b + 1] - q0;
-  const int r0 = tile * kRows;
-  if (r0 >= q_len * group) return;
-  const int rows = min(kRows, q_len * group - r0);
-  const int seq = p.seq_lens[b];
-  const int kv_end = seq - q_len + (r0 + rows - 1) / group + 1;  // keys the last row may see
-  const int k_begin = split * p.split_len;
-  const int k_end = min(kv_end, k_begin + p.split_len);
-
+  const CtaWork w = cta_work<kRows, D, T>(p);
+  if (w.rows == 0) return;
+  const int kvh = w.kvh, split = w.split, group = w.group, q0 = w.q0, q_len = w.q_len;
+  const int r0 = w.r0, rows = w.rows, seq = w.seq, k_begin = w.k_begin, k_end = w.k_end;
+  const int32_t* bt = w.bt;  // [max_pages]
+  const int64_t slot_bytes = w.slot_bytes, head_bytes = w.head_bytes;
   const T* q = static_cast<const T*>(p.q);
   const char* k_cache = static_cast<const char*>(p.k_cache);
   const char* v_cache = static_cast<const char*>(p.v_cache);
-  const int32_t* bt = p.block_tables + static_cast<int64_t>(b) * p.max_pages;
-  const int64_t slot_bytes = static_cast<int64_t>(p.hkv) * D * sizeof(T);
-  const int64_t head_bytes = static_cast<int64_t>(kvh) * D * sizeof(T);
   const float qscale = p.scale * kLog2e;
 
   // Query rows -> shared memory (row r = t * group + g within the sequence).

@@ -53,6 +53,7 @@
 #include <type_traits>
 
 #include "kernels/paged_attention.h"
+#include "kernels/paged_attention_cta.cuh"
 
 namespace tandem_rt::kernels {
 namespace {
@@ -207,27 +208,15 @@ __global__ void __launch_bounds__(kMmaThreads) paged_attention_mma_kernel(const 
   // ok_s: uint8 [kStages][64]: 1 = key inside the split's range and on a valid page
   unsigned char* ok_s = smem + Cfg::kOkOffset;
 
-  const int kvh = blockIdx.x % p.hkv;
-  const int tile = blockIdx.x / p.hkv;
-  const int b = blockIdx.y;
-  const int split = blockIdx.z;
-  const int group = p.hq / p.hkv;
-  const int q0 = p.query_start_loc[b];
-  const int q_len = p.query_start_loc[b + 1] - q0;
-  const int r0 = tile * Cfg::kRows;
-  if (r0 >= q_len * group) return;  // CTA-uniform: no barrier skipped by only part of the CTA
-  const int rows = min(Cfg::kRows, q_len * group - r0);
-  const int seq = p.seq_lens[b];
-  const int kv_end = seq - q_len + (r0 + rows - 1) / group + 1;  // keys the CTA's last row may see
-  const int k_begin = split * p.split_len;
-  const int k_end = min(kv_end, k_begin + p.split_len);
-
+  const CtaWork w = cta_work<Cfg::kRows, D, T>(p);
+  if (w.rows == 0) return;  // CTA-uniform: no barrier skipped by only part of the CTA
+  const int kvh = w.kvh, split = w.split, group = w.group, q0 = w.q0, q_len = w.q_len;
+  const int r0 = w.r0, rows = w.rows, seq = w.seq, k_begin = w.k_begin, k_end = w.k_end;
+  const int32_t* bt = w.bt;  // [max_pages]
+  const int64_t slot_bytes = w.slot_bytes, head_bytes = w.head_bytes;
   const T* q = static_cast<const T*>(p.q);                        // [ntok, hq, D], row stride q_stride
   const char* k_cache = static_cast<const char*>(p.k_cache);      // [num_pages, page_size, hkv, D]
   const char* v_cache = static_cast<const char*>(p.v_cache);      // [num_pages, page_size, hkv, D]
-  const int32_t* bt = p.block_tables + static_cast<int64_t>(b) * p.max_pages;  // [max_pages]
-  const int64_t slot_bytes = static_cast<int64_t>(p.hkv) * D * sizeof(T);
-  const int64_t head_bytes = static_cast<int64_t>(kvh) * D * sizeof(T);
 
   const int tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;

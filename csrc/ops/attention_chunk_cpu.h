@@ -58,6 +58,40 @@ __attribute__((always_inline)) inline float exp_nonpos(float x) {
   return y * std::bit_cast<float>(bits);
 }
 
+// Online softmax update per row over the chunk's scores; probabilities past the row's causal
+// limit are 0, the running output is rescaled.
+__attribute__((always_inline)) inline void softmax_update(const ChunkArgs& a) {
+  const int M = a.M, D = a.D, n = a.n;
+  for (int m = 0; m < M; ++m) {
+    const int nv = a.nvalid[m];
+    float* __restrict row = a.s + m * kChunk;
+    if (nv <= 0) {
+      for (int j = 0; j < n; ++j) row[j] = 0.f;
+      continue;
+    }
+    float mx = a.mrow[m];
+#pragma omp simd reduction(max : mx)
+    for (int j = 0; j < nv; ++j) mx = std::max(mx, row[j]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < nv; ++j) {
+      const float p = exp_nonpos(row[j] - mx);
+      row[j] = p;
+      sum += p;
+    }
+    for (int j = nv; j < n; ++j) row[j] = 0.f;
+    const float old = a.mrow[m];
+    const float alpha = old == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(old - mx);
+    a.lrow[m] = a.lrow[m] * alpha + sum;
+    a.mrow[m] = mx;
+    if (alpha != 1.f) {
+      float* __restrict acc = a.acc + m * D;
+#pragma omp simd
+      for (int d = 0; d < D; ++d) acc[d] *= alpha;
+    }
+  }
+}
+
 __attribute__((always_inline)) inline void attend_chunk_body(const ChunkArgs& a) {
   const int M = a.M, D = a.D, n = a.n;
   // Scores: four query rows per pass share each key row load.
@@ -91,31 +125,7 @@ __attribute__((always_inline)) inline void attend_chunk_body(const ChunkArgs& a)
       a.s[m * kChunk + j] = s0;
     }
   }
-  // Online softmax per row.
-  for (int m = 0; m < M; ++m) {
-    const int nv = a.nvalid[m];
-    if (nv <= 0) continue;
-    float* __restrict row = a.s + m * kChunk;
-    float mx = a.mrow[m];
-#pragma omp simd reduction(max : mx)
-    for (int j = 0; j < nv; ++j) mx = std::max(mx, row[j]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int j = 0; j < nv; ++j) {
-      const float p = exp_nonpos(row[j] - mx);
-      row[j] = p;
-      sum += p;
-    }
-    const float old = a.mrow[m];
-    const float alpha = old == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(old - mx);
-    a.lrow[m] = a.lrow[m] * alpha + sum;
-    a.mrow[m] = mx;
-    if (alpha != 1.f) {
-      float* __restrict acc = a.acc + m * D;
-#pragma omp simd
-      for (int d = 0; d < D; ++d) acc[d] *= alpha;
-    }
-  }
+  softmax_update(a);
   // acc += P V, one value row at a time.
   for (int j = 0; j < n; ++j) {
     const float* __restrict vr = a.v[j];
@@ -268,40 +278,6 @@ __attribute__((always_inline)) inline void scores_v16(const ChunkArgs& a, const 
   }
 }
 
-// Online softmax update per row over the chunk's scores; probabilities past the row's causal
-// limit are 0, the running output is rescaled.
-__attribute__((always_inline)) inline void softmax_v16(const ChunkArgs& a) {
-  const int M = a.M, D = a.D, n = a.n;
-  for (int m = 0; m < M; ++m) {
-    const int nv = a.nvalid[m];
-    float* __restrict row = a.s + m * kChunk;
-    if (nv <= 0) {
-      for (int j = 0; j < n; ++j) row[j] = 0.f;
-      continue;
-    }
-    float mx = a.mrow[m];
-#pragma omp simd reduction(max : mx)
-    for (int j = 0; j < nv; ++j) mx = std::max(mx, row[j]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int j = 0; j < nv; ++j) {
-      const float p = exp_nonpos(row[j] - mx);
-      row[j] = p;
-      sum += p;
-    }
-    for (int j = nv; j < n; ++j) row[j] = 0.f;
-    const float old = a.mrow[m];
-    const float alpha = old == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(old - mx);
-    a.lrow[m] = a.lrow[m] * alpha + sum;
-    a.mrow[m] = mx;
-    if (alpha != 1.f) {
-      float* __restrict acc = a.acc + m * D;
-#pragma omp simd
-      for (int d = 0; d < D; ++d) acc[d] *= alpha;
-    }
-  }
-}
-
 // acc += P V with register-resident accumulators (4 rows x 64 dims per pass).
 template <typename E>
 __attribute__((always_inline)) inline void pv_v16(const ChunkArgs& a, const E* const* vrows) {
@@ -318,12 +294,12 @@ __attribute__((always_inline)) inline void pv_v16(const ChunkArgs& a, const E* c
 
 void attend_chunk16_avx512(const ChunkArgs& a) {
   scores_v16<float>(a, a.k);
-  softmax_v16(a);
+  softmax_update(a);
   pv_v16<float>(a, a.v);
 }
 void attend_chunk16_bf16_avx512(const ChunkArgs& a) {
   scores_v16<uint16_t>(a, a.kh);
-  softmax_v16(a);
+  softmax_update(a);
   pv_v16<uint16_t>(a, a.vh);
 }
 #pragma GCC pop_options
@@ -410,7 +386,7 @@ __attribute__((always_inline)) inline void pv_bf16dp_block(const ChunkArgs& a, c
 // (a.v, converted once by the caller).
 void attend_chunk16_bf16dp_avx512(const ChunkArgs& a) {
   scores_bf16dp(a);
-  softmax_v16(a);
+  softmax_update(a);
   if (a.vh != nullptr && a.D % 64 == 0) {
     // pb: [M, kChunk + 2] bf16 probabilities (round to nearest even; p in [0, 1], no NaN), zero-padded
     alignas(64) uint16_t pb[kMaxDpRows * (kChunk + 2)];
