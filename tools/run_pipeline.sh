@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python}
 TORCHRUN=${TORCHRUN:-torchrun}
 RUNS=${RUNS:-runs}
-TOK=${STAGE_TOKENS:-1000000}         # tokens per tandem / distillation stage
+TOK=${STAGE_TOKENS:-1500000}         # tokens per tandem / distillation stage
 TRAIN="--bf16 --compile --threads 2 --batch-size 16 --seq-len 256"
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 
