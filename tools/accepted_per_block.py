@@ -38,9 +38,12 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                    help="engine dtype (default: the checkpoint's)")
     ap.add_argument("--json", help="write the table as JSON here")
     args = ap.parse_args(argv)
-    engine = tandem_rt.Engine.from_pretrained(args.model, device=args.device, max_batch_size=args.prompts)
+    engine = tandem_rt.Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                              max_batch_size=args.prompts)
     prompts = split_prompts(args.split, args.prompts, args.prompt_tokens, engine.tokenizer)
     params = tandem_rt.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0, ignore_eos=True)
     reference = [r.token_ids for r in engine.generate(prompts, params, mode="primary")]
@@ -60,6 +63,7 @@ def main(argv=None) -> int:
         print(f"{gamma:5d} {row['speed']:8.3f} {row['tandem-speed']:13.3f} {row['gain_pct']:+6.1f}%")
     if args.json:
         Path(args.json).write_text(json.dumps({"split": args.split, "prompts": len(prompts),
+                                               "dtype": str(engine.dtype).replace("torch.", ""),
                                                "prompt_tokens": args.prompt_tokens,
                                                "max_new_tokens": args.max_new_tokens, "rows": rows}, indent=1))
     return 0

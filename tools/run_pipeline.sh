@@ -51,7 +51,7 @@ threshold() {   # router threshold by measured engine speed on val (writes it in
 }
 accepted() {    # accepted drafts per block through the engine, test split (Table 1's last goal)
   $PY tools/accepted_per_block.py --model $BUNDLED --split test --gammas 3,5,7 --prompts 24 \
-      --json docs/accepted_per_block.json
+      --dtype float32 --json docs/accepted_per_block.json
 }
 case "${1:-all}" in
   prep) prep ;;
