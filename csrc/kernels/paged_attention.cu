@@ -26,6 +26,7 @@
 #include <type_traits>
 
 #include "kernels/paged_attention.h"
+#include "kernels/kv_dtype_dispatch.cuh"
 #include "kernels/paged_attention_cta.cuh"
 
 namespace tandem_rt::kernels {
@@ -394,12 +395,7 @@ int paged_attention_splits(int device, int num_seqs, int hq, int hkv, int max_q_
 
 cudaError_t launch_paged_attention(const PagedAttentionParams& p, cudaStream_t stream) {
   if (p.ntok == 0 || p.num_seqs == 0 || p.max_q_len == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case KvDType::kFloat32: return launch_typed<float>(p, stream);
-    case KvDType::kFloat16: return launch_typed<__half>(p, stream);
-    case KvDType::kBFloat16: return launch_typed<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_kv_dtype(p.dtype, [&](auto tag) { return launch_typed<decltype(tag)>(p, stream); });
 }
 
 }  // namespace tandem_rt::kernels

@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 
 #include "kernels/rope_cache.h"
+#include "kernels/kv_dtype_dispatch.cuh"
 
 namespace tandem_rt::kernels {
 namespace {
@@ -80,12 +81,7 @@ cudaError_t launch_typed(const RopeCacheWriteParams& p, cudaStream_t stream) {
 
 cudaError_t launch_rope_cache_write(const RopeCacheWriteParams& p, cudaStream_t stream) {
   if (p.n == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case KvDType::kFloat32: return launch_typed<float>(p, stream);
-    case KvDType::kFloat16: return launch_typed<__half>(p, stream);
-    case KvDType::kBFloat16: return launch_typed<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_kv_dtype(p.dtype, [&](auto tag) { return launch_typed<decltype(tag)>(p, stream); });
 }
 
 }  // namespace tandem_rt::kernels
