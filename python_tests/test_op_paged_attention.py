@@ -222,10 +222,11 @@ def check_long_contexts(device, dtype):
     run_and_check([700, 517, 40, 1100], [1, 8, 3, 32], 8, 2, d, 16, dtype, device)
 
 
-@pytest.mark.parametrize("variant", ["avx512", "avx2", "base"])
+@pytest.mark.parametrize("variant", ["avx512", "avx512f", "avx2", "base"])
 def test_cpu_kernel_variants(variant, monkeypatch):
     """Each CPU kernel variant (forced with TANDEM_RT_CPU_KERNELS): the AVX-512 register-blocked
-    kernel (head_dim % 16 == 0, bf16 converted on load for decode), the portable per-key loops and
+    kernel (head_dim % 16 == 0; bf16 via vdpbf16ps where the CPU has it, or with avx512f converted
+    to fp32 on load for decode), the portable per-key loops and
     the GEMM path for long verify blocks that the non-AVX-512 variants use."""
     monkeypatch.setenv("TANDEM_RT_CPU_KERNELS", variant)
     try:

@@ -434,8 +434,8 @@ struct CpuKernels {
   void (*attend_chunk16_bf16dp)(const ChunkArgs&);  // head_dim % 32 == 0, AVX-512 BF16: a.qh x a.kh
 };
 
-// The best variant this CPU runs, or the one TANDEM_RT_CPU_KERNELS names ("avx512", "avx2",
-// "base"; read on every call, for tests and A/B timing). Throws std::invalid_argument for an
+// The best variant this CPU runs, or the one TANDEM_RT_CPU_KERNELS names ("avx512", "avx512f" =
+// AVX-512 without the BF16 dot products, "avx2", "base"; read on every call, for tests and A/B timing). Throws std::invalid_argument for an
 // unknown name or a variant this CPU cannot run.
 CpuKernels pick_cpu_kernels() {
   const char* env = std::getenv("TANDEM_RT_CPU_KERNELS");
@@ -453,12 +453,17 @@ CpuKernels pick_cpu_kernels() {
   const CpuKernels k2{&attend_chunk_avx2, &bf16_rows_avx2, nullptr, nullptr, nullptr};
   if (want.empty()) return avx512 ? k512 : avx2 ? k2 : base;
   if (want == "avx512" && avx512) return k512;
+  if (want == "avx512f" && avx512) {  // AVX-512 without the BF16 dot products (bf16 converted to fp32)
+    CpuKernels k = k512;
+    k.attend_chunk16_bf16dp = nullptr;
+    return k;
+  }
   if (want == "avx2" && avx2) return k2;
 #else
   if (want.empty()) return base;
 #endif
   throw std::invalid_argument("TANDEM_RT_CPU_KERNELS=" + want +
-                              " is not a kernel variant this CPU runs (avx512, avx2, base or unset)");
+                              " is not a kernel variant this CPU runs (avx512, avx512f, avx2, base or unset)");
 }
 
 }  // namespace
