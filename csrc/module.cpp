@@ -3,8 +3,12 @@
 // initialisers in csrc/ops/*.cpp (CPU) and csrc/cuda/*.cpp (CUDA) when this
 // library is loaded.
 #include <pybind11/pybind11.h>
+#include <ATen/Parallel.h>
 
+#include <mutex>
+#include <set>
 #include <string>
+#include <thread>
 
 namespace {
 
@@ -31,7 +35,24 @@ pybind11::dict build_info() {
   info["cxx_compiler"] = std::string(TANDEM_CXX_COMPILER);
   info["cuda_compiler"] = std::string(TANDEM_CUDA_COMPILER);
   info["cxx_standard"] = static_cast<long>(__cplusplus);
+  info["cpu_parallel"] = std::string(TANDEM_CPU_PARALLEL);  // at::parallel_for backend compiled in
   return info;
+}
+
+// Distinct OS threads that ran the bodies of one at::parallel_for over n_items (grain 1), the way the
+// CPU kernels call it. More than one when torch has several threads: proves the extension's
+// at::parallel_for really forks (it needs -fopenmp with torch's OpenMP backend).
+long parallel_threads_used(long n_items) {
+  std::mutex mu;
+  std::set<std::thread::id> ids;
+  at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+    volatile double sink = 0;  // a little work per item so that every thread gets some
+    for (int64_t i = begin; i < end; ++i)
+      for (int k = 0; k < 200000; ++k) sink = sink + k;
+    std::lock_guard<std::mutex> lock(mu);
+    ids.insert(std::this_thread::get_id());
+  });
+  return static_cast<long>(ids.size());
 }
 
 }  // namespace
@@ -40,5 +61,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tandem_rt native extension: paged KV cache ops (CPU and CUDA)";
   m.def("build_info", &build_info,
         "Dict: package version, torch version built against, whether CUDA kernels are "
-        "linked, CUDA architectures compiled, compiler versions.");
+        "linked, CUDA architectures compiled, compiler versions, CPU parallel backend.");
+  m.def("parallel_threads_used", &parallel_threads_used, pybind11::arg("n_items"),
+        "Threads that ran one at::parallel_for over n_items work items (diagnostic: the CPU kernels' "
+        "parallelism).", pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -20,6 +20,36 @@ def test_build_info():
     assert info["cxx_compiler"]
 
 
+def test_cpu_parallel_backend_matches_torch():
+    """The extension's at::parallel_for is compiled for torch's backend (with OpenMP: -fopenmp)."""
+    backend = "openmp" if "parallel backend: OpenMP" in torch.__config__.parallel_info() else "native"
+    assert tandem_rt.build_info()["cpu_parallel"] == backend
+
+
+def test_cpu_kernels_run_on_several_threads():
+    """at::parallel_for in the extension forks onto torch's threads (it silently ran on one thread
+    when the sources were compiled without -fopenmp)."""
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert tandem_rt._C.parallel_threads_used(64) == 2
+        torch.set_num_threads(1)
+        assert tandem_rt._C.parallel_threads_used(64) == 1
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_one_openmp_runtime_in_process():
+    """The extension shares torch's OpenMP runtime (no second libgomp / libomp mapped)."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        import pytest
+        pytest.skip("no /proc/self/maps on this platform")
+    libs = {line.split()[-1] for line in maps.read_text().splitlines() if "omp" in line.split()[-1]}
+    libs = {Path(p).name for p in libs if p.endswith((".so", ".1", ".5")) or ".so" in p}
+    assert len(libs) <= 1, f"several OpenMP runtimes loaded: {sorted(libs)}"
+
+
 def test_ops_registered():
     for op in ("copy_pages",):
         assert hasattr(torch.ops.tandem_rt, op)

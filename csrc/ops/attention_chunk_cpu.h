@@ -2,7 +2,8 @@
 // for the query rows of one (sequence, KV head), with an online softmax. Compiled for AVX-512,
 // AVX2+FMA and baseline x86-64 and chosen once at run time; with AVX-512 and head_dim % 16 == 0 a
 // register-blocked variant is used (16 keys scored per shuffle-add tree, P V with the accumulators
-// in registers).
+// in registers), and for items with many query rows the rows-in-lanes variant (16 rows per vector:
+// no horizontal sums, softmax 16 rows at a time).
 #pragma once
 
 #include <algorithm>
@@ -39,6 +40,9 @@ struct ChunkArgs {
   const uint16_t* const* vh = nullptr;  // [n] pointers to bf16 value rows
   const uint16_t* qh = nullptr;         // [M, D] bf16 query rows, unscaled (attend_chunk16_bf16dp only)
   float qscale = 1.f;                   // softmax scale applied to the bf16dp scores
+  // rows-in-lanes kernel (attend_chunk_lanes): queries transposed, scores stored key-major
+  const float* qt = nullptr;            // [D, Mp] scaled query rows, column m = row m, zero-padded
+  int Mp = 0;                           // M rounded up to 16; mrow / lrow / nvalid hold Mp entries
 };
 
 // exp(x) for x <= 0 (Cephes polynomial, ~2 ulp), written so that the compiler vectorises it.
@@ -209,8 +213,9 @@ __attribute__((always_inline)) inline v16f hsum16(const v16f (&p)[16]) {
   return __builtin_shuffle(e[0], e[1], lo4) + __builtin_shuffle(e[0], e[1], hi4);
 }
 
-// acc[R rows, VB*16 dims] += P[R, n] V[n, VB*16 dims], accumulators in registers.
-template <typename E, int R, int VB>
+// acc[R rows, VB*16 dims] += P[R, n] V[n, VB*16 dims], accumulators in registers. P is a.s, row-major
+// [M, kChunk] or, with kKeyMajor, [n, Mp] (the rows-in-lanes kernel's layout).
+template <typename E, int R, int VB, bool kKeyMajor = false>
 __attribute__((always_inline)) inline void pv_block(const ChunkArgs& a, const E* const* vrows, int m0, int d0) {
   v16f acc[R][VB];
 #pragma GCC unroll 4
@@ -224,7 +229,7 @@ __attribute__((always_inline)) inline void pv_block(const ChunkArgs& a, const E*
     for (int v = 0; v < VB; ++v) vv[v] = ld16(vr + 16 * v);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      const float p = a.s[(m0 + r) * kChunk + j];
+      const float p = kKeyMajor ? a.s[j * a.Mp + m0 + r] : a.s[(m0 + r) * kChunk + j];
 #pragma GCC unroll 4
       for (int v = 0; v < VB; ++v) acc[r][v] += p * vv[v];
     }
@@ -235,11 +240,11 @@ __attribute__((always_inline)) inline void pv_block(const ChunkArgs& a, const E*
     for (int v = 0; v < VB; ++v) st16(a.acc + (m0 + r) * a.D + d0 + 16 * v, acc[r][v]);
 }
 
-template <typename E, int R>
+template <typename E, int R, bool kKeyMajor = false>
 __attribute__((always_inline)) inline void pv_rows(const ChunkArgs& a, const E* const* vrows, int m0) {
   int d0 = 0;
-  for (; d0 + 64 <= a.D; d0 += 64) pv_block<E, R, 4>(a, vrows, m0, d0);
-  for (; d0 < a.D; d0 += 16) pv_block<E, R, 1>(a, vrows, m0, d0);
+  for (; d0 + 64 <= a.D; d0 += 64) pv_block<E, R, 4, kKeyMajor>(a, vrows, m0, d0);
+  for (; d0 < a.D; d0 += 16) pv_block<E, R, 1, kKeyMajor>(a, vrows, m0, d0);
 }
 
 // Scores s[m][j] = q_m . k_j for E = float rows or uint16_t (bf16) rows converted on load: 8 keys x
@@ -279,17 +284,120 @@ __attribute__((always_inline)) inline void scores_v16(const ChunkArgs& a, const 
 }
 
 // acc += P V with register-resident accumulators (4 rows x 64 dims per pass).
-template <typename E>
+template <typename E, bool kKeyMajor = false>
 __attribute__((always_inline)) inline void pv_v16(const ChunkArgs& a, const E* const* vrows) {
   const int M = a.M;
   int m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) pv_rows<E, 4>(a, vrows, m0);
+  for (; m0 + 4 <= M; m0 += 4) pv_rows<E, 4, kKeyMajor>(a, vrows, m0);
   switch (M - m0) {
-    case 3: pv_rows<E, 3>(a, vrows, m0); break;
-    case 2: pv_rows<E, 2>(a, vrows, m0); break;
-    case 1: pv_rows<E, 1>(a, vrows, m0); break;
+    case 3: pv_rows<E, 3, kKeyMajor>(a, vrows, m0); break;
+    case 2: pv_rows<E, 2, kKeyMajor>(a, vrows, m0); break;
+    case 1: pv_rows<E, 1, kKeyMajor>(a, vrows, m0); break;
     default: break;
   }
+}
+
+// ---- rows in lanes (many query rows: verify blocks x GQA group) -----------------------------------
+// Lane i of a vector is query row m0 + i, so scores need no horizontal sums and the online softmax
+// runs 16 rows at once: s[j][m] = sum_d k_j[d] * qt[d][m], 8 keys x 32 rows of accumulators, each
+// key element broadcast once per 32 rows.
+
+// exp(x) for x <= 0 in 16 lanes (the polynomial of exp_nonpos).
+__attribute__((always_inline)) inline v16f exp_nonpos16(v16f x) {
+  const v16f lo = v16f{} - 87.0f;
+  x = x < lo ? lo : x;
+  const v16f big = v16f{} + 12582912.0f;
+  const v16f fn = (x * 1.44269504088896341f + big) - big;
+  v16f r = x - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  v16f y = v16f{} + 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const v16i bits = (__builtin_convertvector(fn, v16i) + 127) << 23;
+  v16f scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+// s[j0 + t][m0 .. m0 + 16 * RV) for t < 8 keys: RV row vectors of 16 lanes.
+template <int RV>
+__attribute__((always_inline)) inline void scores_lanes_block(const ChunkArgs& a, const float* const* kr, int j0,
+                                                              int cnt, int m0) {
+  v16f acc[8][RV];
+#pragma GCC unroll 8
+  for (int t = 0; t < 8; ++t)
+#pragma GCC unroll 2
+    for (int r = 0; r < RV; ++r) acc[t][r] = v16f{};
+  const float* qt = a.qt + m0;
+  for (int d = 0; d < a.D; ++d) {
+    v16f qv[RV];
+#pragma GCC unroll 2
+    for (int r = 0; r < RV; ++r) qv[r] = ld16(qt + d * a.Mp + 16 * r);
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t) {
+      const float kb = kr[t][d];
+#pragma GCC unroll 2
+      for (int r = 0; r < RV; ++r) acc[t][r] += kb * qv[r];
+    }
+  }
+  for (int t = 0; t < cnt; ++t)
+#pragma GCC unroll 2
+    for (int r = 0; r < RV; ++r) st16(a.s + (j0 + t) * a.Mp + m0 + 16 * r, acc[t][r]);
+}
+
+__attribute__((always_inline)) inline void scores_lanes(const ChunkArgs& a) {
+  for (int j0 = 0; j0 < a.n; j0 += 8) {
+    const float* kr[8];
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t) kr[t] = a.k[std::min(j0 + t, a.n - 1)];
+    const int cnt = std::min(8, a.n - j0);
+    int m0 = 0;
+    for (; m0 + 32 <= a.Mp; m0 += 32) scores_lanes_block<2>(a, kr, j0, cnt, m0);
+    if (m0 < a.Mp) scores_lanes_block<1>(a, kr, j0, cnt, m0);
+  }
+}
+
+// Online softmax over the chunk's key-major scores, 16 rows per vector; then acc rows rescaled.
+__attribute__((always_inline)) inline void softmax_lanes(const ChunkArgs& a) {
+  const v16f ninf = v16f{} - std::numeric_limits<float>::infinity();
+  alignas(64) float alpha[16];
+  for (int m0 = 0; m0 < a.Mp; m0 += 16) {
+    v16i nv;
+    std::memcpy(&nv, a.nvalid + m0, sizeof(nv));
+    const v16f old = ld16(a.mrow + m0);
+    v16f mx = old;
+    for (int j = 0; j < a.n; ++j) {
+      const v16f sv = ld16(a.s + j * a.Mp + m0);
+      mx = (j < nv) & (sv > mx) ? sv : mx;
+    }
+    v16f sum = v16f{};
+    for (int j = 0; j < a.n; ++j) {
+      float* sp = a.s + j * a.Mp + m0;
+      const v16f p = j < nv ? exp_nonpos16(ld16(sp) - mx) : v16f{};
+      st16(sp, p);
+      sum += p;
+    }
+    const v16f al = old == ninf ? v16f{} : exp_nonpos16(old - mx);
+    st16(a.lrow + m0, ld16(a.lrow + m0) * al + sum);
+    st16(a.mrow + m0, mx);
+    st16(alpha, al);
+    for (int i = 0; i < 16 && m0 + i < a.M; ++i) {
+      if (alpha[i] == 1.f) continue;
+      float* acc = a.acc + (m0 + i) * a.D;
+      for (int d = 0; d < a.D; d += 16) st16(acc + d, ld16(acc + d) * alpha[i]);
+    }
+  }
+}
+
+// One chunk for many rows (fp32 K/V rows a.k / a.v; queries a.qt; D % 16 == 0).
+void attend_chunk_lanes_avx512(const ChunkArgs& a) {
+  scores_lanes(a);
+  softmax_lanes(a);
+  pv_v16<float, true>(a, a.v);
 }
 
 void attend_chunk16_avx512(const ChunkArgs& a) {
@@ -432,6 +540,7 @@ struct CpuKernels {
   void (*attend_chunk16)(const ChunkArgs&);       // head_dim % 16 == 0 only; nullptr without AVX-512
   void (*attend_chunk16_bf16)(const ChunkArgs&);  // same, K/V read as bf16 through a.kh / a.vh
   void (*attend_chunk16_bf16dp)(const ChunkArgs&);  // head_dim % 32 == 0, AVX-512 BF16: a.qh x a.kh
+  void (*attend_chunk_lanes)(const ChunkArgs&);     // head_dim % 16 == 0, many rows: a.qt, fp32 a.k / a.v
 };
 
 // The best variant this CPU runs, or the one TANDEM_RT_CPU_KERNELS names ("avx512", "avx512f" =
@@ -440,7 +549,7 @@ struct CpuKernels {
 CpuKernels pick_cpu_kernels() {
   const char* env = std::getenv("TANDEM_RT_CPU_KERNELS");
   const std::string want = env ? env : "";
-  const CpuKernels base{&attend_chunk_base, &bf16_rows_base, nullptr, nullptr, nullptr};
+  const CpuKernels base{&attend_chunk_base, &bf16_rows_base, nullptr, nullptr, nullptr, nullptr};
   if (want == "base") return base;
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
@@ -449,8 +558,8 @@ CpuKernels pick_cpu_kernels() {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool bf16dp = avx512 && __builtin_cpu_supports("avx512bf16");
   const CpuKernels k512{&attend_chunk_avx512, &bf16_rows_avx512, &attend_chunk16_avx512, &attend_chunk16_bf16_avx512,
-                        bf16dp ? &attend_chunk16_bf16dp_avx512 : nullptr};
-  const CpuKernels k2{&attend_chunk_avx2, &bf16_rows_avx2, nullptr, nullptr, nullptr};
+                        bf16dp ? &attend_chunk16_bf16dp_avx512 : nullptr, &attend_chunk_lanes_avx512};
+  const CpuKernels k2{&attend_chunk_avx2, &bf16_rows_avx2, nullptr, nullptr, nullptr, nullptr};
   if (want.empty()) return avx512 ? k512 : avx2 ? k2 : base;
   if (want == "avx512" && avx512) return k512;
   if (want == "avx512f" && avx512) {  // AVX-512 without the BF16 dot products (bf16 converted to fp32)

@@ -8,8 +8,10 @@
 // CPU design: a work item is (sequence, group of KV heads); per head it holds the q_len x group
 // query rows, so each K/V row is read (and converted to fp32) once per item. Keys are processed in
 // chunks of kChunk (outer loop; heads inner, so memory is read in address order) with an online
-// softmax (inner kernels: ops/attention_chunk_cpu.h); verify blocks over long contexts use torch's
-// GEMM on gathered K/V instead (attend_gemm).
+// softmax (inner kernels: ops/attention_chunk_cpu.h). With AVX-512, items with many rows (verify
+// blocks x GQA group) use the rows-in-lanes kernel (16 query rows per vector); without it, verify
+// blocks over long contexts use torch's GEMM on gathered K/V (attend_gemm). Items run in parallel
+// with at::parallel_for (needs -fopenmp, see CMakeLists.txt).
 #include "common/check.h"
 #include "ops/paged_attention.h"
 #include "ops/rope_cache.h"
@@ -108,11 +110,12 @@ void validate_paged_attention_indices(const at::Tensor& q, const at::Tensor& k_c
 
 namespace {
 
-// Verify blocks over long contexts: gather the sequence's K/V rows of one KV head into contiguous
-// fp32 matrices and let torch's GEMM do Q K^T and P V (one pass of softmax in between). Beats the
-// per-key chunk kernels (even the AVX-512 ones, at 2 threads) once rows x keys is large.
+// Verify blocks over long contexts without the rows-in-lanes kernel: gather the sequence's K/V rows
+// of one KV head into contiguous fp32 matrices and let torch's GEMM do Q K^T and P V (one pass of
+// softmax in between). Beats the per-key chunk kernels once rows x keys is large.
 constexpr int64_t kGemmMinWork = 4096;  // rows x keys from which the GEMM path is used (q_len > 1 only)
 constexpr int kDirectBf16MaxRows = 8;   // rows per item up to which bf16 rows are converted on load
+
 
 template <typename T>
 void attend_gemm(const float* qf, int M, int64_t d, int64_t seq, const int* limit, const T* kc, const T* vc,
@@ -178,6 +181,7 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
   const bool v16_bf16 = kIsBf16 && v16;  // decode-sized items: the bf16 kernel converts rows as it loads them
   // bf16 with AVX-512 BF16: scores by vdpbf16ps on the raw bf16 rows (queries copied unscaled)
   const bool bf16dp = kIsBf16 && d % 32 == 0 && kern.attend_chunk16_bf16dp != nullptr;
+  const bool lanes_ok = d % 16 == 0 && kern.attend_chunk_lanes != nullptr;
   const int64_t hg = heads_per_item(nseq, hkv);
   const int64_t groups = (hkv + hg - 1) / hg;
 
@@ -185,7 +189,7 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
   // inner one, so a chunk's K/V slots (hkv x d contiguous elements each) are read in address order,
   // which the hardware prefetchers follow; per-head loops would stride hkv x d between keys.
   at::parallel_for(0, nseq * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf, s, mrow, lrow, acc, kbuf, vbuf;
+    std::vector<float> qf, qt, s, mrow, lrow, acc, kbuf, vbuf;
     std::vector<uint16_t> qh;   // [nh, M, d] bf16 query rows (bf16dp only)
     std::vector<const float*> kptr(kChunk), vptr(kChunk);
     std::vector<const uint16_t*> kraw(kChunk), vraw(kChunk);
@@ -201,20 +205,26 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
       const int64_t q0 = qsl[b], q_len = int64_t(qsl[b + 1]) - q0, seq = sl[b];
       if (q_len <= 0) continue;
       const int M = static_cast<int>(q_len * group);
-      // per head i of the item: qf/acc [nh, M, d], mrow/lrow [nh, M]; s is scratch of one chunk call
-      qf.resize(nh * M * d);
-      s.resize(M * kChunk);
-      acc.assign(nh * M * d, 0.f);
-      mrow.assign(nh * M, -std::numeric_limits<float>::infinity());
-      lrow.assign(nh * M, 0.f);
-      nvalid.resize(M);
+      // Many rows: the rows-in-lanes kernel (per-row arrays padded to 16 rows). It pays once a vector
+      // holds 4 verify rows or 8 decode rows; bf16 decode stays on the vdpbf16ps chunk kernel
+      // (measured on the quiet 2-core machine, docs/KERNELS.md).
+      const bool lanes = lanes_ok && (q_len > 1 ? M >= 4 : (M >= 8 && !bf16dp));
+      const int Ms = lanes ? (M + 15) / 16 * 16 : M;
+      // per head i of the item: qf/acc [nh, Ms, d], mrow/lrow [nh, Ms] (rows >= M unused padding);
+      // qt [nh, d, Ms] (lanes only); s is scratch of one chunk call
+      qf.resize(nh * Ms * d);
+      s.resize(std::max(M, Ms) * kChunk);
+      acc.assign(nh * Ms * d, 0.f);
+      mrow.assign(nh * Ms, -std::numeric_limits<float>::infinity());
+      lrow.assign(nh * Ms, 0.f);
+      nvalid.assign(Ms, 0);
       limit.resize(M);
       for (int64_t i = 0; i < nh; ++i) {
         for (int64_t t = 0; t < q_len; ++t) {
           for (int64_t g = 0; g < group; ++g) {
             const int64_t row = t * group + g;
             const T* src = qp + (q0 + t) * q_stride + ((h0 + i) * group + g) * d;
-            float* dst = qf.data() + (i * M + row) * d;
+            float* dst = qf.data() + (i * Ms + row) * d;
             for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<float>(src[e]) * fscale;
             if (bf16dp) {
               qh.resize(nh * M * d);
@@ -224,14 +234,20 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
           }
         }
       }
+      if (lanes) {
+        qt.assign(nh * d * Ms, 0.f);
+        for (int64_t i = 0; i < nh; ++i)
+          for (int m = 0; m < M; ++m)
+            for (int64_t e = 0; e < d; ++e) qt[(i * d + e) * Ms + m] = qf[(i * Ms + m) * d + e];
+      }
       // Verify blocks over long contexts go through torch's GEMM (faster than the chunk kernels
       // with 2 threads, measured on a quiet machine).
-      const bool gemm = q_len > 1 && static_cast<int64_t>(M) * seq >= kGemmMinWork;
+      const bool gemm = !lanes && q_len > 1 && static_cast<int64_t>(M) * seq >= kGemmMinWork;
       // Few rows: convert bf16 K/V while scoring; many rows re-read each key, so convert it once.
       const bool bf16_direct = v16_bf16 && M <= kDirectBf16MaxRows;
       for (int64_t i = 0; gemm && i < nh; ++i) {
-        attend_gemm<T>(qf.data() + i * M * d, M, d, seq, limit.data(), kc, vc, bt + b * max_pages, page_size, hkv,
-                       h0 + i, acc.data() + i * M * d, lrow.data() + i * M);
+        attend_gemm<T>(qf.data() + i * Ms * d, M, d, seq, limit.data(), kc, vc, bt + b * max_pages, page_size, hkv,
+                       h0 + i, acc.data() + i * Ms * d, lrow.data() + i * Ms);
       }
       for (int64_t c0 = 0; !gemm && c0 < seq; c0 += kChunk) {
         const int n = static_cast<int>(std::min<int64_t>(kChunk, seq - c0));
@@ -261,9 +277,20 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
               vptr[j] = vd;
             }
           }
-          const ChunkArgs args{qf.data() + i * M * d, kptr.data(), vptr.data(), nvalid.data(), s.data(),
-                               mrow.data() + i * M, lrow.data() + i * M, acc.data() + i * M * d, M,
+          const ChunkArgs args{qf.data() + i * Ms * d, kptr.data(), vptr.data(), nvalid.data(), s.data(),
+                               mrow.data() + i * Ms, lrow.data() + i * Ms, acc.data() + i * Ms * d, M,
                                static_cast<int>(d), n, kraw.data(), vraw.data()};
+          if (lanes) {
+            if constexpr (kIsBf16) {
+              kern.bf16_rows(kraw.data(), n, static_cast<int>(d), kbuf.data());
+              kern.bf16_rows(vraw.data(), n, static_cast<int>(d), vbuf.data());
+            }
+            ChunkArgs la = args;
+            la.qt = qt.data() + i * d * Ms;
+            la.Mp = Ms;
+            kern.attend_chunk_lanes(la);
+            continue;
+          }
           if (bf16dp) {
             ChunkArgs dp = args;
             dp.qh = qh.data() + i * M * d;
@@ -291,9 +318,9 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
           for (int64_t g = 0; g < group; ++g) {
             const int64_t row = t * group + g;
             T* dst = op + ((q0 + t) * hq + (h0 + i) * group + g) * d;
-            const float l = lrow[i * M + row];
+            const float l = lrow[i * Ms + row];
             const float inv = l > 0.f ? 1.f / l : 0.f;
-            const float* a = acc.data() + (i * M + row) * d;
+            const float* a = acc.data() + (i * Ms + row) * d;
             for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<T>(a[e] * inv);
           }
         }
