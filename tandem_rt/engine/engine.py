@@ -47,7 +47,8 @@ class Engine:
     """Serves a :class:`TandemModel` in every mode over paged K/V pools.
 
     Args:
-        model: the Tandem model (its weights are used in place; fused QKV weights are the only copy).
+        model: the Tandem model (its weights are used in place; its q/k/v and gate/up parameters become
+            views of the fused weights, see ``paged_model.py``).
         tokenizer: a Hugging Face ``tokenizers.Tokenizer`` (needed for string prompts and ``text``).
         device: device to run on (default: the model's).
         dtype: weight and cache dtype (default: the model's); the model is converted in place if different.

@@ -1,9 +1,11 @@
 """One paged forward per Llama model, used by every generation mode.
 
 Embeddings -> per layer: RMSNorm -> fused QKV matmul -> ``rope_cache_write`` (rotates Q/K in
-place, writes K/V into the pool) -> ``paged_attention`` -> o_proj -> residual -> RMSNorm -> MLP.
+place, writes K/V into the pool) -> ``paged_attention`` -> o_proj + residual (one addmm) -> RMSNorm
+-> fused gate/up matmul -> SiLU * up -> down + residual (one addmm).
 Weights are the reference :class:`~tandem_rt.models.llama.LlamaForCausalLM` modules' own tensors;
-the only copy is the fused QKV weight (and bias), concatenated once at construction.
+the fused QKV weight (and bias) and gate/up weight are concatenated once at construction and the
+modules' q/k/v and gate/up parameters become views of them, so no weight is stored twice.
 
 A forward processes a *ragged batch of query rows*: sequence ``b`` contributes the rows
 ``query_start_loc[b] : query_start_loc[b+1]`` at absolute positions ``seq_lens[b] - q_len_b + t``
@@ -19,12 +21,11 @@ of chunks of at most 32 rows (``paged_attention``'s query limit).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from tandem_rt import ops
 from tandem_rt.models.llama import LlamaForCausalLM
 
 
@@ -144,8 +145,45 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ro
     return out
 
 
+class _LayerWeights(NamedTuple):
+    """One decoder layer's tensors as the paged forward uses them (the module's own parameters;
+    ``w_qkv`` / ``b_qkv`` and ``w_gate_up`` are fused once, the modules' q/k/v and gate/up
+    parameters becoming views of them: no second copy)."""
+    ln1: torch.Tensor            # [d] input RMSNorm weight
+    w_qkv: torch.Tensor          # [q_size + 2 kv_size, d]
+    b_qkv: Optional[torch.Tensor]
+    w_o_t: torch.Tensor          # [q_size, d] (transposed view of o_proj.weight, for addmm; no bias)
+    ln2: torch.Tensor            # [d] post-attention RMSNorm weight
+    w_gate_up: torch.Tensor      # [2 I, d]: gate rows then up rows
+    w_down_t: torch.Tensor       # [I, d] (transposed view of down_proj.weight)
+
+
+def fuse_rows(params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
+    """Concatenate ``params`` along dim 0 into one tensor and make each parameter a view of its
+    rows, so the fused weight is the only copy (the modules keep working on the views).
+    Returns the fused ``[sum of rows, ...]`` tensor."""
+    fused = torch.cat([p.detach() for p in params], 0)
+    row = 0
+    for p in params:
+        n = p.shape[0]
+        p.data = fused[row:row + n]
+        row += n
+    return fused
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last dim (torch's fused op; statistics in fp32).
+    x: ``[..., d]``, weight ``[d]``, same dtype."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
 class PagedLlama:
     """Paged forward of one :class:`LlamaForCausalLM` over its K/V pool.
+
+    The forward calls functional ops on the module's tensors (no ``nn.Module`` calls: their
+    dispatch cost is a visible share of a small model's decode step on the CPU) and the
+    ``torch.ops.tandem_rt`` ops directly: the engine builds their arguments itself and the C++ ops
+    validate every argument again (ValueError naming it), so the Python wrappers' checks are skipped.
 
     Args:
         model: the reference model; its tensors are used as they are (same device and dtype).
@@ -155,21 +193,33 @@ class PagedLlama:
         self.model = model
         self.config = cfg = model.config
         self.scale = cfg.head_dim ** -0.5
-        self.layers = []
+        self.eps = cfg.rms_norm_eps
+        self.intermediate = cfg.intermediate_size
+        self.layers: list[_LayerWeights] = []
         for layer in model.model.layers:
-            attn = layer.self_attn
-            w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], 0).detach()
+            attn, mlp = layer.self_attn, layer.mlp
+            w = fuse_rows([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
             b = None
             if attn.q_proj.bias is not None:
-                b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], 0).detach()
-            self.layers.append((layer, w, b))
+                b = fuse_rows([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+            gate_up = fuse_rows([mlp.gate_proj.weight, mlp.up_proj.weight])
+            self.layers.append(_LayerWeights(
+                layer.input_layernorm.weight.detach(), w, b, attn.o_proj.weight.detach().t(),
+                layer.post_attention_layernorm.weight.detach(), gate_up, mlp.down_proj.weight.detach().t()))
+        self.embed = model.model.embed_tokens.weight.detach()
+        self.final_norm = model.model.norm.weight.detach()
+        self.lm_head = model.output_weight.detach()
 
     def kv_weights(self, j: int):
         """Layer ``j``'s K/V rows of the fused QKV weight: (``[2*kv_size, d]``, bias ``[2*kv_size]`` or None)
         as views (no copy)."""
-        _, w, b = self.layers[j]
+        lw = self.layers[j]
         q = self.config.q_size
-        return w[q:], (b[q:] if b is not None else None)
+        return lw.w_qkv[q:], (lw.b_qkv[q:] if lw.b_qkv is not None else None)
+
+    def input_norm(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer ``j``'s pre-attention RMSNorm of ``x`` ``[T, d]``."""
+        return rms_norm(x, self.layers[j].ln1, self.eps)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, meta: ForwardMeta, k_cache: list, v_cache: list,
@@ -188,29 +238,32 @@ class PagedLlama:
         """
         cfg = self.config
         Hq, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        qs, kvs = cfg.q_size, cfg.kv_size
-        x = self.model.model.embed_tokens(input_ids)
+        qs, kvs, eps, inter = cfg.q_size, cfg.kv_size, self.eps, self.intermediate
+        theta = float(cfg.rope_theta)
+        x = F.embedding(input_ids, self.embed)
         T = x.shape[0]
         wanted = set(hidden_layers)
         saved = {0: x} if 0 in wanted else {}
-        for i, (layer, w_qkv, b_qkv) in enumerate(self.layers):
-            h = layer.input_layernorm(x)
-            qkv = F.linear(h, w_qkv, b_qkv)
+        attn = None if meta.dense else torch.empty((T, Hq, D), dtype=x.dtype, device=x.device)
+        for i, lw in enumerate(self.layers):
+            qkv = F.linear(rms_norm(x, lw.ln1, eps), lw.w_qkv, lw.b_qkv)
             q = qkv[:, :qs].view(T, Hq, D)
             k = qkv[:, qs:qs + kvs].view(T, Hkv, D)
             v = qkv[:, qs + kvs:].view(T, Hkv, D)
-            ops.rope_cache_write(k, v, meta.positions, meta.slot_mapping, k_cache[i], v_cache[i],
-                                 cfg.rope_theta, q=q)
+            torch.ops.tandem_rt.rope_cache_write(k, v, meta.positions, meta.slot_mapping, k_cache[i], v_cache[i],
+                                                 theta, q)
             if meta.dense:
                 attn = dense_causal_attention(q, k, v, meta.row_splits, self.scale)
-            else:
-                attn = ops.paged_attention(q, k_cache[i], v_cache[i], meta.block_tables, meta.seq_lens,
-                                           meta.query_start_loc, self.scale, meta.max_q_len, meta.max_seq_len)
-            x = x + layer.self_attn.o_proj(attn.reshape(T, qs))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            else:  # one output buffer for every layer (each layer's result is consumed at once)
+                torch.ops.tandem_rt.paged_attention(attn, q, k_cache[i], v_cache[i], meta.block_tables,
+                                                    meta.seq_lens, meta.query_start_loc, self.scale,
+                                                    meta.max_q_len, meta.max_seq_len)
+            x = torch.addmm(x, attn.view(T, qs), lw.w_o_t)   # x + attn @ W_o^T
+            gu = F.linear(rms_norm(x, lw.ln2, eps), lw.w_gate_up)
+            x = torch.addmm(x, F.silu(gu[:, :inter]) * gu[:, inter:], lw.w_down_t)
             if i + 1 in wanted:
                 saved[i + 1] = x
         if logits_rows is not None:
             x = x.index_select(0, logits_rows)
-        logits = self.model.logits(x)
+        logits = F.linear(rms_norm(x, self.final_norm, eps), self.lm_head)
         return logits, [saved[l] for l in hidden_layers]

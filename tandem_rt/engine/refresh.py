@@ -44,10 +44,10 @@ class TandemRefresh:
         cfg = self.secondary.config
         T = positions.shape[0]
         kvs, Hkv, D = cfg.kv_size, cfg.num_key_value_heads, cfg.head_dim
-        for j, (layer, _, _) in enumerate(self.secondary.layers):
+        for j in range(len(self.secondary.layers)):
             x = primary_hidden[j]
             y_hat = self.proj[j](x.to(self.proj[j].weight.dtype))
-            h = layer.input_layernorm(y_hat)
+            h = self.secondary.input_norm(j, y_hat)
             w_kv, b_kv = self.secondary.kv_weights(j)
             kv = F.linear(h, w_kv, b_kv)
             k = kv[:, :kvs].view(T, Hkv, D)
