@@ -3,9 +3,10 @@
 Embeddings -> per layer: RMSNorm -> fused QKV matmul -> ``rope_cache_write`` (rotates Q/K in
 place, writes K/V into the pool) -> ``paged_attention`` -> o_proj + residual (one addmm) -> RMSNorm
 -> fused gate/up matmul -> SiLU * up -> down + residual (one addmm).
-Weights are the reference :class:`~tandem_rt.models.llama.LlamaForCausalLM` modules' own tensors;
-the fused QKV weight (and bias) and gate/up weight are concatenated once at construction and the
-modules' q/k/v and gate/up parameters become views of them, so no weight is stored twice.
+Weights are the reference :class:`~tandem_rt.models.llama.LlamaForCausalLM` modules' own tensors,
+held as ``[in, out]`` matrices (stored that way on the CPU, see ``input_major``); the fused QKV
+(and bias) and gate/up matrices are concatenated once at construction and the modules' parameters
+become views of them, so no weight is stored twice.
 
 A forward processes a *ragged batch of query rows*: sequence ``b`` contributes the rows
 ``query_start_loc[b] : query_start_loc[b+1]`` at absolute positions ``seq_lens[b] - q_len_b + t``
@@ -146,22 +147,43 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ro
 
 
 class _LayerWeights(NamedTuple):
-    """One decoder layer's tensors as the paged forward uses them (the module's own parameters;
-    ``w_qkv`` / ``b_qkv`` and ``w_gate_up`` are fused once, the modules' q/k/v and gate/up
-    parameters becoming views of them: no second copy)."""
+    """One decoder layer's tensors as the paged forward uses them. Matrices are ``[in, out]``
+    (``x @ w``): the transposes of the modules' ``[out, in]`` weights (see :func:`input_major`)."""
     ln1: torch.Tensor            # [d] input RMSNorm weight
-    w_qkv: torch.Tensor          # [q_size + 2 kv_size, d]
-    b_qkv: Optional[torch.Tensor]
-    w_o_t: torch.Tensor          # [q_size, d] (transposed view of o_proj.weight, for addmm; no bias)
+    w_qkv: torch.Tensor          # [d, q_size + 2 kv_size]: q, k, v columns
+    b_qkv: Optional[torch.Tensor]  # [q_size + 2 kv_size] or None
+    w_o: torch.Tensor            # [q_size, d]
     ln2: torch.Tensor            # [d] post-attention RMSNorm weight
-    w_gate_up: torch.Tensor      # [2 I, d]: gate rows then up rows
-    w_down_t: torch.Tensor       # [I, d] (transposed view of down_proj.weight)
+    w_gate_up: torch.Tensor      # [d, 2 I]: gate columns, then up columns
+    w_down: torch.Tensor         # [I, d]
 
 
-def fuse_rows(params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
-    """Concatenate ``params`` along dim 0 into one tensor and make each parameter a view of its
-    rows, so the fused weight is the only copy (the modules keep working on the views).
-    Returns the fused ``[sum of rows, ...]`` tensor."""
+def input_major(params: Sequence[torch.Tensor], contiguous: bool) -> torch.Tensor:
+    """The ``[in, out]`` matrix of one or more ``[out_i, in]`` weights stacked along ``out``.
+
+    With ``contiguous`` (the CPU) the matrix is stored ``[in, out]`` and every parameter becomes a
+    (transposed) view of it, so it remains the only copy: torch's CPU GEMM keeps the cost of a
+    ``[M, in] @ [in, out]`` product nearly flat for M = 1..8 on this layout, while ``F.linear`` on
+    ``[out, in]`` weights jumps from M = 4 (measured: verify blocks of 4+ rows cost 1.5x a decode).
+    Otherwise (CUDA, where cuBLAS takes either layout) it is a transposed view; several parameters
+    are concatenated once and become views of the result. Parameters must be ``nn.Parameter`` or
+    plain tensors of the same dtype and device.
+    """
+    if len(params) == 1 and not contiguous:
+        return params[0].detach().t()
+    fused = torch.cat([p.detach() for p in params], 0)      # [sum out_i, in]
+    mat = fused.t().contiguous() if contiguous else fused.t()
+    stacked = mat.t()                                         # [sum out_i, in] view of mat
+    row = 0
+    for p in params:
+        n = p.shape[0]
+        p.data = stacked[row:row + n]
+        row += n
+    return mat
+
+
+def fuse_bias(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenated biases ``[sum out_i]``; each parameter becomes a view of it (no second copy)."""
     fused = torch.cat([p.detach() for p in params], 0)
     row = 0
     for p in params:
@@ -177,13 +199,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
+def mm(x: torch.Tensor, w: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``add + x @ w`` (one GEMM): x ``[M, in]``, w ``[in, out]``, add ``[M, out]`` or ``[out]``."""
+    return torch.mm(x, w) if add is None else torch.addmm(add, x, w)
+
+
 class PagedLlama:
     """Paged forward of one :class:`LlamaForCausalLM` over its K/V pool.
 
-    The forward calls functional ops on the module's tensors (no ``nn.Module`` calls: their
+    The forward calls functional ops on the model's tensors (no ``nn.Module`` calls: their
     dispatch cost is a visible share of a small model's decode step on the CPU) and the
     ``torch.ops.tandem_rt`` ops directly: the engine builds their arguments itself and the C++ ops
     validate every argument again (ValueError naming it), so the Python wrappers' checks are skipped.
+    Weight matrices are held ``[in, out]`` (:func:`input_major`); the modules' parameters become
+    views of them, so the reference model keeps working and no weight is stored twice.
 
     Args:
         model: the reference model; its tensors are used as they are (same device and dtype).
@@ -195,27 +224,32 @@ class PagedLlama:
         self.scale = cfg.head_dim ** -0.5
         self.eps = cfg.rms_norm_eps
         self.intermediate = cfg.intermediate_size
+        cpu = model.output_weight.device.type == "cpu"
         self.layers: list[_LayerWeights] = []
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            w = fuse_rows([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            w = input_major([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], cpu)
             b = None
             if attn.q_proj.bias is not None:
-                b = fuse_rows([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
-            gate_up = fuse_rows([mlp.gate_proj.weight, mlp.up_proj.weight])
+                b = fuse_bias([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
             self.layers.append(_LayerWeights(
-                layer.input_layernorm.weight.detach(), w, b, attn.o_proj.weight.detach().t(),
-                layer.post_attention_layernorm.weight.detach(), gate_up, mlp.down_proj.weight.detach().t()))
-        self.embed = model.model.embed_tokens.weight.detach()
+                layer.input_layernorm.weight.detach(), w, b, input_major([attn.o_proj.weight], cpu),
+                layer.post_attention_layernorm.weight.detach(),
+                input_major([mlp.gate_proj.weight, mlp.up_proj.weight], cpu), input_major([mlp.down_proj.weight], cpu)))
         self.final_norm = model.model.norm.weight.detach()
-        self.lm_head = model.output_weight.detach()
+        # [d, V]; when tied, the embedding rows are columns of it (the embedding becomes a view)
+        self.lm_head = input_major([model.output_weight], cpu)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows of ``input_ids`` (int64 ``[T]``) -> ``[T, d]``."""
+        return F.embedding(input_ids, self.model.model.embed_tokens.weight.detach())
 
     def kv_weights(self, j: int):
-        """Layer ``j``'s K/V rows of the fused QKV weight: (``[2*kv_size, d]``, bias ``[2*kv_size]`` or None)
-        as views (no copy)."""
+        """Layer ``j``'s K/V part of the fused QKV projection: (``[d, 2*kv_size]``, bias
+        ``[2*kv_size]`` or None) as views (no copy)."""
         lw = self.layers[j]
         q = self.config.q_size
-        return lw.w_qkv[q:], (lw.b_qkv[q:] if lw.b_qkv is not None else None)
+        return lw.w_qkv[:, q:], (lw.b_qkv[q:] if lw.b_qkv is not None else None)
 
     def input_norm(self, j: int, x: torch.Tensor) -> torch.Tensor:
         """Layer ``j``'s pre-attention RMSNorm of ``x`` ``[T, d]``."""
@@ -240,13 +274,13 @@ class PagedLlama:
         Hq, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         qs, kvs, eps, inter = cfg.q_size, cfg.kv_size, self.eps, self.intermediate
         theta = float(cfg.rope_theta)
-        x = F.embedding(input_ids, self.embed)
+        x = self.embed(input_ids)
         T = x.shape[0]
         wanted = set(hidden_layers)
         saved = {0: x} if 0 in wanted else {}
         attn = None if meta.dense else torch.empty((T, Hq, D), dtype=x.dtype, device=x.device)
         for i, lw in enumerate(self.layers):
-            qkv = F.linear(rms_norm(x, lw.ln1, eps), lw.w_qkv, lw.b_qkv)
+            qkv = mm(rms_norm(x, lw.ln1, eps), lw.w_qkv, lw.b_qkv)
             q = qkv[:, :qs].view(T, Hq, D)
             k = qkv[:, qs:qs + kvs].view(T, Hkv, D)
             v = qkv[:, qs + kvs:].view(T, Hkv, D)
@@ -258,12 +292,12 @@ class PagedLlama:
                 torch.ops.tandem_rt.paged_attention(attn, q, k_cache[i], v_cache[i], meta.block_tables,
                                                     meta.seq_lens, meta.query_start_loc, self.scale,
                                                     meta.max_q_len, meta.max_seq_len)
-            x = torch.addmm(x, attn.view(T, qs), lw.w_o_t)   # x + attn @ W_o^T
-            gu = F.linear(rms_norm(x, lw.ln2, eps), lw.w_gate_up)
-            x = torch.addmm(x, F.silu(gu[:, :inter]) * gu[:, inter:], lw.w_down_t)
+            x = mm(attn.view(T, qs), lw.w_o, x)   # residual + o_proj in one GEMM
+            gu = mm(rms_norm(x, lw.ln2, eps), lw.w_gate_up)
+            x = mm(F.silu(gu[:, :inter]) * gu[:, inter:], lw.w_down, x)
             if i + 1 in wanted:
                 saved[i + 1] = x
         if logits_rows is not None:
             x = x.index_select(0, logits_rows)
-        logits = F.linear(rms_norm(x, self.final_norm, eps), self.lm_head)
+        logits = mm(rms_norm(x, self.final_norm, eps), self.lm_head)
         return logits, [saved[l] for l in hidden_layers]

@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from tandem_rt import ops
-from tandem_rt.engine.paged_model import PagedLlama
+from tandem_rt.engine.paged_model import PagedLlama, mm
 from tandem_rt.models.tandem import TandemModel
 
 
@@ -49,7 +48,7 @@ class TandemRefresh:
             y_hat = self.proj[j](x.to(self.proj[j].weight.dtype))
             h = self.secondary.input_norm(j, y_hat)
             w_kv, b_kv = self.secondary.kv_weights(j)
-            kv = F.linear(h, w_kv, b_kv)
+            kv = mm(h, w_kv, b_kv)
             k = kv[:, :kvs].view(T, Hkv, D)
             v = kv[:, kvs:].view(T, Hkv, D)
             ops.rope_cache_write(k, v, positions, slot_mapping, k_cache[j], v_cache[j], cfg.rope_theta)
