@@ -248,6 +248,26 @@ def test_cpu_kernel_variant_unknown(monkeypatch):
         run_and_check([5], [1], 2, 1, 16, 8, torch.float32, "cpu")
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_result_independent_of_thread_count(dtype):
+    """Work items run in parallel on torch's threads (each item owns its output rows): 1, 2 and
+    3 threads give bitwise the same output, decode and verify rows (lanes kernel) alike."""
+    q, k_cache, v_cache, bt, sl, qsl = make_batch([300, 17, 129, 64], [1, 8, 3, 0], 8, 2, 64, 16, dtype, "cpu")
+    outs = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(paged_attention(q, k_cache, v_cache, bt, sl, qsl, 0.125, 8, 300))
+    finally:
+        torch.set_num_threads(old)
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+    ref = reference_attention(q, k_cache, v_cache, bt, sl, qsl, 0.125)
+    tol = TOL[dtype]
+    torch.testing.assert_close(outs[0].double(), ref, rtol=tol, atol=tol * (ref.abs().max().item() + 1e-6))
+
 # ---- tensor-core kernel (TANDEM_RT_PA_KERNEL=mma), CUDA only --------------------------------------
 # The glue reads TANDEM_RT_PA_KERNEL on every call: "mma" selects the mma.sync / cp.async kernel of
 # csrc/kernels/paged_attention_mma.cu for fp16 / bf16 (fp32 keeps the SIMT kernel). The cases below
