@@ -20,6 +20,8 @@
 #include <immintrin.h>
 #endif
 
+#include "common/cpu_math.h"
+
 namespace tandem_rt {
 namespace {
 
@@ -44,23 +46,6 @@ struct ChunkArgs {
   const float* qt = nullptr;            // [D, Mp] scaled query rows, column m = row m, zero-padded
   int Mp = 0;                           // M rounded up to 16; mrow / lrow / nvalid hold Mp entries
 };
-
-// exp(x) for x <= 0 (Cephes polynomial, ~2 ulp), written so that the compiler vectorises it.
-__attribute__((always_inline)) inline float exp_nonpos(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float fn = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = x - fn * 0.693359375f;
-  r = r - fn * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(fn) + 127) << 23;
-  return y * std::bit_cast<float>(bits);
-}
 
 // Online softmax update per row over the chunk's scores; probabilities past the row's causal
 // limit are 0, the running output is rescaled.

@@ -194,9 +194,21 @@ def fuse_bias(params: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``weight * x / sqrt(mean(x^2) + eps)`` over the last dim (torch's fused op; statistics in fp32).
-    x: ``[..., d]``, weight ``[d]``, same dtype."""
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last dim, statistics in fp32.
+    x: ``[T, d]``, weight ``[d]``, same dtype and device. On the CPU our one-loop op
+    (``csrc/ops/rms_norm.cpp``), elsewhere torch's fused ``rms_norm``."""
+    if x.is_cpu:
+        return torch.ops.tandem_rt.rms_norm(x, weight, eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of a fused ``[T, 2 I]`` gate/up output -> ``[T, I]`` (one op on the CPU:
+    ``csrc/ops/silu_and_mul.cpp``)."""
+    if gate_up.is_cpu:
+        return torch.ops.tandem_rt.silu_and_mul(gate_up)
+    inter = gate_up.shape[-1] // 2
+    return F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
 
 
 def mm(x: torch.Tensor, w: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -223,7 +235,6 @@ class PagedLlama:
         self.config = cfg = model.config
         self.scale = cfg.head_dim ** -0.5
         self.eps = cfg.rms_norm_eps
-        self.intermediate = cfg.intermediate_size
         cpu = model.output_weight.device.type == "cpu"
         self.layers: list[_LayerWeights] = []
         for layer in model.model.layers:
@@ -272,7 +283,7 @@ class PagedLlama:
         """
         cfg = self.config
         Hq, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        qs, kvs, eps, inter = cfg.q_size, cfg.kv_size, self.eps, self.intermediate
+        qs, kvs, eps = cfg.q_size, cfg.kv_size, self.eps
         theta = float(cfg.rope_theta)
         x = self.embed(input_ids)
         T = x.shape[0]
@@ -294,7 +305,7 @@ class PagedLlama:
                                                     meta.max_q_len, meta.max_seq_len)
             x = mm(attn.view(T, qs), lw.w_o, x)   # residual + o_proj in one GEMM
             gu = mm(rms_norm(x, lw.ln2, eps), lw.w_gate_up)
-            x = mm(F.silu(gu[:, :inter]) * gu[:, inter:], lw.w_down, x)
+            x = mm(silu_and_mul(gu), lw.w_down, x)
             if i + 1 in wanted:
                 saved[i + 1] = x
         if logits_rows is not None:

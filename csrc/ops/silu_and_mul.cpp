@@ -1,0 +1,54 @@
+// Op tandem_rt::silu_and_mul (CPU): y = silu(x[:, :I]) * x[:, I:] for the fused gate/up output of
+// a Llama MLP, in one dispatch (torch needs silu, two slices and a mul). CPU only, like rms_norm
+// (see rms_norm.cpp). Rounding follows F.silu(gate) * up: silu in fp32 rounded to the input dtype,
+// then the product in fp32 rounded to it.
+#include "common/check.h"
+#include "common/cpu_math.h"
+
+namespace tandem_rt {
+namespace {
+
+template <typename T>
+void silu_and_mul_rows(const T* x, int64_t x_stride, T* y, int64_t rows, int64_t inter) {
+  // x: [rows, 2 * inter] (gate columns, then up columns), row stride x_stride; y: [rows, inter]
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(inter, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = x + r * x_stride;
+      const T* u = g + inter;
+      T* yr = y + r * inter;
+#pragma omp simd
+      for (int64_t i = 0; i < inter; ++i) {
+        const T act = static_cast<T>(silu(static_cast<float>(g[i])));
+        yr[i] = static_cast<T>(static_cast<float>(act) * static_cast<float>(u[i]));
+      }
+    }
+  });
+}
+
+at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
+  check_rank(x, "x", 2);
+  TORCH_CHECK_VALUE(is_float_kv_dtype(x.scalar_type()), "x must be float32, float16 or bfloat16, got ",
+                    x.scalar_type());
+  TORCH_CHECK_VALUE(x.size(1) % 2 == 0, "x.shape[1] must be even (gate columns, then up columns), got ", x.size(1));
+  TORCH_CHECK_VALUE(x.size(1) == 0 || x.stride(1) == 1, "x must have a contiguous last dim");
+  const int64_t inter = x.size(1) / 2;
+  at::Tensor y = at::empty({x.size(0), inter}, x.options());
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "silu_and_mul_cpu", [&] {
+    silu_and_mul_rows<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), y.data_ptr<scalar_t>(), x.size(0), inter);
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tandem_rt, m) {
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tandem_rt, CPU, m) {
+  m.impl("silu_and_mul", &silu_and_mul_cpu);
+}
+
+}  // namespace tandem_rt

@@ -1,0 +1,90 @@
+"""CPU fused layer math (``tandem_rt.ops.rms_norm`` / ``silu_and_mul``) against plain PyTorch
+written as the reference model computes it, on random inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tandem_rt.ops import rms_norm, silu_and_mul
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def ref_rms_norm(x, w, eps):
+    """tandem_rt.models.llama.RMSNorm: fp32 statistics, x / rms rounded to the dtype, times weight."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+def ulps(dtype):
+    return {torch.float32: 2e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, d", [(1, 256), (5, 48), (300, 64), (0, 16), (3, 1)])
+def test_rms_norm_matches_reference(dtype, rows, d):
+    g = torch.Generator().manual_seed(rows * 1000 + d)
+    x = (torch.randn(rows, d, generator=g) * 3).to(dtype)
+    w = (torch.rand(d, generator=g) + 0.5).to(dtype)
+    got = rms_norm(x, w, 1e-6)
+    assert got.dtype == dtype and got.shape == (rows, d)
+    # one rounding step of the dtype apart at most (fp32 sums in a different order)
+    torch.testing.assert_close(got.float(), ref_rms_norm(x, w, 1e-6).float(), rtol=2 * ulps(dtype), atol=1e-6)
+
+
+def test_rms_norm_strided_rows_and_eps():
+    g = torch.Generator().manual_seed(1)
+    wide = torch.randn(7, 100, generator=g)
+    x = wide[:, 10:74]                      # rows strided by 100
+    w = torch.rand(64, generator=g) + 0.5
+    torch.testing.assert_close(rms_norm(x, w, 0.5), ref_rms_norm(x, w, 0.5), rtol=4e-6, atol=1e-6)
+    zeros = torch.zeros(2, 64)
+    assert torch.equal(rms_norm(zeros, w, 1e-6), torch.zeros(2, 64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, inter", [(1, 704), (4, 352), (200, 96), (0, 8)])
+def test_silu_and_mul_matches_reference(dtype, rows, inter):
+    g = torch.Generator().manual_seed(rows * 7 + inter)
+    gu = (torch.randn(rows, 2 * inter, generator=g) * 6).to(dtype)   # both tails of the sigmoid
+    got = silu_and_mul(gu)
+    ref = F.silu(gu[:, :inter]) * gu[:, inter:]
+    assert got.dtype == dtype and got.shape == (rows, inter)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2 * ulps(dtype), atol=1e-6)
+
+
+def test_silu_and_mul_extremes_and_strided_rows():
+    x = torch.tensor([[-200.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 200.0, 88.0,
+                       1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]])
+    got = silu_and_mul(x)
+    ref = F.silu(x[:, :8]) * x[:, 8:]
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, rtol=4e-6, atol=1e-6)
+    wide = torch.randn(5, 40)
+    torch.testing.assert_close(silu_and_mul(wide[:, 4:36]), F.silu(wide[:, 4:20]) * wide[:, 20:36],
+                               rtol=4e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: rms_norm(torch.randn(2, 8, dtype=torch.float64), torch.ones(8, dtype=torch.float64), 1e-6), "x must have dtype"),
+    (lambda: rms_norm(torch.randn(2, 3, 8), torch.ones(8), 1e-6), "x must have 2 dimensions"),
+    (lambda: rms_norm(torch.randn(2, 8), torch.ones(7), 1e-6), "weight must have shape"),
+    (lambda: rms_norm(torch.randn(2, 8), torch.ones(8, dtype=torch.bfloat16), 1e-6), "weight must have dtype"),
+    (lambda: rms_norm(torch.randn(2, 8), torch.ones(8), float("nan")), "eps"),
+    (lambda: rms_norm(torch.randn(8, 2).t(), torch.ones(8), 1e-6), "contiguous last dim"),
+    (lambda: silu_and_mul(torch.randn(2, 7)), "must be even"),
+    (lambda: silu_and_mul(torch.randn(2, 8, 2)), "gate_up must have 2 dimensions"),
+])
+def test_layer_math_validation(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_cpp_ops_validate_too():
+    """The engine calls the raw ops: their own checks name the argument."""
+    with pytest.raises(ValueError, match="weight.shape\\[0\\] must be 8"):
+        torch.ops.tandem_rt.rms_norm(torch.randn(2, 8), torch.ones(7), 1e-6)
+    with pytest.raises(ValueError, match="x.shape\\[1\\] must be even"):
+        torch.ops.tandem_rt.silu_and_mul(torch.randn(2, 7))
