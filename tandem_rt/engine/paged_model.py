@@ -283,7 +283,7 @@ class PagedLlama:
         """
         cfg = self.config
         Hq, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        qs, kvs, eps = cfg.q_size, cfg.kv_size, self.eps
+        qs, eps, heads = cfg.q_size, self.eps, (Hq, Hkv, Hkv)
         theta = float(cfg.rope_theta)
         x = self.embed(input_ids)
         T = x.shape[0]
@@ -292,9 +292,7 @@ class PagedLlama:
         attn = None if meta.dense else torch.empty((T, Hq, D), dtype=x.dtype, device=x.device)
         for i, lw in enumerate(self.layers):
             qkv = mm(rms_norm(x, lw.ln1, eps), lw.w_qkv, lw.b_qkv)
-            q = qkv[:, :qs].view(T, Hq, D)
-            k = qkv[:, qs:qs + kvs].view(T, Hkv, D)
-            v = qkv[:, qs + kvs:].view(T, Hkv, D)
+            q, k, v = qkv.view(T, Hq + 2 * Hkv, D).split(heads, 1)   # [T, H, D] views, heads packed
             torch.ops.tandem_rt.rope_cache_write(k, v, meta.positions, meta.slot_mapping, k_cache[i], v_cache[i],
                                                  theta, q)
             if meta.dense:
