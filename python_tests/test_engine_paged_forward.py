@@ -8,7 +8,8 @@ import torch
 
 from conftest import random_tandem_model
 from tandem_rt.engine import Engine
-from tandem_rt.engine.paged_model import build_meta
+from tandem_rt.engine.paged_model import PagedLlama, build_meta
+from tandem_rt.engine.refresh import TandemRefresh
 
 
 def ref_primary(model, tokens):
@@ -28,10 +29,15 @@ def ref_secondary(model, tokens, plen):
 class Harness:
     """Drives the engine's paged models directly on a ragged batch of sequences."""
 
-    def __init__(self, model, page_size):
+    def __init__(self, model, page_size, cpu_layout=True):
         self.model = model
         self.e = Engine(model, num_pages=64, page_size=page_size, max_batch_size=4)
         self.pm = self.e.page_manager
+        if not cpu_layout:  # the CUDA code path (transposed weight views, torch's norm / SiLU ops)
+            self.e.primary = PagedLlama(model.primary, cpu_layout=False)
+            self.e.secondary = PagedLlama(model.secondary, cpu_layout=False)
+            self.e.refresh = TandemRefresh(model, self.e.secondary)
+            assert not self.e.primary.layers[0].w_qkv.is_contiguous()
 
     def primary(self, sids, seqs, starts, refresh=True, dense=False):
         """Primary rows [starts[b], len(seqs[b])) of every sequence (writes); refresh the secondary."""
@@ -67,10 +73,10 @@ def split(logits, seqs, starts):
     return out
 
 
-@pytest.mark.parametrize("page_size", [8, 16, 32])
-def test_paged_logits_match_reference(page_size):
+@pytest.mark.parametrize("page_size, cpu_layout", [(8, True), (16, True), (32, True), (16, False)])
+def test_paged_logits_match_reference(page_size, cpu_layout):
     model = random_tandem_model(seed=page_size)
-    h = Harness(model, page_size)
+    h = Harness(model, page_size, cpu_layout)
     g = torch.Generator().manual_seed(page_size)
     V = model.config.primary.vocab_size
     rnd = lambda n: torch.randint(0, V, (n,), generator=g).tolist()  # noqa: E731

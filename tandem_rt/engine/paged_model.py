@@ -193,19 +193,19 @@ def fuse_bias(params: Sequence[torch.Tensor]) -> torch.Tensor:
     return fused
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, cpu_ops: bool) -> torch.Tensor:
     """``weight * x / sqrt(mean(x^2) + eps)`` over the last dim, statistics in fp32.
-    x: ``[T, d]``, weight ``[d]``, same dtype and device. On the CPU our one-loop op
-    (``csrc/ops/rms_norm.cpp``), elsewhere torch's fused ``rms_norm``."""
-    if x.is_cpu:
+    x: ``[T, d]``, weight ``[d]``, same dtype and device. ``cpu_ops``: our one-loop CPU op
+    (``csrc/ops/rms_norm.cpp``), else torch's ``rms_norm`` (one fused kernel on CUDA)."""
+    if cpu_ops:
         return torch.ops.tandem_rt.rms_norm(x, weight, eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` of a fused ``[T, 2 I]`` gate/up output -> ``[T, I]`` (one op on the CPU:
-    ``csrc/ops/silu_and_mul.cpp``)."""
-    if gate_up.is_cpu:
+def silu_and_mul(gate_up: torch.Tensor, cpu_ops: bool) -> torch.Tensor:
+    """``silu(gate) * up`` of a fused ``[T, 2 I]`` gate/up output -> ``[T, I]`` (``cpu_ops``: one
+    op, ``csrc/ops/silu_and_mul.cpp``)."""
+    if cpu_ops:
         return torch.ops.tandem_rt.silu_and_mul(gate_up)
     inter = gate_up.shape[-1] // 2
     return F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
@@ -228,14 +228,19 @@ class PagedLlama:
 
     Args:
         model: the reference model; its tensors are used as they are (same device and dtype).
+        cpu_layout: contiguous ``[in, out]`` weights and our fused CPU ops for RMSNorm and
+            SiLU * up (default: when the model is on the CPU). ``False`` is the CUDA code path
+            (transposed views, torch's ops); tests run it on the CPU too.
     """
 
-    def __init__(self, model: LlamaForCausalLM):
+    def __init__(self, model: LlamaForCausalLM, cpu_layout: Optional[bool] = None):
         self.model = model
         self.config = cfg = model.config
         self.scale = cfg.head_dim ** -0.5
         self.eps = cfg.rms_norm_eps
-        cpu = model.output_weight.device.type == "cpu"
+        if cpu_layout is None:
+            cpu_layout = model.output_weight.device.type == "cpu"
+        self.cpu_ops = cpu = cpu_layout
         self.layers: list[_LayerWeights] = []
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -264,7 +269,7 @@ class PagedLlama:
 
     def input_norm(self, j: int, x: torch.Tensor) -> torch.Tensor:
         """Layer ``j``'s pre-attention RMSNorm of ``x`` ``[T, d]``."""
-        return rms_norm(x, self.layers[j].ln1, self.eps)
+        return rms_norm(x, self.layers[j].ln1, self.eps, self.cpu_ops)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, meta: ForwardMeta, k_cache: list, v_cache: list,
@@ -283,7 +288,7 @@ class PagedLlama:
         """
         cfg = self.config
         Hq, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        qs, eps, heads = cfg.q_size, self.eps, (Hq, Hkv, Hkv)
+        qs, eps, heads, cpu_ops = cfg.q_size, self.eps, (Hq, Hkv, Hkv), self.cpu_ops
         theta = float(cfg.rope_theta)
         x = self.embed(input_ids)
         T = x.shape[0]
@@ -291,7 +296,7 @@ class PagedLlama:
         saved = {0: x} if 0 in wanted else {}
         attn = None if meta.dense else torch.empty((T, Hq, D), dtype=x.dtype, device=x.device)
         for i, lw in enumerate(self.layers):
-            qkv = mm(rms_norm(x, lw.ln1, eps), lw.w_qkv, lw.b_qkv)
+            qkv = mm(rms_norm(x, lw.ln1, eps, cpu_ops), lw.w_qkv, lw.b_qkv)
             q, k, v = qkv.view(T, Hq + 2 * Hkv, D).split(heads, 1)   # [T, H, D] views, heads packed
             torch.ops.tandem_rt.rope_cache_write(k, v, meta.positions, meta.slot_mapping, k_cache[i], v_cache[i],
                                                  theta, q)
@@ -302,11 +307,11 @@ class PagedLlama:
                                                     meta.seq_lens, meta.query_start_loc, self.scale,
                                                     meta.max_q_len, meta.max_seq_len)
             x = mm(attn.view(T, qs), lw.w_o, x)   # residual + o_proj in one GEMM
-            gu = mm(rms_norm(x, lw.ln2, eps), lw.w_gate_up)
-            x = mm(silu_and_mul(gu), lw.w_down, x)
+            gu = mm(rms_norm(x, lw.ln2, eps, cpu_ops), lw.w_gate_up)
+            x = mm(silu_and_mul(gu, cpu_ops), lw.w_down, x)
             if i + 1 in wanted:
                 saved[i + 1] = x
         if logits_rows is not None:
             x = x.index_select(0, logits_rows)
-        logits = mm(rms_norm(x, self.final_norm, eps), self.lm_head)
+        logits = mm(rms_norm(x, self.final_norm, eps, cpu_ops), self.lm_head)
         return logits, [saved[l] for l in hidden_layers]
