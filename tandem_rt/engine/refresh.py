@@ -11,8 +11,7 @@ from typing import Sequence
 
 import torch
 
-from tandem_rt import ops
-from tandem_rt.engine.paged_model import PagedLlama, mm
+from tandem_rt.engine.paged_model import PagedLlama, input_major, mm
 from tandem_rt.models.tandem import TandemModel
 
 
@@ -20,12 +19,15 @@ class TandemRefresh:
     """Writes primary-derived entries into the secondary pool.
 
     Args:
-        model: the Tandem model (``model.tandem.proj[j]`` are used as they are).
+        model: the Tandem model (``model.tandem.proj[j]``'s weights become views of the
+            ``[d_L, d_S]`` matrices held here, as in :class:`PagedLlama`).
         secondary: the secondary's :class:`PagedLlama` (its fused QKV weight supplies W_K/W_V).
     """
 
     def __init__(self, model: TandemModel, secondary: PagedLlama):
-        self.proj = list(model.tandem.proj)
+        # proj_j as [d_L, d_S] matrices (input_major: the modules' weights become views) + biases
+        self.proj = [(input_major([p.weight], secondary.cpu_ops), None if p.bias is None else p.bias.detach())
+                     for p in model.tandem.proj]
         self.secondary = secondary
         self.layer_map = list(model.layer_map)
 
@@ -42,13 +44,12 @@ class TandemRefresh:
         """
         cfg = self.secondary.config
         T = positions.shape[0]
-        kvs, Hkv, D = cfg.kv_size, cfg.num_key_value_heads, cfg.head_dim
-        for j in range(len(self.secondary.layers)):
-            x = primary_hidden[j]
-            y_hat = self.proj[j](x.to(self.proj[j].weight.dtype))
+        Hkv, D = cfg.num_key_value_heads, cfg.head_dim
+        theta = float(cfg.rope_theta)
+        for j, (w_proj, b_proj) in enumerate(self.proj):
+            y_hat = mm(primary_hidden[j].to(w_proj.dtype), w_proj, b_proj)
             h = self.secondary.input_norm(j, y_hat)
             w_kv, b_kv = self.secondary.kv_weights(j)
-            kv = mm(h, w_kv, b_kv)
-            k = kv[:, :kvs].view(T, Hkv, D)
-            v = kv[:, kvs:].view(T, Hkv, D)
-            ops.rope_cache_write(k, v, positions, slot_mapping, k_cache[j], v_cache[j], cfg.rope_theta)
+            k, v = mm(h, w_kv, b_kv).view(T, 2 * Hkv, D).split(Hkv, 1)
+            # the raw op: the engine built the indices, and the C++ op validates every argument
+            torch.ops.tandem_rt.rope_cache_write(k, v, positions, slot_mapping, k_cache[j], v_cache[j], theta, None)
