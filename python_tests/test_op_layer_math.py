@@ -18,13 +18,24 @@ def ref_rms_norm(x, w, eps):
     return w * h.to(x.dtype)
 
 
+@pytest.fixture(params=["", "avx512", "avx2", "base"])
+def variant(request, monkeypatch):
+    """Each compiled variant of the row loops (TANDEM_RT_CPU_KERNELS; "" = the best this CPU runs)."""
+    monkeypatch.setenv("TANDEM_RT_CPU_KERNELS", request.param)
+    try:
+        rms_norm(torch.ones(1, 2), torch.ones(2), 1e-6)
+    except ValueError as e:
+        pytest.skip(f"this CPU cannot run the {request.param} variant: {e}")
+    return request.param
+
+
 def ulps(dtype):
     return {torch.float32: 2e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows, d", [(1, 256), (5, 48), (300, 64), (0, 16), (3, 1)])
-def test_rms_norm_matches_reference(dtype, rows, d):
+def test_rms_norm_matches_reference(dtype, rows, d, variant):
     g = torch.Generator().manual_seed(rows * 1000 + d)
     x = (torch.randn(rows, d, generator=g) * 3).to(dtype)
     w = (torch.rand(d, generator=g) + 0.5).to(dtype)
@@ -46,13 +57,25 @@ def test_rms_norm_strided_rows_and_eps():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows, inter", [(1, 704), (4, 352), (200, 96), (0, 8)])
-def test_silu_and_mul_matches_reference(dtype, rows, inter):
+def test_silu_and_mul_matches_reference(dtype, rows, inter, variant):
     g = torch.Generator().manual_seed(rows * 7 + inter)
     gu = (torch.randn(rows, 2 * inter, generator=g) * 6).to(dtype)   # both tails of the sigmoid
     got = silu_and_mul(gu)
     ref = F.silu(gu[:, :inter]) * gu[:, inter:]
     assert got.dtype == dtype and got.shape == (rows, inter)
     torch.testing.assert_close(got.float(), ref.float(), rtol=2 * ulps(dtype), atol=1e-6)
+
+
+def test_nan_and_inf_propagate_as_in_torch():
+    """bf16 rounding keeps NaN a NaN (not inf) and inf an inf."""
+    x = torch.tensor([[1.0, float("nan"), 2.0, 3.0], [1.0, 2.0, float("inf"), 3.0]], dtype=torch.bfloat16)
+    w = torch.ones(4, dtype=torch.bfloat16)
+    got = rms_norm(x, w, 1e-6)
+    assert torch.isnan(got[0]).all()       # a NaN row normalises to NaN, an inf row to [0, 0, NaN, 0]
+    torch.testing.assert_close(got, ref_rms_norm(x, w, 1e-6), equal_nan=True, rtol=0, atol=0)
+    gu = torch.tensor([[float("nan"), 1.0, 2.0, 3.0]], dtype=torch.bfloat16)
+    out = silu_and_mul(gu)
+    assert torch.isnan(out[0, 0]) and out[0, 1].item() == pytest.approx(F.silu(torch.tensor(1.0)).item() * 3, rel=1e-2)
 
 
 def test_silu_and_mul_extremes_and_strided_rows():

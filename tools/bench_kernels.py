@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tandem_rt.ops import copy_pages, make_rng_state, paged_attention, rope_cache_write, sample, sampling_params, verify  # noqa: E402
+from tandem_rt.ops import (copy_pages, make_rng_state, paged_attention, rms_norm, rope_cache_write, sample,  # noqa: E402
+                           sampling_params, silu_and_mul, verify)
 
 HQ, HKV, HEAD_DIM, PAGE_SIZE, ROPE_THETA = 32, 8, 128, 16, 10000.0
 
@@ -187,6 +188,30 @@ def bench_copy_pages(ctx: Context):
             yield add_row(ctx, "copy_pages", dtype, dict(batch=pairs, context=layers, q_len=0), t,
                           2 * pairs * layers * page_bytes)
             del caches
+
+
+@benchmark
+def bench_layer_math(ctx: Context):
+    """CPU only: rms_norm and silu_and_mul against torch's ops (F.rms_norm; F.silu(g) * u) on the
+    shapes of a decode / verify step and a prefill chunk of a 4096-wide model (hot cache)."""
+    if ctx.device.type != "cpu":
+        return
+    d, inter = 4096, 11008
+    for dtype in ctx.dtypes:
+        for rows in (1, 8, 512):
+            x = torch.randn(rows, d, dtype=dtype)
+            w = torch.rand(d, dtype=dtype) + 0.5
+            t = time_fn(lambda: rms_norm(x, w, 1e-6), ctx)
+            t_min = ctx.last_min
+            r = time_fn(lambda: F.rms_norm(x, (d,), w, 1e-6), ctx)
+            yield add_row(ctx, "rms_norm", dtype, dict(batch=rows, context=d, q_len=0), t, 2 * x.nbytes,
+                          r, "F.rms_norm", t_min, ctx.last_min)
+            gu = torch.randn(rows, 2 * inter, dtype=dtype)
+            t = time_fn(lambda: silu_and_mul(gu), ctx)
+            t_min = ctx.last_min
+            r = time_fn(lambda: F.silu(gu[:, :inter]) * gu[:, inter:], ctx)
+            yield add_row(ctx, "silu_and_mul", dtype, dict(batch=rows, context=inter, q_len=0), t,
+                          gu.nbytes * 3 // 2, r, "F.silu*mul", t_min, ctx.last_min)
 
 
 VOCAB, GAMMA = 32000, 5

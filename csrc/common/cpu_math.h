@@ -29,4 +29,15 @@ __attribute__((always_inline)) inline float silu(float x) {
   return (x < 0.f ? x * s : x) / (1.f + s);
 }
 
+// bf16 (raw bits) <-> fp32 without library calls, so that loops over them vectorise.
+__attribute__((always_inline)) inline float bf16_to_float(uint16_t h) {
+  return std::bit_cast<float>(static_cast<uint32_t>(h) << 16);
+}
+// Round to nearest even; NaN stays a (quiet) NaN, as c10::BFloat16 does.
+__attribute__((always_inline)) inline uint16_t float_to_bf16(float f) {
+  const uint32_t bits = std::bit_cast<uint32_t>(f);
+  const uint16_t rounded = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  return f != f ? static_cast<uint16_t>(0x7FC0u) : rounded;
+}
+
 }  // namespace tandem_rt

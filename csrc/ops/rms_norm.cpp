@@ -6,33 +6,20 @@
 // fused kernel. Rounding follows the reference model (tandem_rt.models.llama.RMSNorm): the
 // statistics and x / rms in fp32, rounded to the input dtype, then multiplied by the weight in that dtype.
 #include "common/check.h"
+#include "ops/layer_math_cpu.h"
 
 #include <cmath>
 
 namespace tandem_rt {
 namespace {
 
-template <typename T>
-void rms_norm_rows(const T* x, int64_t x_stride, const T* w, T* y, int64_t rows, int64_t d, float eps) {
-  // x: [rows, d] with row stride x_stride; w: [d]; y: [rows, d] contiguous
+// x: [rows, d] with row stride x_stride; w: [d]; y: [rows, d] contiguous. E: float, uint16_t
+// (bf16 bits) or c10::Half.
+template <typename E>
+void rms_norm_impl(const E* x, int64_t x_stride, const E* w, E* y, int64_t rows, int64_t d, float eps) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* xr = x + r * x_stride;
-      T* yr = y + r * d;
-      float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < d; ++i) {
-        const float v = static_cast<float>(xr[i]);
-        ss += v * v;
-      }
-      const float inv = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) {
-        const T normed = static_cast<T>(static_cast<float>(xr[i]) * inv);
-        yr[i] = static_cast<T>(static_cast<float>(w[i]) * static_cast<float>(normed));
-      }
-    }
+    layer_math::rms_norm_rows(x, x_stride, w, y, begin, end, d, eps);
   });
 }
 
@@ -49,10 +36,23 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps must be finite and >= 0, got ", eps);
   at::Tensor y = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_cpu", [&] {
-    rms_norm_rows<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), weight.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                            x.size(0), x.size(1), static_cast<float>(eps));
-  });
+  const float feps = static_cast<float>(eps);
+  try {
+    layer_math::best_isa();
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+  if (x.scalar_type() == at::kFloat) {
+    rms_norm_impl(x.data_ptr<float>(), x.stride(0), weight.data_ptr<float>(), y.data_ptr<float>(), x.size(0),
+                  x.size(1), feps);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    rms_norm_impl(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), x.stride(0),
+                  reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()),
+                  reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), x.size(0), x.size(1), feps);
+  } else {
+    rms_norm_impl(x.data_ptr<at::Half>(), x.stride(0), weight.data_ptr<at::Half>(), y.data_ptr<at::Half>(), x.size(0),
+                  x.size(1), feps);
+  }
   return y;
 }
 

@@ -3,26 +3,18 @@
 // (see rms_norm.cpp). Rounding follows F.silu(gate) * up: silu in fp32 rounded to the input dtype,
 // then the product in fp32 rounded to it.
 #include "common/check.h"
-#include "common/cpu_math.h"
+#include "ops/layer_math_cpu.h"
 
 namespace tandem_rt {
 namespace {
 
-template <typename T>
-void silu_and_mul_rows(const T* x, int64_t x_stride, T* y, int64_t rows, int64_t inter) {
-  // x: [rows, 2 * inter] (gate columns, then up columns), row stride x_stride; y: [rows, inter]
+// x: [rows, 2 * inter] (gate columns, then up columns), row stride x_stride; y: [rows, inter].
+// E: float, uint16_t (bf16 bits) or c10::Half.
+template <typename E>
+void silu_and_mul_impl(const E* x, int64_t x_stride, E* y, int64_t rows, int64_t inter) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(inter, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* g = x + r * x_stride;
-      const T* u = g + inter;
-      T* yr = y + r * inter;
-#pragma omp simd
-      for (int64_t i = 0; i < inter; ++i) {
-        const T act = static_cast<T>(silu(static_cast<float>(g[i])));
-        yr[i] = static_cast<T>(static_cast<float>(act) * static_cast<float>(u[i]));
-      }
-    }
+    layer_math::silu_mul_rows(x, x_stride, y, begin, end, inter);
   });
 }
 
@@ -35,9 +27,19 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
   const int64_t inter = x.size(1) / 2;
   at::Tensor y = at::empty({x.size(0), inter}, x.options());
   if (y.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "silu_and_mul_cpu", [&] {
-    silu_and_mul_rows<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), y.data_ptr<scalar_t>(), x.size(0), inter);
-  });
+  try {
+    layer_math::best_isa();
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+  if (x.scalar_type() == at::kFloat) {
+    silu_and_mul_impl(x.data_ptr<float>(), x.stride(0), y.data_ptr<float>(), x.size(0), inter);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    silu_and_mul_impl(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), x.stride(0),
+                      reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), x.size(0), inter);
+  } else {
+    silu_and_mul_impl(x.data_ptr<at::Half>(), x.stride(0), y.data_ptr<at::Half>(), x.size(0), inter);
+  }
   return y;
 }
 
