@@ -3,8 +3,8 @@
 
 For each (batch size, num-samples) configuration it runs ``primary``, ``secondary``, ``speed`` and
 ``tandem-speed`` (several γ and "auto"), and ``tandem``, greedy with fixed output length, and
-prints a table: latency per generated token (wall time / tokens per sequence), tokens/s (all
-sequences), speedup over ``primary``, mean accepted drafts per block, primary and secondary
+prints a table: latency per generated token (wall time / tokens per sequence; every prompt runs
+once, in consecutive groups of the batch size, one group after another), tokens/s (all sequences), speedup over ``primary``, mean accepted drafts per block, primary and secondary
 forward runs per 100 generated tokens (paper Tables 2, 4, 5), and whether the tokens equal
 ``primary``'s (lossless modes). ``--peer hf`` adds Hugging Face assisted generation
 (``model.generate(..., assistant_model=...)``) with the same primary and standalone drafter,
@@ -151,22 +151,33 @@ def bench_hf(engine, prompts, max_new, repeats):
 
 # ----------------------------------------------------------------------------- engine runs
 
-def run_engine(engine, prompts, params, mode, gamma, repeats):
-    engine.generate(prompts[:1], params.__class__(max_new_tokens=4, ignore_eos=True, n=params.n),
+def prompt_groups(base: list, B: int) -> list:
+    """Every prompt once, in consecutive groups of ``B`` (the last group wraps around to the first
+    prompts), so that batch 1 measures all prompts rather than the first one."""
+    n_groups = max(1, -(-len(base) // B))
+    return [[base[(g * B + i) % len(base)] for i in range(B)] for g in range(n_groups)]
+
+
+def run_engine(engine, groups, params, mode, gamma, repeats):
+    """Best over ``repeats`` of the summed wall time of ``generate`` on each group of prompts."""
+    engine.generate(groups[0][:1], params.__class__(max_new_tokens=4, ignore_eos=True, n=params.n),
                     mode=mode, gamma=gamma)                                           # warm-up
     best, out = float("inf"), None
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        res = engine.generate(prompts, params, mode=mode, gamma=gamma)
-        sync()
-        wall = time.perf_counter() - t
+        wall, res = 0.0, []
+        for prompts in groups:
+            sync()
+            t = time.perf_counter()
+            res += engine.generate(prompts, params, mode=mode, gamma=gamma)
+            sync()
+            wall += time.perf_counter() - t
         if wall < best:
             best, out = wall, res
     tokens = sum(len(r.token_ids) for r in out)
     blocks = sum(r.stats["blocks"] for r in out)
-    return {"outputs": [r.token_ids for r in out], "wall_s": best, "sequences": len(out), "tokens": tokens,
+    return {"outputs": [r.token_ids for r in out], "wall_s": best, "sequences": len(out),
+            "batch": len(out) // len(groups), "tokens": tokens,
             "mean_accepted": (sum(r.stats["accepted_tokens"] for r in out) / blocks) if blocks else None,
             "primary_runs_per_100": 100.0 * sum(r.stats["primary_runs"] for r in out) / tokens,
             "secondary_runs_per_100": 100.0 * sum(r.stats["secondary_runs"] for r in out) / tokens}
@@ -208,7 +219,7 @@ def main(argv=None) -> int:
               "torch_threads": torch.get_num_threads(), "max_new_tokens": args.max_new_tokens,
               "prompt_len": len(base[0]), "torch": torch.__version__, "configs": []}
     for B, n in configs:
-        prompts = [base[i % len(base)] for i in range(B)]
+        groups = prompt_groups(base, B)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, n=n, ignore_eos=True)
         runs = [("primary", 1), ("secondary", 1)]
         if engine.drafter is not None:
@@ -217,17 +228,18 @@ def main(argv=None) -> int:
         runs += [("tandem", gammas[0])]
         rows = []
         for mode, gamma in runs:
-            r = run_engine(engine, prompts, params, mode, gamma, args.repeats)
+            r = run_engine(engine, groups, params, mode, gamma, args.repeats)
             r.update(mode=mode, gamma=gamma)
             rows.append(r)
             print(f"  B={B} n={n} {mode:13s} γ={gamma!s:4s} {r['wall_s']:.3f}s", flush=True)
         if args.peer == "hf" and B == 1 and n == 1:
-            for r in bench_hf(engine, prompts, args.max_new_tokens, args.repeats):
+            for r in bench_hf(engine, [g[0] for g in groups], args.max_new_tokens, args.repeats):
                 r.update(mode=r.pop("name"), gamma=None, mean_accepted=None, primary_runs_per_100=None,
-                         secondary_runs_per_100=None)
+                         secondary_runs_per_100=None, batch=1)
                 rows.append(r)
         ref = rows[0]
-        per_seq = lambda r: r["tokens"] / r["sequences"]  # noqa: E731
+        # latency per token of one sequence: groups run one after another, B sequences each
+        per_seq = lambda r: r["tokens"] / r["batch"]  # noqa: E731
         for r in rows:
             r["ms_per_token"] = 1000.0 * r["wall_s"] / per_seq(r)
             r["tokens_per_s"] = r["tokens"] / r["wall_s"]
@@ -238,7 +250,8 @@ def main(argv=None) -> int:
         ref["speedup"] = 1.0
         report["configs"].append({"batch_size": B, "num_samples": n, "rows": [
             {k: v for k, v in r.items() if k != "outputs"} for r in rows]})
-        print(f"\nbatch {B}, num-samples {n}, {args.max_new_tokens} new tokens, prompt {len(base[0])} tokens, "
+        print(f"\nbatch {B}, num-samples {n}, {args.max_new_tokens} new tokens, {len(base)} prompts "
+              f"({min(map(len, base))}-{max(map(len, base))} tokens) in {len(groups)} group(s), "
               f"{args.device} ({report['cpu'] if args.device == 'cpu' else args.device})")
         print(f"{'mode':14s} {'γ':>5s} {'ms/token':>9s} {'tok/s':>8s} {'speedup':>8s} {'acc/block':>9s} "
               f"{'P runs/100':>10s} {'S runs/100':>10s} {'=primary':>8s}")
