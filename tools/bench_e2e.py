@@ -4,11 +4,13 @@
 For each (batch size, num-samples) configuration it runs ``primary``, ``secondary``, ``speed`` and
 ``tandem-speed`` (several γ and "auto"), and ``tandem``, greedy with fixed output length, and
 prints a table: latency per generated token (wall time / tokens per sequence; every prompt runs
-once, in consecutive groups of the batch size, one group after another), tokens/s (all sequences), speedup over ``primary``, mean accepted drafts per block, primary and secondary
+once, in consecutive groups of the batch size, one group after another), tokens/s (all
+sequences), speedup over ``primary``, mean accepted drafts per block, primary and secondary
 forward runs per 100 generated tokens (paper Tables 2, 4, 5), and whether the tokens equal
-``primary``'s (lossless modes). ``--peer hf`` adds Hugging Face assisted generation
-(``model.generate(..., assistant_model=...)``) with the same primary and standalone drafter,
-exported to Hugging Face format in a temporary directory, measured in the same run (batch 1).
+``primary``'s (lossless modes); writes JSON and, with ``--plot``, a bar chart (matplotlib).
+``--peer hf`` adds Hugging Face assisted generation (``model.generate(..., assistant_model=...)``)
+with the same primary and standalone drafter, exported to Hugging Face format in a temporary
+directory, measured in the same run (batch 1).
 
     python tools/bench_e2e.py --model DIR [--device cpu] [--gammas 2,4,6] [--peer hf] [--json out.json]
     python tools/bench_e2e.py --random-checkpoint /tmp/rand_ckpt ...   # builds a random-weights model first
@@ -196,6 +198,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cuda-graphs", action="store_true")
     ap.add_argument("--peer", choices=["hf"], default=None)
     ap.add_argument("--json", "--out", dest="json", default="bench_e2e.json", help="JSON report path")
+    ap.add_argument("--plot", help="also draw the speed-ups (matplotlib) into this image file (.png, .svg, ...)")
     args = ap.parse_args(argv)
     from tandem_rt.engine import SamplingParams
 
@@ -264,7 +267,39 @@ def main(argv=None) -> int:
         print()
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.json}")
+    if args.plot:
+        plot_report(report, args.plot)
+        print(f"wrote {args.plot}")
     return 0
+
+
+def plot_report(report: dict, path: str) -> None:
+    """One panel per (batch size, num-samples): speed-up over ``primary`` of every row (bars, the
+    lossless rows that reproduced ``primary`` in colour, others grey), and ms per token as labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = report["configs"]
+    fig, axes = plt.subplots(len(configs), 1, figsize=(10, 3.2 * len(configs)), squeeze=False)
+    for ax, cfg in zip(axes[:, 0], configs):
+        rows = cfg["rows"]
+        labels = [r["mode"] if r["gamma"] in (None, 1) else f"{r['mode']} γ={r['gamma']}" for r in rows]
+        speed = [r["speedup"] for r in rows]
+        colours = ["tab:blue" if r["equals_primary"] else "tab:grey" for r in rows]
+        bars = ax.bar(range(len(rows)), speed, color=colours)
+        for bar, r in zip(bars, rows):
+            ax.annotate(f"{r['ms_per_token']:.2f} ms", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(rows)), labels, rotation=40, ha="right", fontsize=8)
+        ax.set_ylabel("speed-up over primary")
+        ax.set_title(f"batch {cfg['batch_size']}, num-samples {cfg['num_samples']} — {report['device']} "
+                     f"{report.get('cpu') or ''}, {report['dtype']}, {report['max_new_tokens']} new tokens", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

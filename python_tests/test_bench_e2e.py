@@ -1,0 +1,35 @@
+"""tools/bench_e2e.py end to end on a tiny random checkpoint: the table, the JSON and the plot."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def test_bench_e2e_writes_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    sys.path.insert(0, str(TOOLS))
+    try:
+        import bench_e2e
+    finally:
+        sys.path.remove(str(TOOLS))
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    rc = bench_e2e.main(["--random-checkpoint", str(tmp_path / "ckpt"), "--threads", "1", "--max-new-tokens", "6",
+                         "--prompt-len", "8", "--batch-sizes", "1,2", "--num-samples", "1", "--gammas", "2",
+                         "--repeats", "1", "--json", str(out), "--plot", str(plot)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert [(c["batch_size"], c["num_samples"]) for c in report["configs"]] == [(1, 1), (2, 1)]
+    for cfg in report["configs"]:
+        rows = {(r["mode"], r["gamma"]): r for r in cfg["rows"]}
+        assert rows[("primary", 1)]["speedup"] == 1.0
+        # every prompt ran once (4 random prompts, 6 tokens each), lossless modes reproduce primary
+        assert all(r["tokens"] == 4 * 6 for r in cfg["rows"])
+        for key in (("speed", 2), ("tandem-speed", 2), ("tandem-speed", "auto")):
+            assert rows[key]["equals_primary"] is True
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "tandem-speed" in capsys.readouterr().out
