@@ -4,6 +4,7 @@
 #pragma once
 
 #include "common/cpu_math.h"
+#include "common/torch_headers.h"
 
 #include <c10/util/Half.h>
 
@@ -105,6 +106,15 @@ inline Isa best_isa() {
                               " is not a kernel variant this CPU runs (avx512, avx512f, avx2, base or unset)");
 }
 
+// ValueError (naming TANDEM_RT_CPU_KERNELS) when the forced variant is unknown or unsupported.
+inline void check_variant() {
+  try {
+    best_isa();
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
 // Rows [r0, r1) of x: [rows, d] (row stride x_stride) -> y: [rows, d] contiguous.
 template <typename E>
 void rms_norm_rows(const E* x, int64_t x_stride, const E* w, E* y, int64_t r0, int64_t r1, int64_t d, float eps) {
@@ -129,6 +139,20 @@ void silu_mul_rows(const E* x, int64_t x_stride, E* y, int64_t r0, int64_t r1, i
   }
 #endif
   silu_mul_rows_base(x, x_stride, y, r0, r1, n);
+}
+
+// Calls f(E{}) with E = float, uint16_t (bf16 bits) or c10::Half for the dtype of the tensors;
+// callers reinterpret data pointers with elems<E>(t).
+template <typename F>
+void dispatch_elem(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kFloat) f(float{});
+  else if (dtype == at::kBFloat16) f(uint16_t{});
+  else f(c10::Half{});
+}
+
+template <typename E>
+E* elems(const at::Tensor& t) {
+  return static_cast<E*>(t.data_ptr());
 }
 
 }  // namespace layer_math

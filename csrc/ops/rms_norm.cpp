@@ -37,22 +37,12 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
   at::Tensor y = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return y;
   const float feps = static_cast<float>(eps);
-  try {
-    layer_math::best_isa();
-  } catch (const std::invalid_argument& e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  }
-  if (x.scalar_type() == at::kFloat) {
-    rms_norm_impl(x.data_ptr<float>(), x.stride(0), weight.data_ptr<float>(), y.data_ptr<float>(), x.size(0),
-                  x.size(1), feps);
-  } else if (x.scalar_type() == at::kBFloat16) {
-    rms_norm_impl(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), x.stride(0),
-                  reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()),
-                  reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), x.size(0), x.size(1), feps);
-  } else {
-    rms_norm_impl(x.data_ptr<at::Half>(), x.stride(0), weight.data_ptr<at::Half>(), y.data_ptr<at::Half>(), x.size(0),
-                  x.size(1), feps);
-  }
+  layer_math::check_variant();
+  layer_math::dispatch_elem(x.scalar_type(), [&](auto tag) {
+    using E = decltype(tag);
+    rms_norm_impl(layer_math::elems<const E>(x), x.stride(0), layer_math::elems<const E>(weight),
+                  layer_math::elems<E>(y), x.size(0), x.size(1), feps);
+  });
   return y;
 }
 

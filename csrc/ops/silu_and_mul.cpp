@@ -27,19 +27,11 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
   const int64_t inter = x.size(1) / 2;
   at::Tensor y = at::empty({x.size(0), inter}, x.options());
   if (y.numel() == 0) return y;
-  try {
-    layer_math::best_isa();
-  } catch (const std::invalid_argument& e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  }
-  if (x.scalar_type() == at::kFloat) {
-    silu_and_mul_impl(x.data_ptr<float>(), x.stride(0), y.data_ptr<float>(), x.size(0), inter);
-  } else if (x.scalar_type() == at::kBFloat16) {
-    silu_and_mul_impl(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), x.stride(0),
-                      reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), x.size(0), inter);
-  } else {
-    silu_and_mul_impl(x.data_ptr<at::Half>(), x.stride(0), y.data_ptr<at::Half>(), x.size(0), inter);
-  }
+  layer_math::check_variant();
+  layer_math::dispatch_elem(x.scalar_type(), [&](auto tag) {
+    using E = decltype(tag);
+    silu_and_mul_impl(layer_math::elems<const E>(x), x.stride(0), layer_math::elems<E>(y), x.size(0), inter);
+  });
   return y;
 }
 

@@ -173,24 +173,23 @@ def input_major(params: Sequence[torch.Tensor], contiguous: bool) -> torch.Tenso
         return params[0].detach().t()
     fused = torch.cat([p.detach() for p in params], 0)      # [sum out_i, in]
     mat = fused.t().contiguous() if contiguous else fused.t()
-    stacked = mat.t()                                         # [sum out_i, in] view of mat
-    row = 0
-    for p in params:
-        n = p.shape[0]
-        p.data = stacked[row:row + n]
-        row += n
+    _rebind_rows(params, mat.t())                            # [sum out_i, in] view of mat
     return mat
 
 
 def fuse_bias(params: Sequence[torch.Tensor]) -> torch.Tensor:
     """Concatenated biases ``[sum out_i]``; each parameter becomes a view of it (no second copy)."""
     fused = torch.cat([p.detach() for p in params], 0)
+    _rebind_rows(params, fused)
+    return fused
+
+
+def _rebind_rows(params: Sequence[torch.Tensor], stacked: torch.Tensor) -> None:
+    """Make ``params[i]`` the view of its rows of ``stacked`` (the parameters stacked along dim 0)."""
     row = 0
     for p in params:
-        n = p.shape[0]
-        p.data = fused[row:row + n]
-        row += n
-    return fused
+        p.data = stacked[row:row + p.shape[0]]
+        row += p.shape[0]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, cpu_ops: bool) -> torch.Tensor:
