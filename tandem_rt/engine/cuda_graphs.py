@@ -6,13 +6,18 @@ graph captured for ``(model, batch bucket, q, outputs)``. The batch is padded to
 padded sequences get one page-table row of page 0, ``seq_len = q`` and slot -1 (nothing is
 written, their outputs are discarded). The graph's ``max_seq_len`` is the model's context, so
 the attention launch covers every length; lengths, positions, slots and page tables are device
-inputs copied into the graph's static buffers before each replay. Sampling and verification run
-after the replay on the device random state, which they advance in place, so every replay draws
-fresh numbers. Ragged steps (prompt chunks, blocks with unequal draft lengths) run eagerly; the
-drafter's catch-up step is made uniform by the caller. Results are identical with and without
-graphs up to floating-point reassociation inside the captured kernels (none: the same kernels run).
+inputs copied into the graph's static buffers before each replay. A primary block of the Tandem
+modes captures the Tandem refresh that follows the forward too (it reads the same static positions
+and slots; padded rows have slot -1 and write nothing). Sampling and verification run after the
+replay on the device random state, which they advance in place, so every replay draws fresh
+numbers. Ragged steps (prompt chunks, blocks with unequal draft lengths) run eagerly; the drafter's
+catch-up step is made uniform by the caller. Results are identical with and without graphs up to
+floating-point reassociation inside the captured kernels (none: the same kernels run).
 
-Not exercised without a GPU: the CPU build never constructs this class.
+Capturing is a pluggable step (``CudaCapture``). ``EagerCapture`` stands in for it on the CPU in the
+tests: its "replay" re-runs the step and copies the results into the first run's output buffers,
+so the static-buffer plumbing (copy-in, padding to the bucket, slicing the outputs) is checked
+without a GPU; the capture itself (stream, pool, no host syncs inside) only on one.
 """
 from __future__ import annotations
 
@@ -30,10 +35,47 @@ def _buckets(max_batch: int) -> list:
     return out
 
 
-class _Graph:
-    """One captured forward with its static inputs and outputs."""
+class CudaCapture:
+    """Captures a step into a CUDA graph (after two warm-up runs on a side stream) in one memory pool.
+    ``capture(run) -> (outputs of run, replay)``; replaying rewrites the same output tensors."""
 
-    def __init__(self, engine, model, cache, B: int, q: int, last_rows_only: bool, hidden_layers: tuple, pool):
+    def __init__(self):
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, run):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):                       # warm-up outside the graph (allocator, kernels)
+                run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = run()
+        return outputs, graph.replay
+
+
+class EagerCapture:
+    """Test stand-in for :class:`CudaCapture` on any device: replay re-runs the step and copies its
+    results (logits, hidden streams) into the first run's tensors, as a graph replay rewrites them."""
+
+    def __call__(self, run):
+        logits, hidden = run()
+
+        def replay():
+            new_logits, new_hidden = run()
+            logits.copy_(new_logits)
+            for h, nh in zip(hidden, new_hidden):
+                h.copy_(nh)
+        return (logits, hidden), replay
+
+
+class _Graph:
+    """One captured forward (and, with ``refresh``, the Tandem refresh after it) with its static
+    inputs and outputs."""
+
+    def __init__(self, engine, model, cache, B: int, q: int, last_rows_only: bool, hidden_layers: tuple, capture,
+                 refresh: bool = False):
         dev = engine.device
         ctx = model.config.max_position_embeddings
         max_pages = -(-(ctx + q) // engine.page_manager.page_size)
@@ -50,17 +92,16 @@ class _Graph:
             last_rows=torch.arange(q - 1, T, q, dtype=torch.int64, device=dev), uniform_q_len=q)
         self.max_pages = max_pages
         rows = self.meta.last_rows if last_rows_only else None
-        run = lambda: model.forward(self.ids, self.meta, cache.k, cache.v, logits_rows=rows,  # noqa: E731
-                                    hidden_layers=hidden_layers)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):                       # warm-up outside the graph (allocator, kernels)
-                run()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits, self.hidden = run()
+        m = self.meta
+
+        def run():
+            logits, hidden = model.forward(self.ids, m, cache.k, cache.v, logits_rows=rows,
+                                           hidden_layers=hidden_layers)
+            if refresh:
+                engine.refresh(hidden, m.positions, m.slot_mapping, engine.secondary_cache.k,
+                               engine.secondary_cache.v)
+            return logits, hidden
+        (self.logits, self.hidden), self._replay = capture(run)
 
     def replay(self, ids: torch.Tensor, meta: ForwardMeta, last_rows_only: bool):
         b, T = meta.num_seqs, meta.num_rows
@@ -75,7 +116,7 @@ class _Graph:
         m.block_tables[b:].zero_()
         m.seq_lens[:b].copy_(meta.seq_lens)
         m.seq_lens[b:].fill_(self.q)
-        self.graph.replay()
+        self._replay()
         logits = self.logits[:b] if last_rows_only else self.logits[:T]
         return logits, [h[:T] for h in self.hidden]
 
@@ -83,23 +124,26 @@ class _Graph:
 class CudaGraphRunner:
     """Captures lazily, per (model, bucket, rows per sequence, outputs), and replays."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, capture=None):
         self.engine = engine
         self.buckets = _buckets(engine.max_batch_size)
         self.graphs: dict = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.capture = capture if capture is not None else CudaCapture()
 
-    def run(self, model, cache, ids, meta: ForwardMeta, last_rows_only: bool, hidden_layers: tuple):
+    def run(self, model, cache, ids, meta: ForwardMeta, last_rows_only: bool, hidden_layers: tuple,
+            refresh: bool = False):
+        """Replays (capturing first if needed) the step's graph; None when no graph applies (the
+        caller then runs the step eagerly, including the refresh)."""
         q = meta.uniform_q_len
         B = meta.num_seqs
         bucket = next((b for b in self.buckets if b >= B), None)
         if bucket is None or q > 32:
             return None
-        key = (id(model), bucket, q, last_rows_only, hidden_layers)
+        key = (id(model), bucket, q, last_rows_only, hidden_layers, refresh)
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = _Graph(self.engine, model, cache, bucket, q, last_rows_only, hidden_layers,
-                                          self.pool)
+                                          self.capture, refresh)
         if meta.block_tables.shape[1] > g.max_pages:
             return None
         return g.replay(ids, meta, last_rows_only)

@@ -167,15 +167,21 @@ class Engine:
         return next(self._seq_ids)
 
     def run(self, model: PagedLlama, cache, ids: torch.Tensor, meta, last_rows_only: bool = False,
-            hidden_layers=()):
+            hidden_layers=(), refresh: bool = False):
         """One paged forward of a decode / verify step: a captured CUDA graph when one applies
-        (uniform rows per sequence), else eager. Returns (logits, hidden) as ``PagedLlama.forward``."""
+        (uniform rows per sequence), else eager. With ``refresh`` (a primary step of the Tandem
+        modes, ``hidden_layers`` = the layer map), the Tandem refresh of the same rows follows,
+        inside the graph when there is one. Returns (logits, hidden) as ``PagedLlama.forward``."""
         if self.cuda_graphs is not None and meta.uniform_q_len:
-            out = self.cuda_graphs.run(model, cache, ids, meta, last_rows_only, tuple(hidden_layers))
+            out = self.cuda_graphs.run(model, cache, ids, meta, last_rows_only, tuple(hidden_layers), refresh)
             if out is not None:
                 return out
-        return model.forward(ids, meta, cache.k, cache.v, logits_rows=meta.last_rows if last_rows_only else None,
-                             hidden_layers=hidden_layers)
+        logits, hidden = model.forward(ids, meta, cache.k, cache.v,
+                                       logits_rows=meta.last_rows if last_rows_only else None,
+                                       hidden_layers=hidden_layers)
+        if refresh:
+            self.refresh(hidden, meta.positions, meta.slot_mapping, self.secondary_cache.k, self.secondary_cache.v)
+        return logits, hidden
 
     def all_cache_tensors(self) -> list:
         out = self.primary_cache.tensors() + self.secondary_cache.tensors()

@@ -513,13 +513,8 @@ class Generation:
         meta = build_meta(self.pm, sids, starts, ends, starts, self.device, block_tables=bt)
         last = h2d([s.tokens[-1] for s in seqs], torch.int64, self.device)
         hidden_layers = e.layer_map if tandem else ()
-        if G == 0:
-            logits, hidden = e.run(e.primary, e.primary_cache, last, meta, hidden_layers=hidden_layers)
-        else:
-            block = torch.cat([last.unsqueeze(1), drafts], 1).reshape(-1)        # [B * (G+1)]
-            logits, hidden = e.run(e.primary, e.primary_cache, block, meta, hidden_layers=hidden_layers)
-        if tandem:
-            e.refresh(hidden, meta.positions, meta.slot_mapping, e.secondary_cache.k, e.secondary_cache.v)
+        ids = last if G == 0 else torch.cat([last.unsqueeze(1), drafts], 1).reshape(-1)   # [B * (G+1)]
+        logits, _ = e.run(e.primary, e.primary_cache, ids, meta, hidden_layers=hidden_layers, refresh=tandem)
         if G == 0:
             toks, _ = self._sample(logits)
             accepted = [0] * B
@@ -589,9 +584,8 @@ class Generation:
                 ids = block.reshape(-1).index_select(0, flat)
             else:
                 ids = last
-            logits, hidden = e.run(e.primary, e.primary_cache, ids, meta, last_rows_only=True,
-                                   hidden_layers=e.layer_map)
-            e.refresh(hidden, meta.positions, meta.slot_mapping, e.secondary_cache.k, e.secondary_cache.v)
+            logits, _ = e.run(e.primary, e.primary_cache, ids, meta, last_rows_only=True,
+                              hidden_layers=e.layer_map, refresh=True)
             free, _ = self._sample(logits)
             rows = torch.cat([drafts, free.view(B, 1)], 1).tolist() if G > 0 else free.view(B, 1).tolist()
             for s, row, g in zip(seqs, rows, lens):                 # one host read above
@@ -617,9 +611,8 @@ class Generation:
             meta = build_meta(self.pm, [s.sid for s in todo], [a for a, _ in pos], [b for _, b in pos],
                               [a for a, _ in pos], self.device)
             ids = h2d([t for s, (a, b) in zip(todo, pos) for t in s.tokens[a:b]], torch.int64, self.device)
-            _, hidden = e.run(e.primary, e.primary_cache, ids, meta, last_rows_only=True,
-                              hidden_layers=e.layer_map)
-            e.refresh(hidden, meta.positions, meta.slot_mapping, e.secondary_cache.k, e.secondary_cache.v)
+            e.run(e.primary, e.primary_cache, ids, meta, last_rows_only=True, hidden_layers=e.layer_map,
+                  refresh=True)
             for s in todo:
                 s.stats["primary_runs"] += 1
                 s.plen = s.dlen = s.n
