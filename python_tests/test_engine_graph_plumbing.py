@@ -1,7 +1,7 @@
 """The CUDA-graph runner's static-buffer plumbing, on the CPU: with ``EagerCapture`` standing in
 for graph capture (a replay re-runs the step and copies its results into the captured outputs),
 every mode emits exactly the tokens of the engine without graphs, for ragged batches padded to a
-bucket, and the Tandem refresh runs inside the captured step. (The capture itself needs a GPU:
+bucket, and the Tandem refresh and the verification run inside the captured step. (The capture itself needs a GPU:
 python_tests/test_engine_cuda.py.)"""
 from __future__ import annotations
 
@@ -35,4 +35,6 @@ def test_graph_runner_matches_eager_engine(seed):
     assert any(k[1] == 4 for k in keys), "the batch of 3 was padded to the bucket of 4"
     assert any(k[-1] for k in keys), "a primary block with the Tandem refresh inside was captured"
     assert any(not k[-1] and k[2] == 1 for k in keys), "decode / draft steps were captured"
+    kinds = {k[5] for k in keys}
+    assert {"greedy", "probs"} <= kinds, "verify blocks captured with their verification (greedy, sampled)"
     assert graphed.num_free_pages == graphed.page_manager.num_pages

@@ -7,12 +7,14 @@ padded sequences get one page-table row of page 0, ``seq_len = q`` and slot -1 (
 written, their outputs are discarded). The graph's ``max_seq_len`` is the model's context, so
 the attention launch covers every length; lengths, positions, slots and page tables are device
 inputs copied into the graph's static buffers before each replay. A primary block of the Tandem
-modes captures the Tandem refresh that follows the forward too (it reads the same static positions
-and slots; padded rows have slot -1 and write nothing). Sampling and verification run after the
-replay on the device random state, which they advance in place, so every replay draws fresh
-numbers. Ragged steps (prompt chunks, blocks with unequal draft lengths) run eagerly; the drafter's
-catch-up step is made uniform by the caller. Results are identical with and without graphs up to
-floating-point reassociation inside the captured kernels (none: the same kernels run).
+modes captures the Tandem refresh that follows the forward (it reads the same static positions
+and slots; padded rows have slot -1 and write nothing), and a verify block of the speculative
+modes captures its verification (``torch.ops.tandem_rt.verify`` on the block's own rows and
+logits; static buffers for the draft lengths, drafter probabilities, sampling parameters and the
+random state, which is copied in before and back after the replay, so every replay draws fresh
+numbers; padded sequences verify zero drafts greedily). The drafter's sampling after a decode step
+runs eagerly. Ragged steps (prompt chunks) run eagerly; the drafter's catch-up step is made
+uniform by the caller. Results are identical with and without graphs (the same kernels run).
 
 Capturing is a pluggable step (``CudaCapture``). ``EagerCapture`` stands in for it on the CPU in the
 tests: its "replay" re-runs the step and copies the results into the first run's output buffers,
@@ -24,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from tandem_rt.engine.paged_model import ForwardMeta
+from tandem_rt.engine.verification import VerifyInputs, run_verify
 
 
 def _buckets(max_batch: int) -> list:
@@ -60,22 +63,29 @@ class EagerCapture:
     results (logits, hidden streams) into the first run's tensors, as a graph replay rewrites them."""
 
     def __call__(self, run):
-        logits, hidden = run()
+        outputs = run()
 
         def replay():
-            new_logits, new_hidden = run()
-            logits.copy_(new_logits)
-            for h, nh in zip(hidden, new_hidden):
-                h.copy_(nh)
-        return (logits, hidden), replay
+            _copy_into(outputs, run())
+        return outputs, replay
+
+
+def _copy_into(dst, src) -> None:
+    """Copy a tuple / list nest of tensors into the same nest of tensors."""
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    else:
+        for d, s_ in zip(dst, src):
+            _copy_into(d, s_)
 
 
 class _Graph:
-    """One captured forward (and, with ``refresh``, the Tandem refresh after it) with its static
-    inputs and outputs."""
+    """One captured forward (and, with ``refresh``, the Tandem refresh after it; with ``verify``,
+    the verification of the block, ``"greedy"`` or ``"probs"`` for a drafter with probabilities)
+    with its static inputs and outputs."""
 
     def __init__(self, engine, model, cache, B: int, q: int, last_rows_only: bool, hidden_layers: tuple, capture,
-                 refresh: bool = False):
+                 refresh: bool = False, verify=None):
         dev = engine.device
         ctx = model.config.max_position_embeddings
         max_pages = -(-(ctx + q) // engine.page_manager.page_size)
@@ -93,6 +103,14 @@ class _Graph:
         self.max_pages = max_pages
         rows = self.meta.last_rows if last_rows_only else None
         m = self.meta
+        self.verify = None
+        if verify is not None:   # static verification inputs; padded sequences: no drafts, greedy
+            V, G = model.config.vocab_size, q - 1
+            self.verify = VerifyInputs(
+                torch.zeros(B, dtype=torch.int32, device=dev),
+                torch.zeros(B, G, V, dtype=torch.float32, device=dev) if verify == "probs" else None,
+                torch.zeros(B, dtype=torch.float32, device=dev), torch.zeros(B, dtype=torch.int32, device=dev),
+                torch.ones(B, dtype=torch.float32, device=dev), torch.zeros(2, dtype=torch.int64, device=dev))
 
         def run():
             logits, hidden = model.forward(self.ids, m, cache.k, cache.v, logits_rows=rows,
@@ -100,10 +118,18 @@ class _Graph:
             if refresh:
                 engine.refresh(hidden, m.positions, m.slot_mapping, engine.secondary_cache.k,
                                engine.secondary_cache.v)
-            return logits, hidden
-        (self.logits, self.hidden), self._replay = capture(run)
+            if self.verify is None:
+                return logits, hidden
+            drafts = self.ids.view(B, q)[:, 1:].contiguous()
+            return (logits, hidden) + tuple(run_verify(drafts, logits, self.verify, B, q))
+        outputs, self._replay = capture(run)
+        self.logits, self.hidden = outputs[0], outputs[1]
+        self.verified = outputs[2:]
 
-    def replay(self, ids: torch.Tensor, meta: ForwardMeta, last_rows_only: bool):
+    def replay(self, ids: torch.Tensor, meta: ForwardMeta, last_rows_only: bool, verify=None):
+        """Copy the step's inputs into the static buffers, replay, return views of the outputs:
+        (logits, hidden) or, with ``verify`` (:class:`VerifyInputs` of the ``b`` real sequences),
+        (logits, hidden, accepted ``[b]``, emitted ``[b, q]``); ``verify.rng`` is advanced."""
         b, T = meta.num_seqs, meta.num_rows
         m = self.meta
         self.ids[:T].copy_(ids)
@@ -116,9 +142,22 @@ class _Graph:
         m.block_tables[b:].zero_()
         m.seq_lens[:b].copy_(meta.seq_lens)
         m.seq_lens[b:].fill_(self.q)
+        sv = self.verify
+        if sv is not None:
+            for name in ("lens", "temperature", "top_k", "top_p"):
+                getattr(sv, name)[:b].copy_(getattr(verify, name))
+            sv.lens[b:].zero_()
+            sv.temperature[b:].zero_()
+            if sv.probs is not None:
+                sv.probs[:b].copy_(verify.probs)
+            sv.rng.copy_(verify.rng)
         self._replay()
         logits = self.logits[:b] if last_rows_only else self.logits[:T]
-        return logits, [h[:T] for h in self.hidden]
+        out = (logits, [h[:T] for h in self.hidden])
+        if sv is not None:
+            verify.rng.copy_(sv.rng)
+            out += (self.verified[0][:b], self.verified[1][:b])
+        return out
 
 
 class CudaGraphRunner:
@@ -131,19 +170,20 @@ class CudaGraphRunner:
         self.capture = capture if capture is not None else CudaCapture()
 
     def run(self, model, cache, ids, meta: ForwardMeta, last_rows_only: bool, hidden_layers: tuple,
-            refresh: bool = False):
+            refresh: bool = False, verify=None):
         """Replays (capturing first if needed) the step's graph; None when no graph applies (the
-        caller then runs the step eagerly, including the refresh)."""
+        caller then runs the step eagerly, including the refresh and the verification)."""
         q = meta.uniform_q_len
         B = meta.num_seqs
         bucket = next((b for b in self.buckets if b >= B), None)
         if bucket is None or q > 32:
             return None
-        key = (id(model), bucket, q, last_rows_only, hidden_layers, refresh)
+        kind = None if verify is None else ("greedy" if verify.probs is None else "probs")
+        key = (id(model), bucket, q, last_rows_only, hidden_layers, kind, refresh)
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = _Graph(self.engine, model, cache, bucket, q, last_rows_only, hidden_layers,
-                                          self.capture, refresh)
+                                          self.capture, refresh, kind)
         if meta.block_tables.shape[1] > g.max_pages:
             return None
-        return g.replay(ids, meta, last_rows_only)
+        return g.replay(ids, meta, last_rows_only, verify)

@@ -29,6 +29,7 @@ from tandem_rt.engine.generation import Generation
 from tandem_rt.engine.paged_model import PagedLlama
 from tandem_rt.engine.params import SamplingParams
 from tandem_rt.engine.refresh import TandemRefresh
+from tandem_rt.engine.verification import run_verify
 from tandem_rt.engine.results import Result, StreamEvent
 from tandem_rt.models.tandem import TandemModel
 from tandem_rt.paths import default_model_path
@@ -167,13 +168,16 @@ class Engine:
         return next(self._seq_ids)
 
     def run(self, model: PagedLlama, cache, ids: torch.Tensor, meta, last_rows_only: bool = False,
-            hidden_layers=(), refresh: bool = False):
+            hidden_layers=(), refresh: bool = False, verify=None):
         """One paged forward of a decode / verify step: a captured CUDA graph when one applies
         (uniform rows per sequence), else eager. With ``refresh`` (a primary step of the Tandem
-        modes, ``hidden_layers`` = the layer map), the Tandem refresh of the same rows follows,
-        inside the graph when there is one. Returns (logits, hidden) as ``PagedLlama.forward``."""
+        modes, ``hidden_layers`` = the layer map) the Tandem refresh of the same rows follows; with
+        ``verify`` (:class:`~tandem_rt.engine.verification.VerifyInputs`, a uniform verify block of
+        ``q`` rows per sequence whose rows 1.. are the drafts) the verification follows — both
+        inside the graph when there is one. Returns (logits, hidden) as ``PagedLlama.forward``,
+        plus (accepted int32 ``[B]``, emitted int64 ``[B, q]``) with ``verify``."""
         if self.cuda_graphs is not None and meta.uniform_q_len:
-            out = self.cuda_graphs.run(model, cache, ids, meta, last_rows_only, tuple(hidden_layers), refresh)
+            out = self.cuda_graphs.run(model, cache, ids, meta, last_rows_only, tuple(hidden_layers), refresh, verify)
             if out is not None:
                 return out
         logits, hidden = model.forward(ids, meta, cache.k, cache.v,
@@ -181,7 +185,11 @@ class Engine:
                                        hidden_layers=hidden_layers)
         if refresh:
             self.refresh(hidden, meta.positions, meta.slot_mapping, self.secondary_cache.k, self.secondary_cache.v)
-        return logits, hidden
+        if verify is None:
+            return logits, hidden
+        B, q = meta.num_seqs, meta.uniform_q_len
+        drafts = ids.view(B, q)[:, 1:].contiguous()
+        return (logits, hidden) + tuple(run_verify(drafts, logits, verify, B, q))
 
     def all_cache_tensors(self) -> list:
         out = self.primary_cache.tensors() + self.secondary_cache.tensors()

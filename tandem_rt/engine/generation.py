@@ -33,6 +33,7 @@ from tandem_rt import ops
 from tandem_rt.engine.paged_model import build_meta, h2d
 from tandem_rt.engine.params import SamplingParams
 from tandem_rt.engine.results import Result, StreamEvent
+from tandem_rt.engine.verification import VerifyInputs
 from tandem_rt.models.router import router_features
 
 
@@ -513,19 +514,18 @@ class Generation:
         meta = build_meta(self.pm, sids, starts, ends, starts, self.device, block_tables=bt)
         last = h2d([s.tokens[-1] for s in seqs], torch.int64, self.device)
         hidden_layers = e.layer_map if tandem else ()
-        ids = last if G == 0 else torch.cat([last.unsqueeze(1), drafts], 1).reshape(-1)   # [B * (G+1)]
-        logits, _ = e.run(e.primary, e.primary_cache, ids, meta, hidden_layers=hidden_layers, refresh=tandem)
         if G == 0:
+            logits, _ = e.run(e.primary, e.primary_cache, last, meta, hidden_layers=hidden_layers, refresh=tandem)
             toks, _ = self._sample(logits)
             accepted = [0] * B
             emitted = [[t] for t in toks.tolist()]             # the one host read
         else:
-            V = logits.shape[-1]
-            target = logits                                   # rows are [B, G+1]
-            temp, top_k, top_p = self._params(B)
-            lens_t = h2d(lens, torch.int32, self.device)
-            acc, em = torch.ops.tandem_rt.verify(drafts, lens_t, probs, target.view(B, G + 1, V), temp, top_k,
-                                                 top_p, self.rng)
+            # verify block [B, G+1] = [tokens[n-1], drafts...]; the verification runs right after the
+            # forward (and the refresh), inside the same CUDA graph when graphs are on
+            block = torch.cat([last.unsqueeze(1), drafts], 1).reshape(-1)
+            verify = VerifyInputs(h2d(lens, torch.int32, self.device), probs, *self._params(B), self.rng)
+            _, _, acc, em = e.run(e.primary, e.primary_cache, block, meta, hidden_layers=hidden_layers,
+                                  refresh=tandem, verify=verify)
             both = torch.cat([acc.view(B, 1).long(), em.long()], 1).tolist()   # the one host read
             accepted = [row[0] for row in both]
             emitted = [row[1:row[0] + 2] for row in both]
