@@ -210,8 +210,15 @@ def silu_and_mul(gate_up: torch.Tensor, cpu_ops: bool) -> torch.Tensor:
     return F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
 
 
+MM_ROWS_MAX = 8   # bf16 CPU products of at most this many rows use tandem_rt::mm_rows
+
+
 def mm(x: torch.Tensor, w: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``add + x @ w`` (one GEMM): x ``[M, in]``, w ``[in, out]``, add ``[M, out]`` or ``[out]``."""
+    """``add + x @ w`` (one GEMM): x ``[M, in]``, w ``[in, out]``, add ``[M, out]`` or ``[out]``.
+    bf16 on the CPU with few rows and a contiguous ``w``: our ``mm_rows`` op (``csrc/ops/mm_rows.cpp``;
+    torch's bf16 GEMM costs more than its fp32 one at these sizes)."""
+    if x.dtype == torch.bfloat16 and x.shape[0] <= MM_ROWS_MAX and x.is_cpu and w.is_contiguous():
+        return torch.ops.tandem_rt.mm_rows(x, w, add)
     return torch.mm(x, w) if add is None else torch.addmm(add, x, w)
 
 
