@@ -232,7 +232,7 @@ def test_engine_weights_are_the_only_copy(tmp_path, bias):
 
 
 def test_bf16_paged_logits_match_bf16_reference():
-    """bf16 on the CPU (the engine's own mm_rows / rms_norm / silu_and_mul ops for decode and verify
+    """bf16 on the CPU (the engine's own linear_rows / rms_norm / silu_and_mul ops for decode and verify
     rows, torch for the prompt) against the reference model run in bf16 by torch."""
     model = random_tandem_model(seed=21).to(torch.bfloat16)
     h = Harness(model, 16)

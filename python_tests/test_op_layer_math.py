@@ -113,48 +113,48 @@ def test_cpp_ops_validate_too():
         torch.ops.tandem_rt.silu_and_mul(torch.randn(2, 7))
 
 
-# ---- mm_rows: bf16 products of a few rows with an [in, out] weight (CPU) ---------------------------
+# ---- linear_rows: bf16 products of a few rows with an [out, in] weight (CPU) ---------------------
 
-def ref_mm_rows(x, w, add):
+def ref_linear_rows(x, w, add):
     """fp64 product of the bf16 inputs, rounded once to bf16 (what one fp32-accumulated GEMM gives)."""
-    out = x.double() @ w.double()
+    out = x.double() @ w.double().t()
     if add is not None:
         out = out + add.double()
     return out.to(torch.bfloat16)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 11])
-@pytest.mark.parametrize("k, n", [(256, 384), (64, 300), (704, 256), (32, 8192)])
+@pytest.mark.parametrize("k, n", [(256, 384), (72, 300), (704, 257), (32, 8192)])
 @pytest.mark.parametrize("add_kind", [None, "bias", "residual"])
-def test_mm_rows_matches_reference(rows, k, n, add_kind, variant):
+def test_linear_rows_matches_reference(rows, k, n, add_kind, variant):
     g = torch.Generator().manual_seed(rows * 100 + k + n)
     x = torch.randn(rows, k, generator=g).bfloat16()
-    w = (torch.randn(k, n, generator=g) / k ** 0.5).bfloat16()
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16()
     add = {None: None, "bias": torch.randn(n, generator=g).bfloat16(),
            "residual": torch.randn(rows, n, generator=g).bfloat16()}[add_kind]
-    got = torch.ops.tandem_rt.mm_rows(x, w, add)
-    ref = ref_mm_rows(x, w, add)
+    got = torch.ops.tandem_rt.linear_rows(x, w, add)
+    ref = ref_linear_rows(x, w, add)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
     # fp32 accumulation in another order: within one bf16 rounding step of the exact product
     torch.testing.assert_close(got.float(), ref.float(), rtol=2 ** -7, atol=1e-3)
 
 
-def test_mm_rows_strided_rows_and_empty():
+def test_linear_rows_strided_rows_and_empty():
     x = torch.randn(4, 100).bfloat16()[:, 10:74]          # rows strided by 100
-    w = torch.randn(64, 40).bfloat16()
-    torch.testing.assert_close(torch.ops.tandem_rt.mm_rows(x, w, None).float(), ref_mm_rows(x, w, None).float(),
-                               rtol=2 ** -7, atol=1e-3)
-    assert torch.ops.tandem_rt.mm_rows(torch.zeros(0, 64).bfloat16(), w, None).shape == (0, 40)
+    w = torch.randn(40, 64).bfloat16()
+    torch.testing.assert_close(torch.ops.tandem_rt.linear_rows(x, w, None).float(),
+                               ref_linear_rows(x, w, None).float(), rtol=2 ** -7, atol=1e-3)
+    assert torch.ops.tandem_rt.linear_rows(torch.zeros(0, 64).bfloat16(), w, None).shape == (0, 40)
 
 
 @pytest.mark.parametrize("args, match", [
-    (lambda: (torch.randn(2, 8), torch.randn(8, 4).bfloat16(), None), "x must have dtype"),
-    (lambda: (torch.randn(2, 8).bfloat16(), torch.randn(7, 4).bfloat16(), None), "w.shape\\[0\\] must be 8"),
-    (lambda: (torch.randn(2, 8).bfloat16(), torch.randn(4, 8).bfloat16().t(), None), "w must be contiguous"),
-    (lambda: (torch.randn(2, 8).bfloat16(), torch.randn(8, 4).bfloat16(), torch.randn(5).bfloat16()), "add must have N"),
-    (lambda: (torch.randn(2, 8).bfloat16(), torch.randn(8, 4).bfloat16(), torch.randn(3, 4).bfloat16()),
+    (lambda: (torch.randn(2, 8), torch.randn(4, 8).bfloat16(), None), "x must have dtype"),
+    (lambda: (torch.randn(2, 8).bfloat16(), torch.randn(4, 7).bfloat16(), None), "w.shape\\[1\\] must be 8"),
+    (lambda: (torch.randn(2, 8).bfloat16(), torch.randn(8, 4).bfloat16().t(), None), "w must be contiguous"),
+    (lambda: (torch.randn(2, 8).bfloat16(), torch.randn(4, 8).bfloat16(), torch.randn(5).bfloat16()), "add must have N"),
+    (lambda: (torch.randn(2, 8).bfloat16(), torch.randn(4, 8).bfloat16(), torch.randn(3, 4).bfloat16()),
      "add.shape\\[0\\] must be 2"),
 ])
-def test_mm_rows_validation(args, match):
+def test_linear_rows_validation(args, match):
     with pytest.raises(ValueError, match=match):
-        torch.ops.tandem_rt.mm_rows(*args())
+        torch.ops.tandem_rt.linear_rows(*args())

@@ -210,15 +210,18 @@ def silu_and_mul(gate_up: torch.Tensor, cpu_ops: bool) -> torch.Tensor:
     return F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
 
 
-MM_ROWS_MAX = 8   # bf16 CPU products of at most this many rows use tandem_rt::mm_rows
+LINEAR_ROWS_MAX = 8   # bf16 CPU products of at most this many rows use tandem_rt::linear_rows
 
 
 def mm(x: torch.Tensor, w: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``add + x @ w`` (one GEMM): x ``[M, in]``, w ``[in, out]``, add ``[M, out]`` or ``[out]``.
-    bf16 on the CPU with few rows and a contiguous ``w``: our ``mm_rows`` op (``csrc/ops/mm_rows.cpp``;
-    torch's bf16 GEMM costs more than its fp32 one at these sizes)."""
-    if x.dtype == torch.bfloat16 and x.shape[0] <= MM_ROWS_MAX and x.is_cpu and w.is_contiguous():
-        return torch.ops.tandem_rt.mm_rows(x, w, add)
+    bf16 on the CPU with few rows and ``w`` the transposed view of a contiguous ``[out, in]``
+    weight: our ``linear_rows`` op (``csrc/ops/linear_rows.cpp``; torch's bf16 GEMM costs more than
+    its fp32 one at these sizes)."""
+    if x.dtype == torch.bfloat16 and x.shape[0] <= LINEAR_ROWS_MAX and x.is_cpu:
+        wt = w.t()
+        if wt.is_contiguous():
+            return torch.ops.tandem_rt.linear_rows(x, wt, add)
     return torch.mm(x, w) if add is None else torch.addmm(add, x, w)
 
 
@@ -234,9 +237,10 @@ class PagedLlama:
 
     Args:
         model: the reference model; its tensors are used as they are (same device and dtype).
-        cpu_layout: contiguous ``[in, out]`` weights and our fused CPU ops for RMSNorm and
-            SiLU * up (default: when the model is on the CPU). ``False`` is the CUDA code path
-            (transposed views, torch's ops); tests run it on the CPU too.
+        cpu_layout: our fused CPU ops for RMSNorm and SiLU * up, and contiguous ``[in, out]``
+            weights (fp32 / fp16; bf16 keeps ``[out, in]`` for ``linear_rows``), default: when the
+            model is on the CPU. ``False`` is the CUDA code path (transposed views, torch's ops);
+            tests run it on the CPU too.
     """
 
     def __init__(self, model: LlamaForCausalLM, cpu_layout: Optional[bool] = None):
@@ -246,7 +250,10 @@ class PagedLlama:
         self.eps = cfg.rms_norm_eps
         if cpu_layout is None:
             cpu_layout = model.output_weight.device.type == "cpu"
-        self.cpu_ops = cpu = cpu_layout
+        self.cpu_ops = cpu_layout
+        # [in, out] stored contiguous for torch's CPU GEMM, except bf16: decode / verify rows then go
+        # through linear_rows, which streams the [out, in] rows (prompts: torch on the transposed view)
+        self.contiguous_weights = cpu = cpu_layout and model.output_weight.dtype != torch.bfloat16
         self.layers: list[_LayerWeights] = []
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp

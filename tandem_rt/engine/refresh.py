@@ -26,7 +26,7 @@ class TandemRefresh:
 
     def __init__(self, model: TandemModel, secondary: PagedLlama):
         # proj_j as [d_L, d_S] matrices (input_major: the modules' weights become views) + biases
-        self.proj = [(input_major([p.weight], secondary.cpu_ops), None if p.bias is None else p.bias.detach())
+        self.proj = [(input_major([p.weight], secondary.contiguous_weights), None if p.bias is None else p.bias.detach())
                      for p in model.tandem.proj]
         self.secondary = secondary
         self.layer_map = list(model.layer_map)

@@ -1,0 +1,181 @@
+// Op tandem_rt::linear_rows (CPU, bf16): y = add + x @ w^T for a few rows x: [M, K] and a weight in
+// nn.Linear's layout w: [N, K], fp32 accumulation and one rounding to bf16 at the end (as torch's
+// bf16 addmm). Decode and verify steps multiply 1-8 rows by every weight of the model, so the weight
+// stream dominates: each output is a dot product along a contiguous weight row, the rows stream in
+// address order, and up to 8 query rows share each weight load (register-blocked: 16 vector
+// accumulators, one shuffle tree for their 16 sums). torch's bf16 GEMM costs more than its fp32 one
+// at these sizes on the CPU (docs/ENGINE.md). Larger M (prompts) should use torch's GEMM.
+#include "common/check.h"
+#include "ops/layer_math_cpu.h"
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace tandem_rt {
+namespace {
+
+constexpr int kMaxRows = 8;  // rows per pass over the weight
+
+// Any ISA: y[m, n] for n in [n0, n1), m < rows. xf: [rows, K] fp32; w: [N, K] bf16 bits;
+// add: null, [N] (ars = 0) or [rows, N] (row stride ars); y: [rows, N] bf16 bits, row stride ys.
+__attribute__((always_inline)) inline void linear_rows_loops(const float* xf, int64_t K, int rows, const uint16_t* w,
+                                                             const uint16_t* add, int64_t ars, uint16_t* y,
+                                                             int64_t ys, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* wr = w + n * K;
+    for (int m = 0; m < rows; ++m) {
+      const float* xr = xf + m * K;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t k = 0; k < K; ++k) s += xr[k] * bf16_to_float(wr[k]);
+      if (add != nullptr) s += bf16_to_float(add[m * ars + n]);
+      y[m * ys + n] = float_to_bf16(s);
+    }
+  }
+}
+
+#define TANDEM_LINEAR_ROWS_VARIANT(suffix, attr)                                                        \
+  attr void linear_rows_##suffix(const float* xf, int64_t K, int rows, const uint16_t* w,               \
+                                 const uint16_t* add, int64_t ars, uint16_t* y, int64_t ys, int64_t n0,  \
+                                 int64_t n1) {                                                          \
+    linear_rows_loops(xf, K, rows, w, add, ars, y, ys, n0, n1);                                          \
+  }
+#if defined(__x86_64__) && defined(__GNUC__)
+TANDEM_LINEAR_ROWS_VARIANT(avx2, __attribute__((target("avx2,fma"))))
+#endif
+TANDEM_LINEAR_ROWS_VARIANT(base, )
+#undef TANDEM_LINEAR_ROWS_VARIANT
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+#include "common/avx512_vec.h"
+
+// NB outputs n .. n+NB-1 for R rows (R * NB <= 16 accumulators): acc[r * NB + b] holds 16 partial
+// sums of x[r] . w[n + b]; one shuffle tree reduces all of them.
+template <int R, int NB>
+__attribute__((always_inline)) inline void linear_block(const float* xf, int64_t K, const uint16_t* w,
+                                                        const uint16_t* add, int64_t ars, uint16_t* y, int64_t ys,
+                                                        int64_t n) {
+  static_assert(R * NB <= 16, "16 accumulators at most");
+  avx512::v16f acc[16] = {};
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    avx512::v16f wv[NB];
+#pragma GCC unroll 8
+    for (int b = 0; b < NB; ++b) wv[b] = avx512::ld16(w + (n + b) * K + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const avx512::v16f xv = avx512::ld16(xf + r * K + k);
+#pragma GCC unroll 8
+      for (int b = 0; b < NB; ++b) acc[r * NB + b] += xv * wv[b];
+    }
+  }
+  alignas(64) float sums[16];
+  avx512::st16(sums, avx512::hsum16(acc));
+  for (; k < K; ++k)  // K % 16 tail
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < NB; ++b) sums[r * NB + b] += xf[r * K + k] * bf16_to_float(w[(n + b) * K + k]);
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < NB; ++b) {
+      const float a = add != nullptr ? bf16_to_float(add[r * ars + n + b]) : 0.f;
+      y[r * ys + n + b] = float_to_bf16(sums[r * NB + b] + a);
+    }
+}
+
+template <int R, int NB>
+__attribute__((always_inline)) inline void linear_range(const float* xf, int64_t K, const uint16_t* w,
+                                                        const uint16_t* add, int64_t ars, uint16_t* y, int64_t ys,
+                                                        int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) linear_block<R, NB>(xf, K, w, add, ars, y, ys, n);
+  for (; n < n1; ++n) linear_block<R, 1>(xf, K, w, add, ars, y, ys, n);
+}
+
+void linear_rows_avx512(const float* xf, int64_t K, int rows, const uint16_t* w, const uint16_t* add, int64_t ars,
+                        uint16_t* y, int64_t ys, int64_t n0, int64_t n1) {
+  switch (rows) {
+    case 1: return linear_range<1, 8>(xf, K, w, add, ars, y, ys, n0, n1);
+    case 2: return linear_range<2, 8>(xf, K, w, add, ars, y, ys, n0, n1);
+    case 3: return linear_range<3, 4>(xf, K, w, add, ars, y, ys, n0, n1);
+    case 4: return linear_range<4, 4>(xf, K, w, add, ars, y, ys, n0, n1);
+    case 5: return linear_range<5, 2>(xf, K, w, add, ars, y, ys, n0, n1);
+    case 6: return linear_range<6, 2>(xf, K, w, add, ars, y, ys, n0, n1);
+    case 7: return linear_range<7, 2>(xf, K, w, add, ars, y, ys, n0, n1);
+    default: return linear_range<8, 2>(xf, K, w, add, ars, y, ys, n0, n1);
+  }
+}
+#pragma GCC pop_options
+#endif
+
+// Outputs [n0, n1) for `rows` (<= 8) rows, in the variant this CPU runs (TANDEM_RT_CPU_KERNELS).
+void linear_rows_range(const float* xf, int64_t K, int rows, const uint16_t* w, const uint16_t* add, int64_t ars,
+                       uint16_t* y, int64_t ys, int64_t n0, int64_t n1) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  switch (layer_math::best_isa()) {
+    case layer_math::Isa::kAvx512: return linear_rows_avx512(xf, K, rows, w, add, ars, y, ys, n0, n1);
+    case layer_math::Isa::kAvx2: return linear_rows_avx2(xf, K, rows, w, add, ars, y, ys, n0, n1);
+    default: break;
+  }
+#endif
+  linear_rows_base(xf, K, rows, w, add, ars, y, ys, n0, n1);
+}
+
+at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& add) {
+  check_rank(x, "x", 2);
+  check_dtype(x, "x", at::kBFloat16);
+  TORCH_CHECK_VALUE(x.size(1) <= 1 || x.stride(1) == 1, "x must have a contiguous last dim");
+  check_device(w, "w", x.device());
+  check_dtype(w, "w", at::kBFloat16);
+  check_rank(w, "w", 2);
+  check_contiguous(w, "w");
+  check_size(w, "w", 1, x.size(1));
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  int64_t ars = 0;
+  if (add.has_value()) {
+    check_device(*add, "add", x.device());
+    check_dtype(*add, "add", at::kBFloat16);
+    TORCH_CHECK_VALUE(add->dim() == 1 || add->dim() == 2, "add must be [N] or [M, N], got shape ", add->sizes());
+    TORCH_CHECK_VALUE(add->size(-1) == N && add->stride(-1) == 1,
+                      "add must have N = ", N, " contiguous columns, got shape ", add->sizes());
+    if (add->dim() == 2) {
+      check_size(*add, "add", 0, M);
+      ars = add->stride(0);
+    }
+  }
+  layer_math::check_variant();
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  // x rows in fp32 once ([M, K]); every weight row is then read once per 8 rows
+  std::vector<float> xf(M * K);
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xf[m * K + k] = bf16_to_float(xp[m * x.stride(0) + k]);
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const auto* ap = add.has_value() ? reinterpret_cast<const uint16_t*>(add->data_ptr<at::BFloat16>()) : nullptr;
+  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  const int64_t grain = std::max<int64_t>(8, 32768 / std::max<int64_t>(K, 1));  // >= 64 KB of weights a task
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
+    const float* xm = xf.data() + m0 * K;
+    const uint16_t* am = ap != nullptr ? ap + m0 * ars : nullptr;
+    uint16_t* ym = yp + m0 * N;
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      linear_rows_range(xm, K, rows, wp, am, ars, ym, N, n0, n1);
+    });
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tandem_rt, m) {
+  m.def("linear_rows(Tensor x, Tensor w, Tensor? add=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tandem_rt, CPU, m) {
+  m.impl("linear_rows", &linear_rows_cpu);
+}
+
+}  // namespace tandem_rt
