@@ -148,7 +148,8 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ro
 
 class _LayerWeights(NamedTuple):
     """One decoder layer's tensors as the paged forward uses them. Matrices are ``[in, out]``
-    (``x @ w``): the transposes of the modules' ``[out, in]`` weights (see :func:`input_major`)."""
+    (``x @ w``, :func:`input_major`), or with ``PagedLlama.rows_layout`` (bf16 on the CPU) the
+    modules' own ``[out, in]`` layout for :func:`mm_rows`; shapes below are for ``[in, out]``."""
     ln1: torch.Tensor            # [d] input RMSNorm weight
     w_qkv: torch.Tensor          # [d, q_size + 2 kv_size]: q, k, v columns
     b_qkv: Optional[torch.Tensor]  # [q_size + 2 kv_size] or None
@@ -177,11 +178,19 @@ def input_major(params: Sequence[torch.Tensor], contiguous: bool) -> torch.Tenso
     return mat
 
 
-def fuse_bias(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Concatenated biases ``[sum out_i]``; each parameter becomes a view of it (no second copy)."""
+def fuse_rows(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Parameters (weights ``[out_i, in]`` or biases ``[out_i]``) concatenated along dim 0; each
+    becomes a view of the result (no second copy). One parameter is returned as it is."""
+    if len(params) == 1:
+        return params[0].detach()
     fused = torch.cat([p.detach() for p in params], 0)
     _rebind_rows(params, fused)
     return fused
+
+
+def fuse_bias(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenated biases ``[sum out_i]``; each parameter becomes a view of it (no second copy)."""
+    return fuse_rows(params)
 
 
 def _rebind_rows(params: Sequence[torch.Tensor], stacked: torch.Tensor) -> None:
@@ -214,15 +223,17 @@ LINEAR_ROWS_MAX = 8   # bf16 CPU products of at most this many rows use tandem_r
 
 
 def mm(x: torch.Tensor, w: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``add + x @ w`` (one GEMM): x ``[M, in]``, w ``[in, out]``, add ``[M, out]`` or ``[out]``.
-    bf16 on the CPU with few rows and ``w`` the transposed view of a contiguous ``[out, in]``
-    weight: our ``linear_rows`` op (``csrc/ops/linear_rows.cpp``; torch's bf16 GEMM costs more than
-    its fp32 one at these sizes)."""
-    if x.dtype == torch.bfloat16 and x.shape[0] <= LINEAR_ROWS_MAX and x.is_cpu:
-        wt = w.t()
-        if wt.is_contiguous():
-            return torch.ops.tandem_rt.linear_rows(x, wt, add)
+    """``add + x @ w`` (one GEMM): x ``[M, in]``, w ``[in, out]``, add ``[M, out]`` or ``[out]``."""
     return torch.mm(x, w) if add is None else torch.addmm(add, x, w)
+
+
+def mm_rows(x: torch.Tensor, w: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``add + x @ w^T`` for a contiguous ``[out, in]`` bf16 CPU weight ``w``: our ``linear_rows`` op
+    (``csrc/ops/linear_rows.cpp``) for at most ``LINEAR_ROWS_MAX`` rows (torch's bf16 GEMM costs more
+    than its fp32 one at these sizes on the CPU), torch's GEMM for more (prompts)."""
+    if x.shape[0] <= LINEAR_ROWS_MAX:
+        return torch.ops.tandem_rt.linear_rows(x, w, add)
+    return torch.mm(x, w.t()) if add is None else torch.addmm(add, x, w.t())
 
 
 class PagedLlama:
@@ -251,34 +262,38 @@ class PagedLlama:
         if cpu_layout is None:
             cpu_layout = model.output_weight.device.type == "cpu"
         self.cpu_ops = cpu_layout
-        # [in, out] stored contiguous for torch's CPU GEMM, except bf16: decode / verify rows then go
-        # through linear_rows, which streams the [out, in] rows (prompts: torch on the transposed view)
-        self.contiguous_weights = cpu = cpu_layout and model.output_weight.dtype != torch.bfloat16
+        # bf16 on the CPU: [out, in] weights for linear_rows (decode / verify rows); otherwise
+        # [in, out], stored contiguous on the CPU for torch's GEMM
+        self.rows_layout = cpu_layout and model.output_weight.dtype == torch.bfloat16
+        self.mm = mm_rows if self.rows_layout else mm    # (x, w, add) -> add + x @ w in this layout
+        cpu = cpu_layout and not self.rows_layout
+        mat = (lambda params: fuse_rows(params)) if self.rows_layout else (lambda params: input_major(params, cpu))
         self.layers: list[_LayerWeights] = []
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            w = input_major([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], cpu)
             b = None
             if attn.q_proj.bias is not None:
                 b = fuse_bias([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
             self.layers.append(_LayerWeights(
-                layer.input_layernorm.weight.detach(), w, b, input_major([attn.o_proj.weight], cpu),
-                layer.post_attention_layernorm.weight.detach(),
-                input_major([mlp.gate_proj.weight, mlp.up_proj.weight], cpu), input_major([mlp.down_proj.weight], cpu)))
+                layer.input_layernorm.weight.detach(), mat([attn.q_proj.weight, attn.k_proj.weight,
+                                                            attn.v_proj.weight]),
+                b, mat([attn.o_proj.weight]), layer.post_attention_layernorm.weight.detach(),
+                mat([mlp.gate_proj.weight, mlp.up_proj.weight]), mat([mlp.down_proj.weight])))
         self.final_norm = model.model.norm.weight.detach()
-        # [d, V]; when tied, the embedding rows are columns of it (the embedding becomes a view)
-        self.lm_head = input_major([model.output_weight], cpu)
+        # [d, V] (rows layout: [V, d]); when tied, the embedding becomes a view of it
+        self.lm_head = mat([model.output_weight])
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows of ``input_ids`` (int64 ``[T]``) -> ``[T, d]``."""
         return F.embedding(input_ids, self.model.model.embed_tokens.weight.detach())
 
     def kv_weights(self, j: int):
-        """Layer ``j``'s K/V part of the fused QKV projection: (``[d, 2*kv_size]``, bias
-        ``[2*kv_size]`` or None) as views (no copy)."""
+        """Layer ``j``'s K/V part of the fused QKV projection for ``self.mm``: (``[d, 2*kv_size]``,
+        rows layout ``[2*kv_size, d]``; bias ``[2*kv_size]`` or None) as views (no copy)."""
         lw = self.layers[j]
         q = self.config.q_size
-        return lw.w_qkv[:, q:], (lw.b_qkv[q:] if lw.b_qkv is not None else None)
+        w = lw.w_qkv[q:] if self.rows_layout else lw.w_qkv[:, q:]
+        return w, (lw.b_qkv[q:] if lw.b_qkv is not None else None)
 
     def input_norm(self, j: int, x: torch.Tensor) -> torch.Tensor:
         """Layer ``j``'s pre-attention RMSNorm of ``x`` ``[T, d]``."""
@@ -309,7 +324,7 @@ class PagedLlama:
         saved = {0: x} if 0 in wanted else {}
         attn = None if meta.dense else torch.empty((T, Hq, D), dtype=x.dtype, device=x.device)
         for i, lw in enumerate(self.layers):
-            qkv = mm(rms_norm(x, lw.ln1, eps, cpu_ops), lw.w_qkv, lw.b_qkv)
+            qkv = self.mm(rms_norm(x, lw.ln1, eps, cpu_ops), lw.w_qkv, lw.b_qkv)
             q, k, v = qkv.view(T, Hq + 2 * Hkv, D).split(heads, 1)   # [T, H, D] views, heads packed
             torch.ops.tandem_rt.rope_cache_write(k, v, meta.positions, meta.slot_mapping, k_cache[i], v_cache[i],
                                                  theta, q)
@@ -319,12 +334,12 @@ class PagedLlama:
                 torch.ops.tandem_rt.paged_attention(attn, q, k_cache[i], v_cache[i], meta.block_tables,
                                                     meta.seq_lens, meta.query_start_loc, self.scale,
                                                     meta.max_q_len, meta.max_seq_len)
-            x = mm(attn.view(T, qs), lw.w_o, x)   # residual + o_proj in one GEMM
-            gu = mm(rms_norm(x, lw.ln2, eps, cpu_ops), lw.w_gate_up)
-            x = mm(silu_and_mul(gu, cpu_ops), lw.w_down, x)
+            x = self.mm(attn.view(T, qs), lw.w_o, x)   # residual + o_proj in one GEMM
+            gu = self.mm(rms_norm(x, lw.ln2, eps, cpu_ops), lw.w_gate_up)
+            x = self.mm(silu_and_mul(gu, cpu_ops), lw.w_down, x)
             if i + 1 in wanted:
                 saved[i + 1] = x
         if logits_rows is not None:
             x = x.index_select(0, logits_rows)
-        logits = mm(rms_norm(x, self.final_norm, eps, cpu_ops), self.lm_head)
+        logits = self.mm(rms_norm(x, self.final_norm, eps, cpu_ops), self.lm_head)
         return logits, [saved[l] for l in hidden_layers]

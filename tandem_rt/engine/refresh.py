@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from tandem_rt.engine.paged_model import PagedLlama, input_major, mm
+from tandem_rt.engine.paged_model import PagedLlama, input_major
 from tandem_rt.models.tandem import TandemModel
 
 
@@ -25,9 +25,10 @@ class TandemRefresh:
     """
 
     def __init__(self, model: TandemModel, secondary: PagedLlama):
-        # proj_j as [d_L, d_S] matrices (input_major: the modules' weights become views) + biases
-        self.proj = [(input_major([p.weight], secondary.contiguous_weights), None if p.bias is None else p.bias.detach())
-                     for p in model.tandem.proj]
+        # proj_j in the secondary's layout for its mm ([d_L, d_S], or [d_S, d_L] for rows) + biases
+        layout = (lambda w: w.detach()) if secondary.rows_layout else (
+            lambda w: input_major([w], secondary.cpu_ops))
+        self.proj = [(layout(p.weight), None if p.bias is None else p.bias.detach()) for p in model.tandem.proj]
         self.secondary = secondary
         self.layer_map = list(model.layer_map)
 
@@ -47,9 +48,9 @@ class TandemRefresh:
         Hkv, D = cfg.num_key_value_heads, cfg.head_dim
         theta = float(cfg.rope_theta)
         for j, (w_proj, b_proj) in enumerate(self.proj):
-            y_hat = mm(primary_hidden[j].to(w_proj.dtype), w_proj, b_proj)
+            y_hat = self.secondary.mm(primary_hidden[j].to(w_proj.dtype), w_proj, b_proj)
             h = self.secondary.input_norm(j, y_hat)
             w_kv, b_kv = self.secondary.kv_weights(j)
-            k, v = mm(h, w_kv, b_kv).view(T, 2 * Hkv, D).split(Hkv, 1)
+            k, v = self.secondary.mm(h, w_kv, b_kv).view(T, 2 * Hkv, D).split(Hkv, 1)
             # the raw op: the engine built the indices, and the C++ op validates every argument
             torch.ops.tandem_rt.rope_cache_write(k, v, positions, slot_mapping, k_cache[j], v_cache[j], theta, None)
