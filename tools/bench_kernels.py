@@ -193,7 +193,8 @@ def bench_copy_pages(ctx: Context):
 @benchmark
 def bench_layer_math(ctx: Context):
     """CPU only: rms_norm and silu_and_mul against torch's ops (F.rms_norm; F.silu(g) * u) on the
-    shapes of a decode / verify step and a prefill chunk of a 4096-wide model (hot cache)."""
+    shapes of a decode / verify step and a prefill chunk of a 4096-wide model (hot cache), and
+    linear_rows against torch's bf16 addmm (context column = out * 10000 + in)."""
     if ctx.device.type != "cpu":
         return
     d, inter = 4096, 11008
@@ -212,6 +213,19 @@ def bench_layer_math(ctx: Context):
             r = time_fn(lambda: F.silu(gu[:, :inter]) * gu[:, inter:], ctx)
             yield add_row(ctx, "silu_and_mul", dtype, dict(batch=rows, context=inter, q_len=0), t,
                           gu.nbytes * 3 // 2, r, "F.silu*mul", t_min, ctx.last_min)
+
+    # linear_rows: bf16 only, the bundled model's shapes ([out, in] weights); reference torch's bf16 addmm
+    if torch.bfloat16 in ctx.dtypes:
+        for n, k in ((1408, 256), (256, 704), (8192, 256)):
+            w = torch.randn(n, k).bfloat16()
+            for rows in (1, 4, 8):
+                x = torch.randn(rows, k).bfloat16()
+                add = torch.randn(rows, n).bfloat16()
+                t = time_fn(lambda: torch.ops.tandem_rt.linear_rows(x, w, add), ctx)
+                t_min = ctx.last_min
+                r = time_fn(lambda: torch.addmm(add, x, w.t()), ctx)
+                yield add_row(ctx, "linear_rows", torch.bfloat16, dict(batch=rows, context=n * 10000 + k, q_len=0),
+                              t, w.nbytes, r, "torch.addmm", t_min, ctx.last_min)
 
 
 VOCAB, GAMMA = 32000, 5
