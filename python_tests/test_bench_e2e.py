@@ -33,3 +33,19 @@ def test_bench_e2e_writes_json_and_plot(tmp_path, capsys):
             assert rows[key]["equals_primary"] is True
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "tandem-speed" in capsys.readouterr().out
+
+
+def test_bench_forward_writes_json(tmp_path, capsys):
+    sys.path.insert(0, str(TOOLS))
+    try:
+        import bench_forward
+    finally:
+        sys.path.remove(str(TOOLS))
+    out = tmp_path / "fwd.json"
+    rc = bench_forward.main(["--random-checkpoint", str(tmp_path / "ckpt"), "--threads", "1", "--rows", "1,3",
+                             "--calls", "3", "--context", "20", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert set(report["ms"]) == {"primary", "secondary", "drafter"}
+    assert all(set(v) == {"1", "3"} and all(t > 0 for t in v.values()) for v in report["ms"].values())
+    assert "primary" in capsys.readouterr().out
