@@ -20,6 +20,7 @@
 #include <immintrin.h>
 #endif
 
+#include "common/cpu_isa.h"
 #include "common/cpu_math.h"
 
 namespace tandem_rt {
@@ -486,36 +487,23 @@ struct CpuKernels {
   void (*attend_chunk_lanes)(const ChunkArgs&);     // head_dim % 16 == 0, many rows: a.qt, fp32 a.k / a.v
 };
 
-// The best variant this CPU runs, or the one TANDEM_RT_CPU_KERNELS names ("avx512", "avx512f" =
-// AVX-512 without the BF16 dot products, "avx2", "base"; read on every call, for tests and A/B timing). Throws std::invalid_argument for an
+// The kernels of the variant cpu_isa::best() chooses (TANDEM_RT_CPU_KERNELS: "avx512", "avx512f" =
+// AVX-512 without the BF16 dot products, "avx2", "base"). Throws std::invalid_argument for an
 // unknown name or a variant this CPU cannot run.
 CpuKernels pick_cpu_kernels() {
-  const char* env = std::getenv("TANDEM_RT_CPU_KERNELS");
-  const std::string want = env ? env : "";
   const CpuKernels base{&attend_chunk_base, &bf16_rows_base, nullptr, nullptr, nullptr, nullptr};
-  if (want == "base") return base;
 #if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool bf16dp = avx512 && __builtin_cpu_supports("avx512bf16");
-  const CpuKernels k512{&attend_chunk_avx512, &bf16_rows_avx512, &attend_chunk16_avx512, &attend_chunk16_bf16_avx512,
-                        bf16dp ? &attend_chunk16_bf16dp_avx512 : nullptr, &attend_chunk_lanes_avx512};
-  const CpuKernels k2{&attend_chunk_avx2, &bf16_rows_avx2, nullptr, nullptr, nullptr, nullptr};
-  if (want.empty()) return avx512 ? k512 : avx2 ? k2 : base;
-  if (want == "avx512" && avx512) return k512;
-  if (want == "avx512f" && avx512) {  // AVX-512 without the BF16 dot products (bf16 converted to fp32)
-    CpuKernels k = k512;
-    k.attend_chunk16_bf16dp = nullptr;
-    return k;
+  switch (cpu_isa::best()) {
+    case cpu_isa::Isa::kAvx512:
+      return {&attend_chunk_avx512, &bf16_rows_avx512, &attend_chunk16_avx512, &attend_chunk16_bf16_avx512,
+              cpu_isa::bf16_dot_products() ? &attend_chunk16_bf16dp_avx512 : nullptr, &attend_chunk_lanes_avx512};
+    case cpu_isa::Isa::kAvx2:
+      return {&attend_chunk_avx2, &bf16_rows_avx2, nullptr, nullptr, nullptr, nullptr};
+    default:
+      break;
   }
-  if (want == "avx2" && avx2) return k2;
-#else
-  if (want.empty()) return base;
 #endif
-  throw std::invalid_argument("TANDEM_RT_CPU_KERNELS=" + want +
-                              " is not a kernel variant this CPU runs (avx512, avx512f, avx2, base or unset)");
+  return base;
 }
 
 }  // namespace

@@ -4,15 +4,13 @@
 #pragma once
 
 #include "common/cpu_math.h"
+#include "common/cpu_isa.h"
 #include "common/torch_headers.h"
 
 #include <c10/util/Half.h>
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <stdexcept>
-#include <string>
 #include <type_traits>
 
 namespace tandem_rt {
@@ -73,55 +71,13 @@ TANDEM_LAYER_MATH_VARIANT(avx2, __attribute__((target("avx2,fma"))))
 TANDEM_LAYER_MATH_VARIANT(base, )
 #undef TANDEM_LAYER_MATH_VARIANT
 
-enum class Isa { kBase, kAvx2, kAvx512 };
-
-inline Isa detected_isa() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const Isa isa = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-      return Isa::kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-    return Isa::kBase;
-  }();
-  return isa;
-#else
-  return Isa::kBase;
-#endif
-}
-
-// The best variant, or the one TANDEM_RT_CPU_KERNELS names (as for paged attention: "avx512" /
-// "avx512f", "avx2", "base"; read on every call, for tests). Throws std::invalid_argument for an
-// unknown name or a variant this CPU cannot run.
-inline Isa best_isa() {
-  const char* env = std::getenv("TANDEM_RT_CPU_KERNELS");
-  if (env == nullptr || *env == '\0') return detected_isa();
-  const std::string want = env;
-  const Isa have = detected_isa();
-  if (want == "base") return Isa::kBase;
-  if (want == "avx2" && have != Isa::kBase) return Isa::kAvx2;
-  if ((want == "avx512" || want == "avx512f") && have == Isa::kAvx512) return Isa::kAvx512;
-  throw std::invalid_argument("TANDEM_RT_CPU_KERNELS=" + want +
-                              " is not a kernel variant this CPU runs (avx512, avx512f, avx2, base or unset)");
-}
-
-// ValueError (naming TANDEM_RT_CPU_KERNELS) when the forced variant is unknown or unsupported.
-inline void check_variant() {
-  try {
-    best_isa();
-  } catch (const std::invalid_argument& e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  }
-}
-
 // Rows [r0, r1) of x: [rows, d] (row stride x_stride) -> y: [rows, d] contiguous.
 template <typename E>
 void rms_norm_rows(const E* x, int64_t x_stride, const E* w, E* y, int64_t r0, int64_t r1, int64_t d, float eps) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  switch (best_isa()) {
-    case Isa::kAvx512: return rms_norm_rows_avx512(x, x_stride, w, y, r0, r1, d, eps);
-    case Isa::kAvx2: return rms_norm_rows_avx2(x, x_stride, w, y, r0, r1, d, eps);
+  switch (cpu_isa::best()) {
+    case cpu_isa::Isa::kAvx512: return rms_norm_rows_avx512(x, x_stride, w, y, r0, r1, d, eps);
+    case cpu_isa::Isa::kAvx2: return rms_norm_rows_avx2(x, x_stride, w, y, r0, r1, d, eps);
     default: break;
   }
 #endif
@@ -132,9 +88,9 @@ void rms_norm_rows(const E* x, int64_t x_stride, const E* w, E* y, int64_t r0, i
 template <typename E>
 void silu_mul_rows(const E* x, int64_t x_stride, E* y, int64_t r0, int64_t r1, int64_t n) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  switch (best_isa()) {
-    case Isa::kAvx512: return silu_mul_rows_avx512(x, x_stride, y, r0, r1, n);
-    case Isa::kAvx2: return silu_mul_rows_avx2(x, x_stride, y, r0, r1, n);
+  switch (cpu_isa::best()) {
+    case cpu_isa::Isa::kAvx512: return silu_mul_rows_avx512(x, x_stride, y, r0, r1, n);
+    case cpu_isa::Isa::kAvx2: return silu_mul_rows_avx2(x, x_stride, y, r0, r1, n);
     default: break;
   }
 #endif

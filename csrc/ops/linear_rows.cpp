@@ -113,9 +113,9 @@ void linear_rows_avx512(const float* xf, int64_t K, int rows, const uint16_t* w,
 void linear_rows_range(const float* xf, int64_t K, int rows, const uint16_t* w, const uint16_t* add, int64_t ars,
                        uint16_t* y, int64_t ys, int64_t n0, int64_t n1) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  switch (layer_math::best_isa()) {
-    case layer_math::Isa::kAvx512: return linear_rows_avx512(xf, K, rows, w, add, ars, y, ys, n0, n1);
-    case layer_math::Isa::kAvx2: return linear_rows_avx2(xf, K, rows, w, add, ars, y, ys, n0, n1);
+  switch (cpu_isa::best()) {
+    case cpu_isa::Isa::kAvx512: return linear_rows_avx512(xf, K, rows, w, add, ars, y, ys, n0, n1);
+    case cpu_isa::Isa::kAvx2: return linear_rows_avx2(xf, K, rows, w, add, ars, y, ys, n0, n1);
     default: break;
   }
 #endif
@@ -144,7 +144,7 @@ at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& w, const std::
       ars = add->stride(0);
     }
   }
-  layer_math::check_variant();
+  cpu_isa::check_variant();
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   // x rows in fp32 once ([M, K]); every weight row is then read once per 8 rows

@@ -157,12 +157,8 @@ template <typename T>
 void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
                           const at::Tensor& query_start_loc, double scale) {
-  CpuKernels kern;
-  try {
-    kern = pick_cpu_kernels();
-  } catch (const std::invalid_argument& e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  }
+  cpu_isa::check_variant();  // ValueError for a bad TANDEM_RT_CPU_KERNELS
+  const CpuKernels kern = pick_cpu_kernels();
   const int64_t nseq = seq_lens.size(0), hq = q.size(1), d = q.size(2);
   const int64_t hkv = k_cache.size(2), page_size = k_cache.size(1), max_pages = block_tables.size(1);
   const int64_t group = hq / hkv, q_stride = q.stride(0);

@@ -37,7 +37,7 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
   at::Tensor y = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return y;
   const float feps = static_cast<float>(eps);
-  layer_math::check_variant();
+  cpu_isa::check_variant();
   layer_math::dispatch_elem(x.scalar_type(), [&](auto tag) {
     using E = decltype(tag);
     rms_norm_impl(layer_math::elems<const E>(x), x.stride(0), layer_math::elems<const E>(weight),

@@ -27,7 +27,7 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
   const int64_t inter = x.size(1) / 2;
   at::Tensor y = at::empty({x.size(0), inter}, x.options());
   if (y.numel() == 0) return y;
-  layer_math::check_variant();
+  cpu_isa::check_variant();
   layer_math::dispatch_elem(x.scalar_type(), [&](auto tag) {
     using E = decltype(tag);
     silu_and_mul_impl(layer_math::elems<const E>(x), x.stride(0), layer_math::elems<E>(y), x.size(0), inter);

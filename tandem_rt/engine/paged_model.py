@@ -188,10 +188,6 @@ def fuse_rows(params: Sequence[torch.Tensor]) -> torch.Tensor:
     return fused
 
 
-def fuse_bias(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Concatenated biases ``[sum out_i]``; each parameter becomes a view of it (no second copy)."""
-    return fuse_rows(params)
-
 
 def _rebind_rows(params: Sequence[torch.Tensor], stacked: torch.Tensor) -> None:
     """Make ``params[i]`` the view of its rows of ``stacked`` (the parameters stacked along dim 0)."""
@@ -273,7 +269,7 @@ class PagedLlama:
             attn, mlp = layer.self_attn, layer.mlp
             b = None
             if attn.q_proj.bias is not None:
-                b = fuse_bias([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+                b = fuse_rows([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
             self.layers.append(_LayerWeights(
                 layer.input_layernorm.weight.detach(), mat([attn.q_proj.weight, attn.k_proj.weight,
                                                             attn.v_proj.weight]),

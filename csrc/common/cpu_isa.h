@@ -1,0 +1,70 @@
+// Which compiled variant of the CPU kernels runs: the best instruction set this CPU has, or the one
+// TANDEM_RT_CPU_KERNELS forces (for tests and A/B timing). Shared by paged attention, the layer-math
+// ops and linear_rows.
+#pragma once
+
+#include "common/torch_headers.h"
+
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
+namespace tandem_rt {
+namespace cpu_isa {
+
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+inline Isa detected() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+      return Isa::kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    return Isa::kBase;
+  }();
+  return isa;
+#else
+  return Isa::kBase;
+#endif
+}
+
+// The best variant, or the one TANDEM_RT_CPU_KERNELS names ("avx512" / "avx512f", "avx2", "base";
+// read on every call, for tests). Throws std::invalid_argument for an
+// unknown name or a variant this CPU cannot run.
+inline Isa best() {
+  const char* env = std::getenv("TANDEM_RT_CPU_KERNELS");
+  if (env == nullptr || *env == '\0') return detected();
+  const std::string want = env;
+  const Isa have = detected();
+  if (want == "base") return Isa::kBase;
+  if (want == "avx2" && have != Isa::kBase) return Isa::kAvx2;
+  if ((want == "avx512" || want == "avx512f") && have == Isa::kAvx512) return Isa::kAvx512;
+  throw std::invalid_argument("TANDEM_RT_CPU_KERNELS=" + want +
+                              " is not a kernel variant this CPU runs (avx512, avx512f, avx2, base or unset)");
+}
+
+// ValueError (naming TANDEM_RT_CPU_KERNELS) when the forced variant is unknown or unsupported.
+inline void check_variant() {
+  try {
+    best();
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
+// TANDEM_RT_CPU_KERNELS=avx512f: AVX-512 without the BF16 dot products (paged attention's bf16 kernel
+// then converts to fp32).
+inline bool bf16_dot_products() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  const char* env = std::getenv("TANDEM_RT_CPU_KERNELS");
+  if (env != nullptr && std::string(env) == "avx512f") return false;
+  return best() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+}  // namespace cpu_isa
+}  // namespace tandem_rt
