@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tandem_rt.ops import rms_norm, silu_and_mul
+from tandem_rt.ops import linear_rows, rms_norm, silu_and_mul
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -142,7 +142,7 @@ def test_linear_rows_matches_reference(rows, k, n, add_kind, variant):
 def test_linear_rows_strided_rows_and_empty():
     x = torch.randn(4, 100).bfloat16()[:, 10:74]          # rows strided by 100
     w = torch.randn(40, 64).bfloat16()
-    torch.testing.assert_close(torch.ops.tandem_rt.linear_rows(x, w, None).float(),
+    torch.testing.assert_close(linear_rows(x, w).float(),
                                ref_linear_rows(x, w, None).float(), rtol=2 ** -7, atol=1e-3)
     assert torch.ops.tandem_rt.linear_rows(torch.zeros(0, 64).bfloat16(), w, None).shape == (0, 40)
 
@@ -158,3 +158,14 @@ def test_linear_rows_strided_rows_and_empty():
 def test_linear_rows_validation(args, match):
     with pytest.raises(ValueError, match=match):
         torch.ops.tandem_rt.linear_rows(*args())
+
+
+@pytest.mark.parametrize("args, match", [
+    (lambda: (torch.randn(2, 8), torch.randn(4, 8).bfloat16(), None), "x must have dtype"),
+    (lambda: (torch.randn(2, 8).bfloat16(), torch.randn(4, 7).bfloat16(), None), "w must have shape"),
+    (lambda: (torch.randn(2, 8).bfloat16(), torch.randn(4, 8).bfloat16(), torch.randn(3, 4).bfloat16()),
+     "add must have shape"),
+])
+def test_linear_rows_wrapper_validation(args, match):
+    with pytest.raises(ValueError, match=match):
+        linear_rows(*args())

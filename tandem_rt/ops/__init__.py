@@ -22,7 +22,8 @@ Ops:
 * ``verify(draft_tokens, draft_lens, draft_probs, target_logits, temperature, top_k, top_p,
   rng_state) -> (accepted, emitted)``
 * ``copy_pages(caches, src_pages, dst_pages)``
-* CPU only, fused layer math for the engine: ``rms_norm(x, weight, eps)``, ``silu_and_mul(gate_up)``
+* CPU only, fused layer math for the engine: ``rms_norm(x, weight, eps)``, ``silu_and_mul(gate_up)``,
+  ``linear_rows(x, w, add=None)`` (bf16)
 
 Helpers: ``make_rng_state(seed, device)``, ``sampling_params(batch_size, temperature, top_k,
 top_p, device)`` (per-row parameter tensors), ``rng_uniform(rng_state, num_subsequences,
@@ -33,4 +34,4 @@ from tandem_rt.ops.attention import paged_attention  # noqa: E402,F401
 from tandem_rt.ops.rope import rope_cache_write  # noqa: E402,F401
 from tandem_rt.ops.sampling import make_rng_state, rng_uniform, sample, sampling_params, verify  # noqa: E402,F401
 from tandem_rt.ops.pages import copy_pages  # noqa: E402,F401
-from tandem_rt.ops.layer_math import rms_norm, silu_and_mul  # noqa: E402,F401
+from tandem_rt.ops.layer_math import linear_rows, rms_norm, silu_and_mul  # noqa: E402,F401

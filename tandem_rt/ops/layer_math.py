@@ -1,4 +1,5 @@
-"""Fused layer math for the CPU engine (``torch.ops.tandem_rt.rms_norm`` / ``silu_and_mul``).
+"""Fused layer math for the CPU engine (``torch.ops.tandem_rt.rms_norm`` / ``silu_and_mul`` /
+``linear_rows``).
 
 On the CPU each ATen op of a small model's decode step pays the cache misses left by the
 surrounding matmuls' weight streams; torch's ``rms_norm`` is a composite of ~6 of them and
@@ -55,4 +56,28 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.ops.tandem_rt.silu_and_mul(gate_up)
 
 
-__all__ = ["rms_norm", "silu_and_mul"]
+def linear_rows(x: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """``add + x @ w.T`` for a few bf16 rows (decode / verify steps; any M works, M <= 8 is the
+    intended use), fp32 accumulation, rounded once to bf16.
+
+    Args:
+        x: CPU bf16 ``[M, K]`` (rows may be strided).
+        w: bf16 ``[N, K]`` contiguous (nn.Linear's layout).
+        add: optional bf16 ``[N]`` (bias) or ``[M, N]`` (e.g. the residual), contiguous columns.
+    Returns:
+        new bf16 ``[M, N]``.
+    """
+    _check_rows(x, "x")
+    check_tensor(w, "w", rank=2, dtype=torch.bfloat16, device=x.device, contiguous=True)
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"x must have dtype torch.bfloat16, got {x.dtype}")
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(f"w must have shape [N, {x.shape[1]}], got {tuple(w.shape)}")
+    if add is not None:
+        check_tensor(add, "add", dtype=torch.bfloat16, device=x.device)
+        if add.shape not in ((w.shape[0],), (x.shape[0], w.shape[0])):
+            raise ValueError(f"add must have shape [{w.shape[0]}] or [{x.shape[0]}, {w.shape[0]}], got {tuple(add.shape)}")
+    return torch.ops.tandem_rt.linear_rows(x, w, add)
+
+
+__all__ = ["rms_norm", "silu_and_mul", "linear_rows"]
