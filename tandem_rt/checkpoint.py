@@ -95,7 +95,19 @@ def weight_files(path: PathLike) -> dict:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"malformed {index}: {exc!r}") from None
-        files = {name: root / shard for name, shard in weight_map.items()}
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"malformed {index}: weight_map must be an object of tensor name -> shard file, "
+                                  f"got {type(weight_map).__name__}")
+        inside = root.resolve()
+        files = {}
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard:
+                raise CheckpointError(f"malformed {index}: tensor {name!r} maps to {shard!r}, not a file name")
+            file = root / shard
+            if Path(shard).is_absolute() or inside not in (file.resolve().parents):
+                raise CheckpointError(f"{index} maps tensor {name!r} to {shard!r}, which is outside the checkpoint "
+                                      f"directory {root}: refused")
+            files[name] = file
         for shard in sorted(set(files.values())):
             if not shard.is_file():
                 raise CheckpointError(f"{index} names shard {shard.name}, which does not exist")
@@ -106,16 +118,31 @@ def weight_files(path: PathLike) -> dict:
     return {name: single for name in read_safetensors_header(single)}
 
 
+def not_stored(cfg: TandemConfig) -> set:
+    """Names of the tensors a checkpoint with ``cfg`` does not store: the primary's when it is
+    referenced by source, and the token embeddings of parts that share the primary's."""
+    with torch.device("meta"):
+        names = list(TandemModel(cfg).state_dict())
+    skip = {n for n in names if cfg.primary_source is not None and n.startswith("primary.")}
+    skip |= {f"{part}.model.embed_tokens.weight" for part in cfg.shared_embeddings}
+    return skip
+
+
 def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
-                    dtype: Optional[Union[str, torch.dtype]] = None) -> TandemModel:
+                    dtype: Optional[Union[str, torch.dtype]] = None,
+                    derived_cache: Optional[PathLike] = None) -> TandemModel:
     """Load a tandem_rt checkpoint directory into a :class:`TandemModel` (eval mode).
 
     Args:
         path: checkpoint directory.
         device: where the weights go.
         dtype: float32/float16/bfloat16 (torch dtype or name); default: the config's ``torch_dtype``.
+        derived_cache: directory for weights derived from a referenced primary source (its
+            dequantised tensors, keyed by the source's sha256); default
+            :func:`tandem_rt.primary_source.default_derived_cache`.
     Raises:
-        CheckpointError naming the missing, unexpected or malformed file or tensor.
+        CheckpointError naming the missing, unexpected or malformed file or tensor, or a
+        referenced primary source that is missing or whose sha256 does not match.
     """
     cfg = read_config(path)
     dtype = cfg.dtype if dtype is None else resolve_dtype(dtype)
@@ -125,7 +152,8 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
 
     with torch.device("meta"), default_dtype(dtype):
         model = TandemModel(cfg)
-    expected = model.state_dict()
+    skip = not_stored(cfg)
+    expected = {n: t for n, t in model.state_dict().items() if n not in skip}
     missing = [n for n in expected if n not in files]
     unexpected = [n for n in files if n not in expected]
     if missing:
@@ -138,7 +166,10 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
         info = headers[file].get(name)
         if info is None:
             raise CheckpointError(f"index maps tensor {name!r} to {file.name}, which does not contain it")
-        if info["dtype"] not in _ST_DTYPES:
+        if name.endswith(".vocab_subset"):
+            if info["dtype"] != "I64":
+                raise CheckpointError(f"tensor {name!r} in {file.name} has dtype {info['dtype']}; expected I64 token ids")
+        elif info["dtype"] not in _ST_DTYPES:
             raise CheckpointError(f"tensor {name!r} in {file.name} has dtype {info['dtype']}; expected a float dtype")
         if list(info["shape"]) != list(expected[name].shape):
             raise CheckpointError(f"tensor {name!r} in {file.name} has shape {info['shape']}, "
@@ -146,6 +177,7 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
 
     model = model.to_empty(device=device)
     params = dict(model.named_parameters())
+    params.update({n: b for n, b in model.named_buffers() if n.endswith(".vocab_subset")})
     by_file: dict = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
@@ -154,12 +186,32 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
             try:
                 with safe_open(str(file), framework="pt", device="cpu") as fh:
                     for name in names:
-                        params[name].copy_(fh.get_tensor(name).to(dtype))
+                        t = fh.get_tensor(name)
+                        if name.endswith(".vocab_subset"):
+                            _check_vocab_subset(t, name, file, cfg)
+                            params[name].copy_(t)
+                        else:
+                            params[name].copy_(t.to(dtype))
             except CheckpointError:
                 raise
             except Exception as exc:  # safetensors raises its own error types
                 raise CheckpointError(f"could not read {file}: {exc}") from None
+        if cfg.primary_source is not None:
+            from tandem_rt.primary_source import load_referenced_primary
+
+            load_referenced_primary(model.primary, cfg.primary_source, Path(path), dtype, derived_cache)
+        for part in cfg.shared_embeddings:
+            getattr(model, part).model.embed_tokens.weight.copy_(model.primary.model.embed_tokens.weight)
     return model.eval()
+
+
+def _check_vocab_subset(ids: torch.Tensor, name: str, file: Path, cfg: TandemConfig) -> None:
+    """A reduced output vocabulary must hold sorted, distinct ids inside the primary's vocabulary."""
+    V = cfg.primary.vocab_size
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        raise CheckpointError(f"tensor {name!r} in {file.name} holds token ids outside [0, {V})")
+    if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
+        raise CheckpointError(f"tensor {name!r} in {file.name} must hold strictly increasing token ids")
 
 
 # ----------------------------------------------------------------------------- writing
@@ -179,7 +231,8 @@ def _atomic_write_text(file: Path, text: str) -> None:
 
 
 def save_checkpoint(model: TandemModel, path: PathLike, tokenizer=None,
-                    dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 4 << 30) -> Path:
+                    dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 4 << 30,
+                    primary_source: Optional[dict] = None, shared_embeddings=None) -> Path:
     """Write ``model`` as a checkpoint directory.
 
     Args:
@@ -188,9 +241,15 @@ def save_checkpoint(model: TandemModel, path: PathLike, tokenizer=None,
         tokenizer: a ``tokenizers.Tokenizer``, or a path to a ``tokenizer.json`` to copy, or None.
         dtype: dtype of the stored tensors (default: the model's parameter dtype).
         max_shard_bytes: above this total size, tensors are split into shards with an index.
+        primary_source: reference the primary instead of storing it: ``{"kind", "sha256"}`` and
+            ``"path"`` or ``"package"`` + ``"file"`` (docs/CHECKPOINT.md); None stores it.
+        shared_embeddings: parts (``"secondary"``, ``"drafter"``) whose token embeddings equal
+            the primary's and are stored once (ValueError if they differ).
     Returns:
         the checkpoint directory.
     """
+    import dataclasses
+
     if not isinstance(model, TandemModel):
         raise TypeError(f"model must be a TandemModel, got {type(model).__name__}")
     root = Path(path)
@@ -199,10 +258,22 @@ def save_checkpoint(model: TandemModel, path: PathLike, tokenizer=None,
     if dtype is None:
         dtype = next(iter(state.values())).dtype
     cfg = model.config
+    if primary_source is not None or shared_embeddings:
+        try:
+            cfg = dataclasses.replace(cfg, primary_source=primary_source or cfg.primary_source,
+                                      shared_embeddings=list(shared_embeddings or cfg.shared_embeddings))
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+    for part in cfg.shared_embeddings:
+        own = state[f"{part}.model.embed_tokens.weight"].to(dtype)
+        if not torch.equal(own, state["primary.model.embed_tokens.weight"].to(dtype)):
+            raise ValueError(f"shared_embeddings names {part!r}, whose token embeddings differ from the primary's")
     cfg_dict = cfg.to_dict()
     cfg_dict["torch_dtype"] = dtype_name(dtype)
+    skip = not_stored(cfg)
 
-    tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in state.items()}
+    tensors = {name: t.detach().to("cpu", t.dtype if name.endswith(".vocab_subset") else dtype).contiguous()
+               for name, t in state.items() if name not in skip}
     shards: list = [[]]
     size = 0
     for name, t in tensors.items():

@@ -60,6 +60,9 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
+    # a reduced output vocabulary (drafters): logits only for these many token ids (the model's
+    # ``vocab_subset`` buffer); every other token has probability 0
+    output_vocab_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -81,6 +84,11 @@ class ModelConfig:
         _require(float(self.rms_norm_eps) > 0, f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
         self.rope_theta = float(self.rope_theta)
         self.rms_norm_eps = float(self.rms_norm_eps)
+        _require(self.output_vocab_size is None
+                 or (isinstance(self.output_vocab_size, int) and not isinstance(self.output_vocab_size, bool)
+                     and 1 <= self.output_vocab_size <= self.vocab_size),
+                 f"output_vocab_size must be None or an integer in [1, vocab_size={self.vocab_size}], "
+                 f"got {self.output_vocab_size!r}")
         for name in ("bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             _require(value is None or (isinstance(value, int) and 0 <= value < self.vocab_size),
@@ -95,7 +103,10 @@ class ModelConfig:
         return self.num_key_value_heads * self.head_dim
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["output_vocab_size"] is None:
+            del d["output_vocab_size"]  # configs without a reduced vocabulary keep their old form
+        return d
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "model config") -> "ModelConfig":
@@ -138,6 +149,34 @@ class RouterConfig:
         return _from_dict(cls, data, where)
 
 
+SOURCE_KINDS = ("gguf", "hf", "tandem")
+
+
+def check_primary_source(ref) -> None:
+    """Validate a ``primary_source`` reference: ``{"kind", "sha256"}`` plus either ``"path"`` (a
+    file or directory) or ``"package"`` and ``"file"`` (a file inside an installed Python package,
+    as a relative path that does not leave the package)."""
+    _require(isinstance(ref, dict), f"primary_source must be a JSON object, got {type(ref).__name__}")
+    keys = set(ref)
+    allowed = {"kind", "sha256", "path", "package", "file"}
+    _require(not keys - allowed, f"primary_source: unknown key(s) {sorted(keys - allowed)}")
+    _require(ref.get("kind") in SOURCE_KINDS, f"primary_source.kind must be one of {SOURCE_KINDS}, got {ref.get('kind')!r}")
+    sha = ref.get("sha256")
+    _require(isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha),
+             f"primary_source.sha256 must be 64 lowercase hex digits, got {sha!r}")
+    if "package" in ref or "file" in ref:
+        _require("path" not in ref, "primary_source: give either path or package + file, not both")
+        pkg, file = ref.get("package"), ref.get("file")
+        _require(isinstance(pkg, str) and pkg.isidentifier(),
+                 f"primary_source.package must be a Python package name, got {pkg!r}")
+        _require(isinstance(file, str) and file and not file.startswith(("/", "\\"))
+                 and ".." not in file.replace("\\", "/").split("/"),
+                 f"primary_source.file must be a relative path inside the package, got {file!r}")
+    else:
+        _require(isinstance(ref.get("path"), str) and ref["path"],
+                 f"primary_source needs a path or a package + file, got {ref!r}")
+
+
 def default_layer_map(primary_layers: int, secondary_layers: int) -> list[int]:
     """``l(j) = round((j+1) * L_L / L_S)``: the last secondary layer reads the primary's last."""
     return [int(round((j + 1) * primary_layers / secondary_layers)) for j in range(secondary_layers)]
@@ -157,6 +196,10 @@ class TandemConfig:
     torch_dtype: str = "bfloat16"
     format: str = field(default=FORMAT_NAME)
     format_version: int = field(default=FORMAT_VERSION)
+    # optional: the primary's weights are not stored but named by source (see docs/CHECKPOINT.md)
+    primary_source: Optional[dict] = None
+    # optional: parts ("secondary", "drafter") whose token embeddings are the primary's (stored once)
+    shared_embeddings: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require(self.format == FORMAT_NAME, f"format must be {FORMAT_NAME!r}, got {self.format!r}")
@@ -180,6 +223,18 @@ class TandemConfig:
                 _require(other.vocab_size == self.primary.vocab_size,
                          f"{name}.vocab_size ({other.vocab_size}) must equal primary.vocab_size "
                          f"({self.primary.vocab_size}): the models share one tokenizer")
+        if self.primary_source is not None:
+            check_primary_source(self.primary_source)
+        _require(isinstance(self.shared_embeddings, (list, tuple))
+                 and all(x in ("secondary", "drafter") for x in self.shared_embeddings)
+                 and len(set(self.shared_embeddings)) == len(self.shared_embeddings),
+                 f"shared_embeddings must be a list of distinct 'secondary' / 'drafter', got {self.shared_embeddings!r}")
+        self.shared_embeddings = list(self.shared_embeddings)
+        for name in self.shared_embeddings:
+            other = getattr(self, name)
+            _require(other is not None and other.hidden_size == self.primary.hidden_size,
+                     f"shared_embeddings names {name!r}, whose hidden_size must equal the primary's "
+                     f"({self.primary.hidden_size}) to share its embeddings")
         if self.router is not None:
             _require(self.router.embed_dim == self.secondary.hidden_size,
                      f"router.embed_dim ({self.router.embed_dim}) must equal secondary.hidden_size "
@@ -201,6 +256,8 @@ class TandemConfig:
             "drafter": self.drafter.to_dict() if self.drafter is not None else None,
             "router": self.router.to_dict() if self.router is not None else None,
             "torch_dtype": self.torch_dtype,
+            **({"primary_source": dict(self.primary_source)} if self.primary_source is not None else {}),
+            **({"shared_embeddings": list(self.shared_embeddings)} if self.shared_embeddings else {}),
         }
 
     @classmethod
@@ -208,8 +265,9 @@ class TandemConfig:
         _require(isinstance(data, dict), f"tandem_config.json must hold a JSON object, got {type(data).__name__}")
         expected = {"format", "format_version", "primary", "secondary", "layer_map",
                     "train_block_length", "projection_bias", "drafter", "router", "torch_dtype"}
+        optional = {"primary_source", "shared_embeddings"}
         missing = sorted(expected - set(data))
-        unknown = sorted(set(data) - expected)
+        unknown = sorted(set(data) - expected - optional)
         _require(not missing, f"tandem_config.json: missing key(s) {missing}")
         _require(not unknown, f"tandem_config.json: unknown key(s) {unknown}")
         _require(data["format"] == FORMAT_NAME, f"tandem_config.json: format must be {FORMAT_NAME!r}, got {data['format']!r}")

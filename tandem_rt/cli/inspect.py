@@ -38,9 +38,17 @@ def run(args) -> int:
             continue
         print(f"  {role:9s}: {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, ffn {m['intermediate_size']}, "
               f"heads {m['num_attention_heads']}/{m['num_key_value_heads']} kv, head_dim {m['head_dim']}, "
-              f"vocab {m['vocab_size']}, rope_theta {m['rope_theta']:g}")
+              f"vocab {m['vocab_size']}"
+              + (f" (draft vocabulary {m['output_vocab_size']})" if m.get("output_vocab_size") else "")
+              + f", rope_theta {m['rope_theta']:g}")
     print(f"  layer_map {cfg['layer_map']}, train_block_length {cfg['train_block_length']}, "
           f"router {'yes' if cfg['router'] else 'no'}")
+    ref = cfg.get("primary_source")
+    if ref is not None:
+        where = f"package {ref['package']}: {ref['file']}" if "package" in ref else ref["path"]
+        print(f"  primary weights not stored: {ref['kind']} source {where} (sha256 {ref['sha256']})")
+    if cfg.get("shared_embeddings"):
+        print(f"  token embeddings shared with the primary: {', '.join(cfg['shared_embeddings'])}")
     print(f"  {'part':10s} {'tensors':>8s} {'parameters':>12s} {'MiB':>9s}  dtypes")
     for name, p in summary["parts"].items():
         print(f"  {name:10s} {p['tensors']:8d} {p['parameters']:12,d} {p['bytes'] / 2**20:9.2f}  {','.join(p['dtypes'])}")

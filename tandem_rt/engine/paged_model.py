@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from tandem_rt.models.llama import LlamaForCausalLM
+from tandem_rt.models.llama import LlamaForCausalLM, scatter_vocab
 
 
 @dataclass
@@ -276,8 +276,13 @@ class PagedLlama:
                 b, mat([attn.o_proj.weight]), layer.post_attention_layernorm.weight.detach(),
                 mat([mlp.gate_proj.weight, mlp.up_proj.weight]), mat([mlp.down_proj.weight])))
         self.final_norm = model.model.norm.weight.detach()
-        # [d, V] (rows layout: [V, d]); when tied, the embedding becomes a view of it
-        self.lm_head = mat([model.output_weight])
+        # [d, V] (rows layout: [V, d]); when tied, the embedding becomes a view of it. A reduced
+        # output vocabulary keeps only its rows ([d, N] / [N, d], a copy) and scatters the logits.
+        self.vocab_subset = getattr(model, "vocab_subset", None)
+        if self.vocab_subset is None:
+            self.lm_head = mat([model.output_weight])
+        else:
+            self.lm_head = mat([model.output_weight.detach().index_select(0, self.vocab_subset)])
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows of ``input_ids`` (int64 ``[T]``) -> ``[T, d]``."""
@@ -338,4 +343,6 @@ class PagedLlama:
         if logits_rows is not None:
             x = x.index_select(0, logits_rows)
         logits = self.mm(rms_norm(x, self.final_norm, eps, cpu_ops), self.lm_head)
+        if self.vocab_subset is not None:
+            logits = scatter_vocab(logits, self.vocab_subset, cfg.vocab_size)
         return logits, [saved[l] for l in hidden_layers]

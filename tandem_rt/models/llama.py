@@ -122,6 +122,13 @@ class LlamaBackbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+def scatter_vocab(sub_logits: torch.Tensor, vocab_subset: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Logits over a reduced vocabulary ``[..., N]`` with ids ``vocab_subset`` int64 ``[N]`` -> full
+    ``[..., vocab_size]`` logits, ``-inf`` outside the subset."""
+    full = sub_logits.new_full((*sub_logits.shape[:-1], vocab_size), float("-inf"))
+    return full.index_copy_(-1, vocab_subset, sub_logits)
+
+
 def causal_mask(T: int, device) -> torch.Tensor:
     """bool ``[T, T]``, True where query i may attend key p (p <= i)."""
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()
@@ -135,21 +142,37 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.model = LlamaBackbone(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.output_vocab_size is not None:
+            # int64 [N]: sorted distinct token ids the model predicts (a reduced draft vocabulary)
+            self.register_buffer("vocab_subset", torch.arange(cfg.output_vocab_size, dtype=torch.int64))
+        else:
+            self.vocab_subset = None
 
     @property
     def output_weight(self) -> torch.Tensor:
         """``[V, d]``: the LM head (the embedding matrix when tied)."""
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    def subset_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head rows of ``vocab_subset``: ``[..., d]`` -> ``[..., N]`` (``[..., V]``
+        without a reduced vocabulary)."""
+        w = self.output_weight
+        if self.vocab_subset is not None:
+            w = w.index_select(0, self.vocab_subset)
+        return F.linear(self.model.norm(x), w)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head: residual ``[..., d]`` -> logits ``[..., V]``."""
-        return F.linear(self.model.norm(x), self.output_weight)
+        """Final norm + LM head: residual ``[..., d]`` -> logits ``[..., V]``; with a reduced
+        vocabulary every token outside ``vocab_subset`` gets ``-inf`` (probability 0)."""
+        if self.vocab_subset is None:
+            return F.linear(self.model.norm(x), self.output_weight)
+        return scatter_vocab(self.subset_logits(x), self.vocab_subset, self.config.vocab_size)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                hidden_layers: Optional[Sequence[int]] = None):
+                hidden_layers: Optional[Sequence[int]] = None, reduced: bool = False):
         """Causal forward.
 
         Args:
@@ -157,6 +180,8 @@ class LlamaForCausalLM(nn.Module):
             positions: int64 ``[B, T]`` or ``[T]`` absolute positions (default ``0..T-1``).
             hidden_layers: residual streams to return; ``0`` is the embedding output and
                 ``L`` the last block's output before the final norm.
+            reduced: logits over ``vocab_subset`` only (``[B, T, N]``; training a drafter with a
+                reduced vocabulary), not scattered to the full vocabulary.
         Returns:
             logits ``[B, T, V]``, or ``(logits, [x^(l) [B, T, d] for l in hidden_layers])``.
         """
@@ -174,7 +199,7 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, mask)
             if i + 1 in wanted:
                 saved[i + 1] = x
-        logits = self.logits(x)
+        logits = self.subset_logits(x) if reduced else self.logits(x)
         if hidden_layers is None:
             return logits
         return logits, [saved[l] for l in hidden_layers]

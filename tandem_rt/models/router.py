@@ -19,9 +19,8 @@ def router_features(logits: torch.Tensor, embed_weight: torch.Tensor, top_k: int
         float32 ``[..., 1 + top_k + top_k * d_S]``: entropy, top-k probabilities, and the
         embeddings of the top-k tokens (concatenated, most probable first).
     """
-    logp = F.log_softmax(logits.float(), dim=-1)
-    probs = logp.exp()
-    entropy = -(probs * logp).sum(-1, keepdim=True)
+    probs = F.softmax(logits.float(), dim=-1)
+    entropy = torch.special.entr(probs).sum(-1, keepdim=True)  # 0·log 0 = 0 (-inf logits of a reduced vocabulary)
     top_p, top_i = probs.topk(top_k, dim=-1)
     emb = embed_weight[top_i].float().flatten(-2)
     return torch.cat([entropy, top_p, emb], dim=-1)

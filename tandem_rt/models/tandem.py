@@ -40,6 +40,34 @@ def tandem_mask(boundary: torch.Tensor, T: int) -> torch.Tensor:
     return mask.unsqueeze(-3) if mask.dim() == 3 else mask  # [B, 1, T, 2T] broadcasts over heads
 
 
+def tandem_secondary_forward(secondary: LlamaForCausalLM, projections, input_ids: torch.Tensor,
+                             primary_hidden: list, boundary: torch.Tensor,
+                             positions: Optional[torch.Tensor] = None, reduced: bool = False) -> torch.Tensor:
+    """Eq. (2) for a secondary and its projections (``projections[j]``: d_L -> d_S) without a primary
+    module: the primary's residual streams come from the caller (a forward or the primary cache).
+    Arguments and result as :meth:`TandemModel.secondary_forward`; ``reduced``: logits over the
+    secondary's ``vocab_subset`` only (``[B, T, N]``)."""
+    sec = secondary
+    B, T = input_ids.shape
+    if positions is None:
+        positions = torch.arange(T, device=input_ids.device)
+    y = sec.model.embed_tokens(input_ids)
+    cos, sin = sec.rope(positions.view(1, T), y.dtype)
+    mask = tandem_mask(boundary.to(input_ids.device), T)
+    for j, layer in enumerate(sec.model.layers):
+        y_hat = projections[j](primary_hidden[j].to(y.dtype))
+        attn = layer.self_attn
+        h = layer.input_layernorm(y)
+        q = attn.query(h, cos, sin)
+        k_own, v_own = attn.key_value(h, cos, sin)
+        k_pri, v_pri = attn.key_value(layer.input_layernorm(y_hat), cos, sin)
+        k = torch.cat([k_pri, k_own], dim=2)
+        v = torch.cat([v_pri, v_own], dim=2)
+        y = y + attn.attend(q, k, v, mask)
+        y = y + layer.mlp(layer.post_attention_layernorm(y))
+    return sec.subset_logits(y) if reduced else sec.logits(y)
+
+
 @dataclass
 class TandemOutput:
     primary_logits: torch.Tensor    # [B, T, V]
@@ -90,25 +118,8 @@ class TandemModel(nn.Module):
         Returns:
             secondary logits ``[B, T, V]``.
         """
-        sec = self.secondary
-        B, T = input_ids.shape
-        if positions is None:
-            positions = torch.arange(T, device=input_ids.device)
-        y = sec.model.embed_tokens(input_ids)
-        cos, sin = sec.rope(positions.view(1, T), y.dtype)
-        mask = tandem_mask(boundary.to(input_ids.device), T)
-        for j, layer in enumerate(sec.model.layers):
-            y_hat = self.tandem.proj[j](primary_hidden[j].to(y.dtype))
-            attn = layer.self_attn
-            h = layer.input_layernorm(y)
-            q = attn.query(h, cos, sin)
-            k_own, v_own = attn.key_value(h, cos, sin)
-            k_pri, v_pri = attn.key_value(layer.input_layernorm(y_hat), cos, sin)
-            k = torch.cat([k_pri, k_own], dim=2)
-            v = torch.cat([v_pri, v_own], dim=2)
-            y = y + attn.attend(q, k, v, mask)
-            y = y + layer.mlp(layer.post_attention_layernorm(y))
-        return sec.logits(y)
+        return tandem_secondary_forward(self.secondary, self.tandem.proj, input_ids, primary_hidden,
+                                        boundary, positions)
 
     def forward(self, input_ids: torch.Tensor, block_length: Optional[int] = None) -> TandemOutput:
         """Training-style forward: ``input_ids [B, T]`` -> logits of both models ``[B, T, V]``.

@@ -1,0 +1,259 @@
+"""The trainer for any primary (``tandem-rt train``): primary cache, drafting masks, cached
+distillation loss, projection fit, reduced draft vocabulary, and the pipeline end to end on a
+tiny primary. References are independent (direct forwards, float64 loops)."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO_ROOT, tiny_model_config
+from tandem_rt.checkpoint import load_checkpoint, save_checkpoint
+from tandem_rt.config import TandemConfig
+from tandem_rt.models import TandemModel
+from tandem_rt.models.llama import LlamaForCausalLM
+from tandem_rt.models.random_init import randomize_
+from tandem_rt.train import draft_training as dt
+from tandem_rt.train.primary_cache import CacheError, PrimaryCache, build_primary_cache
+
+TOKENIZER = REPO_ROOT / "tandem_rt" / "bundled" / "tandem-gutenberg" / "tokenizer.json"
+V = 8192  # the bundled tokenizer's vocabulary
+
+
+def tiny_primary(seed=0, layers=4, hidden=32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    m = LlamaForCausalLM(tiny_model_config(V, hidden_size=hidden, layers=layers, heads=4, kv_heads=2,
+                                           intermediate_size=64))
+    randomize_(m, 0.3, norm_range=(0.8, 1.2), vector_std=0.1)
+    return m.eval()
+
+
+def save_primary_checkpoint(primary: LlamaForCausalLM, path) -> None:
+    sec = tiny_model_config(V, hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32)
+    cfg = TandemConfig(primary=primary.config, secondary=sec, torch_dtype="float32")
+    model = TandemModel(cfg)
+    model.primary.load_state_dict(primary.state_dict())
+    save_checkpoint(model, path, tokenizer=str(TOKENIZER))
+
+
+def windows(n=6, T=24, seed=0):
+    g = np.random.default_rng(seed)
+    return g.integers(0, V, size=(n, T)).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- primary cache
+
+def test_cache_matches_direct_forward(tmp_path):
+    prim = tiny_primary()
+    w = windows()
+    cache = build_primary_cache(prim, w, tmp_path / "c", [2, 4], top_k=5, primary_sha256="a" * 64,
+                                tokenizer_sha256="b" * 64, batch_size=4, progress=False)
+    assert len(cache) == 6
+    with torch.no_grad():
+        logits, hidden = prim(torch.from_numpy(w.astype(np.int64)), hidden_layers=[2, 4])
+    b = cache.batch([1, 4, 5])
+    idx = torch.tensor([1, 4, 5])
+    assert torch.equal(b.tokens, torch.from_numpy(w[[1, 4, 5]].astype(np.int64)))
+    for m in range(2):
+        assert torch.equal(b.hidden[m], hidden[m][idx].to(torch.bfloat16))
+    p64 = torch.softmax(logits[idx].double(), -1)
+    ref_p, ref_i = p64.topk(5, -1)
+    assert torch.equal(b.topk_ids, ref_i)
+    torch.testing.assert_close(b.topk_probs, ref_p.float(), atol=2e-3, rtol=2e-3)
+
+
+def test_cache_resumes_to_identical_bytes(tmp_path):
+    prim = tiny_primary()
+    w = windows(n=7)
+    kw = dict(layer_map=[1, 4], top_k=3, primary_sha256="a" * 64, tokenizer_sha256="b" * 64, progress=False)
+    build_primary_cache(prim, w, tmp_path / "one", batch_size=2, **kw)
+    assert build_primary_cache(prim, w, tmp_path / "two", batch_size=2, max_windows=3, **kw) is None
+    with pytest.raises(CacheError, match="incomplete"):
+        PrimaryCache(tmp_path / "two")
+    # bytes written after the last recorded window (a crash mid-write) are dropped on resume
+    with open(tmp_path / "two" / "hidden.bin", "ab") as fh:
+        fh.write(b"\x01" * 100)
+    build_primary_cache(prim, w, tmp_path / "two", batch_size=2, **kw)
+    for name in ("tokens.bin", "hidden.bin", "topk_ids.bin", "topk_probs.bin"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("change", ["primary", "tokenizer", "layer_map", "data"])
+def test_cache_from_other_primary_is_refused(tmp_path, change):
+    prim = tiny_primary()
+    w = windows()
+    kw = dict(layer_map=[2, 4], top_k=3, primary_sha256="a" * 64, tokenizer_sha256="b" * 64, progress=False)
+    build_primary_cache(prim, w, tmp_path / "c", **kw)
+    if change == "primary":
+        kw["primary_sha256"] = "c" * 64
+    elif change == "tokenizer":
+        kw["tokenizer_sha256"] = "d" * 64
+    elif change == "layer_map":
+        kw["layer_map"] = [1, 4]
+    else:
+        w = windows(seed=1)
+    field = {"primary": "primary_sha256", "tokenizer": "tokenizer_sha256", "layer_map": "layer_map",
+             "data": "windows_sha256"}[change]
+    with pytest.raises(CacheError, match=field):
+        build_primary_cache(prim, w, tmp_path / "c", **kw)
+
+
+def test_cache_refuses_bad_input_and_full_disk(tmp_path, monkeypatch):
+    prim = tiny_primary()
+    kw = dict(layer_map=[2], top_k=3, primary_sha256="a" * 64, tokenizer_sha256="b" * 64, progress=False)
+    with pytest.raises(CacheError, match="non-empty"):
+        build_primary_cache(prim, np.zeros((0, 8), np.int32), tmp_path / "e", **kw)
+    with pytest.raises(CacheError, match="vocabulary"):
+        build_primary_cache(prim, np.full((2, 8), V, np.int32), tmp_path / "v", **kw)
+    with pytest.raises(CacheError, match="layer_map"):
+        build_primary_cache(prim, windows(), tmp_path / "l", **{**kw, "layer_map": [9]})
+    import shutil as sh
+
+    monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10, 10, 10))
+    with pytest.raises(CacheError, match="not enough disk space"):
+        build_primary_cache(prim, windows(), tmp_path / "d", **kw)
+
+
+def test_corrupt_cache_file_is_refused(tmp_path):
+    prim = tiny_primary()
+    build_primary_cache(prim, windows(), tmp_path / "c", [4], 3, "a" * 64, "b" * 64, progress=False)
+    with open(tmp_path / "c" / "topk_ids.bin", "r+b") as fh:
+        fh.truncate(10)
+    with pytest.raises(CacheError, match="topk_ids.bin"):
+        PrimaryCache(tmp_path / "c")
+
+
+# ----------------------------------------------------------------------------- drafting masks and loss
+
+@pytest.mark.parametrize("gamma", [1, 2, 3, 5, 8])
+def test_drafting_boundary_matches_block_definition(gamma):
+    T = 40
+    for phase in range(gamma):
+        b = dt.drafting_boundary(T, gamma, phase).tolist()
+        for i in range(T):
+            # blocks start at phase, phase + γ, ...; before the first start the block starts at 0
+            starts = [s for s in range(phase, T, gamma) if s <= i]
+            expect = starts[-1] if starts else 0
+            assert b[i] == expect
+            assert 1 <= i - b[i] + 1 <= max(gamma, phase)
+
+
+def test_sampler_covers_each_window_once_per_epoch_and_resumes():
+    s = dt.CacheWindowSampler(10, gamma_max=4, seed=3)
+    plans = torch.cat([s.sample(4) for _ in range(5)])  # 20 draws = 2 epochs
+    for epoch in (plans[:10], plans[10:]):
+        assert sorted(epoch[:, 0].tolist()) == list(range(10))
+    assert plans[:, 1].min() >= 1 and plans[:, 1].max() <= 4
+    assert bool(((plans[:, 2] >= 0) & (plans[:, 2] < plans[:, 1])).all())
+    state = s.state_dict()
+    a = s.sample(6)
+    s2 = dt.CacheWindowSampler(10, gamma_max=4, seed=99)
+    s2.load_state_dict(state)
+    assert torch.equal(a, s2.sample(6))
+
+
+def _loss_reference(logits, batch, w, subset):
+    """float64 per-position loop of the cached distillation loss."""
+    B, T, _ = logits.shape
+    ce_terms, kd_terms = [], []
+    ids_list = subset.tolist() if subset is not None else None
+    for b in range(B):
+        for i in range(T - 1):
+            row = logits[b, i].double()
+            lsm = row - torch.logsumexp(row, 0)
+            tgt = int(batch.tokens[b, i + 1])
+            if ids_list is None:
+                ce_terms.append(-float(lsm[tgt]))
+            elif tgt in ids_list:
+                ce_terms.append(-float(lsm[ids_list.index(tgt)]))
+            q, lp = [], []
+            for t, p in zip(batch.topk_ids[b, i].tolist(), batch.topk_probs[b, i].tolist()):
+                if ids_list is None:
+                    q.append(p), lp.append(float(lsm[t]))
+                elif t in ids_list:
+                    q.append(p), lp.append(float(lsm[ids_list.index(t)]))
+            if q:
+                z = sum(q)
+                kd_terms.append(-sum(qq / z * l for qq, l in zip(q, lp)))
+    ce = sum(ce_terms) / len(ce_terms)
+    kd = sum(kd_terms) / len(kd_terms)
+    return (1 - w) * ce + w * kd
+
+
+@pytest.mark.parametrize("reduced", [False, True])
+def test_cached_distil_loss_matches_float64_loop(reduced):
+    g = torch.Generator().manual_seed(0)
+    B, T, Vs, k = 2, 6, 20, 4
+    subset = torch.tensor([0, 2, 3, 5, 7, 11, 13, 17]) if reduced else None
+    N = subset.numel() if reduced else Vs
+    logits = torch.randn(B, T, N, generator=g)
+    tokens = torch.randint(0, Vs, (B, T), generator=g)
+    tokens[0, 1], tokens[1, 2] = 2, 11  # some targets inside the subset
+    ids = torch.stack([torch.randperm(Vs, generator=g)[:k] for _ in range(B * T)]).view(B, T, k)
+    probs = torch.rand(B, T, k, generator=g) / k
+    batch = dt.CacheBatch(tokens, [], ids, probs)
+    index = dt.subset_index(subset, Vs)
+    loss, _ = dt.cached_distil_loss(logits, batch, 0.5, index)
+    assert math.isclose(float(loss), _loss_reference(logits, batch, 0.5, subset), rel_tol=1e-5)
+
+
+def test_fit_projections_recovers_a_linear_map(tmp_path):
+    """When the primary's residual is an exact affine image of the secondary's own residual,
+    the ridge fit predicts it (R^2 ~ 1)."""
+    prim = tiny_primary(layers=2)
+    cfg = dt.small_model_config(prim.config, 1, "primary")
+    small = dt.init_small_model(prim, cfg, "primary")
+    draft = dt.TandemDraft(small, prim.config.hidden_size)
+    # layer_map [0]: x^(0) is the primary's embedding, which equals the secondary's y^(0)
+    build_primary_cache(prim, windows(n=40), tmp_path / "c", [0], 3, "a" * 64, "b" * 64, progress=False)
+    cache = PrimaryCache(tmp_path / "c")
+    r2 = dt.fit_projections(draft, cache, num_windows=40, ridge=1e-8)
+    assert r2[0] > 0.999
+    torch.testing.assert_close(draft.proj[0].weight, torch.eye(32), atol=2e-2, rtol=0)
+
+
+def test_init_from_primary_copies_layers_and_freezes_embeddings():
+    prim = tiny_primary()
+    cfg = dt.small_model_config(prim.config, 2, "primary", draft_vocab=100)
+    subset = torch.arange(0, 200, 2)
+    small = dt.init_small_model(prim, cfg, "primary", vocab_subset=subset)
+    assert torch.equal(small.model.embed_tokens.weight, prim.model.embed_tokens.weight)
+    assert not small.model.embed_tokens.weight.requires_grad
+    for name, t in small.state_dict().items():
+        if name.startswith("model.layers."):
+            assert torch.equal(t, prim.state_dict()[name]), name
+    assert torch.equal(small.vocab_subset, subset)
+
+
+# ----------------------------------------------------------------------------- reduced vocabulary
+
+def test_reduced_vocabulary_logits_are_the_full_ones_masked():
+    prim = tiny_primary()
+    cfg = dt.small_model_config(prim.config, 2, "primary", draft_vocab=50)
+    subset = torch.sort(torch.randperm(V)[:50]).values
+    small = dt.init_small_model(prim, cfg, "primary", vocab_subset=subset).eval()
+    full_cfg = dt.small_model_config(prim.config, 2, "primary")
+    full = dt.init_small_model(prim, full_cfg, "primary").eval()
+    full.load_state_dict({k: v for k, v in small.state_dict().items() if k != "vocab_subset"})
+    ids = torch.randint(0, V, (2, 9))
+    with torch.no_grad():
+        a, b = small(ids), full(ids)
+    assert torch.isinf(a[..., [i for i in range(60) if i not in set(subset.tolist())]]).all()
+    torch.testing.assert_close(a[..., subset], b[..., subset])
+    assert torch.equal(small(ids, reduced=True), b[..., subset])
+
+
+def test_choose_draft_vocab_takes_the_most_frequent(tmp_path):
+    prim = tiny_primary()
+    w = np.zeros((4, 10), np.int32)
+    w[:, ::2] = 7
+    w[:, 1::2] = np.arange(1, 6) * 100
+    build_primary_cache(prim, w, tmp_path / "c", [4], 2, "a" * 64, "b" * 64, progress=False)
+    cache = PrimaryCache(tmp_path / "c")
+    ids = dt.choose_draft_vocab(cache, 3, always=(1,))
+    assert 1 in ids.tolist() and 7 in ids.tolist()
+    assert ids.tolist() == sorted(set(ids.tolist())) and ids.numel() == 3

@@ -1,0 +1,115 @@
+"""Held-out evaluation of drafters against a live primary: the paper's Table 1 columns and the
+greedy accepted drafts per block, teacher-forced with the drafting masks the engine uses.
+
+For each held-out window the primary runs once (logits and the layer-map residual streams);
+every small model is then evaluated on the same positions:
+
+* ``accuracy`` / ``cross_entropy`` against the next ground-truth token (with a reduced draft
+  vocabulary the cross-entropy covers the targets inside it, ``target_coverage`` of them),
+  ``relative_accuracy``
+  (argmax equals the primary's argmax) and ``relative_tv`` (total-variation distance between
+  the two next-token distributions), with the drafting mask of block length ``table_gamma``;
+* ``accepted_g{γ}``: blocks start at every multiple of γ; the accepted drafts of a block are
+  the leading positions whose argmax equals the primary's (greedy SPEED), mean over blocks.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from tandem_rt.train.draft_training import TandemDraft, drafting_boundary
+from tandem_rt.train.router import tv_distance
+
+
+def _logits(model, ids, hidden, gamma):
+    if isinstance(model, TandemDraft):
+        b = drafting_boundary(ids.shape[1], gamma).expand(ids.shape[0], -1)
+        return model(ids, hidden, b).float()
+    return model(ids).float()
+
+
+def accepted_per_block(agree: torch.Tensor, gamma: int) -> torch.Tensor:
+    """``agree`` bool ``[B, T]`` (draft at position i agrees with the primary) -> accepted drafts
+    per block float ``[B * n_blocks]`` for blocks ``[q0, q0 + γ)``, ``q0 = γ, 2γ, ...``."""
+    B, T = agree.shape
+    starts = list(range(gamma, T - gamma, gamma))
+    if not starts:
+        raise ValueError(f"windows of {T} tokens hold no full block of {gamma} drafts")
+    blocks = torch.stack([agree[:, q:q + gamma] for q in starts], dim=1).long()  # [B, n, γ]
+    return blocks.cumprod(-1).sum(-1).flatten().float()
+
+
+@torch.no_grad()
+def evaluate_drafts(primary, windows: np.ndarray, models: dict, layer_map: list, gammas=(3, 5, 7),
+                    table_gamma: int = 5, batch_size: int = 8, autocast: bool = True,
+                    progress: bool = False) -> dict:
+    """Evaluate ``models`` (``{name: TandemDraft | LlamaForCausalLM}``) and the primary itself.
+
+    Args:
+        primary: the primary ``LlamaForCausalLM``.
+        windows: int ``[W, T]`` held-out token windows.
+        layer_map: the layers the Tandem secondaries read.
+    Returns:
+        ``{name: {accuracy, cross_entropy, relative_accuracy, relative_tv, accepted_g{γ}..., positions}}``
+        plus ``"primary"`` with its own accuracy and cross-entropy.
+    """
+    from tqdm import tqdm
+
+    sums = {name: {"correct": 0, "ce": 0.0, "covered": 0, "agree": 0, "tv": 0.0, **{f"acc{g}": [] for g in gammas}}
+            for name in models}
+    prim = {"correct": 0, "ce": 0.0}
+    n_pos = 0
+    for s in tqdm(range(0, len(windows), batch_size), desc="evaluate", disable=not progress):
+        ids = torch.from_numpy(np.asarray(windows[s:s + batch_size], dtype=np.int64))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            p_logits, hidden = primary(ids, hidden_layers=list(layer_map))
+        p_logits = p_logits.float()
+        tgt = ids[:, 1:]
+        p_arg = p_logits.argmax(-1)
+        n_pos += tgt.numel()
+        prim["correct"] += int((p_arg[:, :-1] == tgt).sum())
+        prim["ce"] += float(torch.nn.functional.cross_entropy(p_logits[:, :-1].flatten(0, 1), tgt.flatten(),
+                                                              reduction="sum"))
+        for name, model in models.items():
+            acc = sums[name]
+            for g in sorted(set(gammas) | {table_gamma}):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    lg = _logits(model, ids, hidden, g)
+                agree = lg.argmax(-1) == p_arg
+                if g in gammas:
+                    acc[f"acc{g}"].append(accepted_per_block(agree, g))
+                if g == table_gamma:
+                    s_lg = lg[:, :-1]
+                    acc["correct"] += int((s_lg.argmax(-1) == tgt).sum())
+                    ce = torch.nn.functional.cross_entropy(s_lg.flatten(0, 1), tgt.flatten(), reduction="none")
+                    finite = torch.isfinite(ce)  # a reduced vocabulary gives the other tokens probability 0
+                    acc["ce"] += float(ce[finite].sum())
+                    acc["covered"] += int(finite.sum())
+                    acc["agree"] += int(agree[:, :-1].sum())
+                    acc["tv"] += float(tv_distance(s_lg, p_logits[:, :-1]).sum())
+    out = {"primary": {"accuracy": prim["correct"] / n_pos, "cross_entropy": prim["ce"] / n_pos,
+                       "positions": n_pos}}
+    for name, acc in sums.items():
+        out[name] = {"accuracy": acc["correct"] / n_pos, "cross_entropy": acc["ce"] / max(acc["covered"], 1),
+                     "target_coverage": acc["covered"] / n_pos,
+                     "relative_accuracy": acc["agree"] / n_pos, "relative_tv": acc["tv"] / n_pos,
+                     **{f"accepted_g{g}": float(torch.cat(acc[f"acc{g}"]).mean()) for g in gammas},
+                     "table_gamma": table_gamma, "positions": n_pos}
+    return out
+
+
+def format_eval_table(results: dict, order: Optional[list] = None) -> str:
+    """Markdown table of :func:`evaluate_drafts` results."""
+    names = order or [n for n in results if n != "primary"]
+    gammas = sorted(int(k[len("accepted_g"):]) for k in results[names[0]] if k.startswith("accepted_g")) if names else []
+    head = "| model | accuracy % | CE | rel. accuracy % | rel. TV | " + " | ".join(f"accepted/block γ={g}" for g in gammas) + " |"
+    lines = [head, "|" + "---|" * (5 + len(gammas))]
+    for n in names:
+        r = results[n]
+        lines.append(f"| {n} | {100 * r['accuracy']:.2f} | {r['cross_entropy']:.3f} | {100 * r['relative_accuracy']:.2f} | "
+                     f"{r['relative_tv']:.3f} | " + " | ".join(f"{r[f'accepted_g{g}']:.3f}" for g in gammas) + " |")
+    p = results["primary"]
+    lines.append(f"| primary | {100 * p['accuracy']:.2f} | {p['cross_entropy']:.3f} | 100 | 0 | " + " | ".join("—" for _ in gammas) + " |")
+    return "\n".join(lines)
