@@ -257,3 +257,131 @@ def test_choose_draft_vocab_takes_the_most_frequent(tmp_path):
     ids = dt.choose_draft_vocab(cache, 3, always=(1,))
     assert 1 in ids.tolist() and 7 in ids.tolist()
     assert ids.tolist() == sorted(set(ids.tolist())) and ids.numel() == 3
+
+
+# ----------------------------------------------------------------------------- pipeline end to end
+
+SENTENCES = ["The little girl ran to the garden and saw a cat.", "Once upon a time there was a king who had three sons.",
+             "\"Come here,\" said the old woman, and the boy came.", "The sun was warm and the birds sang in the trees."]
+
+
+def write_corpus(directory, n_train=400, n_val=80):
+    directory.mkdir(parents=True, exist_ok=True)
+    g = np.random.default_rng(0)
+    for name, n in (("train.txt", n_train), ("val.txt", n_val)):
+        lines = []
+        for i in range(n):
+            lines.append(" ".join(SENTENCES[j] for j in g.integers(0, 4, size=3)))
+            if i % 50 == 49:
+                lines.append("<|endoftext|>")
+        (directory / name).write_text("\n".join(lines) + "\n")
+    return directory
+
+
+def tiny_plan(tmp_path, **kw):
+    from tandem_rt.train.pipeline import TrainPlan
+
+    if not (tmp_path / "primary").is_dir():
+        save_primary_checkpoint(tiny_primary(), tmp_path / "primary")
+        write_corpus(tmp_path / "corpus")
+    args = dict(primary=str(tmp_path / "primary"), corpus=str(tmp_path / "corpus"), out=str(tmp_path / "out"),
+                run_dir=str(tmp_path / "run"), train_tokens=2048, heldout_tokens=512, seq_len=32, num_layers=1,
+                top_k=4, gamma_max=4, epochs=1.0, batch_size=4, draft_vocab=300, router_steps=20)
+    args.update(kw)
+    return TrainPlan(**args)
+
+
+def test_pipeline_end_to_end_resumes_and_exports(tmp_path, one_torch_thread):
+    from tandem_rt.engine import Engine, SamplingParams
+    from tandem_rt.train.pipeline import run_pipeline
+
+    plan = tiny_plan(tmp_path, reference_primary=True)
+    assert run_pipeline(plan, progress=False, stop_after="cache") == {}
+    meta = json.loads((tmp_path / "run" / "cache" / "meta.json").read_text())
+    assert meta["windows_done"] == 2048 // 32
+    # interrupt the drafter half-way: the run state is resumed, not restarted
+    from tandem_rt.train import loop
+
+    real_train = loop.train
+    calls = []
+
+    def counting_train(*a, **k):
+        calls.append(k.get("max_steps"))
+        return real_train(*a, **k)
+
+    import tandem_rt.train.loop as loop_mod
+    loop_mod.train = counting_train
+    try:
+        report = run_pipeline(plan, progress=False)
+    finally:
+        loop_mod.train = real_train
+    assert (tmp_path / "run" / "drafter" / "half" / "ckpt.pt").is_file()
+    assert set(report) >= {"primary", "drafter-Distil", "Tandem-Distil", "_meta"}
+    for name in ("drafter-Distil", "Tandem-Distil"):
+        r = report[name]
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["relative_tv"] <= 1 and r["target_coverage"] > 0.5
+    ckpt = load_checkpoint(tmp_path / "out", dtype=torch.float32, derived_cache=tmp_path / "derived")
+    cfg = ckpt.config
+    assert cfg.primary_source["kind"] == "tandem" and cfg.shared_embeddings == ["secondary", "drafter"]
+    assert cfg.secondary.output_vocab_size == 300 and cfg.drafter.output_vocab_size == 300
+    assert torch.equal(ckpt.secondary.vocab_subset, torch.load(tmp_path / "run" / "draft_vocab.pt"))
+    # the exported pieces are the trained ones, and the engine runs them losslessly
+    engine = Engine.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    sp = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    ref = engine.generate(["The little girl"], sp, mode="primary")[0].token_ids
+    for mode in ("speed", "tandem-speed"):
+        assert engine.generate(["The little girl"], sp, mode=mode, gamma=3)[0].token_ids == ref
+    # a second run reuses every stage: nothing is trained again
+    calls.clear()
+    loop_mod.train = counting_train
+    try:
+        run_pipeline(plan, progress=False)
+    finally:
+        loop_mod.train = real_train
+    assert calls == []
+
+
+def test_pipeline_refuses_bad_corpora_and_changed_options(tmp_path):
+    from tandem_rt.train.pipeline import TrainError, run_pipeline
+
+    plan = tiny_plan(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "train.txt").write_text("")
+    with pytest.raises(TrainError, match="empty"):
+        run_pipeline(tiny_plan(tmp_path, corpus=str(empty), run_dir=str(tmp_path / "r1")), progress=False)
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "train.txt").write_text("Hi there.\n")
+    with pytest.raises(TrainError, match="fewer than one training window"):
+        run_pipeline(tiny_plan(tmp_path, corpus=str(short), run_dir=str(tmp_path / "r2")), progress=False)
+    with pytest.raises(TrainError, match="no train.txt"):
+        run_pipeline(tiny_plan(tmp_path, corpus=str(tmp_path), run_dir=str(tmp_path / "r3")), progress=False)
+    run_pipeline(plan, progress=False, stop_after="tokenize")
+    with pytest.raises(TrainError, match="top_k was 4, now 8"):
+        run_pipeline(tiny_plan(tmp_path, top_k=8), progress=False, stop_after="tokenize")
+    from tandem_rt.train.pipeline import TrainPlan
+
+    for bad, match in [(dict(seq_len=4), "seq_len"), (dict(epochs=0), "epochs"), (dict(init="x"), "init"),
+                       (dict(draft_vocab=1), "draft_vocab"), (dict(lr=5.0), "lr")]:
+        with pytest.raises(TrainError, match=match):
+            tiny_plan(tmp_path, **bad)
+
+
+def test_cli_train_runs_and_reports(tmp_path):
+    import subprocess
+    import sys
+
+    save_primary_checkpoint(tiny_primary(), tmp_path / "primary")
+    write_corpus(tmp_path / "corpus")
+    cmd = [sys.executable, "-m", "tandem_rt.cli", "train", "--primary", str(tmp_path / "primary"),
+           "--corpus", str(tmp_path / "corpus"), "--out", str(tmp_path / "out"), "--run-dir", str(tmp_path / "run"),
+           "--train-tokens", "1024", "--heldout-tokens", "256", "--seq-len", "32", "--layers", "1", "--top-k", "4",
+           "--gamma-max", "3", "--epochs", "1", "--batch-size", "4", "--draft-vocab", "0", "--quiet", "--threads", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "| Tandem-Distil |" in res.stdout and "wrote" in res.stdout
+    assert load_checkpoint(tmp_path / "out").config.secondary.output_vocab_size is None
+    for i, what in ((5, "primary source"), (7, "corpus")):
+        bad = subprocess.run(cmd[:i] + [str(tmp_path / "missing")] + cmd[i + 1:], capture_output=True, text=True)
+        assert bad.returncode == 2 and what in bad.stderr and "does not exist" in bad.stderr, bad.stderr

@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from tandem_rt.primary_source import PrimarySource, describe, load_primary
+from tandem_rt.primary_source import PrimarySource, describe, detect_kind, load_primary
 from tandem_rt.train.primary_cache import CacheError, PrimaryCache, build_primary_cache, make_fingerprint
 
 EOS_LINE = "<|endoftext|>"
@@ -423,11 +423,12 @@ def run_pipeline(plan: TrainPlan, progress: bool = True, stop_after: Optional[st
         raise TrainError(f"stop_after must be one of {STAGES}, got {stop_after!r}")
     if plan.threads:
         torch.set_num_threads(plan.threads)
+    train_file, heldout_file = corpus_files(plan.corpus)
+    detect_kind(plan.primary)  # a missing or unsupported primary is named before anything runs
     run = Path(plan.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     _check_plan(run, plan)
     t0 = time.time()
-    train_file, heldout_file = corpus_files(plan.corpus)
     source = load_primary(plan.primary, dtype=resolve_dtype(plan.primary_dtype), progress=progress)
     print(f"primary: {describe(source)}", flush=True)
     pcfg = source.model.config
