@@ -14,7 +14,6 @@ from conftest import random_tandem_model
 from tandem_rt import primary_source as ps
 from tandem_rt.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
 from tandem_rt.config import ConfigError, TandemConfig
-from tandem_rt.paths import default_model_path
 
 
 def _source(tmp_path, seed=0):
@@ -87,19 +86,22 @@ def test_malformed_references_are_config_errors(ref, match):
         TandemConfig.from_dict(cfg)
 
 
-def test_package_file_source_and_inspect(tmp_path):
-    """The bundled checkpoint is a file of the installed tandem_rt package: reference it by package."""
-    bundled = load_checkpoint(default_model_path(), dtype=torch.float32)
-    ref = {"kind": "tandem", "package": "tandem_rt", "file": "bundled/tandem-gutenberg",
-           "sha256": ps.source_sha256(default_model_path())}
-    save_checkpoint(bundled, tmp_path / "ref", primary_source=ref)
-    loaded = load_checkpoint(tmp_path / "ref", dtype=torch.float32, derived_cache=tmp_path / "d")
-    assert torch.equal(loaded.primary.lm_head.weight if loaded.primary.lm_head is not None
-                       else loaded.primary.model.embed_tokens.weight,
-                       bundled.primary.output_weight)
+def test_package_file_source_and_inspect(tmp_path, monkeypatch):
+    """A source that is a file of an installed package is found through the package, not a path."""
+    pkg = tmp_path / "site" / "fake_model_pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('the package is never imported')\n")
+    model = random_tandem_model(seed=4)
+    save_checkpoint(model, pkg / "weights")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    ref = {"kind": "tandem", "package": "fake_model_pkg", "file": "weights", "sha256": ps.source_sha256(pkg / "weights")}
+    save_checkpoint(model, tmp_path / "ref", primary_source=ref)
+    loaded = load_checkpoint(tmp_path / "ref", derived_cache=tmp_path / "d")
+    assert torch.equal(loaded.primary.output_weight, model.primary.output_weight)
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")}
     out = subprocess.run([sys.executable, "-m", "tandem_rt.cli", "inspect", str(tmp_path / "ref")],
-                         capture_output=True, text=True, check=True).stdout
-    assert "primary weights not stored: tandem source package tandem_rt: bundled/tandem-gutenberg" in out
+                         capture_output=True, text=True, check=True, env=env).stdout
+    assert "primary weights not stored: tandem source package fake_model_pkg: weights" in out
     assert ref["sha256"] in out
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, tiny_model_config
+from conftest import tiny_model_config
 from tandem_rt.checkpoint import load_checkpoint, save_checkpoint
 from tandem_rt.config import TandemConfig
 from tandem_rt.models import TandemModel
@@ -20,8 +20,21 @@ from tandem_rt.models.random_init import randomize_
 from tandem_rt.train import draft_training as dt
 from tandem_rt.train.primary_cache import CacheError, PrimaryCache, build_primary_cache
 
-TOKENIZER = REPO_ROOT / "tandem_rt" / "bundled" / "tandem-gutenberg" / "tokenizer.json"
-V = 8192  # the bundled tokenizer's vocabulary
+SENTENCES = ["The little girl ran to the garden and saw a cat.", "Once upon a time there was a king who had three sons.",
+             "\"Come here,\" said the old woman, and the boy came.", "The sun was warm and the birds sang in the trees."]
+
+V = 1024  # the test tokenizer's vocabulary (random primaries may predict any id below it)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    """A small byte-level BPE trained on the test sentences (vocabulary padded to V by the model)."""
+    from tandem_rt.train.tokenizer import train_bpe
+
+    tok = train_bpe(SENTENCES * 20, vocab_size=300, min_frequency=1)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return path
 
 
 def tiny_primary(seed=0, layers=4, hidden=32) -> LlamaForCausalLM:
@@ -32,12 +45,12 @@ def tiny_primary(seed=0, layers=4, hidden=32) -> LlamaForCausalLM:
     return m.eval()
 
 
-def save_primary_checkpoint(primary: LlamaForCausalLM, path) -> None:
+def save_primary_checkpoint(primary: LlamaForCausalLM, path, tokenizer) -> None:
     sec = tiny_model_config(V, hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32)
     cfg = TandemConfig(primary=primary.config, secondary=sec, torch_dtype="float32")
     model = TandemModel(cfg)
     model.primary.load_state_dict(primary.state_dict())
-    save_checkpoint(model, path, tokenizer=str(TOKENIZER))
+    save_checkpoint(model, path, tokenizer=str(tokenizer))
 
 
 def windows(n=6, T=24, seed=0):
@@ -261,8 +274,6 @@ def test_choose_draft_vocab_takes_the_most_frequent(tmp_path):
 
 # ----------------------------------------------------------------------------- pipeline end to end
 
-SENTENCES = ["The little girl ran to the garden and saw a cat.", "Once upon a time there was a king who had three sons.",
-             "\"Come here,\" said the old woman, and the boy came.", "The sun was warm and the birds sang in the trees."]
 
 
 def write_corpus(directory, n_train=400, n_val=80):
@@ -278,24 +289,24 @@ def write_corpus(directory, n_train=400, n_val=80):
     return directory
 
 
-def tiny_plan(tmp_path, **kw):
+def tiny_plan(tmp_path, tokenizer, **kw):
     from tandem_rt.train.pipeline import TrainPlan
 
     if not (tmp_path / "primary").is_dir():
-        save_primary_checkpoint(tiny_primary(), tmp_path / "primary")
+        save_primary_checkpoint(tiny_primary(), tmp_path / "primary", tokenizer)
         write_corpus(tmp_path / "corpus")
     args = dict(primary=str(tmp_path / "primary"), corpus=str(tmp_path / "corpus"), out=str(tmp_path / "out"),
                 run_dir=str(tmp_path / "run"), train_tokens=2048, heldout_tokens=512, seq_len=32, num_layers=1,
-                top_k=4, gamma_max=4, epochs=1.0, batch_size=4, draft_vocab=300, router_steps=20)
+                top_k=4, gamma_max=4, epochs=1.0, batch_size=4, draft_vocab=200, router_steps=20)
     args.update(kw)
     return TrainPlan(**args)
 
 
-def test_pipeline_end_to_end_resumes_and_exports(tmp_path, one_torch_thread):
+def test_pipeline_end_to_end_resumes_and_exports(tmp_path, one_torch_thread, tokenizer_file):
     from tandem_rt.engine import Engine, SamplingParams
     from tandem_rt.train.pipeline import run_pipeline
 
-    plan = tiny_plan(tmp_path, reference_primary=True)
+    plan = tiny_plan(tmp_path, tokenizer_file, reference_primary=True)
     assert run_pipeline(plan, progress=False, stop_after="cache") == {}
     meta = json.loads((tmp_path / "run" / "cache" / "meta.json").read_text())
     assert meta["windows_done"] == 2048 // 32
@@ -323,7 +334,7 @@ def test_pipeline_end_to_end_resumes_and_exports(tmp_path, one_torch_thread):
     ckpt = load_checkpoint(tmp_path / "out", dtype=torch.float32, derived_cache=tmp_path / "derived")
     cfg = ckpt.config
     assert cfg.primary_source["kind"] == "tandem" and cfg.shared_embeddings == ["secondary", "drafter"]
-    assert cfg.secondary.output_vocab_size == 300 and cfg.drafter.output_vocab_size == 300
+    assert cfg.secondary.output_vocab_size == 200 and cfg.drafter.output_vocab_size == 200
     assert torch.equal(ckpt.secondary.vocab_subset, torch.load(tmp_path / "run" / "draft_vocab.pt"))
     # the exported pieces are the trained ones, and the engine runs them losslessly
     engine = Engine.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
@@ -341,38 +352,38 @@ def test_pipeline_end_to_end_resumes_and_exports(tmp_path, one_torch_thread):
     assert calls == []
 
 
-def test_pipeline_refuses_bad_corpora_and_changed_options(tmp_path):
+def test_pipeline_refuses_bad_corpora_and_changed_options(tmp_path, tokenizer_file):
     from tandem_rt.train.pipeline import TrainError, run_pipeline
 
-    plan = tiny_plan(tmp_path)
+    plan = tiny_plan(tmp_path, tokenizer_file)
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "train.txt").write_text("")
     with pytest.raises(TrainError, match="empty"):
-        run_pipeline(tiny_plan(tmp_path, corpus=str(empty), run_dir=str(tmp_path / "r1")), progress=False)
+        run_pipeline(tiny_plan(tmp_path, tokenizer_file, corpus=str(empty), run_dir=str(tmp_path / "r1")), progress=False)
     short = tmp_path / "short"
     short.mkdir()
     (short / "train.txt").write_text("Hi there.\n")
     with pytest.raises(TrainError, match="fewer than one training window"):
-        run_pipeline(tiny_plan(tmp_path, corpus=str(short), run_dir=str(tmp_path / "r2")), progress=False)
+        run_pipeline(tiny_plan(tmp_path, tokenizer_file, corpus=str(short), run_dir=str(tmp_path / "r2")), progress=False)
     with pytest.raises(TrainError, match="no train.txt"):
-        run_pipeline(tiny_plan(tmp_path, corpus=str(tmp_path), run_dir=str(tmp_path / "r3")), progress=False)
+        run_pipeline(tiny_plan(tmp_path, tokenizer_file, corpus=str(tmp_path), run_dir=str(tmp_path / "r3")), progress=False)
     run_pipeline(plan, progress=False, stop_after="tokenize")
     with pytest.raises(TrainError, match="top_k was 4, now 8"):
-        run_pipeline(tiny_plan(tmp_path, top_k=8), progress=False, stop_after="tokenize")
+        run_pipeline(tiny_plan(tmp_path, tokenizer_file, top_k=8), progress=False, stop_after="tokenize")
     from tandem_rt.train.pipeline import TrainPlan
 
     for bad, match in [(dict(seq_len=4), "seq_len"), (dict(epochs=0), "epochs"), (dict(init="x"), "init"),
                        (dict(draft_vocab=1), "draft_vocab"), (dict(lr=5.0), "lr")]:
         with pytest.raises(TrainError, match=match):
-            tiny_plan(tmp_path, **bad)
+            tiny_plan(tmp_path, tokenizer_file, **bad)
 
 
-def test_cli_train_runs_and_reports(tmp_path):
+def test_cli_train_runs_and_reports(tmp_path, tokenizer_file):
     import subprocess
     import sys
 
-    save_primary_checkpoint(tiny_primary(), tmp_path / "primary")
+    save_primary_checkpoint(tiny_primary(), tmp_path / "primary", tokenizer_file)
     write_corpus(tmp_path / "corpus")
     cmd = [sys.executable, "-m", "tandem_rt.cli", "train", "--primary", str(tmp_path / "primary"),
            "--corpus", str(tmp_path / "corpus"), "--out", str(tmp_path / "out"), "--run-dir", str(tmp_path / "run"),

@@ -221,7 +221,9 @@ def _check_plan(run: Path, plan: TrainPlan) -> None:
     """A run directory belongs to one plan; options that change results must not change on resume."""
     file = run / "plan.json"
     mine = plan.to_dict()
-    volatile = {"out", "threads", "reference_primary", "package_source", "out_dtype", "router_threshold"}
+    # paths may move (the primary's identity is its sha256, checked by the cache fingerprint)
+    volatile = {"out", "run_dir", "primary", "threads", "reference_primary", "package_source", "out_dtype",
+                "router_threshold"}
     if file.is_file():
         old = json.loads(file.read_text())
         defaults = TrainPlan.__dataclass_fields__

