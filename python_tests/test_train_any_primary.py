@@ -396,3 +396,18 @@ def test_cli_train_runs_and_reports(tmp_path, tokenizer_file):
     for i, what in ((5, "primary source"), (7, "corpus")):
         bad = subprocess.run(cmd[:i] + [str(tmp_path / "missing")] + cmd[i + 1:], capture_output=True, text=True)
         assert bad.returncode == 2 and what in bad.stderr and "does not exist" in bad.stderr, bad.stderr
+
+
+def test_cache_stores_each_layer_once_and_reads_repeats(tmp_path):
+    prim = tiny_primary()
+    w = windows(n=3)
+    cache = build_primary_cache(prim, w, tmp_path / "c", [4, 2, 2], 3, "a" * 64, "b" * 64, progress=False)
+    assert cache.layers == [2, 4] and cache.shape[1] == 2
+    with torch.no_grad():
+        _, hidden = prim(torch.from_numpy(w.astype(np.int64)), hidden_layers=[4, 2, 2])
+    b = cache.batch([0, 1, 2])
+    assert len(b.hidden) == 3
+    for m in range(3):
+        assert torch.equal(b.hidden[m], hidden[m].to(torch.bfloat16))
+    with pytest.raises(CacheError, match="holds layers"):
+        PrimaryCache(tmp_path / "c", layer_map=[3])

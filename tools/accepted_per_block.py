@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Mean accepted drafts per block through the engine: `speed` (standalone drafter) vs
-`tandem-speed` (Tandem secondary), greedy, on prompts from a data split (paper Table 2 column).
+`tandem-speed` (Tandem secondary), greedy and sampled, on prompts from a data split (paper Table 2 column).
 
-    python tools/accepted_per_block.py --split test --gammas 3,5,7 --prompts 24 --json docs/accepted_per_block.json
+    python tools/accepted_per_block.py --split test --gammas 3,5,7 --temperatures 0,1 --prompts 24 \
+        --json docs/accepted_per_block.json
 """
 from __future__ import annotations
 
@@ -40,27 +41,34 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                     help="engine dtype (default: the checkpoint's)")
+    ap.add_argument("--temperatures", default="0", help="comma-separated; 0 = greedy (checked equal to "
+                    "primary), > 0 = speculative sampling (lossless by construction; seeded)")
     ap.add_argument("--json", help="write the table as JSON here")
     args = ap.parse_args(argv)
     engine = tandem_rt.Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                               max_batch_size=args.prompts)
     prompts = split_prompts(args.split, args.prompts, args.prompt_tokens, engine.tokenizer)
-    params = tandem_rt.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0, ignore_eos=True)
-    reference = [r.token_ids for r in engine.generate(prompts, params, mode="primary")]
     rows = []
-    print(f"{'gamma':>5} {'speed':>8} {'tandem-speed':>13} {'gain':>7}   (mean accepted drafts per block)")
-    for gamma in (int(g) for g in args.gammas.split(",")):
-        row = {"gamma": gamma}
-        for mode in ("speed", "tandem-speed"):
-            results = engine.generate(prompts, params, mode=mode, gamma=gamma)
-            if [r.token_ids for r in results] != reference:
-                raise SystemExit(f"{mode} gamma={gamma} did not reproduce the primary's greedy tokens")
-            accepted = sum(r.stats["accepted_tokens"] for r in results)
-            blocks = sum(r.stats["blocks"] for r in results)
-            row[mode] = accepted / blocks
-        row["gain_pct"] = 100.0 * (row["tandem-speed"] / row["speed"] - 1.0)
-        rows.append(row)
-        print(f"{gamma:5d} {row['speed']:8.3f} {row['tandem-speed']:13.3f} {row['gain_pct']:+6.1f}%")
+    print(f"{'temp':>5} {'gamma':>5} {'speed':>8} {'tandem-speed':>13} {'gain':>7}   (mean accepted drafts per block)")
+    for temperature in (float(t) for t in args.temperatures.split(",")):
+        params = tandem_rt.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=temperature,
+                                          seed=0 if temperature > 0 else None, ignore_eos=True)
+        reference = None
+        if temperature == 0:
+            reference = [r.token_ids for r in engine.generate(prompts, params, mode="primary")]
+        for gamma in (int(g) for g in args.gammas.split(",")):
+            row = {"temperature": temperature, "gamma": gamma}
+            for mode in ("speed", "tandem-speed"):
+                results = engine.generate(prompts, params, mode=mode, gamma=gamma)
+                if reference is not None and [r.token_ids for r in results] != reference:
+                    raise SystemExit(f"{mode} gamma={gamma} did not reproduce the primary's greedy tokens")
+                accepted = sum(r.stats["accepted_tokens"] for r in results)
+                blocks = sum(r.stats["blocks"] for r in results)
+                row[mode] = accepted / blocks
+            row["gain_pct"] = 100.0 * (row["tandem-speed"] / row["speed"] - 1.0)
+            rows.append(row)
+            print(f"{temperature:5.2f} {gamma:5d} {row['speed']:8.3f} {row['tandem-speed']:13.3f} "
+                  f"{row['gain_pct']:+6.1f}%", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"split": args.split, "prompts": len(prompts),
                                                "dtype": str(engine.dtype).replace("torch.", ""),

@@ -117,6 +117,54 @@ def export_hf(model, out: Path, vocab_size: int) -> Path:
     return out
 
 
+def full_vocab(model):
+    """A copy of a drafter without its reduced output vocabulary (Hugging Face has no such notion:
+    the peer drafts over the whole vocabulary with the same weights)."""
+    import dataclasses
+
+    from tandem_rt.models.llama import LlamaForCausalLM
+
+    if getattr(model, "vocab_subset", None) is None:
+        return model
+    cfg = dataclasses.replace(model.config, output_vocab_size=None)
+    with torch.device("meta"):
+        out = LlamaForCausalLM(cfg)
+    out = out.to_empty(device="cpu").to(next(model.parameters()).dtype)
+    out.load_state_dict({k: v for k, v in model.state_dict().items() if k != "vocab_subset"})
+    return out
+
+
+def bench_llama_cpp(gguf: str, prompts, max_new, repeats, threads):
+    """llama.cpp (llama-cpp-python) greedy decoding of ``max_new`` tokens after each prompt
+    (token ids), on the same GGUF file; best wall time over ``repeats`` per prompt."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise SystemExit("--peer llama.cpp needs llama-cpp-python (pip install llama-cpp-python)") from None
+    llm = Llama(model_path=gguf, n_ctx=max(256, max(map(len, prompts)) + max_new + 8),
+                n_threads=threads or torch.get_num_threads(), n_threads_batch=threads or torch.get_num_threads(),
+                verbose=False, logits_all=False)
+    outs, wall = [], 0.0
+    for prompt in prompts:
+        best, toks = float("inf"), None
+        for _ in range(repeats + 1):  # the first pass warms up
+            llm.reset()
+            t = time.perf_counter()
+            got = []
+            for tok in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+                got.append(int(tok))
+                if len(got) == max_new:
+                    break
+            el = time.perf_counter() - t
+            if toks is not None:
+                best = min(best, el)
+            toks = got
+        wall += best
+        outs.append(toks)
+    return {"name": "llama.cpp", "outputs": outs, "wall_s": wall, "sequences": len(prompts),
+            "tokens": sum(len(o) for o in outs)}
+
+
 def bench_hf(engine, prompts, max_new, repeats):
     import transformers
 
@@ -125,7 +173,7 @@ def bench_hf(engine, prompts, max_new, repeats):
     with tempfile.TemporaryDirectory() as tmp:
         V = engine.vocab_size
         p_dir = export_hf(model.primary, Path(tmp) / "primary", V)
-        d_dir = export_hf(model.drafter, Path(tmp) / "drafter", V)
+        d_dir = export_hf(full_vocab(model.drafter), Path(tmp) / "drafter", V)
         dev = engine.device
         primary = transformers.AutoModelForCausalLM.from_pretrained(p_dir, dtype=engine.dtype).to(dev).eval()
         drafter = transformers.AutoModelForCausalLM.from_pretrained(d_dir, dtype=engine.dtype).to(dev).eval()
@@ -185,6 +233,17 @@ def run_engine(engine, groups, params, mode, gamma, repeats):
             "secondary_runs_per_100": 100.0 * sum(r.stats["secondary_runs"] for r in out) / tokens}
 
 
+def referenced_gguf(path) -> str:
+    """The GGUF file a checkpoint references as its primary source."""
+    from tandem_rt.checkpoint import read_config
+    from tandem_rt.primary_source import resolve_reference
+
+    ref = read_config(path).primary_source
+    if ref is None or ref["kind"] != "gguf":
+        raise SystemExit("--peer llama.cpp: give --gguf (the checkpoint does not reference a GGUF primary)")
+    return str(resolve_reference(ref, Path(path)))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(ap)
@@ -196,7 +255,11 @@ def main(argv=None) -> int:
     ap.add_argument("--num-samples", default="1,4")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--cuda-graphs", action="store_true")
-    ap.add_argument("--peer", choices=["hf"], default=None)
+    ap.add_argument("--peer", choices=["hf", "llama.cpp"], action="append", default=[],
+                    help="peers run on the same prompts at batch 1 (repeatable): hf = transformers generate "
+                         "and assisted generation with the same drafter; llama.cpp = llama-cpp-python on --gguf")
+    ap.add_argument("--gguf", help="GGUF file of the primary for --peer llama.cpp (default: the checkpoint's "
+                                   "referenced GGUF source)")
     ap.add_argument("--json", "--out", dest="json", default="bench_e2e.json", help="JSON report path")
     ap.add_argument("--plot", help="also draw the speed-ups (matplotlib) into this image file (.png, .svg, ...)")
     args = ap.parse_args(argv)
@@ -235,8 +298,14 @@ def main(argv=None) -> int:
             r.update(mode=mode, gamma=gamma)
             rows.append(r)
             print(f"  B={B} n={n} {mode:13s} γ={gamma!s:4s} {r['wall_s']:.3f}s", flush=True)
-        if args.peer == "hf" and B == 1 and n == 1:
-            for r in bench_hf(engine, [g[0] for g in groups], args.max_new_tokens, args.repeats):
+        if B == 1 and n == 1:
+            peers = []
+            if "hf" in args.peer:
+                peers += bench_hf(engine, [g[0] for g in groups], args.max_new_tokens, args.repeats)
+            if "llama.cpp" in args.peer:
+                peers.append(bench_llama_cpp(args.gguf or referenced_gguf(path), [g[0] for g in groups],
+                                             args.max_new_tokens, args.repeats, args.threads))
+            for r in peers:
                 r.update(mode=r.pop("name"), gamma=None, mean_accepted=None, primary_runs_per_100=None,
                          secondary_runs_per_100=None, batch=1)
                 rows.append(r)

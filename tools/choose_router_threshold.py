@@ -6,7 +6,7 @@ fixed γ, on prompts from `val` (never `test`), in one process; the τ with the 
 wall time per generated token wins. With `--write` it is stored in the checkpoint's
 `tandem_config.json` (`router.threshold`); nothing else changes.
 
-    python tools/choose_router_threshold.py --model tandem_rt/bundled/tandem-gutenberg \
+    python tools/choose_router_threshold.py --model runs/toy/ckpt \
         --threads 1 --json docs/router_threshold.json --write
 """
 from __future__ import annotations

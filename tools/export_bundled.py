@@ -2,7 +2,7 @@
 with projections, secondary-Distil as the drafter, router, tokenizer.
 
     python tools/export_bundled.py --tandem runs/tandem_distil --drafter runs/secondary_distil \
-        --router runs/router/router.pt --tokenizer runs/tokenizer.json --out tandem_rt/bundled/tandem-gutenberg
+        --router runs/router/router.pt --tokenizer runs/tokenizer.json --out runs/toy/ckpt
 """
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The whole training pipeline with the settings of the bundled model (docs/RESULTS.md).
+# The whole toy-scale pipeline (a 6.3 M-parameter primary pretrained here, its Tandem secondary,
+# drafter and router; docs/RESULTS.md, toy section) -> runs/toy/ckpt. The default model is
+# trained by tools/train_smollm2.sh instead.
 #   tools/run_pipeline.sh all        # everything, in order
 #   tools/run_pipeline.sh prep|pretrain|tandem|router|report|export|threshold|accepted   # one phase
 # On the 2-core development machine every run is one process with 2 threads and torch.compile
@@ -48,16 +50,16 @@ report() {
 }
 export_model() {
   $PY tools/export_bundled.py --tandem $RUNS/tandem_distil_g5 --drafter $RUNS/secondary_distil \
-      --router $RUNS/router_g5/router.pt --tokenizer $RUNS/tokenizer.json --out tandem_rt/bundled/tandem-gutenberg
+      --router $RUNS/router_g5/router.pt --tokenizer $RUNS/tokenizer.json --out $RUNS/toy/ckpt
 }
-BUNDLED=tandem_rt/bundled/tandem-gutenberg
+BUNDLED=$RUNS/toy/ckpt
 threshold() {   # router threshold by measured engine speed on val (writes it into the checkpoint)
   $PY tools/choose_router_threshold.py --model $BUNDLED --threads 2 --prompts 6 --repeats 2 \
-      --thresholds 0.5,0.6,0.65,0.7,0.75,0.8,0.85,0.9 --gammas 2,3,4,5,6 --json docs/router_threshold.json --write
+      --thresholds 0.5,0.6,0.65,0.7,0.75,0.8,0.85,0.9 --gammas 2,3,4,5,6 --json docs/benchmarks/toy_router_threshold.json --write
 }
 accepted() {    # accepted drafts per block through the engine, test split (Table 1's last goal)
   $PY tools/accepted_per_block.py --model $BUNDLED --split test --gammas 3,5,7 --prompts 24 \
-      --dtype float32 --json docs/accepted_per_block.json
+      --dtype float32 --json docs/benchmarks/toy_accepted_per_block.json
 }
 case "${1:-all}" in
   prep) prep ;;

@@ -35,6 +35,7 @@ from tandem_rt.models.tandem import TandemModel
 from tandem_rt.paths import default_model_path
 
 MODES = ("primary", "secondary", "speed", "tandem", "tandem-speed")
+DEFAULT_KV_CACHE_MEMORY = 256 << 20  # bytes of K/V pools when neither num_pages nor kv_cache_memory is given
 MAX_GAMMA = 31          # a verify block holds gamma + 1 <= 32 queries per sequence (paged_attention)
 
 
@@ -55,7 +56,8 @@ class Engine:
         dtype: weight and cache dtype (default: the model's); the model is converted in place if different.
         max_batch_size: sequences decoded together at most (more prompts/samples queue up).
         kv_cache_memory: bytes for the K/V pools of all models (alternative to ``num_pages``).
-        num_pages: pages in the pool (default: ``max_batch_size`` full-context sequences).
+        num_pages: pages in the pool (default: ``max_batch_size`` full-context sequences, capped by
+            :data:`DEFAULT_KV_CACHE_MEMORY` bytes; at least one page per sequence and block).
         page_size: token positions per page.
         prefill_chunk: prompt rows per sequence per prefill forward (1..32) when ``dense_prefill``
             is off (prompts then go through ``paged_attention`` in chunks).
@@ -119,7 +121,10 @@ class Engine:
                 raise ValueError(f"kv_cache_memory={kv_cache_memory} bytes holds no page of {page_size} tokens")
         elif num_pages is None:
             ctx = min(c.max_position_embeddings for c in cfgs)
-            num_pages = max_batch_size * (-(-(ctx + MAX_GAMMA + 1) // page_size)) + 1
+            full = max_batch_size * (-(-(ctx + MAX_GAMMA + 1) // page_size)) + 1
+            budget = pages_for_memory(DEFAULT_KV_CACHE_MEMORY, page_size, cfgs, self.dtype)
+            floor = max_batch_size * (-(-(MAX_GAMMA + 1) // page_size) + 1) + 1
+            num_pages = max(min(full, budget), floor)
         if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < 1:
             raise ValueError(f"num_pages must be a positive integer, got {num_pages!r}")
         self.page_manager = PageManager(num_pages, page_size)

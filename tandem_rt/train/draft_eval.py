@@ -43,7 +43,7 @@ def accepted_per_block(agree: torch.Tensor, gamma: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_drafts(primary, windows: np.ndarray, models: dict, layer_map: list, gammas=(3, 5, 7),
-                    table_gamma: int = 5, batch_size: int = 8, autocast: bool = True,
+                    table_gamma: int = 5, batch_size: int = 8, autocast: bool = False,
                     progress: bool = False) -> dict:
     """Evaluate ``models`` (``{name: TandemDraft | LlamaForCausalLM}``) and the primary itself.
 

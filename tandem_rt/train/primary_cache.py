@@ -8,9 +8,10 @@ tokens) the cache holds:
 file                array                                      meaning
 ==================  =========================================  ==============================
 ``tokens.bin``      int32 ``[W, T]``                           the window's token ids
-``hidden.bin``      bf16 ``[W, M, T, d_L]`` (stored as int16)  ``x^(layer_map[m])``, the
-                                                               residual streams the secondary
-                                                               reads (M = len(layer_map))
+``hidden.bin``      bf16 ``[W, M, T, d_L]`` (stored as int16)  ``x^(l)`` for each of the M
+                                                               distinct layers ``l`` of the
+                                                               layer map (sorted), the residual
+                                                               streams the secondary reads
 ``topk_ids.bin``    int32 ``[W, T, k]``                        the primary's k most likely
                                                                next tokens at each position
 ``topk_probs.bin``  float16 ``[W, T, k]``                      their probabilities (full
@@ -110,7 +111,10 @@ class CacheBatch:
 class PrimaryCache:
     """Read-only view of a complete cache directory. ``len(cache)`` windows; ``cache.batch(idx)``."""
 
-    def __init__(self, cache_dir: PathLike, expected_fingerprint: Optional[dict] = None):
+    def __init__(self, cache_dir: PathLike, expected_fingerprint: Optional[dict] = None,
+                 layer_map: Optional[list] = None):
+        """``layer_map``: the secondary's layer map (each entry a stored layer, repeats allowed);
+        ``batch().hidden`` then holds one entry per secondary layer. Default: the stored layers."""
         self.dir = Path(cache_dir)
         meta = _read_meta(self.dir)
         if meta is None:
@@ -122,6 +126,11 @@ class PrimaryCache:
             raise CacheError(f"primary cache {self.dir} is incomplete ({meta.get('windows_done')} of "
                              f"{fp['num_windows']} windows): run the cache stage again to finish it")
         self.meta, self.fingerprint = meta, fp
+        self.layers = list(fp["layer_map"])
+        self.read_map = list(layer_map) if layer_map is not None else list(self.layers)
+        missing = [l for l in self.read_map if l not in self.layers]
+        if missing:
+            raise CacheError(f"primary cache {self.dir} holds layers {self.layers}, not {missing}")
         W, T, k = fp["num_windows"], fp["seq_len"], fp["top_k"]
         M, d = len(fp["layer_map"]), meta["hidden_size"]
         self.shape = (W, M, T, d)
@@ -150,7 +159,7 @@ class PrimaryCache:
         idx = np.sort(np.asarray(torch.as_tensor(idx).cpu(), dtype=np.int64))
         hid = torch.from_numpy(np.ascontiguousarray(self.hidden[idx])).view(torch.bfloat16)
         return CacheBatch(tokens=torch.from_numpy(self.tokens[idx].astype(np.int64)),
-                          hidden=[hid[:, m] for m in range(hid.shape[1])],
+                          hidden=[hid[:, self.layers.index(l)] for l in self.read_map],
                           topk_ids=torch.from_numpy(self.topk_ids[idx].astype(np.int64)),
                           topk_probs=torch.from_numpy(self.topk_probs[idx].astype(np.float32)))
 
@@ -173,7 +182,8 @@ def build_primary_cache(primary, windows: np.ndarray, cache_dir: PathLike, layer
         windows: int ``[W, T]`` token windows.
         cache_dir: directory (created); an existing cache with the same fingerprint is resumed
             or reused, one with another fingerprint is refused (:class:`CacheError`).
-        layer_map: primary layers whose residual streams are stored (0 = embeddings).
+        layer_map: the secondary's layer map; each distinct primary layer in it is stored once
+            (0 = embeddings), and the returned cache reads them in this order.
         top_k: number of the primary's most likely next tokens stored per position.
         primary_sha256, tokenizer_sha256: identify the primary and tokenizer in the fingerprint.
         max_windows: stop after this many windows in this call (tests, time slicing).
@@ -193,6 +203,8 @@ def build_primary_cache(primary, windows: np.ndarray, cache_dir: PathLike, layer
     if windows.min() < 0 or windows.max() >= V:
         raise CacheError(f"windows hold token ids outside the primary's vocabulary [0, {V})")
     W, T = windows.shape
+    read_map = [int(l) for l in layer_map]
+    layer_map = sorted(set(read_map))   # each distinct layer is stored once
     M = len(layer_map)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -256,4 +268,4 @@ def build_primary_cache(primary, windows: np.ndarray, cache_dir: PathLike, layer
             fh.close()
     if done < W:
         return None
-    return PrimaryCache(cache_dir, fp)
+    return PrimaryCache(cache_dir, fp, layer_map=read_map)
