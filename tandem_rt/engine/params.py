@@ -5,6 +5,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
+# below MIN_TEMPERATURE, logits / temperature overflow float32 for ordinary logit gaps (use 0 for
+# greedy); above MAX_TEMPERATURE every distribution is uniform to float32 precision
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 1e4
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -15,7 +21,7 @@ class SamplingParams:
 
     Args:
         max_new_tokens: generated tokens per sequence at most (>= 1).
-        temperature: 0 = greedy (argmax); > 0 samples from ``softmax(logits / temperature)``.
+        temperature: 0 = greedy (argmax); in [1e-3, 1e4] samples from ``softmax(logits / temperature)``.
         top_k: keep the ``top_k`` most probable tokens (0 = all).
         top_p: nucleus sampling, keep the smallest set with mass >= ``top_p`` (1.0 = all).
         seed: seed of the device random state (``None``: a fresh random seed per call).
@@ -39,10 +45,11 @@ class SamplingParams:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not self.temperature >= 0 or self.temperature == float("inf"):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+                or not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            raise ValueError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
+                             f"got {self.temperature!r}")
+        if not _is_int(self.top_k) or not 0 <= self.top_k < 2 ** 31:
+            raise ValueError(f"top_k must be an integer in [0, 2**31) (0 disables it), got {self.top_k!r}")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2 ** 63):
