@@ -49,3 +49,19 @@ def test_bench_forward_writes_json(tmp_path, capsys):
     assert set(report["ms"]) == {"primary", "secondary", "drafter"}
     assert all(set(v) == {"1", "3"} and all(t > 0 for t in v.values()) for v in report["ms"].values())
     assert "primary" in capsys.readouterr().out
+
+
+def test_bench_draft_cost_table(tmp_path):
+    sys.path.insert(0, str(TOOLS))
+    try:
+        import bench_draft_cost
+    finally:
+        sys.path.remove(str(TOOLS))
+    out = tmp_path / "cost.json"
+    rc = bench_draft_cost.main(["--random-checkpoint", str(tmp_path / "ckpt"), "--threads", "1", "--layers", "1,2",
+                                "--vocab", "256,0", "--calls", "3", "--context", "16", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    got = [(r["layers"], r["draft_vocab"]) for r in report["rows"]]
+    assert got == [(1, 256), (1, 2048), (2, 256), (2, 2048)]
+    assert all(r["ms"] > 0 and r["ratio"] > 0 for r in report["rows"])
