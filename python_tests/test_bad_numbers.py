@@ -40,3 +40,53 @@ def test_non_finite_weights_are_refused_at_load(tmp_path, value):
     save_checkpoint(model, tmp_path / "c")
     with pytest.raises(CheckpointError, match="secondary.model.layers.1.mlp.up_proj.weight.*NaN or infinite"):
         load_checkpoint(tmp_path / "c")
+
+
+def _mutated_config(tmp_path, edit):
+    import json
+
+    model = random_tandem_model()
+    save_checkpoint(model, tmp_path / "c")
+    file = tmp_path / "c" / "tandem_config.json"
+    cfg = json.loads(file.read_text())
+    edit(cfg)
+    file.write_text(json.dumps(cfg))
+    return tmp_path / "c"
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c["primary"].update(rope_theta="abc"), "rope_theta"),
+    (lambda c: c["secondary"].update(rms_norm_eps=True), "rms_norm_eps"),
+    (lambda c: c.update(layer_map=[True, 4]), r"layer_map\[0\]"),
+    (lambda c: c["primary"].update(tie_word_embeddings="false"), "tie_word_embeddings"),
+    (lambda c: c.update(projection_bias="no"), "projection_bias"),
+    (lambda c: c["router"].update(threshold="abc"), "threshold"),
+])
+def test_malformed_config_values_are_named_with_the_file(tmp_path, edit, match):
+    path = _mutated_config(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=match) as exc:
+        load_checkpoint(path)
+    assert "tandem_config.json" in str(exc.value)
+
+
+def test_corrupt_header_shape_and_tokenizer_are_named(tmp_path):
+    import json
+
+    model = random_tandem_model()
+    save_checkpoint(model, tmp_path / "c")
+    f = tmp_path / "c" / "model.safetensors"
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"] = "abc"
+    new = json.dumps(header).encode()
+    new += b" " * (n - len(new)) if len(new) <= n else b""
+    assert len(new) == n  # "abc" is shorter than any real shape: padded to the same header size
+    f.write_bytes(raw[:8] + new + raw[8 + n:])
+    with pytest.raises(CheckpointError, match="corrupt header entry"):
+        load_checkpoint(tmp_path / "c")
+    save_checkpoint(model, tmp_path / "d", tokenizer=None)
+    (tmp_path / "d" / "tokenizer.json").write_text("{1: 2}")
+    with pytest.raises(CheckpointError, match="malformed tokenizer file"):
+        Engine.from_pretrained(str(tmp_path / "d"))

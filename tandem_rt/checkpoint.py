@@ -77,6 +77,11 @@ def read_safetensors_header(file: Path) -> dict:
             dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{file}: corrupt header entry for tensor {name!r}") from None
+        if not (isinstance(dtype, str) and isinstance(shape, list)
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in (start, end)) and 0 <= start <= end):
+            raise CheckpointError(f"{file}: corrupt header entry for tensor {name!r} (dtype {dtype!r}, shape {shape!r}, "
+                                  f"data_offsets {info['data_offsets']!r})")
         if end > data_size:
             raise CheckpointError(f"{file}: tensor {name!r} ends at byte {end} of the data section, which has only "
                                   f"{data_size} bytes: the file is truncated")

@@ -80,8 +80,12 @@ class ModelConfig:
         _require(self.num_attention_heads % self.num_key_value_heads == 0,
                  f"num_key_value_heads ({self.num_key_value_heads}) must divide "
                  f"num_attention_heads ({self.num_attention_heads})")
-        _require(float(self.rope_theta) > 0, f"rope_theta must be positive, got {self.rope_theta!r}")
-        _require(float(self.rms_norm_eps) > 0, f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+                     and value != float("inf"), f"{name} must be a positive number, got {value!r}")
+        for name in ("tie_word_embeddings", "attention_bias"):
+            _require(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         self.rope_theta = float(self.rope_theta)
         self.rms_norm_eps = float(self.rms_norm_eps)
         _require(self.output_vocab_size is None
@@ -134,7 +138,8 @@ class RouterConfig:
         for name in ("embed_dim", "top_k", "hidden_size", "gamma_max"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
-        _require(0.0 <= float(self.threshold) <= 1.0, f"threshold must be in [0, 1], got {self.threshold!r}")
+        _require(isinstance(self.threshold, (int, float)) and not isinstance(self.threshold, bool)
+                 and 0.0 <= self.threshold <= 1.0, f"threshold must be a number in [0, 1], got {self.threshold!r}")
         self.threshold = float(self.threshold)
 
     @property
@@ -211,10 +216,13 @@ class TandemConfig:
         _require(isinstance(self.layer_map, (list, tuple)) and len(self.layer_map) == L_S,
                  f"layer_map must have one entry per secondary layer ({L_S}), got {self.layer_map!r}")
         for j, layer in enumerate(self.layer_map):
-            _require(isinstance(layer, int) and 0 <= layer <= L_L,
+            _require(isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer <= L_L,
                      f"layer_map[{j}] must be a primary layer index in 0..{L_L}, got {layer!r}")
         self.layer_map = list(self.layer_map)
-        _require(isinstance(self.train_block_length, int) and self.train_block_length >= 1,
+        _require(isinstance(self.projection_bias, bool),
+                 f"projection_bias must be true or false, got {self.projection_bias!r}")
+        _require(isinstance(self.train_block_length, int) and not isinstance(self.train_block_length, bool)
+                 and self.train_block_length >= 1,
                  f"train_block_length must be a positive integer, got {self.train_block_length!r}")
         _require(self.torch_dtype in DTYPES, f"torch_dtype must be one of {sorted(DTYPES)}, got {self.torch_dtype!r}")
         for name in ("secondary", "drafter"):

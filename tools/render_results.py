@@ -1,7 +1,7 @@
-"""Render docs/RESULTS.md from docs/results.json (written by tools/report.py) and the router report.
+"""Render docs/RESULTS_TOY.md from docs/results.json (written by tools/report.py) and the router report.
 
     python tools/render_results.py --results docs/results.json --router runs/router/router_report.json \
-        --notes docs/results_notes.md --out docs/RESULTS.md
+        --notes docs/results_notes.md --out docs/RESULTS_TOY.md
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def main() -> None:
     ap.add_argument("--results", default="docs/results.json")
     ap.add_argument("--router", default="runs/router/router_report.json")
     ap.add_argument("--notes", default="docs/results_notes.md", help="hand-written text placed after the tables")
-    ap.add_argument("--out", default="docs/RESULTS.md")
+    ap.add_argument("--out", default="docs/RESULTS_TOY.md")
     args = ap.parse_args()
     r = json.loads(Path(args.results).read_text())
     router = json.loads(Path(args.router).read_text()) if Path(args.router).is_file() else None

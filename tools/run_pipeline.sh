@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole toy-scale pipeline (a 6.3 M-parameter primary pretrained here, its Tandem secondary,
-# drafter and router; docs/RESULTS.md, toy section) -> runs/toy/ckpt. The default model is
+# drafter and router; docs/RESULTS_TOY.md) -> runs/toy/ckpt. The default model is
 # trained by tools/train_smollm2.sh instead.
 #   tools/run_pipeline.sh all        # everything, in order
 #   tools/run_pipeline.sh prep|pretrain|tandem|router|report|export|threshold|accepted   # one phase

@@ -168,7 +168,12 @@ class Engine:
         tok_file = Path(path) / TOKENIZER_NAME
         if tok_file.is_file():
             from tokenizers import Tokenizer
-            tokenizer = Tokenizer.from_file(str(tok_file))
+
+            from tandem_rt.checkpoint import CheckpointError
+            try:
+                tokenizer = Tokenizer.from_file(str(tok_file))
+            except Exception as exc:  # tokenizers raises a bare Exception for malformed files
+                raise CheckpointError(f"malformed tokenizer file {tok_file}: {exc}") from None
         return cls(model, tokenizer, device=device, dtype=dtype, max_batch_size=max_batch_size,
                    kv_cache_memory=kv_cache_memory, num_pages=num_pages, page_size=page_size, **kwargs)
 
