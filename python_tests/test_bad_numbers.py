@@ -80,7 +80,7 @@ def test_corrupt_header_shape_and_tokenizer_are_named(tmp_path):
     header = json.loads(raw[8:8 + n])
     name = next(k for k in header if k != "__metadata__")
     header[name]["shape"] = "abc"
-    new = json.dumps(header).encode()
+    new = json.dumps(header, separators=(",", ":")).encode()
     new += b" " * (n - len(new)) if len(new) <= n else b""
     assert len(new) == n  # "abc" is shorter than any real shape: padded to the same header size
     f.write_bytes(raw[:8] + new + raw[8 + n:])
