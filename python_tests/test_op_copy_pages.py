@@ -87,3 +87,14 @@ def test_copy_pages_validation_errors():
     with pytest.raises(ValueError, match="src_pages"):
         torch.ops.tandem_rt.copy_pages(caches, src.int(), dst)
     assert all(bool((c == 0).all()) for c in caches)  # failed calls change nothing
+
+
+def test_copy_pages_validates_every_cache_before_writing():
+    """caches of 8 and 4 pages, destination page 6: refused before caches[0] is touched."""
+    import tandem_rt  # noqa: F401  (registers the ops)
+
+    big, small = torch.randn(8, 3), torch.randn(4, 3)
+    before = big.clone(), small.clone()
+    with pytest.raises(ValueError, match=r"dst_pages\[0\] = 6 is outside \[0, 4\) of caches\[1\]"):
+        torch.ops.tandem_rt.copy_pages([big, small], torch.tensor([1]), torch.tensor([6]))
+    assert torch.equal(big, before[0]) and torch.equal(small, before[1])

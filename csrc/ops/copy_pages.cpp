@@ -33,12 +33,18 @@ void copy_pages_cpu(std::vector<at::Tensor> caches, const at::Tensor& src_pages,
   const int64_t n = src_pages.size(0);
   const int64_t* src = src_pages.data_ptr<int64_t>();
   const int64_t* dst = dst_pages.data_ptr<int64_t>();
+  // every index against every cache before the first byte is written (no partial copy on error)
+  for (size_t c = 0; c < caches.size(); ++c) {
+    const int64_t pages = caches[c].size(0);
+    for (int64_t i = 0; i < n; ++i) {
+      TORCH_CHECK_VALUE(src[i] >= 0 && src[i] < pages, "src_pages[", i, "] = ", src[i], " is outside [0, ", pages,
+                        ") of caches[", c, "]");
+      TORCH_CHECK_VALUE(dst[i] >= 0 && dst[i] < pages, "dst_pages[", i, "] = ", dst[i], " is outside [0, ", pages,
+                        ") of caches[", c, "]");
+    }
+  }
   for (auto& cache : caches) {
     const int64_t pages = cache.size(0);
-    for (int64_t i = 0; i < n; ++i) {
-      TORCH_CHECK_VALUE(src[i] >= 0 && src[i] < pages, "src_pages[", i, "] = ", src[i], " is outside [0, ", pages, ")");
-      TORCH_CHECK_VALUE(dst[i] >= 0 && dst[i] < pages, "dst_pages[", i, "] = ", dst[i], " is outside [0, ", pages, ")");
-    }
     const int64_t bytes = cache.numel() / pages * cache.element_size();
     char* base = static_cast<char*>(cache.data_ptr());
     for (int64_t i = 0; i < n; ++i) {
