@@ -90,3 +90,18 @@ def test_corrupt_header_shape_and_tokenizer_are_named(tmp_path):
     (tmp_path / "d" / "tokenizer.json").write_text("{1: 2}")
     with pytest.raises(CheckpointError, match="malformed tokenizer file"):
         Engine.from_pretrained(str(tmp_path / "d"))
+
+
+def test_second_engine_in_another_dtype_is_refused_and_the_first_keeps_working():
+    import copy
+
+    model = random_tandem_model()
+    e1 = Engine(model, num_pages=32)
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    before = e1.generate([[1, 2, 3]], sp, mode="primary")[0].token_ids
+    with pytest.raises(ValueError, match="already served by another Engine"):
+        Engine(model, num_pages=32, dtype=torch.bfloat16)
+    assert e1.generate([[1, 2, 3]], sp, mode="primary")[0].token_ids == before
+    e2 = Engine(copy.deepcopy(model), num_pages=32, dtype=torch.bfloat16)
+    assert len(e2.generate([[1, 2, 3]], sp, mode="primary")[0].token_ids) == 4
+    Engine(model, num_pages=16)  # same dtype and device: allowed

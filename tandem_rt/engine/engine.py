@@ -99,7 +99,15 @@ class Engine:
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be a CPU or CUDA device, got {self.device}")
         if param.device != self.device or param.dtype != self.dtype:
+            if getattr(model, "_tandem_rt_bound_ptr", None) == param.data_ptr():
+                raise ValueError(f"model is already served by another Engine in {param.dtype} on {param.device}; "
+                                 f"converting it to {self.dtype} on {self.device} in place would break that engine: "
+                                 "pass a copy (copy.deepcopy(model)) or the same dtype and device")
             model.to(device=self.device, dtype=self.dtype)
+            with torch.no_grad():  # views of another engine's fused weights keep their strides through .to()
+                for p in model.parameters():
+                    if not p.is_contiguous():
+                        p.data = p.data.contiguous()
         model.eval()
         self.model = model
         self.tokenizer = tokenizer
@@ -137,6 +145,8 @@ class Engine:
         self.primary_cache = mk(cfg.primary)
         self.secondary_cache = mk(cfg.secondary)
         self.drafter_cache = mk(cfg.drafter) if cfg.drafter is not None else None
+        # the model's parameters are now views of this engine's fused weights (a deep copy is not)
+        model._tandem_rt_bound_ptr = next(model.parameters()).data_ptr()
         self._seq_ids = itertools.count()
         self._lock = threading.Lock()
         self.cuda_graphs = None
