@@ -105,3 +105,17 @@ def test_second_engine_in_another_dtype_is_refused_and_the_first_keeps_working()
     e2 = Engine(copy.deepcopy(model), num_pages=32, dtype=torch.bfloat16)
     assert len(e2.generate([[1, 2, 3]], sp, mode="primary")[0].token_ids) == 4
     Engine(model, num_pages=16)  # same dtype and device: allowed
+
+
+def test_impossible_pool_is_refused_before_allocating():
+    import dataclasses
+
+    model = random_tandem_model()
+    cfg = model.config
+    big = dataclasses.replace(cfg.primary, max_position_embeddings=10_000_000)
+    model.config = dataclasses.replace(cfg, primary=big)
+    # the default pool is capped by a memory budget instead of growing with the context
+    e = Engine(model, max_batch_size=2)
+    assert e.page_manager.num_pages < 10_000
+    with pytest.raises(ValueError, match="GiB available"):
+        Engine(random_tandem_model(), num_pages=10 ** 9)

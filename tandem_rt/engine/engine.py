@@ -45,6 +45,21 @@ def _default_model_path() -> Optional[str]:
     return str(path) if path.exists() else None
 
 
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes that can still be allocated on ``device``: ``MemAvailable`` of ``/proc/meminfo`` on the
+    CPU, ``torch.cuda.mem_get_info`` on CUDA; None when unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return None
+
+
 class Engine:
     """Serves a :class:`TandemModel` in every mode over paged K/V pools.
 
@@ -139,6 +154,13 @@ class Engine:
             num_pages = max(min(full, budget), floor)
         if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < 1:
             raise ValueError(f"num_pages must be a positive integer, got {num_pages!r}")
+        need = num_pages * sum(KVCache.bytes_per_page(c.num_hidden_layers, page_size, c.num_key_value_heads,
+                                                      c.head_dim, self.dtype) for c in cfgs)
+        avail = available_memory(self.device)
+        if avail is not None and need > avail:
+            raise ValueError(f"the K/V pools need {need / 2**30:.2f} GiB ({num_pages} pages of {page_size} tokens) but "
+                             f"{self.device} has {avail / 2**30:.2f} GiB available: lower num_pages / kv_cache_memory "
+                             "(or max_batch_size)")
         self.page_manager = PageManager(num_pages, page_size)
         mk = lambda c: KVCache(c.num_hidden_layers, num_pages, page_size, c.num_key_value_heads, c.head_dim,  # noqa: E731
                                self.dtype, self.device)
