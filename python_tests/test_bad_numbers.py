@@ -119,3 +119,33 @@ def test_impossible_pool_is_refused_before_allocating():
     assert e.page_manager.num_pages < 10_000
     with pytest.raises(ValueError, match="GiB available"):
         Engine(random_tandem_model(), num_pages=10 ** 9)
+
+
+def _sample(logits, temperature, seed=0, top_k=0, top_p=1.0):
+    from tandem_rt import ops
+
+    B = logits.shape[0]
+    probs = torch.empty(B, logits.shape[1])
+    tok = ops.sample(logits, torch.full((B,), float(temperature)), torch.full((B,), top_k, dtype=torch.int32),
+                     torch.full((B,), float(top_p)), torch.tensor([seed, 0]), probs_out=probs)
+    return tok, probs
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 1e-30])
+def test_non_finite_logits_follow_the_clamping_rule(temperature):
+    inf, nan = float("inf"), float("nan")
+    # +inf wins (greedy and sampled); NaN is never chosen over a finite logit
+    tok, probs = _sample(torch.tensor([[0.0, inf, 1.0], [nan, 0.0, 1.0], [nan, 5.0, nan]]), temperature)
+    assert tok.tolist() == [1, 2 if temperature < 1e-3 or temperature == 0 else tok[1].item(), 1]
+    assert torch.isfinite(probs).all()
+    assert probs[0].tolist() == [0.0, 1.0, 0.0] and probs[1, 0] == 0.0 and probs[2].tolist() == [0.0, 1.0, 0.0]
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+
+
+def test_tied_infinite_logits_share_the_mass():
+    inf = float("inf")
+    logits = torch.tensor([[inf, 0.0, inf, -inf]]).repeat(4000, 1)
+    tok, probs = _sample(logits, 1.0, seed=3)
+    torch.testing.assert_close(probs[0], torch.tensor([0.5, 0.0, 0.5, 0.0]))
+    frac = (tok == 0).float().mean().item()
+    assert set(tok.tolist()) == {0, 2} and 0.45 < frac < 0.55

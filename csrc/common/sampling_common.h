@@ -8,9 +8,18 @@
 
 namespace tandem_rt {
 
-// Total order key of a float: larger float -> larger key (-0.0 sorts just below +0.0).
+// Non-finite logits follow one rule on both devices: they are clamped to the finite float range,
+// +inf -> the largest float (the +inf tokens share the distribution's mass, and greedy picks the
+// lowest such index), -inf and NaN -> the lowest float (never chosen unless every logit is).
+TANDEM_HD float sanitize_logit(float x) {
+  constexpr float kMax = 3.402823466e+38f;
+  return x != x ? -kMax : (x > kMax ? kMax : (x < -kMax ? -kMax : x));
+}
+
+// Total order key of a (sanitised) float: larger float -> larger key (-0.0 sorts just below +0.0).
 // "Most likely" token order everywhere = key descending, then token index ascending.
 TANDEM_HD uint32_t float_order_key(float f) {
+  f = sanitize_logit(f);
 #if defined(__CUDA_ARCH__)
   const uint32_t u = __float_as_uint(f);
 #else

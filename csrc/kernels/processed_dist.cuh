@@ -20,9 +20,12 @@
 
 namespace tandem_rt::kernels {
 
-__device__ __forceinline__ float load_float(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float load_float(const __half* p, int64_t i) { return __half2float(p[i]); }
-__device__ __forceinline__ float load_float(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
+// logits are read through sanitize_logit (common/sampling_common.h): non-finite values clamped
+__device__ __forceinline__ float load_float(const float* p, int64_t i) { return sanitize_logit(p[i]); }
+__device__ __forceinline__ float load_float(const __half* p, int64_t i) { return sanitize_logit(__half2float(p[i])); }
+__device__ __forceinline__ float load_float(const __nv_bfloat16* p, int64_t i) {
+  return sanitize_logit(__bfloat162float(p[i]));
+}
 
 constexpr int kWarp = 32;
 
@@ -102,14 +105,14 @@ struct OrderPrefix {
   __device__ __forceinline__ bool contains(uint32_t k, int j) const { return k > key || (k == key && j <= idx); }
 };
 
-// The processed distribution of one row (temperature > 0): p_j = kept(j) ? exp(l_j / T - m) / sum : 0.
+// The processed distribution of one row (temperature > 0): p_j = kept(j) ? exp((l_j - m) / T) / sum : 0.
 struct ProcessedDist {
   float temperature;
-  float m;        // max_j l_j / T
-  float sum;      // kept mass: sum over kept j of exp(l_j / T - m)
+  float m;        // max_j l_j (sanitised)
+  float sum;      // kept mass: sum over kept j of exp((l_j - m) / T)
   OrderPrefix kept;
   __device__ __forceinline__ float weight(float logit, int j) const {  // unnormalised
-    return kept.contains(float_order_key(logit), j) ? __expf(logit / temperature - m) : 0.0f;
+    return kept.contains(float_order_key(logit), j) ? __expf((logit - m) / temperature) : 0.0f;
   }
   __device__ __forceinline__ float prob(float logit, int j) const { return weight(logit, j) / sum; }
 };
@@ -132,7 +135,7 @@ __device__ OrderPrefix select_prefix(const T* __restrict__ row, int V, float tem
       if ((k & mask) != prefix || !within.contains(k, j)) continue;
       const int d = (k >> shift) & 255;
       atomicAdd(&sm.hist_count[d], 1);
-      if (BY_MASS) atomicAdd(&sm.hist_mass[d], __expf(l / temperature - m));
+      if (BY_MASS) atomicAdd(&sm.hist_mass[d], __expf((l - m) / temperature));
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -171,7 +174,7 @@ __device__ OrderPrefix select_prefix(const T* __restrict__ row, int V, float tem
     int r = ties;
     if (crossed) {
       if (BY_MASS) {
-        const float e = __expf(float_from_order_key(prefix) / temperature - m);
+        const float e = __expf((float_from_order_key(prefix) - m) / temperature);
         const float need = (target - mass_above) / e;
         r = (e > 0.0f && need < static_cast<float>(ties)) ? max(1, static_cast<int>(ceilf(need))) : ties;
       } else {
@@ -223,7 +226,7 @@ __device__ ProcessedDist processed_dist(const T* __restrict__ row, int V, float 
   float mx = -INFINITY;
   for (int j = threadIdx.x; j < V; j += BLOCK) mx = fmaxf(mx, load_float(row, j));
   mx = block_max<BLOCK>(mx, sm);
-  ProcessedDist d{temperature, mx / temperature, 0.0f, OrderPrefix{0u, V}};
+  ProcessedDist d{temperature, mx, 0.0f, OrderPrefix{0u, V}};
   if (top_k > 0 && top_k < V) {
     d.kept = select_prefix<BLOCK, false>(row, V, temperature, d.m, d.kept, static_cast<float>(top_k), sm);
   }

@@ -2,7 +2,9 @@
 // sample and verify ops. Plain C++ (no ATen). The CUDA counterpart is
 // kernels/processed_dist.cuh; both keep the same token set:
 //   * temperature 0: one-hot at the argmax (lowest index on ties);
-//   * otherwise p = softmax(logits / T) in fp32, restricted to the top_k most likely tokens
+//   * non-finite logits are clamped first (sanitize_logit: +inf -> largest float, -inf / NaN ->
+//     lowest float);
+//   * otherwise p = softmax(logits / T) in fp32, computed as exp((l - max) / T), restricted to the top_k most likely tokens
 //     (top_k 0 or >= V: off), then to the smallest prefix of most likely tokens whose
 //     cumulative probability (renormalised over the top-k set) reaches top_p (1: off),
 //     renormalised. "Most likely" = larger logit first, lower token index on ties.
@@ -38,10 +40,10 @@ inline void processed_distribution(const float* logits, int64_t V, float tempera
     probs[argmax_lowest(logits, V)] = 1.0f;
     return;
   }
-  float mx = logits[0];
-  for (int64_t j = 1; j < V; ++j) mx = std::max(mx, logits[j]);
-  const float m = mx / temperature;
-  for (int64_t j = 0; j < V; ++j) probs[j] = std::exp(logits[j] / temperature - m);
+  float mx = sanitize_logit(logits[0]);
+  for (int64_t j = 1; j < V; ++j) mx = std::max(mx, sanitize_logit(logits[j]));
+  // exp((l - max) / T): no overflow for tiny temperatures (the maximum gets weight 1)
+  for (int64_t j = 0; j < V; ++j) probs[j] = std::exp((sanitize_logit(logits[j]) - mx) / temperature);
 
   const bool use_k = top_k > 0 && top_k < V;
   const bool use_p = top_p < 1.0f;
