@@ -411,3 +411,17 @@ def test_cache_stores_each_layer_once_and_reads_repeats(tmp_path):
         assert torch.equal(b.hidden[m], hidden[m].to(torch.bfloat16))
     with pytest.raises(CacheError, match="holds layers"):
         PrimaryCache(tmp_path / "c", layer_map=[3])
+
+
+def test_cache_with_more_layers_serves_a_subset(tmp_path):
+    prim = tiny_primary()
+    w = windows(n=3)
+    kw = dict(top_k=3, primary_sha256="a" * 64, tokenizer_sha256="b" * 64, progress=False)
+    build_primary_cache(prim, w, tmp_path / "c", [2, 4], **kw)
+    cache = build_primary_cache(prim, w, tmp_path / "c", [4, 4], **kw)
+    assert cache.layers == [2, 4] and len(cache.batch([0]).hidden) == 2
+    with torch.no_grad():
+        _, hidden = prim(torch.from_numpy(w[:1].astype(np.int64)), hidden_layers=[4])
+    assert torch.equal(cache.batch([0]).hidden[1], hidden[0].to(torch.bfloat16))
+    with pytest.raises(CacheError, match="layer_map"):
+        build_primary_cache(prim, w, tmp_path / "c", [3], **kw)

@@ -4,7 +4,7 @@
 # ../shared/data/gutenberg_kids. Every stage is resumable: rerun the script after an interruption.
 #
 #   bash tools/train_smollm2.sh            # main run -> runs/smollm2/main, checkpoint runs/smollm2/ckpt
-#   VARIANTS="init random_proj layers4 vocab4096 vocab_full" bash tools/train_smollm2.sh   # + ablations
+#   VARIANTS="init random_proj layers4 map30 vocab4096 vocab_full" bash tools/train_smollm2.sh   # + ablations
 #
 # The variants share the main run's token files and primary cache (symlinks); those with the
 # main run's drafter options share its drafter too, so only their Tandem secondary is trained.
@@ -40,6 +40,7 @@ for v in ${VARIANTS:-}; do
     vocab4096)    variant vocab4096 "tokens cache" --draft-vocab 4096 ;;
     vocab_full)   variant vocab_full "tokens cache" --draft-vocab 0 ;;
     layers4)      variant layers4 "tokens cache" --layers 4 --layer-map 15,15,30,30 ;;
+    map30)        variant map30 "tokens cache drafter draft_vocab.pt" --layer-map 30,30 ;;
     *) echo "unknown variant $v" >&2; exit 2 ;;
   esac
 done

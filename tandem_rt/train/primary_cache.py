@@ -214,7 +214,12 @@ def build_primary_cache(primary, windows: np.ndarray, cache_dir: PathLike, layer
                           dtype_name(next(primary.parameters()).dtype))
     meta = _read_meta(cache_dir)
     if meta is not None:
-        check_fingerprint(meta["fingerprint"], fp, cache_dir)
+        found = meta["fingerprint"]
+        if set(layer_map) <= set(found.get("layer_map", [])):  # a cache holding more layers serves too
+            fp = {**fp, "layer_map": found["layer_map"]}
+            layer_map = list(found["layer_map"])
+            M = len(layer_map)
+        check_fingerprint(found, fp, cache_dir)
     else:
         meta = {"fingerprint": fp, "hidden_size": d, "vocab_size": V, "windows_done": 0,
                 "bytes_per_token": bytes_per_token(M, d, top_k)}
