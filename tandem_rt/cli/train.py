@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import json
 
-
-def _layer_map(text):
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--layer-map must be comma-separated integers such as 15,30, got {text!r}") from None
+from tandem_rt.cli.imports import _layer_map
 
 
 def run_train(args) -> int:

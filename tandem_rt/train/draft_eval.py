@@ -23,8 +23,11 @@ from tandem_rt.train.draft_training import TandemDraft, drafting_boundary
 from tandem_rt.train.router import tv_distance
 
 
-def _logits(model, ids, hidden, gamma):
+def _logits(model, ids, hidden, gamma, layer_map):
     if isinstance(model, TandemDraft):
+        own = getattr(model, "layer_map", None)  # a model with its own layer map reads a subset
+        if own is not None:
+            hidden = [hidden[layer_map.index(l)] for l in own]
         b = drafting_boundary(ids.shape[1], gamma).expand(ids.shape[0], -1)
         return model(ids, hidden, b).float()
     return model(ids).float()
@@ -50,7 +53,8 @@ def evaluate_drafts(primary, windows: np.ndarray, models: dict, layer_map: list,
     Args:
         primary: the primary ``LlamaForCausalLM``.
         windows: int ``[W, T]`` held-out token windows.
-        layer_map: the layers the Tandem secondaries read.
+        layer_map: the primary layers computed for the Tandem secondaries; a secondary with a
+            ``layer_map`` attribute of its own reads those entries of it.
     Returns:
         ``{name: {accuracy, cross_entropy, relative_accuracy, relative_tv, accepted_g{γ}..., positions}}``
         plus ``"primary"`` with its own accuracy and cross-entropy.
@@ -76,7 +80,7 @@ def evaluate_drafts(primary, windows: np.ndarray, models: dict, layer_map: list,
             acc = sums[name]
             for g in sorted(set(gammas) | {table_gamma}):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                    lg = _logits(model, ids, hidden, g)
+                    lg = _logits(model, ids, hidden, g, list(layer_map))
                 agree = lg.argmax(-1) == p_arg
                 if g in gammas:
                     acc[f"acc{g}"].append(accepted_per_block(agree, g))
