@@ -10,13 +10,20 @@ import pytest
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
-def test_bench_e2e_writes_json_and_plot(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+def import_tool(name: str):
+    """Import ``tools/<name>.py`` as a module (the tools import each other by plain name)."""
+    import importlib
+
     sys.path.insert(0, str(TOOLS))
     try:
-        import bench_e2e
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(TOOLS))
+
+
+def test_bench_e2e_writes_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    bench_e2e = import_tool("bench_e2e")
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     rc = bench_e2e.main(["--random-checkpoint", str(tmp_path / "ckpt"), "--threads", "1", "--max-new-tokens", "6",
                          "--prompt-len", "8", "--batch-sizes", "1,2", "--num-samples", "1", "--gammas", "2",
@@ -36,11 +43,7 @@ def test_bench_e2e_writes_json_and_plot(tmp_path, capsys):
 
 
 def test_bench_forward_writes_json(tmp_path, capsys):
-    sys.path.insert(0, str(TOOLS))
-    try:
-        import bench_forward
-    finally:
-        sys.path.remove(str(TOOLS))
+    bench_forward = import_tool("bench_forward")
     out = tmp_path / "fwd.json"
     rc = bench_forward.main(["--random-checkpoint", str(tmp_path / "ckpt"), "--threads", "1", "--rows", "1,3",
                              "--calls", "3", "--context", "20", "--json", str(out)])
@@ -52,11 +55,7 @@ def test_bench_forward_writes_json(tmp_path, capsys):
 
 
 def test_bench_draft_cost_table(tmp_path):
-    sys.path.insert(0, str(TOOLS))
-    try:
-        import bench_draft_cost
-    finally:
-        sys.path.remove(str(TOOLS))
+    bench_draft_cost = import_tool("bench_draft_cost")
     out = tmp_path / "cost.json"
     rc = bench_draft_cost.main(["--random-checkpoint", str(tmp_path / "ckpt"), "--threads", "1", "--layers", "1,2",
                                 "--vocab", "256,0", "--calls", "3", "--context", "16", "--json", str(out)])
