@@ -30,18 +30,22 @@ def run(args) -> int:
     if not tok_file.is_file():
         raise ValueError(f"--model {str(model_dir)!r} has no {TOKENIZER_NAME}")
     tok = load_tokenizer(tok_file)
+    from tandem_rt.checkpoint import read_config
+    from tandem_rt.train.pipeline import _eos_id
+
+    eos = _eos_id(tok, read_config(model_dir).primary)
     limit = args.max_tokens
     ids: list = []
     batch: list = []
     for line in iter_lines(text):
         batch.append(line)
         if len(batch) == 2048:
-            ids.extend(i for seq in encode_lines(tok, batch) for i in seq)
+            ids.extend(i for seq in encode_lines(tok, batch, eos) for i in seq)
             batch.clear()
             if limit is not None and len(ids) >= limit:
                 break
     if batch and (limit is None or len(ids) < limit):
-        ids.extend(i for seq in encode_lines(tok, batch) for i in seq)
+        ids.extend(i for seq in encode_lines(tok, batch, eos) for i in seq)
     tokens = np.asarray(ids, dtype=np.int64)
     model = load_checkpoint(model_dir, dtype=torch.float32)
     standalone = {"secondary-Distil (drafter)": model.drafter} if model.drafter is not None else {}

@@ -32,19 +32,24 @@ class _Acc:
         self.ce = 0.0
         self.agree = 0
         self.tv = 0.0
+        self.covered = 0
 
     def add(self, logits, targets, primary_logits, primary_argmax):
         logits = logits.float()
         self.n += targets.numel()
         self.correct += int((logits.argmax(-1) == targets).sum())
-        self.ce += float(F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="sum"))
+        ce = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none")
+        finite = torch.isfinite(ce)  # a reduced draft vocabulary gives other targets probability 0
+        self.ce += float(ce[finite].sum())
+        self.covered += int(finite.sum())
         self.agree += int((logits.argmax(-1) == primary_argmax).sum())
         self.tv += float(tv_distance(logits, primary_logits).sum())
 
     def result(self) -> dict:
         n = max(self.n, 1)
-        return {"accuracy": self.correct / n, "cross_entropy": self.ce / n, "relative_accuracy": self.agree / n,
-                "relative_tv": self.tv / n, "positions": self.n}
+        return {"accuracy": self.correct / n, "cross_entropy": self.ce / max(self.covered, 1),
+                "relative_accuracy": self.agree / n, "relative_tv": self.tv / n, "positions": self.n,
+                "target_coverage": self.covered / n}
 
 
 @torch.no_grad()

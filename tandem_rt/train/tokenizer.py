@@ -70,12 +70,13 @@ def load_tokenizer(path: Union[str, os.PathLike]) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
-def encode_lines(tok: Tokenizer, lines: list) -> list:
-    """Encode paragraph strings -> list of id lists (EOS line -> ``[EOS_ID]``)."""
+def encode_lines(tok: Tokenizer, lines: list, eos_id: int = EOS_ID) -> list:
+    """Encode paragraph strings -> list of id lists (EOS line -> ``[eos_id]``, default this
+    tokenizer family's ``EOS_ID``; pass the model's own for other tokenizers)."""
     texts = [line + "\n" for line in lines]
     out = []
     encs = tok.encode_batch([t for t, line in zip(texts, lines) if line != EOS_TOKEN], add_special_tokens=False)
     it = iter(encs)
     for line in lines:
-        out.append([EOS_ID] if line == EOS_TOKEN else next(it).ids)
+        out.append(([eos_id] if eos_id is not None else []) if line == EOS_TOKEN else next(it).ids)
     return out
