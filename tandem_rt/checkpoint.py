@@ -123,11 +123,9 @@ def weight_files(path: PathLike) -> dict:
     return {name: single for name in read_safetensors_header(single)}
 
 
-def not_stored(cfg: TandemConfig) -> set:
-    """Names of the tensors a checkpoint with ``cfg`` does not store: the primary's when it is
-    referenced by source, and the token embeddings of parts that share the primary's."""
-    with torch.device("meta"):
-        names = list(TandemModel(cfg).state_dict())
+def not_stored(cfg: TandemConfig, names) -> set:
+    """Which of a model's tensor ``names`` a checkpoint with ``cfg`` does not store: the primary's
+    when it is referenced by source, and the token embeddings of parts that share the primary's."""
     skip = {n for n in names if cfg.primary_source is not None and n.startswith("primary.")}
     skip |= {f"{part}.model.embed_tokens.weight" for part in cfg.shared_embeddings}
     return skip
@@ -157,8 +155,9 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
 
     with torch.device("meta"), default_dtype(dtype):
         model = TandemModel(cfg)
-    skip = not_stored(cfg)
-    expected = {n: t for n, t in model.state_dict().items() if n not in skip}
+    state = model.state_dict()
+    skip = not_stored(cfg, state)
+    expected = {n: t for n, t in state.items() if n not in skip}
     missing = [n for n in expected if n not in files]
     unexpected = [n for n in files if n not in expected]
     if missing:
@@ -233,7 +232,8 @@ def _publish(tmp: Path, file: Path) -> None:
     os.replace(tmp, file)
 
 
-def _atomic_write_text(file: Path, text: str) -> None:
+def atomic_write_text(file: Path, text: str) -> None:
+    """Write ``text`` to ``file`` through a temporary file (never a half-written file under the name)."""
     tmp = file.with_name(file.name + ".tmp")
     tmp.write_text(text)
     _publish(tmp, file)
@@ -279,7 +279,7 @@ def save_checkpoint(model: TandemModel, path: PathLike, tokenizer=None,
             raise ValueError(f"shared_embeddings names {part!r}, whose token embeddings differ from the primary's")
     cfg_dict = cfg.to_dict()
     cfg_dict["torch_dtype"] = dtype_name(dtype)
-    skip = not_stored(cfg)
+    skip = not_stored(cfg, state)
 
     tensors = {name: t.detach().to("cpu", t.dtype if name.endswith(".vocab_subset") else dtype).contiguous()
                for name, t in state.items() if name not in skip}
@@ -308,7 +308,7 @@ def save_checkpoint(model: TandemModel, path: PathLike, tokenizer=None,
             _publish(tmp, root / shard)
             weight_map.update({n: shard for n in names})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        _atomic_write_text(root / INDEX_NAME, json.dumps({"metadata": {"total_size": total},
+        atomic_write_text(root / INDEX_NAME, json.dumps({"metadata": {"total_size": total},
                                                           "weight_map": weight_map}, indent=1))
     if tokenizer is not None:
         if isinstance(tokenizer, (str, os.PathLike)):
@@ -317,5 +317,5 @@ def save_checkpoint(model: TandemModel, path: PathLike, tokenizer=None,
         else:
             tokenizer.save(str(root / (TOKENIZER_NAME + ".tmp")))
         _publish(root / (TOKENIZER_NAME + ".tmp"), root / TOKENIZER_NAME)
-    _atomic_write_text(root / CONFIG_NAME, json.dumps(cfg_dict, indent=2) + "\n")
+    atomic_write_text(root / CONFIG_NAME, json.dumps(cfg_dict, indent=2) + "\n")
     return root

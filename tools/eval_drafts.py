@@ -66,7 +66,10 @@ def main(argv=None) -> int:
 
     tok = Tokenizer.from_file(str(Path(paths[0]) / "tokenizer.json"))
     text = default_data_dir() / f"{args.split}.txt.xz"
-    tmp = Path(".cache") / "eval_drafts" / f"{args.split}-{args.tokens}-{abs(hash(tok.to_str())) % 10**8}.bin"
+    import hashlib
+
+    tok_sha = hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]   # stable across processes
+    tmp = Path(".cache") / "eval_drafts" / f"{args.split}-{args.tokens}-{tok_sha}.bin"
     tokens = tokenize_corpus(tok, text, tmp, args.tokens, _eos_id(tok, primary.config), progress=False)
     windows = to_windows(tokens, args.seq_len, args.split)
     models = {}

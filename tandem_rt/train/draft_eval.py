@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from tandem_rt.train.draft_training import TandemDraft, drafting_boundary
-from tandem_rt.train.router import tv_distance
 
 
 def _logits(model, ids, hidden, gamma, layer_map):
@@ -61,46 +60,29 @@ def evaluate_drafts(primary, windows: np.ndarray, models: dict, layer_map: list,
     """
     from tqdm import tqdm
 
-    sums = {name: {"correct": 0, "ce": 0.0, "covered": 0, "agree": 0, "tv": 0.0, **{f"acc{g}": [] for g in gammas}}
-            for name in models}
-    prim = {"correct": 0, "ce": 0.0}
-    n_pos = 0
+    from tandem_rt.train.evaluate import _Acc  # the Table 1 accumulator shared with evaluate_models
+
+    table = {name: _Acc() for name in ["primary", *models]}
+    blocks = {name: {g: [] for g in gammas} for name in models}
     for s in tqdm(range(0, len(windows), batch_size), desc="evaluate", disable=not progress):
         ids = torch.from_numpy(np.asarray(windows[s:s + batch_size], dtype=np.int64))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             p_logits, hidden = primary(ids, hidden_layers=list(layer_map))
         p_logits = p_logits.float()
-        tgt = ids[:, 1:]
-        p_arg = p_logits.argmax(-1)
-        n_pos += tgt.numel()
-        prim["correct"] += int((p_arg[:, :-1] == tgt).sum())
-        prim["ce"] += float(torch.nn.functional.cross_entropy(p_logits[:, :-1].flatten(0, 1), tgt.flatten(),
-                                                              reduction="sum"))
+        tgt, p_arg = ids[:, 1:], p_logits.argmax(-1)
+        table["primary"].add(p_logits[:, :-1], tgt, p_logits[:, :-1], p_arg[:, :-1])
         for name, model in models.items():
-            acc = sums[name]
             for g in sorted(set(gammas) | {table_gamma}):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                     lg = _logits(model, ids, hidden, g, list(layer_map))
-                agree = lg.argmax(-1) == p_arg
                 if g in gammas:
-                    acc[f"acc{g}"].append(accepted_per_block(agree, g))
+                    blocks[name][g].append(accepted_per_block(lg.argmax(-1) == p_arg, g))
                 if g == table_gamma:
-                    s_lg = lg[:, :-1]
-                    acc["correct"] += int((s_lg.argmax(-1) == tgt).sum())
-                    ce = torch.nn.functional.cross_entropy(s_lg.flatten(0, 1), tgt.flatten(), reduction="none")
-                    finite = torch.isfinite(ce)  # a reduced vocabulary gives the other tokens probability 0
-                    acc["ce"] += float(ce[finite].sum())
-                    acc["covered"] += int(finite.sum())
-                    acc["agree"] += int(agree[:, :-1].sum())
-                    acc["tv"] += float(tv_distance(s_lg, p_logits[:, :-1]).sum())
-    out = {"primary": {"accuracy": prim["correct"] / n_pos, "cross_entropy": prim["ce"] / n_pos,
-                       "positions": n_pos}}
-    for name, acc in sums.items():
-        out[name] = {"accuracy": acc["correct"] / n_pos, "cross_entropy": acc["ce"] / max(acc["covered"], 1),
-                     "target_coverage": acc["covered"] / n_pos,
-                     "relative_accuracy": acc["agree"] / n_pos, "relative_tv": acc["tv"] / n_pos,
-                     **{f"accepted_g{g}": float(torch.cat(acc[f"acc{g}"]).mean()) for g in gammas},
-                     "table_gamma": table_gamma, "positions": n_pos}
+                    table[name].add(lg[:, :-1], tgt, p_logits[:, :-1], p_arg[:, :-1])
+    out = {"primary": table["primary"].result()}
+    for name in models:
+        out[name] = {**table[name].result(), "table_gamma": table_gamma,
+                     **{f"accepted_g{g}": float(torch.cat(blocks[name][g]).mean()) for g in gammas}}
     return out
 
 

@@ -212,9 +212,9 @@ def default_layer_map_for(primary_layers: int, secondary_layers: int) -> list:
 
 
 def _json_write(file: Path, obj) -> None:
-    tmp = file.with_suffix(file.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, file)
+    from tandem_rt.checkpoint import atomic_write_text
+
+    atomic_write_text(file, json.dumps(obj, indent=1))
 
 
 def _check_plan(run: Path, plan: TrainPlan) -> None:
@@ -319,8 +319,6 @@ def train_small(plan: TrainPlan, source: PrimarySource, layer_map: list, cache: 
         (out / "half").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "ckpt.pt", out / "half" / "ckpt.pt.tmp")
         os.replace(out / "half" / "ckpt.pt.tmp", out / "half" / "ckpt.pt")
-        objective = CachedDraftObjective(model, cache, plan.distil_weight)
-        sampler = CacheWindowSampler(len(cache), 1, seed=plan.seed + 1)
     result = train(objective, sampler.sample, cfg, out, sampler=sampler, desc=which, progress=progress)
     if result["done"]:
         _json_write(done_file, result)

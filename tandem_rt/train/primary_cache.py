@@ -84,9 +84,9 @@ def _read_meta(cache_dir: Path) -> Optional[dict]:
 
 
 def _write_meta(cache_dir: Path, meta: dict) -> None:
-    tmp = cache_dir / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, cache_dir / "meta.json")
+    from tandem_rt.checkpoint import atomic_write_text
+
+    atomic_write_text(cache_dir / "meta.json", json.dumps(meta, indent=1))
 
 
 def check_fingerprint(found: dict, expected: dict, where) -> None:
