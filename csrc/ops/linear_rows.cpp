@@ -5,17 +5,23 @@
 // address order, and up to 8 query rows share each weight load (register-blocked: 16 vector
 // accumulators, one shuffle tree for their 16 sums). torch's bf16 GEMM costs more than its fp32 one
 // at these sizes on the CPU (docs/ENGINE.md). Larger M (prompts) should use torch's GEMM.
+// Variants: AVX-512 BF16 (vdpbf16ps on the bf16 rows as stored: exact products, fp32 pairwise
+// accumulation), AVX-512F (rows converted to fp32 once, weights per load), AVX2 and scalar loops.
 #include "common/check.h"
 #include "ops/layer_math_cpu.h"
 
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 namespace tandem_rt {
 namespace {
 
 constexpr int kMaxRows = 8;  // rows per pass over the weight
+constexpr int kPrefetchBytes = 8192;  // how far ahead of its loads the bf16 kernel prefetches the weight stream
 
 // Any ISA: y[m, n] for n in [n0, n1), m < rows. xf: [rows, K] fp32; w: [N, K] bf16 bits;
 // add: null, [N] (ars = 0) or [rows, N] (row stride ars); y: [rows, N] bf16 bits, row stride ys.
@@ -64,7 +70,10 @@ __attribute__((always_inline)) inline void linear_block(const float* xf, int64_t
   for (; k + 16 <= K; k += 16) {
     avx512::v16f wv[NB];
 #pragma GCC unroll 8
-    for (int b = 0; b < NB; ++b) wv[b] = avx512::ld16(w + (n + b) * K + k);
+    for (int b = 0; b < NB; ++b) {
+      wv[b] = avx512::ld16(w + (n + b) * K + k);
+      if (k % 32 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (n + b) * K + k) + kPrefetchBytes, _MM_HINT_T0);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const avx512::v16f xv = avx512::ld16(xf + r * K + k);
@@ -107,6 +116,98 @@ void linear_rows_avx512(const float* xf, int64_t K, int rows, const uint16_t* w,
   }
 }
 #pragma GCC pop_options
+
+// ---- AVX-512 BF16: vdpbf16ps on the raw bf16 rows (no conversion of x or w) ------------------------
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma")
+
+// As linear_block, but each vdpbf16ps adds 32 exact bf16 products pairwise into 16 fp32 lanes, so a
+// weight vector is loaded once for R rows and never converted. xh: [R, K] bf16 bits, row stride xs.
+// The K % 32 tail is read with a masked load (zeros beyond K add nothing).
+template <int R, int NB>
+__attribute__((always_inline)) inline void linear_block_dp(const uint16_t* xh, int64_t xs, int64_t K,
+                                                           const uint16_t* w, const uint16_t* add, int64_t ars,
+                                                           uint16_t* y, int64_t ys, int64_t n) {
+  static_assert(R * NB <= 16, "16 accumulators at most");
+  avx512::v16f acc[16] = {};
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh wv[NB];
+#pragma GCC unroll 8
+    for (int b = 0; b < NB; ++b) {
+      wv[b] = (__m512bh)_mm512_loadu_si512(w + (n + b) * K + k);
+      _mm_prefetch(reinterpret_cast<const char*>(w + (n + b) * K + k) + kPrefetchBytes, _MM_HINT_T0);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xh + r * xs + k);
+#pragma GCC unroll 8
+      for (int b = 0; b < NB; ++b)
+        acc[r * NB + b] = (avx512::v16f)_mm512_dpbf16_ps((__m512)acc[r * NB + b], xv, wv[b]);
+    }
+  }
+  if (k < K) {
+    const __mmask32 mask = (__mmask32)((1ull << (K - k)) - 1);
+    __m512bh wv[NB];
+#pragma GCC unroll 8
+    for (int b = 0; b < NB; ++b) wv[b] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + (n + b) * K + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, xh + r * xs + k);
+#pragma GCC unroll 8
+      for (int b = 0; b < NB; ++b)
+        acc[r * NB + b] = (avx512::v16f)_mm512_dpbf16_ps((__m512)acc[r * NB + b], xv, wv[b]);
+    }
+  }
+  alignas(64) float sums[16];
+  avx512::st16(sums, avx512::hsum16(acc));
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < NB; ++b) {
+      const float a = add != nullptr ? bf16_to_float(add[r * ars + n + b]) : 0.f;
+      y[r * ys + n + b] = float_to_bf16(sums[r * NB + b] + a);
+    }
+}
+
+// Rows [0, M) against one block of NB weight rows at n: groups of up to 8 rows, the block staying in
+// L1 between groups (the weight stream is read from memory once whatever M is).
+template <int NB>
+__attribute__((always_inline)) inline void linear_rows_block_dp(const uint16_t* xh, int64_t xs, int64_t K, int64_t M,
+                                                                const uint16_t* w, const uint16_t* add, int64_t ars,
+                                                                uint16_t* y, int64_t ys, int64_t n) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const uint16_t* xm = xh + m0 * xs;
+    const uint16_t* am = add != nullptr ? add + m0 * ars : nullptr;
+    uint16_t* ym = y + m0 * ys;
+    switch (std::min<int64_t>(kMaxRows, M - m0)) {
+#define TANDEM_DP_CASE(R)                                                                      \
+  case R:                                                                                      \
+    if constexpr (R * NB <= 16) linear_block_dp<R, NB>(xm, xs, K, w, am, ars, ym, ys, n);       \
+    break;
+      TANDEM_DP_CASE(1) TANDEM_DP_CASE(2) TANDEM_DP_CASE(3) TANDEM_DP_CASE(4)
+      TANDEM_DP_CASE(5) TANDEM_DP_CASE(6) TANDEM_DP_CASE(7) TANDEM_DP_CASE(8)
+#undef TANDEM_DP_CASE
+    }
+  }
+}
+
+template <int NB>
+__attribute__((always_inline)) inline void linear_range_dp(const uint16_t* xh, int64_t xs, int64_t K, int64_t M,
+                                                           const uint16_t* w, const uint16_t* add, int64_t ars,
+                                                           uint16_t* y, int64_t ys, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) linear_rows_block_dp<NB>(xh, xs, K, M, w, add, ars, y, ys, n);
+  for (; n < n1; ++n) linear_rows_block_dp<1>(xh, xs, K, M, w, add, ars, y, ys, n);
+}
+
+// Outputs [n0, n1) for all M rows (any M): 8 weight rows a block for 1-2 rows, 4 for 3-4, else 2
+// (R * NB <= 16 accumulators).
+void linear_rows_bf16dp(const uint16_t* xh, int64_t xs, int64_t K, int64_t M, const uint16_t* w,
+                        const uint16_t* add, int64_t ars, uint16_t* y, int64_t ys, int64_t n0, int64_t n1) {
+  if (M <= 2) return linear_range_dp<8>(xh, xs, K, M, w, add, ars, y, ys, n0, n1);
+  if (M <= 4) return linear_range_dp<4>(xh, xs, K, M, w, add, ars, y, ys, n0, n1);
+  linear_range_dp<2>(xh, xs, K, M, w, add, ars, y, ys, n0, n1);
+}
+#pragma GCC pop_options
 #endif
 
 // Outputs [n0, n1) for `rows` (<= 8) rows, in the variant this CPU runs (TANDEM_RT_CPU_KERNELS).
@@ -147,15 +248,24 @@ at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& w, const std::
   cpu_isa::check_variant();
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  // x rows in fp32 once ([M, K]); every weight row is then read once per 8 rows
-  std::vector<float> xf(M * K);
-  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xf[m * K + k] = bf16_to_float(xp[m * x.stride(0) + k]);
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const auto* ap = add.has_value() ? reinterpret_cast<const uint16_t*>(add->data_ptr<at::BFloat16>()) : nullptr;
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   const int64_t grain = std::max<int64_t>(8, 32768 / std::max<int64_t>(K, 1));  // >= 64 KB of weights a task
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_isa::bf16_dot_products()) {  // the bf16 rows as they are
+    const int64_t xs = M > 1 ? x.stride(0) : K;
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      linear_rows_bf16dp(xp, xs, K, M, wp, ap, ars, yp, N, n0, n1);
+    });
+    return y;
+  }
+#endif
+  // x rows in fp32 once ([M, K]); every weight row is then read once per 8 rows
+  std::vector<float> xf(M * K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xf[m * K + k] = bf16_to_float(xp[m * x.stride(0) + k]);
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
     const float* xm = xf.data() + m0 * K;

@@ -215,7 +215,7 @@ def silu_and_mul(gate_up: torch.Tensor, cpu_ops: bool) -> torch.Tensor:
     return F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
 
 
-LINEAR_ROWS_MAX = 8   # bf16 CPU products of at most this many rows use tandem_rt::linear_rows
+LINEAR_ROWS_MAX = 32  # bf16 CPU products of at most this many rows use tandem_rt::linear_rows (faster than torch's bf16 GEMM up to here: docs/KERNELS.md)
 
 
 def mm(x: torch.Tensor, w: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
