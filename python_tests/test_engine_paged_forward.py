@@ -203,7 +203,7 @@ def test_dense_prefill_needs_position_zero():
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_engine_weights_are_the_only_copy(tmp_path, bias):
-    """The engine's [in, out] matrices (fused QKV (+ bias), o_proj, fused gate/up, down, LM head)
+    """The engine's matrices (fused QKV (+ bias), o_proj, fused gate/up, down, LM head)
     are the storage of the modules' own parameters (no second copy), the reference forward still
     runs on them, and the served model still saves and loads."""
     from tandem_rt.checkpoint import load_checkpoint, save_checkpoint
@@ -214,11 +214,15 @@ def test_engine_weights_are_the_only_copy(tmp_path, bias):
     before = ref_primary(model, tokens)[0]
     e = Engine(model, num_pages=16, page_size=8)
     for paged, ref in ((e.primary, model.primary), (e.secondary, model.secondary), (e.drafter, model.drafter)):
-        fused = [(paged.lm_head.t(), (ref.output_weight,))]
+        # [out, in] as the parameters (rows layout: bf16 / fp32 on the CPU) or [in, out]
+        rows = (lambda w: w) if paged.rows_layout else (lambda w: w.t())
+        fused = [(rows(paged.lm_head), (ref.output_weight,))]
         for lw, layer in zip(paged.layers, ref.model.layers):
             a, m = layer.self_attn, layer.mlp
-            fused += [(lw.w_qkv.t(), (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)), (lw.w_o.t(), (a.o_proj.weight,)),
-                      (lw.w_gate_up.t(), (m.gate_proj.weight, m.up_proj.weight)), (lw.w_down.t(), (m.down_proj.weight,))]
+            fused += [(rows(lw.w_qkv), (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)),
+                      (rows(lw.w_o), (a.o_proj.weight,)),
+                      (rows(lw.w_gate_up), (m.gate_proj.weight, m.up_proj.weight)),
+                      (rows(lw.w_down), (m.down_proj.weight,))]
             if a.q_proj.bias is not None:
                 fused.append((lw.b_qkv, (a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)))
         for whole, parts in fused:

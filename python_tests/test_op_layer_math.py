@@ -113,14 +113,14 @@ def test_cpp_ops_validate_too():
         torch.ops.tandem_rt.silu_and_mul(torch.randn(2, 7))
 
 
-# ---- linear_rows: bf16 products of a few rows with an [out, in] weight (CPU) ---------------------
+# ---- linear_rows: bf16 / fp32 products of a few rows with an [out, in] weight (CPU) --------------
 
 def ref_linear_rows(x, w, add):
-    """fp64 product of the bf16 inputs, rounded once to bf16 (what one fp32-accumulated GEMM gives)."""
+    """fp64 product of the inputs, rounded once to their dtype (what one fp32-accumulated GEMM gives)."""
     out = x.double() @ w.double().t()
     if add is not None:
         out = out + add.double()
-    return out.to(torch.bfloat16)
+    return out.to(x.dtype)
 
 
 @pytest.fixture(params=["", "avx512", "avx512f", "avx2", "base"])
@@ -135,20 +135,37 @@ def rows_variant(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 11, 17])
 @pytest.mark.parametrize("k, n", [(256, 384), (72, 300), (704, 257), (32, 8192), (17, 9), (1, 3)])
 @pytest.mark.parametrize("add_kind", [None, "bias", "residual"])
-def test_linear_rows_matches_reference(rows, k, n, add_kind, rows_variant):
+def test_linear_rows_matches_reference(dtype, rows, k, n, add_kind, rows_variant):
     g = torch.Generator().manual_seed(rows * 100 + k + n)
-    x = torch.randn(rows, k, generator=g).bfloat16()
-    w = (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16()
-    add = {None: None, "bias": torch.randn(n, generator=g).bfloat16(),
-           "residual": torch.randn(rows, n, generator=g).bfloat16()}[add_kind]
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    add = {None: None, "bias": torch.randn(n, generator=g).to(dtype),
+           "residual": torch.randn(rows, n, generator=g).to(dtype)}[add_kind]
     got = torch.ops.tandem_rt.linear_rows(x, w, add)
     ref = ref_linear_rows(x, w, add)
-    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
-    # fp32 accumulation in another order: within one bf16 rounding step of the exact product
-    torch.testing.assert_close(got.float(), ref.float(), rtol=2 ** -7, atol=1e-3)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    # fp32 accumulation in another order: within one rounding step of the exact product (bf16), or
+    # the fp32 accumulation error of a K-term sum (fp32)
+    tol = dict(rtol=2 ** -7, atol=1e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.float(), ref.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linear_rows_row_results_do_not_depend_on_the_other_rows(dtype, rows_variant):
+    """The engine relies on this for lossless speculation: a row's logits in a verify block are
+    bit-identical to the same row's decode."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(13, 200, generator=g).to(dtype)
+    w = torch.randn(70, 200, generator=g).to(dtype)
+    add = torch.randn(13, 70, generator=g).to(dtype)
+    full = torch.ops.tandem_rt.linear_rows(x, w, add)
+    for m in (1, 3, 8):
+        assert torch.equal(torch.ops.tandem_rt.linear_rows(x[:m], w, add[:m]), full[:m])
+    assert torch.equal(torch.ops.tandem_rt.linear_rows(x[12:], w, add[12:]), full[12:])
 
 
 def test_linear_rows_strided_rows_and_empty():
@@ -160,7 +177,9 @@ def test_linear_rows_strided_rows_and_empty():
 
 
 @pytest.mark.parametrize("args, match", [
-    (lambda: (torch.randn(2, 8), torch.randn(4, 8).bfloat16(), None), "x must have dtype"),
+    (lambda: (torch.randn(2, 8), torch.randn(4, 8).bfloat16(), None), "w must have dtype"),
+    (lambda: (torch.randn(2, 8).half(), torch.randn(4, 8).half(), None), "x must be bfloat16 or float32"),
+    (lambda: (torch.randn(2, 8).bfloat16(), torch.randn(4, 8).bfloat16(), torch.randn(4)), "add must have dtype"),
     (lambda: (torch.randn(2, 8).bfloat16(), torch.randn(4, 7).bfloat16(), None), "w.shape\\[1\\] must be 8"),
     (lambda: (torch.randn(2, 8).bfloat16(), torch.randn(8, 4).bfloat16().t(), None), "w must be contiguous"),
     (lambda: (torch.randn(2, 8).bfloat16(), torch.randn(4, 8).bfloat16(), torch.randn(5).bfloat16()), "add must have N"),
@@ -173,7 +192,8 @@ def test_linear_rows_validation(args, match):
 
 
 @pytest.mark.parametrize("args, match", [
-    (lambda: (torch.randn(2, 8), torch.randn(4, 8).bfloat16(), None), "x must have dtype"),
+    (lambda: (torch.randn(2, 8), torch.randn(4, 8).bfloat16(), None), "w must have dtype"),
+    (lambda: (torch.randn(2, 8).half(), torch.randn(4, 8).half(), None), "x must have dtype"),
     (lambda: (torch.randn(2, 8).bfloat16(), torch.randn(4, 7).bfloat16(), None), "w must have shape"),
     (lambda: (torch.randn(2, 8).bfloat16(), torch.randn(4, 8).bfloat16(), torch.randn(3, 4).bfloat16()),
      "add must have shape"),

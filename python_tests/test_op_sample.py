@@ -142,6 +142,26 @@ def test_rng_state_advances_and_determines_draws(device):
     assert torch.equal(a.cpu(), (u * V).floor().long())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_row_rng_state_draws_depend_on_the_row_only(device):
+    """rng_state [B, 2]: row b draws philox(seed_b, offset_b, subsequence 0), whatever the other
+    rows are and wherever the row sits in the batch; every row's offset advances."""
+    V, N = 16, 9
+    logits = torch.zeros(N, V, device=device)  # flat: token = floor(u * V)
+    t, k, p = ops.sampling_params(N, 1.0, device=device)
+    state = torch.tensor([[100 + r, 7 * r] for r in range(N)], dtype=torch.int64, device=device)
+    got = ops.sample(logits, t, k, p, state)
+    u = torch.tensor([philox_uniform(100 + r, 7 * r, 0, 0) for r in range(N)], dtype=torch.float64)
+    assert torch.equal(got.cpu(), (u * V).floor().long())
+    assert state[:, 1].tolist() == [7 * r + 1 for r in range(N)] and state[:, 0].tolist() == list(range(100, 109))
+    # row 4 alone (one-row batch) and at another index of a reversed batch: same token
+    alone = ops.sample(logits[:1], *ops.sampling_params(1, 1.0, device=device),
+                       torch.tensor([[104, 28]], dtype=torch.int64, device=device))
+    rev = ops.sample(logits, t, k, p, torch.tensor([[100 + r, 7 * r] for r in reversed(range(N))],
+                                                   dtype=torch.int64, device=device))
+    assert alone.item() == got[4].item() == rev[N - 1 - 4].item()
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sample_cpu_cuda_identical(dtype):

@@ -100,6 +100,35 @@ def test_mixed_batch_structure_and_determinism(device):
     assert not torch.equal(em, em3)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_row_rng_state_verify_depends_on_the_row_only(device):
+    """rng_state [B, 2]: each row's verification (sampled rows) is the same alone, inside any batch
+    and at any row index; every row's offset advances."""
+    gen = torch.Generator().manual_seed(9)
+    B, G, V = 12, 4, 25
+    logits = torch.randn(B, G + 1, V, generator=gen).to(device)
+    q = torch.softmax(torch.randn(B, G, V, generator=gen), -1).to(device)
+    draft = torch.multinomial(q.reshape(-1, V).cpu(), 1, generator=gen).reshape(B, G).to(device)
+    lens = torch.randint(0, G + 1, (B,), generator=gen, dtype=torch.int32).to(device)
+    params = ops.sampling_params(B, 1.0, device=device)
+    keys = [[1000 + b, 3 * b] for b in range(B)]
+    state = torch.tensor(keys, dtype=torch.int64, device=device)
+    acc, em = ops.verify(draft, lens, q, logits, *params, state)
+    _check_structure(acc.cpu(), em.cpu(), draft.cpu(), lens.cpu(), V)
+    assert state[:, 1].tolist() == [3 * b + 1 for b in range(B)]
+    perm = torch.randperm(B, generator=gen)
+    acc_p, em_p = ops.verify(draft[perm], lens[perm], q[perm], logits[perm], *params,
+                             torch.tensor([keys[i] for i in perm.tolist()], dtype=torch.int64, device=device))
+    assert torch.equal(acc_p.cpu(), acc.cpu()[perm]) and torch.equal(em_p.cpu(), em.cpu()[perm])
+    for b in (0, 5, B - 1):
+        a1, e1 = ops.verify(draft[b:b + 1], lens[b:b + 1], q[b:b + 1], logits[b:b + 1],
+                            *ops.sampling_params(1, 1.0, device=device),
+                            torch.tensor([keys[b]], dtype=torch.int64, device=device))
+        assert torch.equal(a1.cpu(), acc.cpu()[b:b + 1]) and torch.equal(e1.cpu(), em.cpu()[b:b + 1])
+    with pytest.raises(ValueError, match="rng_state"):
+        ops.verify(draft, lens, q, logits, *params, torch.zeros(B + 1, 2, dtype=torch.int64, device=device))
+
+
 # ---------------------------------------------------------------- output distributions
 
 N = 20_000  # identical rows per call: one call gives N independent verifications

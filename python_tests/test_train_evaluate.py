@@ -46,6 +46,48 @@ def test_evaluate_models_matches_direct_computation():
     assert "| tandem |" in format_table(res)
 
 
+def test_evaluate_models_drafting_boundaries_match_the_table1_path():
+    """boundary="drafting" (what tandem-rt train trains and the engine drafts with) against the
+    Table 1 evaluation of tools/eval_drafts.py (train/draft_eval.py), which builds its own masks;
+    and it differs from the training boundaries (the block-end queries differ)."""
+    from tandem_rt.train.draft_eval import evaluate_drafts
+    from tandem_rt.train.draft_training import TandemDraft
+
+    tandem = random_tandem_model(seed=6)
+    freeze(tandem.primary)
+    tokens = np.random.default_rng(1).integers(0, 97, 120).astype(np.uint16)
+    res = evaluate_models(tandem.primary, tokens, tandems={"tandem": tandem}, seq_len=20, batch_size=4,
+                          block_length=3, progress=False, boundary="drafting")
+    draft = TandemDraft(tandem.secondary, tandem.config.primary.hidden_size)
+    draft.proj = tandem.tandem.proj
+    windows = tokens[:120].astype(np.int64).reshape(6, 20)
+    ref = evaluate_drafts(tandem.primary, windows, {"tandem": draft}, list(tandem.layer_map), gammas=(3,),
+                          table_gamma=3)
+    for k in ("accuracy", "relative_accuracy", "relative_tv"):
+        assert res["tandem"][k] == pytest.approx(ref["tandem"][k], abs=1e-6), k
+    assert res["_meta"]["boundary"] == "drafting"
+    other = evaluate_models(tandem.primary, tokens, tandems={"tandem": tandem}, seq_len=20, batch_size=4,
+                            block_length=3, progress=False, boundary="training")
+    assert other["tandem"]["relative_tv"] != pytest.approx(res["tandem"]["relative_tv"], abs=1e-6)
+    with pytest.raises(ValueError, match="boundary"):
+        evaluate_models(tandem.primary, tokens, tandems={"tandem": tandem}, seq_len=20, boundary="causal")
+
+
+def test_train_boundary_config_field():
+    import dataclasses
+
+    from tandem_rt.config import ConfigError, TandemConfig
+
+    cfg = random_tandem_model(seed=1).config
+    assert cfg.train_boundary == "training" and "train_boundary" not in cfg.to_dict()
+    drafting = dataclasses.replace(cfg, train_boundary="drafting")
+    assert TandemConfig.from_dict(drafting.to_dict()).train_boundary == "drafting"
+    with pytest.raises(ConfigError, match="train_boundary"):
+        dataclasses.replace(cfg, train_boundary="causal")
+    with pytest.raises(ConfigError, match="train_boundary"):
+        TandemConfig.from_dict({**cfg.to_dict(), "train_boundary": ["drafting"]})
+
+
 def test_assemble_and_checkpoint_round_trip(tmp_path):
     tandem = random_tandem_model(seed=6, drafter=False, router=False)
     donor = random_tandem_model(seed=7)

@@ -109,12 +109,22 @@ def weight_files(path: PathLike) -> dict:
             if not isinstance(shard, str) or not shard:
                 raise CheckpointError(f"malformed {index}: tensor {name!r} maps to {shard!r}, not a file name")
             file = root / shard
-            if Path(shard).is_absolute() or inside not in (file.resolve().parents):
+            try:
+                resolved = file.resolve()
+            except OSError as exc:  # e.g. a name longer than the file system allows
+                raise CheckpointError(f"{index} maps tensor {name!r} to an unusable shard path {shard[:80]!r}: "
+                                      f"{exc.strerror}") from None
+            if Path(shard).is_absolute() or inside not in resolved.parents:
                 raise CheckpointError(f"{index} maps tensor {name!r} to {shard!r}, which is outside the checkpoint "
                                       f"directory {root}: refused")
             files[name] = file
         for shard in sorted(set(files.values())):
-            if not shard.is_file():
+            try:
+                exists = shard.is_file()
+            except OSError as exc:
+                raise CheckpointError(f"{index} names shard {shard.name[:80]!r}, which cannot be opened: "
+                                      f"{exc.strerror}") from None
+            if not exists:
                 raise CheckpointError(f"{index} names shard {shard.name}, which does not exist")
         return files
     single = root / WEIGHTS_NAME

@@ -187,6 +187,9 @@ def default_layer_map(primary_layers: int, secondary_layers: int) -> list[int]:
     return [int(round((j + 1) * primary_layers / secondary_layers)) for j in range(secondary_layers)]
 
 
+TRAIN_BOUNDARIES = ("training", "drafting")
+
+
 @dataclass
 class TandemConfig:
     """Everything in ``tandem_config.json`` (format ``tandem_rt`` version 1)."""
@@ -205,6 +208,10 @@ class TandemConfig:
     primary_source: Optional[dict] = None
     # optional: parts ("secondary", "drafter") whose token embeddings are the primary's (stored once)
     shared_embeddings: list = field(default_factory=list)
+    # optional: the attention boundaries the secondary was trained with (docs/DESIGN.md §2.3):
+    # "training" (block ends read the primary's own position: models.tandem.training_boundary) or
+    # "drafting" (every query reads 1..γ own positions, as the engine drafts: tandem-rt train)
+    train_boundary: str = "training"
 
     def __post_init__(self) -> None:
         _require(self.format == FORMAT_NAME, f"format must be {FORMAT_NAME!r}, got {self.format!r}")
@@ -224,7 +231,7 @@ class TandemConfig:
         _require(isinstance(self.train_block_length, int) and not isinstance(self.train_block_length, bool)
                  and self.train_block_length >= 1,
                  f"train_block_length must be a positive integer, got {self.train_block_length!r}")
-        _require(self.torch_dtype in DTYPES, f"torch_dtype must be one of {sorted(DTYPES)}, got {self.torch_dtype!r}")
+        _require(isinstance(self.torch_dtype, str) and self.torch_dtype in DTYPES, f"torch_dtype must be one of {sorted(DTYPES)}, got {self.torch_dtype!r}")
         for name in ("secondary", "drafter"):
             other = getattr(self, name)
             if other is not None:
@@ -238,6 +245,8 @@ class TandemConfig:
                  and len(set(self.shared_embeddings)) == len(self.shared_embeddings),
                  f"shared_embeddings must be a list of distinct 'secondary' / 'drafter', got {self.shared_embeddings!r}")
         self.shared_embeddings = list(self.shared_embeddings)
+        _require(isinstance(self.train_boundary, str) and self.train_boundary in TRAIN_BOUNDARIES,
+                 f"train_boundary must be one of {list(TRAIN_BOUNDARIES)}, got {self.train_boundary!r}")
         for name in self.shared_embeddings:
             other = getattr(self, name)
             _require(other is not None and other.hidden_size == self.primary.hidden_size,
@@ -266,6 +275,7 @@ class TandemConfig:
             "torch_dtype": self.torch_dtype,
             **({"primary_source": dict(self.primary_source)} if self.primary_source is not None else {}),
             **({"shared_embeddings": list(self.shared_embeddings)} if self.shared_embeddings else {}),
+            **({"train_boundary": self.train_boundary} if self.train_boundary != "training" else {}),
         }
 
     @classmethod
@@ -273,7 +283,7 @@ class TandemConfig:
         _require(isinstance(data, dict), f"tandem_config.json must hold a JSON object, got {type(data).__name__}")
         expected = {"format", "format_version", "primary", "secondary", "layer_map",
                     "train_block_length", "projection_bias", "drafter", "router", "torch_dtype"}
-        optional = {"primary_source", "shared_embeddings"}
+        optional = {"primary_source", "shared_embeddings", "train_boundary"}
         missing = sorted(expected - set(data))
         unknown = sorted(set(data) - expected - optional)
         _require(not missing, f"tandem_config.json: missing key(s) {missing}")

@@ -6,6 +6,9 @@ several rows (one sequence at a given context): what a draft step and a verify s
         [--rows 1,2,4,6,8] [--json out.json]
 
 Median over ``--calls`` calls after warm-up, per model and row count; prints a table and writes JSON.
+Each time is also given as the weight bytes the forward reads per second, and as a fraction of the
+streaming read bandwidth measured in the same run (``bench_kernels.measure_read_bandwidth``): a
+decode step streams every weight once, so that fraction is how close it is to the memory bound.
 """
 from __future__ import annotations
 
@@ -20,6 +23,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import add_model_args, cpu_model, engine_from_args  # noqa: E402
+from bench_kernels import measure_read_bandwidth  # noqa: E402
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the matrices and norms one forward of a :class:`PagedLlama` reads (every layer's
+    weights, the final norm and the LM head; the embedding rows it gathers are not counted)."""
+    total = model.lm_head.nbytes + model.final_norm.nbytes
+    for lw in model.layers:
+        total += sum(t.nbytes for t in lw if isinstance(t, torch.Tensor))
+    return total
 
 
 def time_forward(engine, model, cache, context: int, rows: int, calls: int) -> float:
@@ -63,16 +76,24 @@ def main(argv=None) -> int:
     if engine.drafter is not None:
         models.append(("drafter", engine.drafter, engine.drafter_cache))
     table = {name: {r: time_forward(engine, m, c, args.context, r, args.calls) for r in rows} for name, m, c in models}
+    sizes = {name: weight_bytes(m) for name, m, _ in models}
+    read_gbps = measure_read_bandwidth(engine.device)
     print(f"{path}: {args.device} ({cpu_model() if args.device == 'cpu' else args.device}), {args.dtype}, "
-          f"{torch.get_num_threads()} thread(s), context {args.context}; ms per forward (median of {args.calls})")
-    print(f"{'model':10s} " + " ".join(f"{f'{r} rows':>9s}" for r in rows))
+          f"{torch.get_num_threads()} thread(s), context {args.context}; ms per forward (median of {args.calls}); "
+          f"streaming read bandwidth {read_gbps:.1f} GB/s")
+    print(f"{'model':10s} {'weights MB':>10s} " + " ".join(f"{f'{r} rows':>9s}" for r in rows)
+          + "   (1-row GB/s, % of read bandwidth)")
     for name, times in table.items():
-        print(f"{name:10s} " + " ".join(f"{1e3 * times[r]:9.3f}" for r in rows))
+        gbps = sizes[name] / times[rows[0]] / 1e9
+        print(f"{name:10s} {sizes[name] / 1e6:10.1f} " + " ".join(f"{1e3 * times[r]:9.3f}" for r in rows)
+              + f"   {gbps:.1f} GB/s, {100 * gbps / read_gbps:.0f}% (at {rows[0]} rows)")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(model=str(path), device=args.device, dtype=args.dtype,
-                                                   threads=torch.get_num_threads(), context=args.context,
-                                                   ms={n: {str(r): 1e3 * t for r, t in v.items()}
-                                                       for n, v in table.items()}), indent=1))
+        Path(args.json).write_text(json.dumps(dict(
+            model=str(path), device=args.device, device_name=cpu_model() if args.device == "cpu" else args.device,
+            dtype=args.dtype, threads=torch.get_num_threads(), context=args.context, read_gbps=read_gbps,
+            weight_bytes=sizes, ms={n: {str(r): 1e3 * t for r, t in v.items()} for n, v in table.items()},
+            pct_read_bandwidth={n: {str(r): 100 * sizes[n] / t / 1e9 / read_gbps for r, t in v.items()}
+                                for n, v in table.items()}), indent=1))
         print(f"wrote {args.json}")
     return 0
 

@@ -44,6 +44,7 @@ class Context:
     min_time: float
     copy_gbps: float = 0.0
     last_min: float = 0.0
+    quick: bool = False
     rows: list = field(default_factory=list)
 
 
@@ -93,6 +94,25 @@ def measure_copy_bandwidth(ctx: Context) -> float:
     dst = torch.empty_like(src)
     t = time_fn(lambda: dst.copy_(src), ctx)
     return 2 * nbytes / t / 1e9
+
+
+def measure_read_bandwidth(device: torch.device, nbytes: int | None = None, reps: int = 5) -> float:
+    """GB/s of a streaming read (``torch.sum`` of an fp32 buffer larger than the caches: 1 GiB on
+    the CPU, whose last-level cache may be hundreds of MB; 4 GiB on CUDA), median of ``reps`` after
+    one warm-up, with torch's current thread count. The bound a weight-streaming decode step is
+    measured against (bytes of weights per step / step time)."""
+    nbytes = nbytes or ((4 << 30) if device.type == "cuda" else (1 << 30))
+    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    buf.sum()
+    times = []
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        buf.sum()
+        sync()
+        times.append(time.perf_counter() - t)
+    return nbytes / statistics.median(times) / 1e9
 
 
 def make_paged(batch, context, dtype, device, q_len, gen):
@@ -214,18 +234,23 @@ def bench_layer_math(ctx: Context):
             yield add_row(ctx, "silu_and_mul", dtype, dict(batch=rows, context=inter, q_len=0), t,
                           gu.nbytes * 3 // 2, r, "F.silu*mul", t_min, ctx.last_min)
 
-    # linear_rows: bf16 only, the bundled model's shapes ([out, in] weights); reference torch's bf16 addmm
-    if torch.bfloat16 in ctx.dtypes:
-        for n, k in ((1408, 256), (256, 704), (8192, 256)):
-            w = torch.randn(n, k).bfloat16()
-            for rows in (1, 4, 8):
-                x = torch.randn(rows, k).bfloat16()
-                add = torch.randn(rows, n).bfloat16()
-                t = time_fn(lambda: torch.ops.tandem_rt.linear_rows(x, w, add), ctx)
+    # linear_rows (bf16 and fp32): the default model's (SmolLM2-135M) weight shapes ([out, in]), 30
+    # copies of each (one per layer: larger than the caches, as in a forward); reference torch's
+    # addmm on the same weights stored contiguous [in, out] (its best layout for few rows: what the
+    # engine used before linear_rows). context column = out * 10000 + in.
+    for dtype in ctx.dtypes:
+        shapes = ((3072, 576), (576, 1536), (960, 576)) if not ctx.quick else ((3072, 576),)
+        for n, k in shapes:
+            ws = [torch.randn(n, k).to(dtype) for _ in range(30)]
+            wts = [w.t().contiguous() for w in ws]
+            for rows in ((1, 4, 8, 16, 32) if not ctx.quick else (1, 8, 32)):
+                x = torch.randn(rows, k).to(dtype)
+                add = torch.randn(rows, n).to(dtype)
+                t = time_fn(lambda: [torch.ops.tandem_rt.linear_rows(x, w, add) for w in ws], ctx)
                 t_min = ctx.last_min
-                r = time_fn(lambda: torch.addmm(add, x, w.t()), ctx)
-                yield add_row(ctx, "linear_rows", torch.bfloat16, dict(batch=rows, context=n * 10000 + k, q_len=0),
-                              t, w.nbytes, r, "torch.addmm", t_min, ctx.last_min)
+                r = time_fn(lambda: [torch.addmm(add, x, wt) for wt in wts], ctx)
+                yield add_row(ctx, "linear_rows x30", dtype, dict(batch=rows, context=n * 10000 + k, q_len=0),
+                              t, 30 * ws[0].nbytes, r, "torch.addmm", t_min, ctx.last_min)
 
 
 VOCAB, GAMMA = 32000, 5
@@ -311,8 +336,11 @@ def main(argv=None):
             batches, contexts = [1, 4], [256, 1024]
         min_time = 0.1 if args.quick else 0.3
     ctx = Context(device, dtypes, batches, contexts, [1, 8], min_time)
+    ctx.quick = args.quick
     ctx.copy_gbps = measure_copy_bandwidth(ctx)
-    print(f"device: {device_name(device)}; torch {torch.__version__}; copy bandwidth {ctx.copy_gbps:.1f} GB/s")
+    read_gbps = measure_read_bandwidth(device)
+    print(f"device: {device_name(device)}; torch {torch.__version__}; copy bandwidth {ctx.copy_gbps:.1f} GB/s; "
+          f"streaming read bandwidth {read_gbps:.1f} GB/s")
     print(f"{'op':<17} {'dtype':<9} {'batch':>5} {'context':>7} {'q_len':>5} {'time_us':>11} {'GB/s':>8} "
           f"{'%copy':>6} {'ref_us':>11} {'ratio':>6} {'min_us':>11} {'ref_min_us':>11} {'ratio':>6}")
     print("(ratio = op time / reference time; median columns first, then minimum columns)")
@@ -325,7 +353,7 @@ def main(argv=None):
     out = Path(args.out or f"runs/bench_kernels-{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(device=device_name(device), torch=torch.__version__, quick=args.quick,
-                                   copy_gbps=ctx.copy_gbps, ratio="op time / reference time", rows=ctx.rows),
+                                   copy_gbps=ctx.copy_gbps, read_gbps=read_gbps, ratio="op time / reference time", rows=ctx.rows),
                               indent=1))
     print(f"wrote {out}")
 

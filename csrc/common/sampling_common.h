@@ -44,6 +44,20 @@ TANDEM_HD float float_from_order_key(uint32_t k) {
 //   sample: draw 0 of each row.
 //   verify: draw 2*i tests acceptance of draft i; draw 2*i+1 samples the correction token at
 //           position i (rejection at i, or the bonus token when i == draft length).
+// The Philox key of batch row b. rng_rows == 0: one (seed, offset) state [2] for the batch, row b
+// drawing subsequence b. rng_rows > 0: per-row states [rng_rows, 2] (seed_b, offset_b), subsequence
+// 0, so a row's draws depend on its own state only, not on its batch partners or its row index.
+struct RowRngKey {
+  int64_t seed;
+  int64_t offset;
+  uint32_t sub;
+};
+TANDEM_HD RowRngKey row_rng_key(const int64_t* rng_state, int rng_rows, int64_t b) {
+  if (rng_rows > 0) return RowRngKey{rng_state[2 * b], rng_state[2 * b + 1], 0u};
+  return RowRngKey{rng_state[0], rng_state[1], static_cast<uint32_t>(b)};
+}
+TANDEM_HD float row_uniform(const RowRngKey& k, uint32_t index) { return philox_uniform(k.seed, k.offset, k.sub, index); }
+
 TANDEM_HD uint32_t sample_draw_index() { return 0u; }
 TANDEM_HD uint32_t verify_accept_draw_index(int i) { return 2u * static_cast<uint32_t>(i); }
 TANDEM_HD uint32_t verify_emit_draw_index(int i) { return 2u * static_cast<uint32_t>(i) + 1u; }

@@ -34,7 +34,7 @@ at::Tensor sample_cuda(const at::Tensor& logits, const at::Tensor& temperature, 
   auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
   auto err = kernels::launch_sample(logits.data_ptr(), logit_dtype(logits), temperature.data_ptr<float>(),
                                     top_k.data_ptr<int32_t>(), top_p.data_ptr<float>(), rng_state.data_ptr<int64_t>(),
-                                    tokens.data_ptr<int64_t>(),
+                                    rng_state.dim() == 2 ? static_cast<int>(B) : 0, tokens.data_ptr<int64_t>(),
                                     probs_out.has_value() ? probs_out->data_ptr<float>() : nullptr,
                                     static_cast<int>(B), static_cast<int>(V), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "sample kernel launch failed: ", cudaGetErrorString(err));
@@ -55,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> verify_cuda(const at::Tensor& draft_tokens, c
       draft_tokens.data_ptr<int64_t>(), draft_lens.data_ptr<int32_t>(),
       draft_probs.has_value() ? draft_probs->data_ptr<float>() : nullptr, target_logits.data_ptr(),
       logit_dtype(target_logits), temperature.data_ptr<float>(), top_k.data_ptr<int32_t>(), top_p.data_ptr<float>(),
-      rng_state.data_ptr<int64_t>(), accepted.data_ptr<int32_t>(), emitted.data_ptr<int64_t>(), static_cast<int>(B),
+      rng_state.data_ptr<int64_t>(), rng_state.dim() == 2 ? static_cast<int>(B) : 0, accepted.data_ptr<int32_t>(), emitted.data_ptr<int64_t>(), static_cast<int>(B),
       static_cast<int>(G), static_cast<int>(V), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "verify kernel launch failed: ", cudaGetErrorString(err));
   return {accepted, emitted};

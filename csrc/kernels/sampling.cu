@@ -29,8 +29,11 @@ struct ResidualWeight {  // max(0, p - q)
   }
 };
 
-__global__ void advance_rng_kernel(int64_t* __restrict__ rng_state) {  // [2]
-  rng_state[1] += kRngOffsetStep;
+// grid: 1; block: 1. offset += kRngOffsetStep of the shared state (rng_rows == 0) or of every row.
+__global__ void advance_rng_kernel(int64_t* __restrict__ rng_state,  // [2] or [rng_rows, 2]
+                                   int rng_rows) {
+  if (rng_rows == 0) rng_state[1] += kRngOffsetStep;
+  for (int b = 0; b < rng_rows; ++b) rng_state[2 * b + 1] += kRngOffsetStep;
 }
 
 // grid: B; block: kBlock.
@@ -39,10 +42,10 @@ __global__ void __launch_bounds__(kBlock) sample_kernel(const T* __restrict__ lo
                                                         const float* __restrict__ temperature,  // [B]
                                                         const int32_t* __restrict__ top_k,      // [B]
                                                         const float* __restrict__ top_p,        // [B]
-                                                        const int64_t* __restrict__ rng_state,  // [2]
+                                                        const int64_t* __restrict__ rng_state,  // [2] or [B, 2]
                                                         int64_t* __restrict__ tokens,           // [B]
                                                         float* __restrict__ probs_out,          // [B, V] or null
-                                                        int V) {
+                                                        int V, int rng_rows) {
   __shared__ SamplingSmem sm;
   const int b = blockIdx.x;
   const T* row = logits + static_cast<int64_t>(b) * V;
@@ -56,7 +59,7 @@ __global__ void __launch_bounds__(kBlock) sample_kernel(const T* __restrict__ lo
     return;
   }
   const ProcessedDist d = processed_dist<kBlock>(row, V, t, top_k[b], top_p[b], sm);
-  const float u = philox_uniform(rng_state[0], rng_state[1], static_cast<uint32_t>(b), sample_draw_index());
+  const float u = row_uniform(row_rng_key(rng_state, rng_rows, b), sample_draw_index());
   const int tok = block_draw<kBlock>(KeptWeight<T>{row, d}, V, u * d.sum, sm);
   if (threadIdx.x == 0) tokens[b] = tok;
   if (out)
@@ -72,10 +75,10 @@ __global__ void __launch_bounds__(kBlock) verify_kernel(const int64_t* __restric
                                                         const float* __restrict__ temperature,     // [B]
                                                         const int32_t* __restrict__ top_k,         // [B]
                                                         const float* __restrict__ top_p,           // [B]
-                                                        const int64_t* __restrict__ rng_state,     // [2]
+                                                        const int64_t* __restrict__ rng_state,     // [2] or [B, 2]
                                                         int32_t* __restrict__ accepted,            // [B]
                                                         int64_t* __restrict__ emitted,             // [B, G+1]
-                                                        int G, int V) {
+                                                        int G, int V, int rng_rows) {
   __shared__ SamplingSmem sm;
   const int b = blockIdx.x;
   const int len = min(max(draft_lens[b], 0), G);
@@ -83,8 +86,7 @@ __global__ void __launch_bounds__(kBlock) verify_kernel(const int64_t* __restric
   int64_t* out = emitted + static_cast<int64_t>(b) * (G + 1);
   for (int i = threadIdx.x; i <= G; i += kBlock) out[i] = -1;
   __syncthreads();
-  const int64_t seed = rng_state[0], offset = rng_state[1];
-  const uint32_t sub = static_cast<uint32_t>(b);
+  const RowRngKey key = row_rng_key(rng_state, rng_rows, b);
   const float t = temperature[b];
   int acc = len;
   for (int i = 0; i <= len; ++i) {
@@ -98,7 +100,7 @@ __global__ void __launch_bounds__(kBlock) verify_kernel(const int64_t* __restric
     }
     const ProcessedDist d = processed_dist<kBlock>(row, V, t, top_k[b], top_p[b], sm);
     if (i == len) {  // every draft accepted: bonus token from p
-      const float u = philox_uniform(seed, offset, sub, verify_emit_draw_index(i));
+      const float u = row_uniform(key, verify_emit_draw_index(i));
       const int tok = block_draw<kBlock>(KeptWeight<T>{row, d}, V, u * d.sum, sm);
       if (threadIdx.x == 0) out[i] = tok;
       acc = len;
@@ -109,7 +111,7 @@ __global__ void __launch_bounds__(kBlock) verify_kernel(const int64_t* __restric
     const float* q = draft_probs ? draft_probs + (static_cast<int64_t>(b) * G + i) * V : nullptr;
     const float px = valid ? d.prob(load_float(row, x), static_cast<int>(x)) : 0.0f;
     const float qx = q ? (valid ? q[x] : 0.0f) : 1.0f;
-    if (valid && accept_draft(philox_uniform(seed, offset, sub, verify_accept_draw_index(i)), px, qx)) {
+    if (valid && accept_draft(row_uniform(key, verify_accept_draw_index(i)), px, qx)) {
       if (threadIdx.x == 0) out[i] = x;
       continue;
     }
@@ -118,7 +120,7 @@ __global__ void __launch_bounds__(kBlock) verify_kernel(const int64_t* __restric
     float s = 0.0f;
     for (int j = threadIdx.x; j < V; j += kBlock) s += rw(j);
     const float residual = block_sum<kBlock>(s, sm);
-    const float u = philox_uniform(seed, offset, sub, verify_emit_draw_index(i));
+    const float u = row_uniform(key, verify_emit_draw_index(i));
     const int tok = residual >= kResidualMinMass ? block_draw<kBlock>(rw, V, u * residual, sm)
                                                  : block_draw<kBlock>(KeptWeight<T>{row, d}, V, u * d.sum, sm);
     if (threadIdx.x == 0) out[i] = tok;
@@ -140,60 +142,61 @@ __global__ void rng_uniform_kernel(const int64_t* __restrict__ rng_state,  // [2
 
 template <typename T>
 cudaError_t sample_typed(const void* logits, const float* temperature, const int32_t* top_k, const float* top_p,
-                         int64_t* rng_state, int64_t* tokens, float* probs_out, int B, int V, cudaStream_t stream) {
+                         int64_t* rng_state, int rng_rows, int64_t* tokens, float* probs_out, int B, int V,
+                         cudaStream_t stream) {
   if (B > 0) {
     sample_kernel<T><<<B, kBlock, 0, stream>>>(static_cast<const T*>(logits), temperature, top_k, top_p, rng_state,
-                                               tokens, probs_out, V);
+                                               tokens, probs_out, V, rng_rows);
   }
-  advance_rng_kernel<<<1, 1, 0, stream>>>(rng_state);
+  advance_rng_kernel<<<1, 1, 0, stream>>>(rng_state, rng_rows);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t verify_typed(const int64_t* draft_tokens, const int32_t* draft_lens, const float* draft_probs,
                          const void* target_logits, const float* temperature, const int32_t* top_k,
-                         const float* top_p, int64_t* rng_state, int32_t* accepted, int64_t* emitted, int B, int G,
-                         int V, cudaStream_t stream) {
+                         const float* top_p, int64_t* rng_state, int rng_rows, int32_t* accepted, int64_t* emitted,
+                         int B, int G, int V, cudaStream_t stream) {
   if (B > 0) {
     verify_kernel<T><<<B, kBlock, 0, stream>>>(draft_tokens, draft_lens, draft_probs,
                                                static_cast<const T*>(target_logits), temperature, top_k, top_p,
-                                               rng_state, accepted, emitted, G, V);
+                                               rng_state, accepted, emitted, G, V, rng_rows);
   }
-  advance_rng_kernel<<<1, 1, 0, stream>>>(rng_state);
+  advance_rng_kernel<<<1, 1, 0, stream>>>(rng_state, rng_rows);
   return cudaGetLastError();
 }
 
 }  // namespace
 
 cudaError_t launch_sample(const void* logits, LogitDtype dtype, const float* temperature, const int32_t* top_k,
-                          const float* top_p, int64_t* rng_state, int64_t* tokens, float* probs_out, int B, int V,
-                          cudaStream_t stream) {
+                          const float* top_p, int64_t* rng_state, int rng_rows, int64_t* tokens, float* probs_out,
+                          int B, int V, cudaStream_t stream) {
   switch (dtype) {
     case LogitDtype::kFloat32:
-      return sample_typed<float>(logits, temperature, top_k, top_p, rng_state, tokens, probs_out, B, V, stream);
+      return sample_typed<float>(logits, temperature, top_k, top_p, rng_state, rng_rows, tokens, probs_out, B, V, stream);
     case LogitDtype::kFloat16:
-      return sample_typed<__half>(logits, temperature, top_k, top_p, rng_state, tokens, probs_out, B, V, stream);
+      return sample_typed<__half>(logits, temperature, top_k, top_p, rng_state, rng_rows, tokens, probs_out, B, V, stream);
     case LogitDtype::kBFloat16:
-      return sample_typed<__nv_bfloat16>(logits, temperature, top_k, top_p, rng_state, tokens, probs_out, B, V,
-                                         stream);
+      return sample_typed<__nv_bfloat16>(logits, temperature, top_k, top_p, rng_state, rng_rows, tokens, probs_out,
+                                         B, V, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 cudaError_t launch_verify(const int64_t* draft_tokens, const int32_t* draft_lens, const float* draft_probs,
                           const void* target_logits, LogitDtype dtype, const float* temperature,
-                          const int32_t* top_k, const float* top_p, int64_t* rng_state, int32_t* accepted,
-                          int64_t* emitted, int B, int G, int V, cudaStream_t stream) {
+                          const int32_t* top_k, const float* top_p, int64_t* rng_state, int rng_rows,
+                          int32_t* accepted, int64_t* emitted, int B, int G, int V, cudaStream_t stream) {
   switch (dtype) {
     case LogitDtype::kFloat32:
       return verify_typed<float>(draft_tokens, draft_lens, draft_probs, target_logits, temperature, top_k, top_p,
-                                 rng_state, accepted, emitted, B, G, V, stream);
+                                 rng_state, rng_rows, accepted, emitted, B, G, V, stream);
     case LogitDtype::kFloat16:
       return verify_typed<__half>(draft_tokens, draft_lens, draft_probs, target_logits, temperature, top_k, top_p,
-                                  rng_state, accepted, emitted, B, G, V, stream);
+                                  rng_state, rng_rows, accepted, emitted, B, G, V, stream);
     case LogitDtype::kBFloat16:
       return verify_typed<__nv_bfloat16>(draft_tokens, draft_lens, draft_probs, target_logits, temperature, top_k,
-                                         top_p, rng_state, accepted, emitted, B, G, V, stream);
+                                         top_p, rng_state, rng_rows, accepted, emitted, B, G, V, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -1,12 +1,12 @@
-// Op tandem_rt::linear_rows (CPU, bf16): y = add + x @ w^T for a few rows x: [M, K] and a weight in
-// nn.Linear's layout w: [N, K], fp32 accumulation and one rounding to bf16 at the end (as torch's
-// bf16 addmm). Decode and verify steps multiply 1-8 rows by every weight of the model, so the weight
-// stream dominates: each output is a dot product along a contiguous weight row, the rows stream in
-// address order, and up to 8 query rows share each weight load (register-blocked: 16 vector
-// accumulators, one shuffle tree for their 16 sums). torch's bf16 GEMM costs more than its fp32 one
-// at these sizes on the CPU (docs/ENGINE.md). Larger M (prompts) should use torch's GEMM.
-// Variants: AVX-512 BF16 (vdpbf16ps on the bf16 rows as stored: exact products, fp32 pairwise
-// accumulation), AVX-512F (rows converted to fp32 once, weights per load), AVX2 and scalar loops.
+// Op tandem_rt::linear_rows (CPU, bf16 or fp32): y = add + x @ w^T for a few rows x: [M, K] and a
+// weight in nn.Linear's layout w: [N, K], fp32 accumulation and one rounding to the dtype at the end.
+// Decode and verify steps multiply a few rows by every weight of the model, so the weight stream
+// dominates: each output is a dot product along a contiguous weight row, the rows stream in address
+// order (prefetched ahead of the loads), and up to 8 query rows share each weight load
+// (register-blocked: 16 vector accumulators, one shuffle tree for their 16 sums). Each output's
+// arithmetic is the same whatever M is, so a row's result does not depend on the other rows.
+// Variants: AVX-512 BF16 (bf16: vdpbf16ps on the rows as stored: exact products, fp32 pairwise
+// accumulation), AVX-512F (x rows in fp32 once, each weight vector widened on load), AVX2 and scalar.
 #include "common/check.h"
 #include "ops/layer_math_cpu.h"
 
@@ -21,31 +21,32 @@ namespace tandem_rt {
 namespace {
 
 constexpr int kMaxRows = 8;  // rows per pass over the weight
-constexpr int kPrefetchBytes = 8192;  // how far ahead of its loads the bf16 kernel prefetches the weight stream
+constexpr int kPrefetchBytes = 8192;  // how far ahead of its loads the kernels prefetch the weight stream
 
-// Any ISA: y[m, n] for n in [n0, n1), m < rows. xf: [rows, K] fp32; w: [N, K] bf16 bits;
-// add: null, [N] (ars = 0) or [rows, N] (row stride ars); y: [rows, N] bf16 bits, row stride ys.
-__attribute__((always_inline)) inline void linear_rows_loops(const float* xf, int64_t K, int rows, const uint16_t* w,
-                                                             const uint16_t* add, int64_t ars, uint16_t* y,
-                                                             int64_t ys, int64_t n0, int64_t n1) {
+// Any ISA: y[m, n] for n in [n0, n1), m < rows. E: uint16_t (bf16 bits) or float. xf: [rows, K]
+// fp32; w: [N, K]; add: null, [N] (ars = 0) or [rows, N] (row stride ars); y: [rows, N], row stride ys.
+template <typename E>
+__attribute__((always_inline)) inline void linear_rows_loops(const float* xf, int64_t K, int rows, const E* w,
+                                                             const E* add, int64_t ars, E* y, int64_t ys, int64_t n0,
+                                                             int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    const uint16_t* wr = w + n * K;
+    const E* wr = w + n * K;
     for (int m = 0; m < rows; ++m) {
       const float* xr = xf + m * K;
       float s = 0.f;
 #pragma omp simd reduction(+ : s)
-      for (int64_t k = 0; k < K; ++k) s += xr[k] * bf16_to_float(wr[k]);
-      if (add != nullptr) s += bf16_to_float(add[m * ars + n]);
-      y[m * ys + n] = float_to_bf16(s);
+      for (int64_t k = 0; k < K; ++k) s += xr[k] * layer_math::load(wr[k]);
+      if (add != nullptr) s += layer_math::load(add[m * ars + n]);
+      y[m * ys + n] = layer_math::store<E>(s);
     }
   }
 }
 
-#define TANDEM_LINEAR_ROWS_VARIANT(suffix, attr)                                                        \
-  attr void linear_rows_##suffix(const float* xf, int64_t K, int rows, const uint16_t* w,               \
-                                 const uint16_t* add, int64_t ars, uint16_t* y, int64_t ys, int64_t n0,  \
-                                 int64_t n1) {                                                          \
-    linear_rows_loops(xf, K, rows, w, add, ars, y, ys, n0, n1);                                          \
+#define TANDEM_LINEAR_ROWS_VARIANT(suffix, attr)                                                          \
+  template <typename E>                                                                                   \
+  attr void linear_rows_##suffix(const float* xf, int64_t K, int rows, const E* w, const E* add, int64_t ars, \
+                                 E* y, int64_t ys, int64_t n0, int64_t n1) {                              \
+    linear_rows_loops<E>(xf, K, rows, w, add, ars, y, ys, n0, n1);                                         \
   }
 #if defined(__x86_64__) && defined(__GNUC__)
 TANDEM_LINEAR_ROWS_VARIANT(avx2, __attribute__((target("avx2,fma"))))
@@ -59,12 +60,12 @@ TANDEM_LINEAR_ROWS_VARIANT(base, )
 #include "common/avx512_vec.h"
 
 // NB outputs n .. n+NB-1 for R rows (R * NB <= 16 accumulators): acc[r * NB + b] holds 16 partial
-// sums of x[r] . w[n + b]; one shuffle tree reduces all of them.
-template <int R, int NB>
-__attribute__((always_inline)) inline void linear_block(const float* xf, int64_t K, const uint16_t* w,
-                                                        const uint16_t* add, int64_t ars, uint16_t* y, int64_t ys,
-                                                        int64_t n) {
+// sums of x[r] . w[n + b]; one shuffle tree reduces all of them. E: uint16_t (bf16 bits) or float.
+template <typename E, int R, int NB>
+__attribute__((always_inline)) inline void linear_block(const float* xf, int64_t K, const E* w, const E* add,
+                                                        int64_t ars, E* y, int64_t ys, int64_t n) {
   static_assert(R * NB <= 16, "16 accumulators at most");
+  constexpr int kPerLine = 64 / static_cast<int>(sizeof(E));  // elements per cache line
   avx512::v16f acc[16] = {};
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
@@ -72,7 +73,7 @@ __attribute__((always_inline)) inline void linear_block(const float* xf, int64_t
 #pragma GCC unroll 8
     for (int b = 0; b < NB; ++b) {
       wv[b] = avx512::ld16(w + (n + b) * K + k);
-      if (k % 32 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (n + b) * K + k) + kPrefetchBytes, _MM_HINT_T0);
+      if (k % kPerLine == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (n + b) * K + k) + kPrefetchBytes, _MM_HINT_T0);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -85,34 +86,34 @@ __attribute__((always_inline)) inline void linear_block(const float* xf, int64_t
   avx512::st16(sums, avx512::hsum16(acc));
   for (; k < K; ++k)  // K % 16 tail
     for (int r = 0; r < R; ++r)
-      for (int b = 0; b < NB; ++b) sums[r * NB + b] += xf[r * K + k] * bf16_to_float(w[(n + b) * K + k]);
+      for (int b = 0; b < NB; ++b) sums[r * NB + b] += xf[r * K + k] * layer_math::load(w[(n + b) * K + k]);
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < NB; ++b) {
-      const float a = add != nullptr ? bf16_to_float(add[r * ars + n + b]) : 0.f;
-      y[r * ys + n + b] = float_to_bf16(sums[r * NB + b] + a);
+      const float a = add != nullptr ? layer_math::load(add[r * ars + n + b]) : 0.f;
+      y[r * ys + n + b] = layer_math::store<E>(sums[r * NB + b] + a);
     }
 }
 
-template <int R, int NB>
-__attribute__((always_inline)) inline void linear_range(const float* xf, int64_t K, const uint16_t* w,
-                                                        const uint16_t* add, int64_t ars, uint16_t* y, int64_t ys,
-                                                        int64_t n0, int64_t n1) {
+template <typename E, int R, int NB>
+__attribute__((always_inline)) inline void linear_range(const float* xf, int64_t K, const E* w, const E* add,
+                                                        int64_t ars, E* y, int64_t ys, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + NB <= n1; n += NB) linear_block<R, NB>(xf, K, w, add, ars, y, ys, n);
-  for (; n < n1; ++n) linear_block<R, 1>(xf, K, w, add, ars, y, ys, n);
+  for (; n + NB <= n1; n += NB) linear_block<E, R, NB>(xf, K, w, add, ars, y, ys, n);
+  for (; n < n1; ++n) linear_block<E, R, 1>(xf, K, w, add, ars, y, ys, n);
 }
 
-void linear_rows_avx512(const float* xf, int64_t K, int rows, const uint16_t* w, const uint16_t* add, int64_t ars,
-                        uint16_t* y, int64_t ys, int64_t n0, int64_t n1) {
+template <typename E>
+void linear_rows_avx512(const float* xf, int64_t K, int rows, const E* w, const E* add, int64_t ars, E* y,
+                        int64_t ys, int64_t n0, int64_t n1) {
   switch (rows) {
-    case 1: return linear_range<1, 8>(xf, K, w, add, ars, y, ys, n0, n1);
-    case 2: return linear_range<2, 8>(xf, K, w, add, ars, y, ys, n0, n1);
-    case 3: return linear_range<3, 4>(xf, K, w, add, ars, y, ys, n0, n1);
-    case 4: return linear_range<4, 4>(xf, K, w, add, ars, y, ys, n0, n1);
-    case 5: return linear_range<5, 2>(xf, K, w, add, ars, y, ys, n0, n1);
-    case 6: return linear_range<6, 2>(xf, K, w, add, ars, y, ys, n0, n1);
-    case 7: return linear_range<7, 2>(xf, K, w, add, ars, y, ys, n0, n1);
-    default: return linear_range<8, 2>(xf, K, w, add, ars, y, ys, n0, n1);
+    case 1: return linear_range<E, 1, 8>(xf, K, w, add, ars, y, ys, n0, n1);
+    case 2: return linear_range<E, 2, 8>(xf, K, w, add, ars, y, ys, n0, n1);
+    case 3: return linear_range<E, 3, 4>(xf, K, w, add, ars, y, ys, n0, n1);
+    case 4: return linear_range<E, 4, 4>(xf, K, w, add, ars, y, ys, n0, n1);
+    case 5: return linear_range<E, 5, 2>(xf, K, w, add, ars, y, ys, n0, n1);
+    case 6: return linear_range<E, 6, 2>(xf, K, w, add, ars, y, ys, n0, n1);
+    case 7: return linear_range<E, 7, 2>(xf, K, w, add, ars, y, ys, n0, n1);
+    default: return linear_range<E, 8, 2>(xf, K, w, add, ars, y, ys, n0, n1);
   }
 }
 #pragma GCC pop_options
@@ -211,24 +212,44 @@ void linear_rows_bf16dp(const uint16_t* xh, int64_t xs, int64_t K, int64_t M, co
 #endif
 
 // Outputs [n0, n1) for `rows` (<= 8) rows, in the variant this CPU runs (TANDEM_RT_CPU_KERNELS).
-void linear_rows_range(const float* xf, int64_t K, int rows, const uint16_t* w, const uint16_t* add, int64_t ars,
-                       uint16_t* y, int64_t ys, int64_t n0, int64_t n1) {
+template <typename E>
+void linear_rows_range(const float* xf, int64_t K, int rows, const E* w, const E* add, int64_t ars, E* y,
+                       int64_t ys, int64_t n0, int64_t n1) {
 #if defined(__x86_64__) && defined(__GNUC__)
   switch (cpu_isa::best()) {
-    case cpu_isa::Isa::kAvx512: return linear_rows_avx512(xf, K, rows, w, add, ars, y, ys, n0, n1);
-    case cpu_isa::Isa::kAvx2: return linear_rows_avx2(xf, K, rows, w, add, ars, y, ys, n0, n1);
+    case cpu_isa::Isa::kAvx512: return linear_rows_avx512<E>(xf, K, rows, w, add, ars, y, ys, n0, n1);
+    case cpu_isa::Isa::kAvx2: return linear_rows_avx2<E>(xf, K, rows, w, add, ars, y, ys, n0, n1);
     default: break;
   }
 #endif
-  linear_rows_base(xf, K, rows, w, add, ars, y, ys, n0, n1);
+  linear_rows_base<E>(xf, K, rows, w, add, ars, y, ys, n0, n1);
+}
+
+// The portable / AVX-512F path: x rows in fp32 once ([M, K]), then passes of up to 8 rows.
+template <typename E>
+void linear_rows_fp32_rows(const E* xp, int64_t xs, int64_t M, int64_t K, const E* wp, const E* ap, int64_t ars,
+                           E* yp, int64_t N, int64_t grain) {
+  std::vector<float> xf(M * K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xf[m * K + k] = layer_math::load(xp[m * xs + k]);
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
+    const float* xm = xf.data() + m0 * K;
+    const E* am = ap != nullptr ? ap + m0 * ars : nullptr;
+    E* ym = yp + m0 * N;
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      linear_rows_range<E>(xm, K, rows, wp, am, ars, ym, N, n0, n1);
+    });
+  }
 }
 
 at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& add) {
   check_rank(x, "x", 2);
-  check_dtype(x, "x", at::kBFloat16);
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+                    "x must be bfloat16 or float32, got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.size(1) <= 1 || x.stride(1) == 1, "x must have a contiguous last dim");
   check_device(w, "w", x.device());
-  check_dtype(w, "w", at::kBFloat16);
+  check_dtype(w, "w", x.scalar_type());
   check_rank(w, "w", 2);
   check_contiguous(w, "w");
   check_size(w, "w", 1, x.size(1));
@@ -236,7 +257,7 @@ at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& w, const std::
   int64_t ars = 0;
   if (add.has_value()) {
     check_device(*add, "add", x.device());
-    check_dtype(*add, "add", at::kBFloat16);
+    check_dtype(*add, "add", x.scalar_type());
     TORCH_CHECK_VALUE(add->dim() == 1 || add->dim() == 2, "add must be [N] or [M, N], got shape ", add->sizes());
     TORCH_CHECK_VALUE(add->size(-1) == N && add->stride(-1) == 1,
                       "add must have N = ", N, " contiguous columns, got shape ", add->sizes());
@@ -248,33 +269,27 @@ at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& w, const std::
   cpu_isa::check_variant();
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
+  const int64_t grain = std::max<int64_t>(8, 32768 / std::max<int64_t>(K, 1));  // >= 64 KB of weights a task
+  const int64_t xs = M > 1 ? x.stride(0) : K;
+  if (x.scalar_type() == at::kFloat) {
+    linear_rows_fp32_rows<float>(x.data_ptr<float>(), xs, M, K, w.data_ptr<float>(),
+                                 add.has_value() ? add->data_ptr<float>() : nullptr, ars, y.data_ptr<float>(), N,
+                                 grain);
+    return y;
+  }
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const auto* ap = add.has_value() ? reinterpret_cast<const uint16_t*>(add->data_ptr<at::BFloat16>()) : nullptr;
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  const int64_t grain = std::max<int64_t>(8, 32768 / std::max<int64_t>(K, 1));  // >= 64 KB of weights a task
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
 #if defined(__x86_64__) && defined(__GNUC__)
   if (cpu_isa::bf16_dot_products()) {  // the bf16 rows as they are
-    const int64_t xs = M > 1 ? x.stride(0) : K;
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
       linear_rows_bf16dp(xp, xs, K, M, wp, ap, ars, yp, N, n0, n1);
     });
     return y;
   }
 #endif
-  // x rows in fp32 once ([M, K]); every weight row is then read once per 8 rows
-  std::vector<float> xf(M * K);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xf[m * K + k] = bf16_to_float(xp[m * x.stride(0) + k]);
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
-    const float* xm = xf.data() + m0 * K;
-    const uint16_t* am = ap != nullptr ? ap + m0 * ars : nullptr;
-    uint16_t* ym = yp + m0 * N;
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      linear_rows_range(xm, K, rows, wp, am, ars, ym, N, n0, n1);
-    });
-  }
+  linear_rows_fp32_rows<uint16_t>(xp, xs, M, K, wp, ap, ars, yp, N, grain);
   return y;
 }
 

@@ -26,9 +26,16 @@ void validate_row_params(const at::Tensor& temperature, const at::Tensor& top_k,
   }
   check_device(rng_state, "rng_state", device);
   check_dtype(rng_state, "rng_state", at::kLong);
-  check_rank(rng_state, "rng_state", 1);
-  check_size(rng_state, "rng_state", 0, 2);
+  TORCH_CHECK_VALUE((rng_state.dim() == 1 && rng_state.size(0) == 2) ||
+                        (rng_state.dim() == 2 && rng_state.size(0) == B && rng_state.size(1) == 2),
+                    "rng_state must be [2] (seed, offset) or per row [", B, ", 2], got shape ", rng_state.sizes());
   check_contiguous(rng_state, "rng_state");
+}
+
+// offset += kRngOffsetStep of the shared state [2] (rng_rows == 0) or of every row's [rng_rows, 2].
+void advance_rng(int64_t* state, int rng_rows) {
+  if (rng_rows == 0) state[1] += kRngOffsetStep;
+  for (int b = 0; b < rng_rows; ++b) state[2 * b + 1] += kRngOffsetStep;
 }
 
 void check_logits(const at::Tensor& t, const char* name, int64_t rank) {
@@ -127,7 +134,7 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, c
   const at::Tensor lf = logits.to(at::kFloat).contiguous();
   auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
   int64_t* state = rng_state.data_ptr<int64_t>();
-  const int64_t seed = state[0], offset = state[1];
+  const int rng_rows = rng_state.dim() == 2 ? static_cast<int>(B) : 0;
   const float* L = lf.data_ptr<float>();
   const float* T = temperature.data_ptr<float>();
   const int32_t* K = top_k.data_ptr<int32_t>();
@@ -151,11 +158,11 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, c
       cpu::processed_distribution(row, V, T[b], K[b], P[b], probs, order);
       float total = 0.0f;
       for (int64_t j = 0; j < V; ++j) total += probs[j];
-      const float u = philox_uniform(seed, offset, static_cast<uint32_t>(b), sample_draw_index());
+      const float u = row_uniform(row_rng_key(state, rng_rows, b), sample_draw_index());
       tok[b] = cpu::sample_from_weights(probs, V, total, u);
     }
   });
-  state[1] = offset + kRngOffsetStep;
+  advance_rng(state, rng_rows);
   return tokens;
 }
 
@@ -180,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& draft_tokens, co
   auto accepted = at::empty({B}, draft_lens.options());
   auto emitted = at::full({B, G + 1}, -1, draft_tokens.options());
   int64_t* state = rng_state.data_ptr<int64_t>();
-  const int64_t seed = state[0], offset = state[1];
+  const int rng_rows = rng_state.dim() == 2 ? static_cast<int>(B) : 0;
   const float* Lg = lf.data_ptr<float>();
   const float* Q = draft_probs.has_value() ? draft_probs->data_ptr<float>() : nullptr;
   const float* T = temperature.data_ptr<float>();
@@ -193,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& draft_tokens, co
     std::vector<int32_t> order;
     for (int64_t b = begin; b < end; ++b) {
       const int64_t len = lens[b];
-      const uint32_t sub = static_cast<uint32_t>(b);
+      const RowRngKey key = row_rng_key(state, rng_rows, b);
       int64_t* out = em + b * (G + 1);
       for (int64_t i = 0; i <= len; ++i) {
         const float* row = Lg + (b * (G + 1) + i) * V;
@@ -208,14 +215,14 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& draft_tokens, co
         if (i == len) {  // every draft accepted: bonus token from p
           float total = 0.0f;
           for (int64_t j = 0; j < V; ++j) total += p[j];
-          out[i] = cpu::sample_from_weights(p.data(), V, total, philox_uniform(seed, offset, sub, verify_emit_draw_index(i)));
+          out[i] = cpu::sample_from_weights(p.data(), V, total, row_uniform(key, verify_emit_draw_index(i)));
           acc[b] = static_cast<int32_t>(len);
           break;
         }
         const int64_t x = draft[b * G + i];
         const float* q = Q ? Q + (b * G + i) * V : nullptr;
         const float qx = q ? q[x] : 1.0f;
-        if (accept_draft(philox_uniform(seed, offset, sub, verify_accept_draw_index(i)), p[x], qx)) {
+        if (accept_draft(row_uniform(key, verify_accept_draw_index(i)), p[x], qx)) {
           out[i] = x;
           continue;
         }
@@ -232,13 +239,13 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& draft_tokens, co
           total = 0.0f;
           for (int64_t j = 0; j < V; ++j) total += p[j];
         }
-        out[i] = cpu::sample_from_weights(weights, V, total, philox_uniform(seed, offset, sub, verify_emit_draw_index(i)));
+        out[i] = cpu::sample_from_weights(weights, V, total, row_uniform(key, verify_emit_draw_index(i)));
         acc[b] = static_cast<int32_t>(i);
         break;
       }
     }
   });
-  state[1] = offset + kRngOffsetStep;
+  advance_rng(state, rng_rows);
   return {accepted, emitted};
 }
 

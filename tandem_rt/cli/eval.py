@@ -50,12 +50,13 @@ def run(args) -> int:
     model = load_checkpoint(model_dir, dtype=torch.float32)
     standalone = {"secondary-Distil (drafter)": model.drafter} if model.drafter is not None else {}
     block = args.block_length or model.config.train_block_length
+    boundary = args.boundary or model.config.train_boundary
     results = evaluate_models(model.primary, tokens, standalone=standalone, tandems={"Tandem secondary": model},
                               seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=limit,
-                              block_length=block, progress=not args.quiet)
+                              block_length=block, progress=not args.quiet, boundary=boundary)
     meta = results["_meta"]
     print(f"{model_dir} on {args.split}: {meta['tokens']:,} tokens, windows of {meta['seq_len']}, "
-          f"Tandem block length {meta['block_length']}")
+          f"Tandem block length {meta['block_length']}, {meta['boundary']} boundaries")
     print(format_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -71,6 +72,9 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--block-length", type=int, default=None, help="γ of the Tandem block forward (default: training γ)")
+    p.add_argument("--boundary", default=None, choices=["training", "drafting"],
+                   help="the Tandem secondary's attention boundaries (default: the checkpoint's train_boundary; "
+                        "docs/DESIGN.md §2.3)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--json", default=None, help="also write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

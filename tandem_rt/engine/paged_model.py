@@ -148,7 +148,7 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ro
 
 class _LayerWeights(NamedTuple):
     """One decoder layer's tensors as the paged forward uses them. Matrices are ``[in, out]``
-    (``x @ w``, :func:`input_major`), or with ``PagedLlama.rows_layout`` (bf16 on the CPU) the
+    (``x @ w``, :func:`input_major`), or with ``PagedLlama.rows_layout`` (bf16 / fp32 on the CPU) the
     modules' own ``[out, in]`` layout for :func:`mm_rows`; shapes below are for ``[in, out]``."""
     ln1: torch.Tensor            # [d] input RMSNorm weight
     w_qkv: torch.Tensor          # [d, q_size + 2 kv_size]: q, k, v columns
@@ -215,7 +215,10 @@ def silu_and_mul(gate_up: torch.Tensor, cpu_ops: bool) -> torch.Tensor:
     return F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
 
 
-LINEAR_ROWS_MAX = 32  # bf16 CPU products of at most this many rows use tandem_rt::linear_rows (faster than torch's bf16 GEMM up to here: docs/KERNELS.md)
+# CPU products of at most this many rows use tandem_rt::linear_rows, per dtype (where it is faster
+# than torch's GEMM: tools/bench_kernels.py --only layer_math, docs/KERNELS.md)
+LINEAR_ROWS_MAX = {torch.bfloat16: 32, torch.float32: 16}
+ROWS_LAYOUT_DTYPES = tuple(LINEAR_ROWS_MAX)  # dtypes linear_rows takes
 
 
 def mm(x: torch.Tensor, w: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -224,10 +227,11 @@ def mm(x: torch.Tensor, w: torch.Tensor, add: Optional[torch.Tensor] = None) -> 
 
 
 def mm_rows(x: torch.Tensor, w: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``add + x @ w^T`` for a contiguous ``[out, in]`` bf16 CPU weight ``w``: our ``linear_rows`` op
-    (``csrc/ops/linear_rows.cpp``) for at most ``LINEAR_ROWS_MAX`` rows (torch's bf16 GEMM costs more
-    than its fp32 one at these sizes on the CPU), torch's GEMM for more (prompts)."""
-    if x.shape[0] <= LINEAR_ROWS_MAX:
+    """``add + x @ w^T`` for a contiguous ``[out, in]`` bf16 / fp32 CPU weight ``w``: our
+    ``linear_rows`` op (``csrc/ops/linear_rows.cpp``) for at most ``LINEAR_ROWS_MAX[dtype]`` rows (it
+    streams the weight near the memory bound and each row's result is independent of the other
+    rows), torch's GEMM for more (prompts)."""
+    if x.shape[0] <= LINEAR_ROWS_MAX[x.dtype]:
         return torch.ops.tandem_rt.linear_rows(x, w, add)
     return torch.mm(x, w.t()) if add is None else torch.addmm(add, x, w.t())
 
@@ -244,9 +248,9 @@ class PagedLlama:
 
     Args:
         model: the reference model; its tensors are used as they are (same device and dtype).
-        cpu_layout: our fused CPU ops for RMSNorm and SiLU * up, and contiguous ``[in, out]``
-            weights (fp32 / fp16; bf16 keeps ``[out, in]`` for ``linear_rows``), default: when the
-            model is on the CPU. ``False`` is the CUDA code path (transposed views, torch's ops);
+        cpu_layout: our fused CPU ops for RMSNorm and SiLU * up, and the weights ``[out, in]`` for
+            ``linear_rows`` (bf16 / fp32; fp16: contiguous ``[in, out]`` for torch's GEMM), default:
+            when the model is on the CPU. ``False`` is the CUDA code path (transposed views, torch's ops);
             tests run it on the CPU too.
     """
 
@@ -258,9 +262,9 @@ class PagedLlama:
         if cpu_layout is None:
             cpu_layout = model.output_weight.device.type == "cpu"
         self.cpu_ops = cpu_layout
-        # bf16 on the CPU: [out, in] weights for linear_rows (decode / verify rows); otherwise
-        # [in, out], stored contiguous on the CPU for torch's GEMM
-        self.rows_layout = cpu_layout and model.output_weight.dtype == torch.bfloat16
+        # bf16 / fp32 on the CPU: [out, in] weights for linear_rows (decode / verify rows);
+        # otherwise [in, out], stored contiguous on the CPU for torch's GEMM
+        self.rows_layout = cpu_layout and model.output_weight.dtype in ROWS_LAYOUT_DTYPES
         self.mm = mm_rows if self.rows_layout else mm    # (x, w, add) -> add + x @ w in this layout
         cpu = cpu_layout and not self.rows_layout
         mat = (lambda params: fuse_rows(params)) if self.rows_layout else (lambda params: input_major(params, cpu))

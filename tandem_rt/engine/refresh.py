@@ -1,4 +1,4 @@
-"""Tandem refresh: overwrite secondary K/V with primary-derived entries (DESIGN.md Eq. (2)).
+"""Tandem refresh: overwrite secondary K/V with primary-derived entries (docs/DESIGN.md §2.2 "Eq. (2) and the layer map").
 
 For positions the primary has processed, secondary layer ``j``'s K/V entry is computed from the
 primary's residual stream ``x^(layer_map[j])``: ``proj_j`` (d_L -> d_S) -> layer ``j``'s

@@ -1,4 +1,4 @@
-"""Adaptive block length router (DESIGN.md §1, mode 6)."""
+"""Adaptive block length router (docs/DESIGN.md §2.4 "Router (adaptive γ)")."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""The Tandem model: primary, secondary and per-layer projections (DESIGN.md Eq. (2)).
+"""The Tandem model: primary, secondary and per-layer projections (docs/DESIGN.md §2.2 "Eq. (2) and the layer map").
 
 Index convention (0-based positions). In a training forward with block length ``γ`` the
 secondary's query at position ``i`` attends to primary-derived keys/values for positions

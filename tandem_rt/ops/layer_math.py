@@ -57,24 +57,25 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def linear_rows(x: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-    """``add + x @ w.T`` for a few bf16 rows (decode / verify steps; any M works, M <= 8 is the
-    intended use), fp32 accumulation, rounded once to bf16.
+    """``add + x @ w.T`` for a few rows (decode / verify steps; any M works, up to ~32 is the
+    intended use), fp32 accumulation, rounded once to the dtype. Each row's result is independent
+    of the other rows (the same arithmetic whatever M is).
 
     Args:
-        x: CPU bf16 ``[M, K]`` (rows may be strided).
-        w: bf16 ``[N, K]`` contiguous (nn.Linear's layout).
-        add: optional bf16 ``[N]`` (bias) or ``[M, N]`` (e.g. the residual), contiguous columns.
+        x: CPU bf16 or fp32 ``[M, K]`` (rows may be strided).
+        w: ``[N, K]`` of x's dtype, contiguous (nn.Linear's layout).
+        add: optional ``[N]`` (bias) or ``[M, N]`` (e.g. the residual) of x's dtype, contiguous columns.
     Returns:
-        new bf16 ``[M, N]``.
+        new ``[M, N]`` of x's dtype.
     """
     _check_rows(x, "x")
-    check_tensor(w, "w", rank=2, dtype=torch.bfloat16, device=x.device, contiguous=True)
-    if x.dtype != torch.bfloat16:
-        raise ValueError(f"x must have dtype torch.bfloat16, got {x.dtype}")
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"x must have dtype torch.bfloat16 or torch.float32, got {x.dtype}")
+    check_tensor(w, "w", rank=2, dtype=x.dtype, device=x.device, contiguous=True)
     if w.shape[1] != x.shape[1]:
         raise ValueError(f"w must have shape [N, {x.shape[1]}], got {tuple(w.shape)}")
     if add is not None:
-        check_tensor(add, "add", dtype=torch.bfloat16, device=x.device)
+        check_tensor(add, "add", dtype=x.dtype, device=x.device)
         if add.shape not in ((w.shape[0],), (x.shape[0], w.shape[0])):
             raise ValueError(f"add must have shape [{w.shape[0]}] or [{x.shape[0]}, {w.shape[0]}], got {tuple(add.shape)}")
     return torch.ops.tandem_rt.linear_rows(x, w, add)

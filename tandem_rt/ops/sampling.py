@@ -56,7 +56,10 @@ def _check_row_params(temperature, top_k, top_p, rng_state, batch: int, device) 
     _check(temperature, "temperature", dtypes=(torch.float32,), rank=1, device=device, shape=(batch,))
     _check(top_k, "top_k", dtypes=(torch.int32,), rank=1, device=device, shape=(batch,))
     _check(top_p, "top_p", dtypes=(torch.float32,), rank=1, device=device, shape=(batch,))
-    _check(rng_state, "rng_state", dtypes=(torch.int64,), rank=1, device=device, shape=(2,))
+    _check(rng_state, "rng_state", dtypes=(torch.int64,), device=device)
+    if tuple(rng_state.shape) not in ((2,), (batch, 2)):
+        raise ValueError(f"rng_state must be [2] (seed, offset) or per row [{batch}, 2], got shape "
+                         f"{tuple(rng_state.shape)}")
     if device.type == "cpu":
         _check_values(temperature, top_k, top_p)
 
@@ -132,7 +135,10 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         temperature: float32 ``[B]``, ``>= 0`` (0: greedy argmax).
         top_k: int32 ``[B]``, ``>= 0`` (0: off).
         top_p: float32 ``[B]`` in ``(0, 1]`` (1: off).
-        rng_state: int64 ``[2]`` ``(seed, offset)``; ``offset`` is advanced in place.
+        rng_state: int64 ``[2]`` ``(seed, offset)`` shared by the rows (row ``b`` draws Philox
+            subsequence ``b``), or per row ``[B, 2]`` ``(seed_b, offset_b)`` (subsequence 0: a row's
+            draws depend on its own state only, not on the other rows or its index); every
+            ``offset`` is advanced in place.
         probs_out: optional float32 ``[B, V]``; receives the exact distribution each row was
             sampled from (one-hot for greedy rows), e.g. the drafter's ``q`` for :func:`verify`.
 
@@ -170,7 +176,7 @@ def verify(draft_tokens: torch.Tensor, draft_lens: torch.Tensor, draft_probs: Op
         target_logits: ``[B, G + 1, V]`` float32/float16/bfloat16, the target's logits at every
             draft position plus the bonus position.
         temperature, top_k, top_p: per-row parameters as in :func:`sample`, applied to the target.
-        rng_state: int64 ``[2]`` ``(seed, offset)``; ``offset`` is advanced in place.
+        rng_state: int64 ``[2]`` or per row ``[B, 2]``, as in :func:`sample`; advanced in place.
 
     Returns:
         ``(accepted, emitted)``: int32 ``[B]`` number of accepted drafts, and int64 ``[B, G + 1]``

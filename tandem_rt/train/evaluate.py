@@ -55,7 +55,8 @@ class _Acc:
 @torch.no_grad()
 def evaluate_models(primary: LlamaForCausalLM, tokens: np.ndarray, standalone: Optional[dict] = None,
                     tandems: Optional[dict] = None, seq_len: int = 256, batch_size: int = 8,
-                    max_tokens: Optional[int] = None, block_length: int = 2, progress: bool = True) -> dict:
+                    max_tokens: Optional[int] = None, block_length: int = 2, progress: bool = True,
+                    boundary: str = "training") -> dict:
     """Evaluate the primary and several small models on ``tokens``.
 
     Args:
@@ -66,10 +67,14 @@ def evaluate_models(primary: LlamaForCausalLM, tokens: np.ndarray, standalone: O
             states of ``primary`` (its own ``.primary`` is not used; its layer map is).
         max_tokens: evaluate at most this many tokens.
         block_length: γ of the block forward for the Tandem secondaries.
+        boundary: the Tandem secondaries' attention boundaries (docs/DESIGN.md §2.3): "training"
+            (:func:`training_boundary`: block ends read the primary's own position) or "drafting"
+            (:func:`drafting_boundary`, phase 0: 1..γ own positions per query, as the engine drafts);
+            use the one the checkpoint was trained with (``TandemConfig.train_boundary``).
     Returns:
         ``{name: {accuracy, cross_entropy, relative_accuracy, relative_tv, positions}}`` with
         ``"primary"`` included (its relative metrics are 1 and 0 by definition), plus
-        ``"_meta": {tokens, seq_len, block_length, wall_s}``.
+        ``"_meta": {tokens, seq_len, block_length, boundary, wall_s}``.
     """
     standalone = standalone or {}
     tandems = tandems or {}
@@ -84,7 +89,14 @@ def evaluate_models(primary: LlamaForCausalLM, tokens: np.ndarray, standalone: O
     windows = list(sequential_windows(tokens, seq_len, max_tokens))
     if not windows:
         raise ValueError(f"tokens: fewer than seq_len={seq_len} tokens to evaluate")
-    boundary = training_boundary(seq_len, block_length)
+    if boundary == "training":
+        bounds = training_boundary(seq_len, block_length)
+    elif boundary == "drafting":
+        from tandem_rt.train.draft_training import drafting_boundary
+
+        bounds = drafting_boundary(seq_len, block_length)
+    else:
+        raise ValueError(f"boundary must be 'training' or 'drafting', got {boundary!r}")
     for s in tqdm(range(0, len(windows), batch_size), desc="eval", disable=not progress, mininterval=2.0):
         ids = torch.stack(windows[s:s + batch_size])
         targets = ids[:, 1:]
@@ -100,10 +112,11 @@ def evaluate_models(primary: LlamaForCausalLM, tokens: np.ndarray, standalone: O
         for name, model in standalone.items():
             acc[name].add(model(ids)[:, :-1], targets, p_cut, p_arg)
         for name, tandem in tandems.items():
-            logits = tandem.secondary_forward(ids, [by_layer[l] for l in tandem.layer_map], boundary)
+            logits = tandem.secondary_forward(ids, [by_layer[l] for l in tandem.layer_map], bounds)
             acc[name].add(logits[:, :-1], targets, p_cut, p_arg)
     out = {name: a.result() for name, a in acc.items()}
     out["_meta"] = {"tokens": len(windows) * seq_len, "seq_len": seq_len, "block_length": block_length,
+                    "boundary": boundary,
                     "wall_s": time.time() - t0}
     return out
 

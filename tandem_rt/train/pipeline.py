@@ -382,7 +382,7 @@ def export_checkpoint(plan: TrainPlan, source: PrimarySource, layer_map: list, d
     out_dtype = resolve_dtype(plan.out_dtype)
     sec_cfg = draft.secondary.config
     cfg = TandemConfig(primary=source.model.config, secondary=sec_cfg, layer_map=list(layer_map),
-                       train_block_length=min(5, plan.gamma_max), projection_bias=True,
+                       train_block_length=min(5, plan.gamma_max), train_boundary="drafting", projection_bias=True,
                        drafter=drafter.config, router=router.config, torch_dtype=plan.out_dtype)
     with torch.device("meta"), default_dtype(out_dtype):
         model = TandemModel(cfg)
