@@ -110,10 +110,10 @@ class _Graph:
                 torch.zeros(B, dtype=torch.int32, device=dev),
                 torch.zeros(B, G, V, dtype=torch.float32, device=dev) if verify == "probs" else None,
                 torch.zeros(B, dtype=torch.float32, device=dev), torch.zeros(B, dtype=torch.int32, device=dev),
-                torch.ones(B, dtype=torch.float32, device=dev), torch.zeros(2, dtype=torch.int64, device=dev))
+                torch.ones(B, dtype=torch.float32, device=dev), torch.zeros(B, 2, dtype=torch.int64, device=dev))
 
         def run():
-            logits, hidden = model.forward(self.ids, m, cache.k, cache.v, logits_rows=rows,
+            logits, hidden = model.forward(self.ids, m, cache.k, cache.v, logits_rows=rows, step=True,
                                            hidden_layers=hidden_layers)
             if refresh:
                 engine.refresh(hidden, m.positions, m.slot_mapping, engine.secondary_cache.k,
@@ -150,12 +150,13 @@ class _Graph:
             sv.temperature[b:].zero_()
             if sv.probs is not None:
                 sv.probs[:b].copy_(verify.probs)
-            sv.rng.copy_(verify.rng)
+            sv.rng[:b].copy_(verify.rng)
+            sv.rng[b:].zero_()
         self._replay()
         logits = self.logits[:b] if last_rows_only else self.logits[:T]
         out = (logits, [h[:T] for h in self.hidden])
         if sv is not None:
-            verify.rng.copy_(sv.rng)
+            verify.rng.copy_(sv.rng[:b])
             out += (self.verified[0][:b], self.verified[1][:b])
         return out
 

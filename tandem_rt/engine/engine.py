@@ -228,7 +228,7 @@ class Engine:
                 return out
         logits, hidden = model.forward(ids, meta, cache.k, cache.v,
                                        logits_rows=meta.last_rows if last_rows_only else None,
-                                       hidden_layers=hidden_layers)
+                                       hidden_layers=hidden_layers, step=True)
         if refresh:
             self.refresh(hidden, meta.positions, meta.slot_mapping, self.secondary_cache.k, self.secondary_cache.v)
         if verify is None:

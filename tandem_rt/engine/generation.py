@@ -36,6 +36,16 @@ from tandem_rt.engine.results import Result, StreamEvent
 from tandem_rt.engine.verification import VerifyInputs
 from tandem_rt.models.router import router_features
 
+# purposes of a draw (the low bits of a per-sequence random offset; see Generation._row_rng)
+RNG_SAMPLE, RNG_DRAFT, RNG_VERIFY = 0, 1, 2
+
+
+def sequence_seed(seed: int, sample: int) -> int:
+    """The Philox key (int64) of sample ``sample`` (0 .. n-1) of a request seeded ``seed``: a
+    bijection of ``seed`` for each sample index, distinct across the samples of one request."""
+    x = (seed * 0x9E3779B97F4A7C15 + (sample + 1) * 0xBF58476D1CE4E5B9) & (2 ** 64 - 1)
+    return x - 2 ** 64 if x >= 2 ** 63 else x
+
 
 class _Request:
     """One prompt with its ``n`` samples; ``sid`` holds the processed prompt until all are forked."""
@@ -101,8 +111,7 @@ class Generation:
         eos = engine.model.config.primary.eos_token_id
         if eos is not None and not params.ignore_eos:
             self.stops.add(eos)
-        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
-        self.rng = torch.tensor([seed, 0], dtype=torch.int64, device=self.device)
+        self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
         self.pending = collections.deque(_Request(i, p, params.n) for i, p in enumerate(prompts))
         self.prefixes: list[_Request] = []
         self.active: list[_Seq] = []
@@ -136,8 +145,21 @@ class Generation:
             self._param_cache[B] = t
         return t
 
-    def _sample(self, logits: torch.Tensor, want_probs: bool = False):
-        """``logits [B, V]`` -> (tokens int64 ``[B]``, probabilities fp32 ``[B, V]`` or None)."""
+    def _row_rng(self, seqs, positions, kind: int) -> torch.Tensor:
+        """Per-sequence random states int64 ``[B, 2]`` for the sampling ops: ``(sequence seed,
+        4 * position + kind)``. A sequence's draws then depend only on its seed (the request's
+        seed and its sample index) and on the position and purpose of the draw, never on the other
+        sequences of the batch, so a seeded request reproduces its tokens whatever shares its batch
+        and whatever ``max_batch_size`` is. ``kind``: RNG_SAMPLE (a token of the sequence),
+        RNG_DRAFT (a draft token), RNG_VERIFY (the verify block whose first draft sits at
+        ``position``): disjoint offsets, so a draft and the test that accepts it never share a
+        uniform."""
+        return h2d([[sequence_seed(self.seed, s.sample), 4 * p + kind] for s, p in zip(seqs, positions)],
+                   torch.int64, self.device)
+
+    def _sample(self, logits: torch.Tensor, seqs, positions, kind: int = 0, want_probs: bool = False):
+        """``logits [B, V]`` of ``seqs`` (one row each) for the tokens at ``positions`` ->
+        (tokens int64 ``[B]``, probabilities fp32 ``[B, V]`` or None)."""
         if self.greedy and not logits.is_cpu:
             return logits.argmax(-1), None
         # greedy on the CPU too: the op's argmax (lowest index on ties, as the verify op and
@@ -145,9 +167,32 @@ class Generation:
         B, V = logits.shape
         probs = torch.empty(B, V, dtype=torch.float32, device=logits.device) if want_probs else None
         temp, top_k, top_p = self._params(B)
+        rng = self._rng_greedy(B) if self.greedy else self._row_rng(seqs, positions, kind)
         # the raw op (the C++ op validates every argument; the wrapper's checks cost ~0.1 ms per call on CPU)
-        tok = torch.ops.tandem_rt.sample(logits, temp, top_k, top_p, self.rng, probs)
+        tok = torch.ops.tandem_rt.sample(logits, temp, top_k, top_p, rng, probs)
         return tok.long(), probs
+
+    def _sample_undrafted(self, logits: torch.Tensor, seqs) -> torch.Tensor:
+        """The token after a verify block with no drafts (``logits [B, V]``, one row per sequence)
+        -> int64 ``[B]``: drawn by the verify op with zero drafts, i.e. with the uniform a block of
+        zero drafts uses inside a batch whose other sequences do draft, so a seeded sequence draws
+        the same token whichever of the two steps its last token falls in."""
+        if self.greedy:
+            return self._sample(logits, seqs, [s.n for s in seqs])[0]
+        B, V = logits.shape
+        temp, top_k, top_p = self._params(B)
+        rng = self._row_rng(seqs, [s.n for s in seqs], RNG_VERIFY)
+        none = torch.empty(B, 0, dtype=torch.int64, device=self.device)
+        zeros = torch.zeros(B, dtype=torch.int32, device=self.device)
+        _, emitted = torch.ops.tandem_rt.verify(none, zeros, None, logits.view(B, 1, V), temp, top_k, top_p, rng)
+        return emitted[:, 0]
+
+    def _rng_greedy(self, B: int) -> torch.Tensor:
+        """An unused random state for greedy rows (the ops read no random numbers for them)."""
+        t = self._param_cache.get(("rng", B))
+        if t is None:
+            t = self._param_cache[("rng", B)] = torch.zeros(B, 2, dtype=torch.int64, device=self.device)
+        return t
 
     def _prepare(self, seqs, starts, ends) -> None:
         """Make positions writable; run the copy-on-write page copies over every pool."""
@@ -288,7 +333,7 @@ class Generation:
                 self.active.append(s)
             if self.uses_prefill_token:
                 logits = r.logits.unsqueeze(0).expand(k, -1).contiguous()
-                toks, _ = self._sample(logits)
+                toks, _ = self._sample(logits, children, [s.n for s in children], RNG_SAMPLE)
                 for s, t in zip(children, toks.tolist()):
                     events.append(self._event(s, self._commit(s, [t])))
             if r.forked == r.n:
@@ -394,7 +439,7 @@ class Generation:
         meta = build_meta(self.pm, [s.sid for s in seqs], starts, ends, starts, self.device)
         ids = h2d([s.tokens[-1] for s in seqs], torch.int64, self.device)
         logits, _ = e.run(model, cache, ids, meta)
-        toks, _ = self._sample(logits)
+        toks, _ = self._sample(logits, seqs, ends, RNG_SAMPLE)
         events = []
         for s, t in zip(seqs, toks.tolist()):          # the one host read of the iteration
             if primary:
@@ -448,7 +493,7 @@ class Generation:
                 ids = drafts[:, k - 1].index_select(0, idx) if len(act) < B else drafts[:, k - 1]
             meta = build_meta(self.pm, sids, starts, ends, write, self.device, block_tables=bt)
             logits, _ = self.e.run(model, cache, ids, meta, last_rows_only=True)
-            tok, pr = self._sample(logits, want_probs)
+            tok, pr = self._sample(logits, sub, [s.n + k for s in sub], RNG_DRAFT, want_probs)
             if len(act) == B:
                 drafts[:, k] = tok
                 if pr is not None:
@@ -518,14 +563,15 @@ class Generation:
         hidden_layers = e.layer_map if tandem else ()
         if G == 0:
             logits, _ = e.run(e.primary, e.primary_cache, last, meta, hidden_layers=hidden_layers, refresh=tandem)
-            toks, _ = self._sample(logits)
+            toks = self._sample_undrafted(logits, seqs)
             accepted = [0] * B
             emitted = [[t] for t in toks.tolist()]             # the one host read
         else:
             # verify block [B, G+1] = [tokens[n-1], drafts...]; the verification runs right after the
             # forward (and the refresh), inside the same CUDA graph when graphs are on
             block = torch.cat([last.unsqueeze(1), drafts], 1).reshape(-1)
-            verify = VerifyInputs(h2d(lens, torch.int32, self.device), probs, *self._params(B), self.rng)
+            rng = self._rng_greedy(B) if self.greedy else self._row_rng(seqs, [s.n for s in seqs], RNG_VERIFY)
+            verify = VerifyInputs(h2d(lens, torch.int32, self.device), probs, *self._params(B), rng)
             _, _, acc, em = e.run(e.primary, e.primary_cache, block, meta, hidden_layers=hidden_layers,
                                   refresh=tandem, verify=verify)
             both = torch.cat([acc.view(B, 1).long(), em.long()], 1).tolist()   # the one host read
@@ -588,7 +634,7 @@ class Generation:
                 ids = last
             logits, _ = e.run(e.primary, e.primary_cache, ids, meta, last_rows_only=True,
                               hidden_layers=e.layer_map, refresh=True)
-            free, _ = self._sample(logits)
+            free, _ = self._sample(logits, seqs, [s.n + g for s, g in zip(seqs, lens)], RNG_SAMPLE)
             rows = torch.cat([drafts, free.view(B, 1)], 1).tolist() if G > 0 else free.view(B, 1).tolist()
             for s, row, g in zip(seqs, rows, lens):                 # one host read above
                 n = s.n

@@ -236,6 +236,11 @@ def mm_rows(x: torch.Tensor, w: torch.Tensor, add: Optional[torch.Tensor] = None
     return torch.mm(x, w.t()) if add is None else torch.addmm(add, x, w.t())
 
 
+def linear_rows_any(x: torch.Tensor, w: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``add + x @ w^T`` by ``linear_rows`` for any row count (``[out, in]`` bf16 / fp32 CPU weight)."""
+    return torch.ops.tandem_rt.linear_rows(x, w, add)
+
+
 class PagedLlama:
     """Paged forward of one :class:`LlamaForCausalLM` over its K/V pool.
 
@@ -266,6 +271,9 @@ class PagedLlama:
         # otherwise [in, out], stored contiguous on the CPU for torch's GEMM
         self.rows_layout = cpu_layout and model.output_weight.dtype in ROWS_LAYOUT_DTYPES
         self.mm = mm_rows if self.rows_layout else mm    # (x, w, add) -> add + x @ w in this layout
+        # decode / draft / verify steps: linear_rows whatever the row count (each row's result is
+        # then independent of the batch it shares: seeded requests reproduce across batches)
+        self.step_mm = linear_rows_any if self.rows_layout else mm
         cpu = cpu_layout and not self.rows_layout
         mat = (lambda params: fuse_rows(params)) if self.rows_layout else (lambda params: input_major(params, cpu))
         self.layers: list[_LayerWeights] = []
@@ -306,7 +314,8 @@ class PagedLlama:
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, meta: ForwardMeta, k_cache: list, v_cache: list,
-                logits_rows: Optional[torch.Tensor] = None, hidden_layers: Sequence[int] = ()):
+                logits_rows: Optional[torch.Tensor] = None, hidden_layers: Sequence[int] = (),
+                step: bool = False):
         """Run the rows of ``meta``.
 
         Args:
@@ -316,6 +325,9 @@ class PagedLlama:
             logits_rows: int64 ``[R]`` rows whose logits are returned (default all rows).
             hidden_layers: residual streams to return (``0`` = embeddings, ``L`` = last layer output
                 before the final norm).
+            step: a decode / draft / verify step (``Engine.run``): the products use ``step_mm``
+                (on the CPU, ``linear_rows`` for any row count, so a row's logits do not depend on
+                the other rows); prompts (``False``) use ``mm`` (torch's GEMM beyond a few rows).
         Returns:
             logits ``[R, V]`` (model dtype) and the list of ``[T, d]`` residual streams.
         """
@@ -323,13 +335,14 @@ class PagedLlama:
         Hq, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         qs, eps, heads, cpu_ops = cfg.q_size, self.eps, (Hq, Hkv, Hkv), self.cpu_ops
         theta = float(cfg.rope_theta)
+        mm = self.step_mm if step else self.mm
         x = self.embed(input_ids)
         T = x.shape[0]
         wanted = set(hidden_layers)
         saved = {0: x} if 0 in wanted else {}
         attn = None if meta.dense else torch.empty((T, Hq, D), dtype=x.dtype, device=x.device)
         for i, lw in enumerate(self.layers):
-            qkv = self.mm(rms_norm(x, lw.ln1, eps, cpu_ops), lw.w_qkv, lw.b_qkv)
+            qkv = mm(rms_norm(x, lw.ln1, eps, cpu_ops), lw.w_qkv, lw.b_qkv)
             q, k, v = qkv.view(T, Hq + 2 * Hkv, D).split(heads, 1)   # [T, H, D] views, heads packed
             torch.ops.tandem_rt.rope_cache_write(k, v, meta.positions, meta.slot_mapping, k_cache[i], v_cache[i],
                                                  theta, q)
@@ -339,14 +352,14 @@ class PagedLlama:
                 torch.ops.tandem_rt.paged_attention(attn, q, k_cache[i], v_cache[i], meta.block_tables,
                                                     meta.seq_lens, meta.query_start_loc, self.scale,
                                                     meta.max_q_len, meta.max_seq_len)
-            x = self.mm(attn.view(T, qs), lw.w_o, x)   # residual + o_proj in one GEMM
-            gu = self.mm(rms_norm(x, lw.ln2, eps, cpu_ops), lw.w_gate_up)
-            x = self.mm(silu_and_mul(gu, cpu_ops), lw.w_down, x)
+            x = mm(attn.view(T, qs), lw.w_o, x)   # residual + o_proj in one GEMM
+            gu = mm(rms_norm(x, lw.ln2, eps, cpu_ops), lw.w_gate_up)
+            x = mm(silu_and_mul(gu, cpu_ops), lw.w_down, x)
             if i + 1 in wanted:
                 saved[i + 1] = x
         if logits_rows is not None:
             x = x.index_select(0, logits_rows)
-        logits = self.mm(rms_norm(x, self.final_norm, eps, cpu_ops), self.lm_head)
+        logits = mm(rms_norm(x, self.final_norm, eps, cpu_ops), self.lm_head)
         if self.vocab_subset is not None:
             logits = scatter_vocab(logits, self.vocab_subset, cfg.vocab_size)
         return logits, [saved[l] for l in hidden_layers]

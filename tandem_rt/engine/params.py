@@ -24,7 +24,9 @@ class SamplingParams:
         temperature: 0 = greedy (argmax); in [1e-3, 1e4] samples from ``softmax(logits / temperature)``.
         top_k: keep the ``top_k`` most probable tokens (0 = all).
         top_p: nucleus sampling, keep the smallest set with mass >= ``top_p`` (1.0 = all).
-        seed: seed of the device random state (``None``: a fresh random seed per call).
+        seed: the request's seed (``None``: a fresh random seed per call). Each sample's draws are keyed
+            by (seed, sample index, position), so the same seed gives the same tokens whatever else
+            shares the batch and whatever ``max_batch_size`` is.
         stop_token_ids: generation of a sequence stops after emitting one of these ids (the id is
             included in the result). The model's ``eos_token_id`` is a stop id too unless
             ``ignore_eos``.

@@ -48,9 +48,9 @@ class TandemRefresh:
         Hkv, D = cfg.num_key_value_heads, cfg.head_dim
         theta = float(cfg.rope_theta)
         for j, (w_proj, b_proj) in enumerate(self.proj):
-            y_hat = self.secondary.mm(primary_hidden[j].to(w_proj.dtype), w_proj, b_proj)
+            y_hat = self.secondary.step_mm(primary_hidden[j].to(w_proj.dtype), w_proj, b_proj)
             h = self.secondary.input_norm(j, y_hat)
             w_kv, b_kv = self.secondary.kv_weights(j)
-            k, v = self.secondary.mm(h, w_kv, b_kv).view(T, 2 * Hkv, D).split(Hkv, 1)
+            k, v = self.secondary.step_mm(h, w_kv, b_kv).view(T, 2 * Hkv, D).split(Hkv, 1)
             # the raw op: the engine built the indices, and the C++ op validates every argument
             torch.ops.tandem_rt.rope_cache_write(k, v, positions, slot_mapping, k_cache[j], v_cache[j], theta, None)

@@ -13,7 +13,7 @@ class VerifyInputs:
         lens: int32 ``[B]`` drafts per sequence.
         probs: float32 ``[B, G, V]`` drafter probabilities, or None (greedy drafter).
         temperature, top_k, top_p: per-row parameters ``[B]``.
-        rng: int64 ``[2]`` random state, advanced in place.
+        rng: int64 ``[B, 2]`` per-sequence random states (see ``Generation._row_rng``), advanced in place.
     """
 
     def __init__(self, lens, probs, temperature, top_k, top_p, rng):
