@@ -3,7 +3,7 @@
 `tandem-speed` (Tandem secondary), greedy and sampled, on prompts from a data split (paper Table 2 column).
 
     python tools/accepted_per_block.py --split test --gammas 3,5,7 --temperatures 0,1 --prompts 24 \
-        --json docs/accepted_per_block.json
+        --json docs/benchmarks/<date>-cpu-<model>-accepted.json
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ wall time per generated token wins. With `--write` it is stored in the checkpoin
 `tandem_config.json` (`router.threshold`); nothing else changes.
 
     python tools/choose_router_threshold.py --model runs/toy/ckpt \
-        --threads 1 --json docs/router_threshold.json --write
+        --threads 1 --json docs/benchmarks/<date>-cpu-toy-router-threshold.json --write
 """
 from __future__ import annotations
 

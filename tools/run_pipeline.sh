@@ -55,11 +55,11 @@ export_model() {
 BUNDLED=$RUNS/toy/ckpt
 threshold() {   # router threshold by measured engine speed on val (writes it into the checkpoint)
   $PY tools/choose_router_threshold.py --model $BUNDLED --threads 2 --prompts 6 --repeats 2 \
-      --thresholds 0.5,0.6,0.65,0.7,0.75,0.8,0.85,0.9 --gammas 2,3,4,5,6 --json docs/benchmarks/toy_router_threshold.json --write
+      --thresholds 0.5,0.6,0.65,0.7,0.75,0.8,0.85,0.9 --gammas 2,3,4,5,6 --json docs/benchmarks/$(date +%F)-cpu-toy-router-threshold.json --write
 }
 accepted() {    # accepted drafts per block through the engine, test split (Table 1's last goal)
   $PY tools/accepted_per_block.py --model $BUNDLED --split test --gammas 3,5,7 --prompts 24 \
-      --dtype float32 --json docs/benchmarks/toy_accepted_per_block.json
+      --dtype float32 --json docs/benchmarks/$(date +%F)-cpu-toy-accepted.json
 }
 case "${1:-all}" in
   prep) prep ;;
