@@ -201,3 +201,85 @@ def test_linear_rows_validation(args, match):
 def test_linear_rows_wrapper_validation(args, match):
     with pytest.raises(ValueError, match=match):
         linear_rows(*args())
+
+
+# ---- linear_rows_q: few-row products with GGUF block-quantized weights (CPU) ----------------------
+
+def gguf_blocks(w: torch.Tensor, qtype: str):
+    """(uint8 blocks [N, K/32 * bytes], the float64 weights they stand for) by the gguf package's
+    own quantize / dequantize (an independent reference)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    t = getattr(GGMLQuantizationType, qtype)
+    q = quants.quantize(w.numpy().astype(np.float32), t)
+    return torch.from_numpy(q.copy()), torch.from_numpy(quants.dequantize(q, t).astype(np.float64))
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 11])
+@pytest.mark.parametrize("k, n", [(576, 37), (32, 9), (1536, 12)])
+@pytest.mark.parametrize("add_kind", [None, "bias", "residual"])
+def test_linear_rows_q_matches_dequantized_reference(qtype, dtype, rows, k, n, add_kind, rows_variant):
+    from tandem_rt.ops import linear_rows_q
+
+    g = torch.Generator().manual_seed(rows * 31 + k + n)
+    w = torch.randn(n, k, generator=g) * 0.05 + 0.01 * torch.randn(n, 1, generator=g)  # offsets: Q4_1's min
+    blocks, w_ref = gguf_blocks(w, qtype)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    add = {None: None, "bias": torch.randn(n, generator=g).to(dtype),
+           "residual": torch.randn(rows, n, generator=g).to(dtype)}[add_kind]
+    got = linear_rows_q(x, blocks, qtype, add)
+    ref = x.double() @ w_ref.t() + (add.double() if add is not None else 0)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    tol = dict(rtol=2 ** -7, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), ref.to(dtype).double(), **tol)
+    # a row's result does not depend on the other rows
+    assert torch.equal(linear_rows_q(x[-1:], blocks, qtype, add[-1:] if add_kind == "residual" else add), got[-1:])
+
+
+def test_linear_rows_q_fp16_scales_subnormal_and_extreme():
+    """Block scales that are fp16 subnormals, zeros and large values decode exactly as gguf does."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    from tandem_rt.ops import linear_rows_q
+
+    n, k = 6, 64
+    blocks = np.zeros((n, k // 32 * 34), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    scales = np.array([6e-8, 3e-5, 0.0, 1.0, 60000.0, -2.5, 1e-7, 0.125, 7.0, -6e-5, 0.5, 1e-3], dtype=np.float16)
+    for r in range(n):
+        for b in range(k // 32):
+            off = b * 34
+            blocks[r, off:off + 2] = np.frombuffer(scales[(r * 2 + b) % len(scales)].tobytes(), dtype=np.uint8)
+            blocks[r, off + 2:off + 34] = rng.integers(-128, 128, 32).astype(np.int8).view(np.uint8)
+    w_ref = torch.from_numpy(quants.dequantize(blocks, GGMLQuantizationType.Q8_0).astype(np.float64))
+    x = torch.randn(3, k, dtype=torch.float64)
+    got = linear_rows_q(x.float(), torch.from_numpy(blocks), "Q8_0")
+    torch.testing.assert_close(got.double(), (x.float().double() @ w_ref.t()), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("args, match", [
+    (lambda: (torch.randn(2, 64), torch.zeros(3, 68, dtype=torch.uint8), "Q5_K"), "qtype must be one of"),
+    (lambda: (torch.randn(2, 48), torch.zeros(3, 51, dtype=torch.uint8), "Q8_0"), "multiple of the block size"),
+    (lambda: (torch.randn(2, 64), torch.zeros(3, 40, dtype=torch.uint8), "Q8_0"), "w must have shape \\[N, 68\\]"),
+    (lambda: (torch.randn(2, 64), torch.zeros(3, 68, dtype=torch.int8), "Q8_0"), "w must have dtype"),
+    (lambda: (torch.randn(2, 64).half(), torch.zeros(3, 68, dtype=torch.uint8), "Q8_0"), "x must have dtype"),
+])
+def test_linear_rows_q_validation(args, match):
+    from tandem_rt.ops import linear_rows_q
+
+    with pytest.raises(ValueError, match=match):
+        linear_rows_q(*args())
+
+
+@pytest.mark.parametrize("args, match", [
+    (lambda: (torch.randn(2, 64), torch.zeros(3, 68, dtype=torch.uint8), 7), "qtype must be 0"),
+    (lambda: (torch.randn(2, 48), torch.zeros(3, 51, dtype=torch.uint8), 0), "multiple of the block size"),
+    (lambda: (torch.randn(2, 64), torch.zeros(3, 40, dtype=torch.uint8), 0), "w.shape\\[1\\] must be 68"),
+])
+def test_linear_rows_q_op_validation(args, match):
+    with pytest.raises(ValueError, match=match):
+        torch.ops.tandem_rt.linear_rows_q(*args())

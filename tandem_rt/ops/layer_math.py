@@ -81,4 +81,42 @@ def linear_rows(x: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None = Non
     return torch.ops.tandem_rt.linear_rows(x, w, add)
 
 
-__all__ = ["rms_norm", "silu_and_mul", "linear_rows"]
+# GGUF block quantizations linear_rows_q reads: name -> (qtype code of the op, bytes per block of 32)
+QUANT_TYPES = {"Q8_0": (0, 34), "Q4_0": (1, 18), "Q4_1": (2, 20)}
+
+
+def linear_rows_q(x: torch.Tensor, w: torch.Tensor, qtype: str, add: torch.Tensor | None = None) -> torch.Tensor:
+    """``add + x @ dequant(w).T`` for a few rows with a weight kept in its GGUF block quantization
+    (dequantized in registers, fp32 accumulation, rounded once to x's dtype; each row's result is
+    independent of the other rows).
+
+    Args:
+        x: CPU bf16 or fp32 ``[M, K]``, ``K % 32 == 0`` (rows may be strided).
+        w: uint8 ``[N, K / 32 * block_bytes]`` contiguous: row n holds the blocks of output n, as
+            GGUF stores an ``[N, K]`` tensor (``gguf.GGUFReader`` tensor ``.data``).
+        qtype: ``"Q8_0"``, ``"Q4_0"`` or ``"Q4_1"`` (:data:`QUANT_TYPES`).
+        add: optional ``[N]`` or ``[M, N]`` of x's dtype, contiguous columns.
+    Returns:
+        new ``[M, N]`` of x's dtype.
+    """
+    _check_rows(x, "x")
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"x must have dtype torch.bfloat16 or torch.float32, got {x.dtype}")
+    if qtype not in QUANT_TYPES:
+        raise ValueError(f"qtype must be one of {sorted(QUANT_TYPES)}, got {qtype!r}")
+    code, block = QUANT_TYPES[qtype]
+    K = x.shape[1]
+    if K % 32:
+        raise ValueError(f"x.shape[1] (K = {K}) must be a multiple of the block size 32")
+    check_tensor(w, "w", rank=2, dtype=torch.uint8, device=x.device, contiguous=True)
+    if w.shape[1] != K // 32 * block:
+        raise ValueError(f"w must have shape [N, {K // 32 * block}] ({K // 32} {qtype} blocks of {block} bytes), "
+                         f"got {tuple(w.shape)}")
+    if add is not None:
+        check_tensor(add, "add", dtype=x.dtype, device=x.device)
+        if add.shape not in ((w.shape[0],), (x.shape[0], w.shape[0])):
+            raise ValueError(f"add must have shape [{w.shape[0]}] or [{x.shape[0]}, {w.shape[0]}], got {tuple(add.shape)}")
+    return torch.ops.tandem_rt.linear_rows_q(x, w, code, add)
+
+
+__all__ = ["rms_norm", "silu_and_mul", "linear_rows", "linear_rows_q", "QUANT_TYPES"]

@@ -1,0 +1,294 @@
+// Op tandem_rt::linear_rows_q (CPU): y = add + x @ dequant(w)^T for a few rows x: [M, K] (bf16 or
+// fp32) and a weight kept in its GGUF block quantization, w: uint8 [N, K / 32 * block_bytes] (one
+// row of blocks per output, as GGUF stores an [N, K] tensor). Decode and verify steps stream every
+// weight once, so reading 4.5-8.5 bits per weight instead of 16 cuts the bytes of a step 2-3.5x.
+// Block formats (ggml, 32 weights a block; d, m fp16):
+//   Q8_0 (qtype 0, 34 bytes): d, int8 q[32];           w_k = d * q_k
+//   Q4_0 (qtype 1, 18 bytes): d, uint8 qs[16];         w_k = d * (nib_k - 8)
+//   Q4_1 (qtype 2, 20 bytes): d, m, uint8 qs[16];      w_k = d * nib_k + m
+// with nib_k = qs[k] & 15 for k < 16 and qs[k - 16] >> 4 for k >= 16. Each block is dequantized in
+// registers to fp32 (shared by up to 8 rows), then fp32 FMAs as linear_rows; one rounding to the
+// output dtype at the end. Each output's arithmetic is the same whatever M is.
+#include "common/check.h"
+#include "ops/layer_math_cpu.h"
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+namespace tandem_rt {
+namespace {
+
+constexpr int kBlock = 32;           // weights per quantization block
+constexpr int kMaxRows = 8;          // rows per pass over the weight
+constexpr int kPrefetchBytes = 4096;  // how far ahead of its loads the kernel prefetches the weight stream
+
+enum QType : int64_t { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2 };
+
+constexpr int64_t block_bytes(int64_t qtype) { return qtype == kQ8_0 ? 34 : qtype == kQ4_0 ? 18 : 20; }
+
+inline float half_to_float(const uint8_t* p) {  // IEEE fp16 (little endian) -> fp32, exact
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      do {
+        man <<= 1;
+        ++e;
+      } while ((man & 0x400u) == 0);
+      bits = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (man & 0x3ffu) << 13;
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | man << 13;
+  } else {
+    bits = sign | (exp + 127 - 15) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// The 32 weights of one block as fp32 (any ISA; the reference arithmetic of the kernels).
+template <int64_t Q>
+inline void dequant_block(const uint8_t* blk, float* out) {
+  const float d = half_to_float(blk);
+  if constexpr (Q == kQ8_0) {
+    for (int k = 0; k < kBlock; ++k) out[k] = d * static_cast<float>(static_cast<int8_t>(blk[2 + k]));
+  } else if constexpr (Q == kQ4_0) {
+    for (int k = 0; k < 16; ++k) {
+      out[k] = d * static_cast<float>(static_cast<int>(blk[2 + k] & 15) - 8);
+      out[k + 16] = d * static_cast<float>(static_cast<int>(blk[2 + k] >> 4) - 8);
+    }
+  } else {
+    const float m = half_to_float(blk + 2);
+    for (int k = 0; k < 16; ++k) {
+      out[k] = std::fma(d, static_cast<float>(blk[4 + k] & 15), m);
+      out[k + 16] = std::fma(d, static_cast<float>(blk[4 + k] >> 4), m);
+    }
+  }
+}
+
+// Any ISA: y[m, n] for n in [n0, n1), m < rows. xf: [rows, K] fp32; w: [N, K/32 * bb] blocks;
+// add: null, [N] (ars = 0) or [rows, N] (row stride ars); y: [rows, N], row stride ys.
+template <int64_t Q, typename E>
+void linear_rows_q_loops(const float* xf, int64_t K, int rows, const uint8_t* w, const E* add, int64_t ars, E* y,
+                         int64_t ys, int64_t n0, int64_t n1) {
+  constexpr int64_t bb = block_bytes(Q);
+  const int64_t nb = K / kBlock;
+  float wf[kBlock];
+  for (int64_t n = n0; n < n1; ++n) {
+    float acc[kMaxRows][kBlock] = {};
+    for (int64_t j = 0; j < nb; ++j) {
+      dequant_block<Q>(w + (n * nb + j) * bb, wf);
+      for (int m = 0; m < rows; ++m)
+        for (int k = 0; k < kBlock; ++k) acc[m][k] = std::fma(xf[m * K + j * kBlock + k], wf[k], acc[m][k]);
+    }
+    for (int m = 0; m < rows; ++m) {
+      float s = 0.f;
+      for (int k = 0; k < kBlock; ++k) s += acc[m][k];
+      if (add != nullptr) s += layer_math::load(add[m * ars + n]);
+      y[m * ys + n] = layer_math::store<E>(s);
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
+
+// One block's 32 weights as two vectors of 16 fp32 (elements 0-15 and 16-31).
+template <int64_t Q>
+__attribute__((always_inline)) inline void dequant_block_avx512(const uint8_t* blk, __m512& lo, __m512& hi) {
+  const __m512 d = _mm512_set1_ps(_cvtsh_ss(*reinterpret_cast<const uint16_t*>(blk)));
+  if constexpr (Q == kQ8_0) {
+    const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2))));
+    const __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18))));
+    lo = _mm512_mul_ps(d, a);
+    hi = _mm512_mul_ps(d, b);
+  } else {
+    const uint8_t* qs = blk + (Q == kQ4_1 ? 4 : 2);
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+    __m512i a = _mm512_and_si512(bytes, _mm512_set1_epi32(15));
+    __m512i b = _mm512_srli_epi32(bytes, 4);
+    if constexpr (Q == kQ4_0) {
+      a = _mm512_sub_epi32(a, _mm512_set1_epi32(8));
+      b = _mm512_sub_epi32(b, _mm512_set1_epi32(8));
+      lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(a));
+      hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(b));
+    } else {
+      const __m512 m = _mm512_set1_ps(_cvtsh_ss(*reinterpret_cast<const uint16_t*>(blk + 2)));
+      lo = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(a), m);
+      hi = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(b), m);
+    }
+  }
+}
+
+// R rows x NB outputs (2 * R * NB <= 32 fp32 partial vectors are too many: R * NB <= 8, each output
+// accumulating both halves of a block into one vector).
+template <int64_t Q, typename E, int R, int NB>
+__attribute__((always_inline)) inline void linear_q_block(const float* xf, int64_t K, const uint8_t* w, const E* add,
+                                                          int64_t ars, E* y, int64_t ys, int64_t n) {
+  constexpr int64_t bb = block_bytes(Q);
+  const int64_t nb = K / kBlock;
+  __m512 acc[R * NB];
+#pragma GCC unroll 16
+  for (int i = 0; i < R * NB; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < nb; ++j) {
+    __m512 lo[NB], hi[NB];
+#pragma GCC unroll 8
+    for (int b = 0; b < NB; ++b) {
+      const uint8_t* blk = w + ((n + b) * nb + j) * bb;
+      _mm_prefetch(reinterpret_cast<const char*>(blk) + kPrefetchBytes, _MM_HINT_T0);
+      dequant_block_avx512<Q>(blk, lo[b], hi[b]);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 xl = _mm512_loadu_ps(xf + r * K + j * kBlock);
+      const __m512 xh = _mm512_loadu_ps(xf + r * K + j * kBlock + 16);
+#pragma GCC unroll 8
+      for (int b = 0; b < NB; ++b) {
+        acc[r * NB + b] = _mm512_fmadd_ps(xl, lo[b], acc[r * NB + b]);
+        acc[r * NB + b] = _mm512_fmadd_ps(xh, hi[b], acc[r * NB + b]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int b = 0; b < NB; ++b) {
+      float s = _mm512_reduce_add_ps(acc[r * NB + b]);
+      if (add != nullptr) s += layer_math::load(add[r * ars + n + b]);
+      y[r * ys + n + b] = layer_math::store<E>(s);
+    }
+}
+
+template <int64_t Q, typename E, int R, int NB>
+void linear_q_range(const float* xf, int64_t K, const uint8_t* w, const E* add, int64_t ars, E* y, int64_t ys,
+                    int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) linear_q_block<Q, E, R, NB>(xf, K, w, add, ars, y, ys, n);
+  for (; n < n1; ++n) linear_q_block<Q, E, R, 1>(xf, K, w, add, ars, y, ys, n);
+}
+
+template <int64_t Q, typename E>
+void linear_rows_q_avx512(const float* xf, int64_t K, int rows, const uint8_t* w, const E* add, int64_t ars, E* y,
+                          int64_t ys, int64_t n0, int64_t n1) {
+  switch (rows) {
+    case 1: return linear_q_range<Q, E, 1, 4>(xf, K, w, add, ars, y, ys, n0, n1);
+    case 2: return linear_q_range<Q, E, 2, 2>(xf, K, w, add, ars, y, ys, n0, n1);
+    case 3: return linear_q_range<Q, E, 3, 2>(xf, K, w, add, ars, y, ys, n0, n1);
+    case 4: return linear_q_range<Q, E, 4, 2>(xf, K, w, add, ars, y, ys, n0, n1);
+    case 5: return linear_q_range<Q, E, 5, 1>(xf, K, w, add, ars, y, ys, n0, n1);
+    case 6: return linear_q_range<Q, E, 6, 1>(xf, K, w, add, ars, y, ys, n0, n1);
+    case 7: return linear_q_range<Q, E, 7, 1>(xf, K, w, add, ars, y, ys, n0, n1);
+    default: return linear_q_range<Q, E, 8, 1>(xf, K, w, add, ars, y, ys, n0, n1);
+  }
+}
+#pragma GCC pop_options
+#endif
+
+// Outputs [n0, n1) for `rows` (<= 8) rows in the variant this CPU runs (TANDEM_RT_CPU_KERNELS:
+// "avx512" / "avx512f" the AVX-512 kernel, "avx2" / "base" the portable loops).
+template <int64_t Q, typename E>
+void linear_rows_q_range(const float* xf, int64_t K, int rows, const uint8_t* w, const E* add, int64_t ars, E* y,
+                         int64_t ys, int64_t n0, int64_t n1) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_isa::best() == cpu_isa::Isa::kAvx512 && __builtin_cpu_supports("f16c"))
+    return linear_rows_q_avx512<Q, E>(xf, K, rows, w, add, ars, y, ys, n0, n1);
+#endif
+  linear_rows_q_loops<Q, E>(xf, K, rows, w, add, ars, y, ys, n0, n1);
+}
+
+template <int64_t Q, typename E>
+void linear_rows_q_typed(const E* xp, int64_t xs, int64_t M, int64_t K, const uint8_t* w, const E* ap, int64_t ars,
+                         E* yp, int64_t N) {
+  std::vector<float> xf(M * K);  // x rows in fp32 once
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xf[m * K + k] = layer_math::load(xp[m * xs + k]);
+  const int64_t grain = std::max<int64_t>(8, 16384 / std::max<int64_t>(K, 1));
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
+    const float* xm = xf.data() + m0 * K;
+    const E* am = ap != nullptr ? ap + m0 * ars : nullptr;
+    E* ym = yp + m0 * N;
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      linear_rows_q_range<Q, E>(xm, K, rows, w, am, ars, ym, N, n0, n1);
+    });
+  }
+}
+
+template <typename E>
+void dispatch_qtype(int64_t qtype, const E* xp, int64_t xs, int64_t M, int64_t K, const uint8_t* w, const E* ap,
+                    int64_t ars, E* yp, int64_t N) {
+  switch (qtype) {
+    case kQ8_0: return linear_rows_q_typed<kQ8_0, E>(xp, xs, M, K, w, ap, ars, yp, N);
+    case kQ4_0: return linear_rows_q_typed<kQ4_0, E>(xp, xs, M, K, w, ap, ars, yp, N);
+    default: return linear_rows_q_typed<kQ4_1, E>(xp, xs, M, K, w, ap, ars, yp, N);
+  }
+}
+
+at::Tensor linear_rows_q_cpu(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
+                             const std::optional<at::Tensor>& add) {
+  check_rank(x, "x", 2);
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+                    "x must be bfloat16 or float32, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.size(1) <= 1 || x.stride(1) == 1, "x must have a contiguous last dim");
+  TORCH_CHECK_VALUE(qtype == kQ8_0 || qtype == kQ4_0 || qtype == kQ4_1,
+                    "qtype must be 0 (Q8_0), 1 (Q4_0) or 2 (Q4_1), got ", qtype);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK_VALUE(K % kBlock == 0, "x.shape[1] (K = ", K, ") must be a multiple of the block size 32");
+  check_device(w, "w", x.device());
+  check_dtype(w, "w", at::kByte);
+  check_rank(w, "w", 2);
+  check_contiguous(w, "w");
+  const int64_t row_bytes = K / kBlock * block_bytes(qtype);
+  check_size(w, "w", 1, row_bytes);
+  const int64_t N = w.size(0);
+  int64_t ars = 0;
+  if (add.has_value()) {
+    check_device(*add, "add", x.device());
+    check_dtype(*add, "add", x.scalar_type());
+    TORCH_CHECK_VALUE(add->dim() == 1 || add->dim() == 2, "add must be [N] or [M, N], got shape ", add->sizes());
+    TORCH_CHECK_VALUE(add->size(-1) == N && add->stride(-1) == 1,
+                      "add must have N = ", N, " contiguous columns, got shape ", add->sizes());
+    if (add->dim() == 2) {
+      check_size(*add, "add", 0, M);
+      ars = add->stride(0);
+    }
+  }
+  cpu_isa::check_variant();
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const int64_t xs = M > 1 ? x.stride(0) : K;
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  if (x.scalar_type() == at::kFloat) {
+    dispatch_qtype<float>(qtype, x.data_ptr<float>(), xs, M, K, wp, add.has_value() ? add->data_ptr<float>() : nullptr,
+                          ars, y.data_ptr<float>(), N);
+  } else {
+    dispatch_qtype<uint16_t>(qtype, reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), xs, M, K, wp,
+                             add.has_value() ? reinterpret_cast<const uint16_t*>(add->data_ptr<at::BFloat16>())
+                                             : nullptr,
+                             ars, reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), N);
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tandem_rt, m) {
+  m.def("linear_rows_q(Tensor x, Tensor w, int qtype, Tensor? add=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tandem_rt, CPU, m) {
+  m.impl("linear_rows_q", &linear_rows_q_cpu);
+}
+
+}  // namespace tandem_rt
