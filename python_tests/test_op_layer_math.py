@@ -216,12 +216,54 @@ def gguf_blocks(w: torch.Tensor, qtype: str):
     return torch.from_numpy(q.copy()), torch.from_numpy(quants.dequantize(q, t).astype(np.float64))
 
 
+def int8_kernel(variant: str) -> bool:
+    """Whether linear_rows_q runs its AVX-512 VNNI int8-activation kernel in this variant."""
+    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+    return variant in ("", "avx512") and "avx512_vnni" in flags
+
+
+def parse_blocks(blocks: torch.Tensor, qtype: str):
+    """GGUF blocks [N, nb * bytes] -> (d [N, nb], additive coefficient a [N, nb] (Q4_1: m, Q4_0:
+    -8 d, Q8_0: 0), q [N, nb, 32] stored integers) in float64, read from the documented format."""
+    import numpy as np
+
+    size = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[qtype]
+    b = blocks.numpy().reshape(blocks.shape[0], -1, size)
+    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)
+    if qtype == "Q8_0":
+        q = b[..., 2:34].copy().view(np.int8).astype(np.float64)
+        a = np.zeros_like(d)
+    else:
+        qs = b[..., (4 if qtype == "Q4_1" else 2):]
+        q = np.concatenate([qs & 15, qs >> 4], -1).astype(np.float64)
+        a = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64) if qtype == "Q4_1" else -8 * d
+    return torch.from_numpy(d), torch.from_numpy(a), torch.from_numpy(q)
+
+
+def ref_int8_activations(x: torch.Tensor, blocks: torch.Tensor, qtype: str) -> torch.Tensor:
+    """float64 reference of the documented int8-activation scheme: per block of 32, dx = max|x| / 127
+    and xq = round-half-even(x / dx) clamped to [-127, 127] in fp32, sx = sum x; output
+    sum_j d_j dx_j sum(q xq) + a_j sx_j."""
+    M, K = x.shape
+    xb = x.float().reshape(M, K // 32, 32)
+    dx = xb.abs().amax(-1) / 127
+    inv = torch.where(dx > 0, 1 / dx, torch.zeros_like(dx))
+    xq = torch.round(xb * inv[..., None]).clamp(-127, 127).double()
+    sx = xb.double().sum(-1)
+    d, a, q = parse_blocks(blocks, qtype)
+    dots = torch.einsum("mjk,njk->mnj", xq, q)
+    return (dots * d[None] * dx.double()[:, None]).sum(-1) + (sx[:, None] * a[None]).sum(-1)
+
+
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 11])
-@pytest.mark.parametrize("k, n", [(576, 37), (32, 9), (1536, 12)])
+@pytest.mark.parametrize("k, n", [(576, 37), (32, 9), (1536, 12), (96, 5)])
 @pytest.mark.parametrize("add_kind", [None, "bias", "residual"])
 def test_linear_rows_q_matches_dequantized_reference(qtype, dtype, rows, k, n, add_kind, rows_variant):
+    """fp32 variants: against the float64 product with the gguf package's dequantized weights.
+    The VNNI variant (int8 activations): against the float64 reference of its documented scheme,
+    and within the int8 rounding of the exact product."""
     from tandem_rt.ops import linear_rows_q
 
     g = torch.Generator().manual_seed(rows * 31 + k + n)
@@ -231,15 +273,22 @@ def test_linear_rows_q_matches_dequantized_reference(qtype, dtype, rows, k, n, a
     add = {None: None, "bias": torch.randn(n, generator=g).to(dtype),
            "residual": torch.randn(rows, n, generator=g).to(dtype)}[add_kind]
     got = linear_rows_q(x, blocks, qtype, add)
-    ref = x.double() @ w_ref.t() + (add.double() if add is not None else 0)
+    exact = x.double() @ w_ref.t() + (add.double() if add is not None else 0)
     assert got.dtype == dtype and got.shape == (rows, n)
     tol = dict(rtol=2 ** -7, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got.double(), ref.to(dtype).double(), **tol)
+    if int8_kernel(rows_variant):
+        ref = ref_int8_activations(x, blocks, qtype) + (add.double() if add is not None else 0)
+        torch.testing.assert_close(got.double(), ref.to(dtype).double(), **tol)
+        # int8 activations: each x element off by at most max|x| / 254 of its block
+        scale = (x.double().abs() @ w_ref.abs().t()).clamp_min(1e-6)
+        assert float(((got.double() - exact).abs() / scale).max()) < 0.05
+    else:
+        torch.testing.assert_close(got.double(), exact.to(dtype).double(), **tol)
     # a row's result does not depend on the other rows
     assert torch.equal(linear_rows_q(x[-1:], blocks, qtype, add[-1:] if add_kind == "residual" else add), got[-1:])
 
 
-def test_linear_rows_q_fp16_scales_subnormal_and_extreme():
+def test_linear_rows_q_fp16_scales_subnormal_and_extreme(rows_variant):
     """Block scales that are fp16 subnormals, zeros and large values decode exactly as gguf does."""
     import numpy as np
     from gguf import GGMLQuantizationType, quants
@@ -256,9 +305,13 @@ def test_linear_rows_q_fp16_scales_subnormal_and_extreme():
             blocks[r, off:off + 2] = np.frombuffer(scales[(r * 2 + b) % len(scales)].tobytes(), dtype=np.uint8)
             blocks[r, off + 2:off + 34] = rng.integers(-128, 128, 32).astype(np.int8).view(np.uint8)
     w_ref = torch.from_numpy(quants.dequantize(blocks, GGMLQuantizationType.Q8_0).astype(np.float64))
-    x = torch.randn(3, k, dtype=torch.float64)
-    got = linear_rows_q(x.float(), torch.from_numpy(blocks), "Q8_0")
-    torch.testing.assert_close(got.double(), (x.float().double() @ w_ref.t()), rtol=1e-5, atol=1e-4)
+    x = torch.randn(3, k, dtype=torch.float64).float()
+    got = linear_rows_q(x, torch.from_numpy(blocks), "Q8_0")
+    if int8_kernel(rows_variant):
+        torch.testing.assert_close(got.double(), ref_int8_activations(x, torch.from_numpy(blocks), "Q8_0"),
+                                   rtol=1e-5, atol=1e-4)
+    else:
+        torch.testing.assert_close(got.double(), (x.double() @ w_ref.t()), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("args, match", [

@@ -70,6 +70,8 @@ def add_model_args(ap) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--quantized", action="store_true",
+                    help="the primary reads the blocks of the GGUF file the checkpoint references (linear_rows_q)")
 
 
 def engine_from_args(args, **engine_kw):
@@ -88,6 +90,8 @@ def engine_from_args(args, **engine_kw):
         if path is None:
             path = str(make_random_checkpoint(Path(tempfile.mkdtemp(prefix="bench_e2e_")) / "random"))
             print(f"no --model and no bundled model: using a random-weights checkpoint at {path}")
+    if getattr(args, "quantized", False):
+        engine_kw["quantized"] = True
     return path, Engine.from_pretrained(path, device=args.device, dtype=args.dtype, **engine_kw)
 
 

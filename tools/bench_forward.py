@@ -29,9 +29,11 @@ from bench_kernels import measure_read_bandwidth  # noqa: E402
 def weight_bytes(model) -> int:
     """Bytes of the matrices and norms one forward of a :class:`PagedLlama` reads (every layer's
     weights, the final norm and the LM head; the embedding rows it gathers are not counted)."""
+    from tandem_rt.quantized import QuantMatrix
+
     total = model.lm_head.nbytes + model.final_norm.nbytes
     for lw in model.layers:
-        total += sum(t.nbytes for t in lw if isinstance(t, torch.Tensor))
+        total += sum(t.nbytes for t in lw if isinstance(t, (torch.Tensor, QuantMatrix)))
     return total
 
 

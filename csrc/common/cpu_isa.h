@@ -66,5 +66,17 @@ inline bool bf16_dot_products() {
 #endif
 }
 
+// AVX-512 VNNI int8 dot products (linear_rows_q's int8-activation kernel); off under
+// TANDEM_RT_CPU_KERNELS=avx512f, which keeps the fp32 kernels.
+inline bool int8_dot_products() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  const char* env = std::getenv("TANDEM_RT_CPU_KERNELS");
+  if (env != nullptr && std::string(env) == "avx512f") return false;
+  return best() == Isa::kAvx512 && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
 }  // namespace cpu_isa
 }  // namespace tandem_rt

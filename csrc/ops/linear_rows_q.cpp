@@ -195,6 +195,183 @@ void linear_rows_q_avx512(const float* xf, int64_t K, int rows, const uint8_t* w
 #pragma GCC pop_options
 #endif
 
+// ---- AVX-512 VNNI: int8 activations (the llama.cpp scheme), integer block dot products -------------
+// Each row of x is quantized per block of 32: dx_j = max|x| / 127 (fp32), xq = round-to-nearest-even
+// (x / dx_j) in int8, and sx_j = sum of the block's x in fp32. Then per block
+//   Q8_0: d_j * dx_j * sum(q * xq)               Q4_0: d_j * dx_j * sum(q * xq) - 8 d_j * sx_j
+//   Q4_1: d_j * dx_j * sum(q * xq) + m_j * sx_j   (q: the stored int8 / nibble values)
+// with the integer sums exact (vpdpbusd: u8 x s8 products summed in int32). Blocks go in pairs (64
+// weights, one 512-bit vpdpbusd); the x bytes of a pair are laid out to match the weight bytes:
+//   nibbles: [x_a[0..15], x_b[0..15], x_a[16..31], x_b[16..31]]   (low nibbles, then high)
+//   Q8_0:    [x_a[0..31], x_b[0..31]]  stored as xq + 128 (u8; the weight is the signed side)
+// so int32 lane l of the product belongs to block a or b by the pattern below; per-lane fp32 scale
+// vectors carry dx and sx / 8 of each lane's block.
+struct QuantRows {
+  std::vector<uint8_t> xq;    // [rows, pairs, 64] bytes in the pair layout
+  std::vector<float> dxl;     // [rows, pairs, 16] dx of each lane's block
+  std::vector<float> sxl;     // [rows, pairs, 16] sx / 8 of each lane's block (0 for Q8_0)
+  int64_t pairs = 0;
+};
+
+template <int64_t Q>
+inline int lane_block(int lane) {  // 0: block a, 1: block b of a pair, for int32 lane 0..15
+  if constexpr (Q == kQ8_0) return lane / 8;
+  else return (lane / 4) % 2;
+}
+
+// x rows (fp32 [rows, K]) -> the pair layout of qtype Q (odd block counts: a zero last block b).
+template <int64_t Q>
+void quantize_rows(const float* xf, int64_t K, int64_t rows, QuantRows& out) {
+  const int64_t nb = K / kBlock, pairs = (nb + 1) / 2;
+  out.pairs = pairs;
+  out.xq.assign(rows * pairs * 64, Q == kQ8_0 ? 128 : 0);
+  out.dxl.assign(rows * pairs * 16, 0.f);
+  out.sxl.assign(rows * pairs * 16, 0.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < nb; ++j) {
+      const float* xb = xf + r * K + j * kBlock;
+      float amax = 0.f, sum = 0.f;
+      for (int k = 0; k < kBlock; ++k) {
+        amax = std::max(amax, std::fabs(xb[k]));
+        sum += xb[k];
+      }
+      const float dx = amax / 127.f;
+      const float inv = dx > 0.f ? 1.f / dx : 0.f;
+      const int64_t p = j / 2, half = j % 2;
+      uint8_t* dst = out.xq.data() + (r * pairs + p) * 64;
+      for (int k = 0; k < kBlock; ++k) {
+        const int v = static_cast<int>(std::nearbyint(xb[k] * inv));
+        const int q = std::min(127, std::max(-127, v));
+        int pos;
+        if constexpr (Q == kQ8_0) pos = static_cast<int>(half) * 32 + k;
+        else pos = (k < 16 ? 0 : 32) + static_cast<int>(half) * 16 + (k % 16);
+        dst[pos] = static_cast<uint8_t>(Q == kQ8_0 ? q + 128 : static_cast<int8_t>(q));
+      }
+      for (int l = 0; l < 16; ++l)
+        if (lane_block<Q>(l) == half) {
+          out.dxl[(r * pairs + p) * 16 + l] = dx;
+          out.sxl[(r * pairs + p) * 16 + l] = Q == kQ8_0 ? 0.f : sum / 8.f;
+        }
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512vnni,avx2,fma,f16c")
+
+// The 64 weight bytes of blocks a = j, b = j + 1 (b absent when has_b is false: zeros) in the pair
+// layout, and the per-lane fp32 vectors d (and the additive coefficient: m for Q4_1, -8 d for Q4_0).
+template <int64_t Q>
+__attribute__((always_inline)) inline void load_pair(const uint8_t* a, const uint8_t* b, bool has_b, __m512i& q,
+                                                     __m512& dl, __m512& ml) {
+  const __m512i pattern = Q == kQ8_0 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                                     : _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+  const uint16_t da = *reinterpret_cast<const uint16_t*>(a);
+  const uint16_t db = has_b ? *reinterpret_cast<const uint16_t*>(b) : 0;
+  const __m128 d2 = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, 0, 0, static_cast<short>(db), static_cast<short>(da)));
+  dl = _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(d2));
+  if constexpr (Q == kQ8_0) {
+    const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 2));
+    const __m256i qb = has_b ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)) : _mm256_setzero_si256();
+    q = _mm512_inserti64x4(_mm512_castsi256_si512(qa), qb, 1);
+    ml = _mm512_setzero_ps();
+  } else {
+    const int off = Q == kQ4_1 ? 4 : 2;
+    const __m128i na = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + off));
+    const __m128i nbv = has_b ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + off)) : _mm_setzero_si128();
+    const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(na), nbv, 1);
+    const __m256i mask = _mm256_set1_epi8(15);
+    const __m256i lo = _mm256_and_si256(both, mask);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(both, 4), mask);
+    q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    if constexpr (Q == kQ4_1) {
+      const uint16_t ma = *reinterpret_cast<const uint16_t*>(a + 2);
+      const uint16_t mb = has_b ? *reinterpret_cast<const uint16_t*>(b + 2) : 0;
+      const __m128 m2 = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, 0, 0, static_cast<short>(mb), static_cast<short>(ma)));
+      ml = _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(m2));
+    } else {
+      ml = _mm512_mul_ps(dl, _mm512_set1_ps(-8.f));
+    }
+  }
+}
+
+// R rows x NB outputs, R * NB <= 8 fp32 accumulators.
+template <int64_t Q, typename E, int R, int NB>
+__attribute__((always_inline)) inline void linear_q_block_vnni(const QuantRows& xr, int64_t K, const uint8_t* w,
+                                                               const E* add, int64_t ars, E* y, int64_t ys,
+                                                               int64_t n) {
+  constexpr int64_t bb = block_bytes(Q);
+  const int64_t nb = K / kBlock, pairs = xr.pairs;
+  __m512 acc[R * NB];
+#pragma GCC unroll 16
+  for (int i = 0; i < R * NB; ++i) acc[i] = _mm512_setzero_ps();
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t p = 0; p < pairs; ++p) {
+    const bool has_b = 2 * p + 1 < nb;
+    __m512i q[NB];
+    __m512 dl[NB], ml[NB];
+    __m512i qsum[NB];  // Q8_0: 128 * (sum of 4 weights) per lane, removed from the u8-shifted x
+#pragma GCC unroll 8
+    for (int b = 0; b < NB; ++b) {
+      const uint8_t* blk = w + ((n + b) * nb + 2 * p) * bb;
+      _mm_prefetch(reinterpret_cast<const char*>(blk) + kPrefetchBytes, _MM_HINT_T0);
+      load_pair<Q>(blk, blk + bb, has_b, q[b], dl[b], ml[b]);
+      if constexpr (Q == kQ8_0)
+        qsum[b] = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, q[b]), 7);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = r * pairs + p;
+      const __m512i xv = _mm512_loadu_si512(xr.xq.data() + at * 64);
+      const __m512 dx = _mm512_loadu_ps(xr.dxl.data() + at * 16);
+      const __m512 sx = _mm512_loadu_ps(xr.sxl.data() + at * 16);
+#pragma GCC unroll 8
+      for (int b = 0; b < NB; ++b) {
+        __m512i dot;
+        if constexpr (Q == kQ8_0) dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xv, q[b]), qsum[b]);
+        else dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[b], xv);
+        acc[r * NB + b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dl[b], dx), acc[r * NB + b]);
+        if constexpr (Q != kQ8_0) acc[r * NB + b] = _mm512_fmadd_ps(ml[b], sx, acc[r * NB + b]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int b = 0; b < NB; ++b) {
+      float s = _mm512_reduce_add_ps(acc[r * NB + b]);
+      if (add != nullptr) s += layer_math::load(add[r * ars + n + b]);
+      y[r * ys + n + b] = layer_math::store<E>(s);
+    }
+}
+
+template <int64_t Q, typename E, int R, int NB>
+void linear_q_range_vnni(const QuantRows& xr, int64_t K, const uint8_t* w, const E* add, int64_t ars, E* y,
+                         int64_t ys, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) linear_q_block_vnni<Q, E, R, NB>(xr, K, w, add, ars, y, ys, n);
+  for (; n < n1; ++n) linear_q_block_vnni<Q, E, R, 1>(xr, K, w, add, ars, y, ys, n);
+}
+
+// rows <= 8 of xr (already offset to the pass's first row: see linear_rows_q_typed).
+template <int64_t Q, typename E>
+void linear_rows_q_vnni(const QuantRows& xr, int64_t K, int rows, const uint8_t* w, const E* add, int64_t ars, E* y,
+                        int64_t ys, int64_t n0, int64_t n1) {
+  switch (rows) {
+    case 1: return linear_q_range_vnni<Q, E, 1, 4>(xr, K, w, add, ars, y, ys, n0, n1);
+    case 2: return linear_q_range_vnni<Q, E, 2, 2>(xr, K, w, add, ars, y, ys, n0, n1);
+    case 3: return linear_q_range_vnni<Q, E, 3, 2>(xr, K, w, add, ars, y, ys, n0, n1);
+    case 4: return linear_q_range_vnni<Q, E, 4, 2>(xr, K, w, add, ars, y, ys, n0, n1);
+    case 5: return linear_q_range_vnni<Q, E, 5, 1>(xr, K, w, add, ars, y, ys, n0, n1);
+    case 6: return linear_q_range_vnni<Q, E, 6, 1>(xr, K, w, add, ars, y, ys, n0, n1);
+    case 7: return linear_q_range_vnni<Q, E, 7, 1>(xr, K, w, add, ars, y, ys, n0, n1);
+    default: return linear_q_range_vnni<Q, E, 8, 1>(xr, K, w, add, ars, y, ys, n0, n1);
+  }
+}
+#pragma GCC pop_options
+#endif
+
 // Outputs [n0, n1) for `rows` (<= 8) rows in the variant this CPU runs (TANDEM_RT_CPU_KERNELS:
 // "avx512" / "avx512f" the AVX-512 kernel, "avx2" / "base" the portable loops).
 template <int64_t Q, typename E>
@@ -214,6 +391,21 @@ void linear_rows_q_typed(const E* xp, int64_t xs, int64_t M, int64_t K, const ui
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xf[m * K + k] = layer_math::load(xp[m * xs + k]);
   const int64_t grain = std::max<int64_t>(8, 16384 / std::max<int64_t>(K, 1));
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_isa::int8_dot_products()) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
+      QuantRows xr;
+      quantize_rows<Q>(xf.data() + m0 * K, K, rows, xr);
+      const E* am = ap != nullptr ? ap + m0 * ars : nullptr;
+      E* ym = yp + m0 * N;
+      at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+        linear_rows_q_vnni<Q, E>(xr, K, rows, w, am, ars, ym, N, n0, n1);
+      });
+    }
+    return;
+  }
+#endif
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
     const float* xm = xf.data() + m0 * K;

@@ -60,6 +60,38 @@ def available_memory(device: torch.device) -> Optional[int]:
     return None
 
 
+def _referenced_gguf_matrices(path, model: TandemModel) -> dict:
+    """The quantized matrices of the GGUF file a checkpoint's ``primary_source`` names."""
+    from tandem_rt.primary_source import resolve_reference
+    from tandem_rt.quantized import read_gguf_matrices
+
+    ref = model.config.primary_source
+    if ref is None or ref.get("kind") != "gguf":
+        raise ValueError(f"quantized=True needs a checkpoint whose primary_source is a GGUF file; {path} "
+                         + ("stores its primary's weights" if ref is None else f"references a {ref.get('kind')} source"))
+    return read_gguf_matrices(resolve_reference(ref, Path(path)), model.config.primary)
+
+
+def check_quantized_primary(quantized: dict, primary, device, dtype) -> None:
+    """ValueError unless ``quantized`` maps parameter names of ``primary`` to QuantMatrix of their shapes."""
+    from tandem_rt.quantized import QuantMatrix
+
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"quantized_primary needs the CPU engine in bfloat16 or float32, got {device} {dtype}")
+    if not isinstance(quantized, dict):
+        raise ValueError(f"quantized_primary must be a dict of parameter name -> QuantMatrix, got {type(quantized).__name__}")
+    params = dict(primary.named_parameters())
+    for name, qm in quantized.items():
+        if not isinstance(qm, QuantMatrix):
+            raise ValueError(f"quantized_primary[{name!r}] must be a QuantMatrix, got {type(qm).__name__}")
+        if name not in params:
+            raise ValueError(f"quantized_primary names {name!r}, which is not a parameter of the primary")
+        shape = tuple(params[name].shape)
+        if (qm.out_features, qm.in_features) != shape:
+            raise ValueError(f"quantized_primary[{name!r}] is [{qm.out_features}, {qm.in_features}], "
+                             f"the primary's parameter is {list(shape)}")
+
+
 class Engine:
     """Serves a :class:`TandemModel` in every mode over paged K/V pools.
 
@@ -81,12 +113,15 @@ class Engine:
         max_prefill_tokens: prompt rows per dense prefill forward (prompts are grouped up to this
             many rows; a longer prompt runs alone).
         use_cuda_graphs: capture and replay the decode / verify steps on CUDA (see ``cuda_graphs.py``).
+        quantized_primary: ``{parameter name: QuantMatrix}`` of the primary's weights kept in their
+            GGUF blocks (``tandem_rt.quantized.read_gguf_matrices``; CPU, bf16 / fp32): the
+            primary's products read those blocks (``linear_rows_q``) instead of its dense weights.
     """
 
     def __init__(self, model: TandemModel, tokenizer=None, *, device=None, dtype=None, max_batch_size: int = 8,
                  kv_cache_memory: Optional[int] = None, num_pages: Optional[int] = None, page_size: int = 16,
                  prefill_chunk: int = 32, use_cuda_graphs: bool = False, dense_prefill: bool = True,
-                 max_prefill_tokens: int = 8192):
+                 max_prefill_tokens: int = 8192, quantized_primary: Optional[dict] = None):
         from tandem_rt.paged import KVCache, PageManager, pages_for_memory
 
         if not isinstance(model, TandemModel):
@@ -135,7 +170,9 @@ class Engine:
         self.vocab_size = cfg.primary.vocab_size
         self.layer_map = list(model.layer_map)
         self.router_top_k = cfg.router.top_k if cfg.router is not None else None
-        self.primary = PagedLlama(model.primary)
+        if quantized_primary is not None:
+            check_quantized_primary(quantized_primary, model.primary, self.device, self.dtype)
+        self.primary = PagedLlama(model.primary, quantized=quantized_primary)
         self.secondary = PagedLlama(model.secondary)
         self.drafter = PagedLlama(model.drafter) if model.drafter is not None else None
         self.refresh = TandemRefresh(model, self.secondary)
@@ -182,8 +219,12 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path=None, device="cpu", dtype=None, max_batch_size: int = 8,
                         kv_cache_memory: Optional[int] = None, num_pages: Optional[int] = None,
-                        page_size: int = 16, **kwargs) -> "Engine":
-        """Load a checkpoint directory (default: the bundled model) and its ``tokenizer.json``."""
+                        page_size: int = 16, quantized: bool = False, **kwargs) -> "Engine":
+        """Load a checkpoint directory (default: the bundled model) and its ``tokenizer.json``.
+
+        ``quantized``: the primary's products read the Q8_0 / Q4_0 / Q4_1 blocks of the GGUF file
+        the checkpoint references (``primary_source`` of kind ``gguf``) instead of the dequantised
+        weights (CPU, bf16 / fp32)."""
         from tandem_rt.checkpoint import TOKENIZER_NAME, load_checkpoint
 
         if path is None:
@@ -196,6 +237,8 @@ class Engine:
                 raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
             dtype = DTYPES[dtype]
         model = load_checkpoint(path, device=device, dtype=dtype)
+        if quantized:
+            kwargs["quantized_primary"] = _referenced_gguf_matrices(path, model)
         tokenizer = None
         tok_file = Path(path) / TOKENIZER_NAME
         if tok_file.is_file():

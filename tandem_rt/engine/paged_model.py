@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from tandem_rt.models.llama import LlamaForCausalLM, scatter_vocab
+from tandem_rt.quantized import QuantMatrix
 
 
 @dataclass
@@ -241,6 +242,15 @@ def linear_rows_any(x: torch.Tensor, w: torch.Tensor, add: Optional[torch.Tensor
     return torch.ops.tandem_rt.linear_rows(x, w, add)
 
 
+def with_quantized(base):
+    """``base(x, w, add)`` for dense weights, :func:`tandem_rt.quantized.quant_mm` for a QuantMatrix."""
+    from tandem_rt.quantized import quant_mm
+
+    def mm_any(x, w, add=None):
+        return quant_mm(x, w, add) if isinstance(w, QuantMatrix) else base(x, w, add)
+    return mm_any
+
+
 class PagedLlama:
     """Paged forward of one :class:`LlamaForCausalLM` over its K/V pool.
 
@@ -257,9 +267,15 @@ class PagedLlama:
             ``linear_rows`` (bf16 / fp32; fp16: contiguous ``[in, out]`` for torch's GEMM), default:
             when the model is on the CPU. ``False`` is the CUDA code path (transposed views, torch's ops);
             tests run it on the CPU too.
+        quantized: optional ``{parameter name: QuantMatrix}`` (``tandem_rt.quantized.read_gguf_matrices``;
+            CPU, bf16 / fp32 compute): these weights are used as their GGUF blocks
+            (``linear_rows_q``) instead of the module's dense parameters. A fused group (Q/K/V,
+            gate/up) is quantized only when all its members are, in one qtype; a quantized token
+            embedding serves the lookups and, when tied, the LM head.
     """
 
-    def __init__(self, model: LlamaForCausalLM, cpu_layout: Optional[bool] = None):
+    def __init__(self, model: LlamaForCausalLM, cpu_layout: Optional[bool] = None,
+                 quantized: Optional[dict] = None):
         self.model = model
         self.config = cfg = model.config
         self.scale = cfg.head_dim ** -0.5
@@ -275,7 +291,22 @@ class PagedLlama:
         # then independent of the batch it shares: seeded requests reproduce across batches)
         self.step_mm = linear_rows_any if self.rows_layout else mm
         cpu = cpu_layout and not self.rows_layout
-        mat = (lambda params: fuse_rows(params)) if self.rows_layout else (lambda params: input_major(params, cpu))
+        dense = (lambda params: fuse_rows(params)) if self.rows_layout else (lambda params: input_major(params, cpu))
+        quantized = dict(quantized or {})
+        if quantized:
+            if not self.rows_layout:
+                raise ValueError("quantized weights need the CPU engine in bfloat16 or float32")
+            self.mm, self.step_mm = with_quantized(self.mm), with_quantized(self.step_mm)
+        names = {id(p): n for n, p in model.named_parameters()}
+
+        def mat(params):   # a fused group: quantized when every member is (one qtype), else dense
+            qs = [quantized.get(names.get(id(p))) for p in params]
+            if all(q is not None for q in qs) and len({q.qtype for q in qs}) == 1:
+                from tandem_rt.quantized import cat_rows
+
+                return qs[0] if len(qs) == 1 else cat_rows(qs)
+            return dense(params)
+
         self.layers: list[_LayerWeights] = []
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -288,16 +319,23 @@ class PagedLlama:
                 b, mat([attn.o_proj.weight]), layer.post_attention_layernorm.weight.detach(),
                 mat([mlp.gate_proj.weight, mlp.up_proj.weight]), mat([mlp.down_proj.weight])))
         self.final_norm = model.model.norm.weight.detach()
+        self.quant_embedding = quantized.get("model.embed_tokens.weight")
         # [d, V] (rows layout: [V, d]); when tied, the embedding becomes a view of it. A reduced
         # output vocabulary keeps only its rows ([d, N] / [N, d], a copy) and scatters the logits.
         self.vocab_subset = getattr(model, "vocab_subset", None)
         if self.vocab_subset is None:
             self.lm_head = mat([model.output_weight])
         else:
-            self.lm_head = mat([model.output_weight.detach().index_select(0, self.vocab_subset)])
+            self.lm_head = dense([model.output_weight.detach().index_select(0, self.vocab_subset)])
+        self.quantized_bytes = sum(w.nbytes for lw in self.layers for w in lw if isinstance(w, QuantMatrix)) + (
+            self.lm_head.nbytes if isinstance(self.lm_head, QuantMatrix) else 0)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows of ``input_ids`` (int64 ``[T]``) -> ``[T, d]``."""
+        if self.quant_embedding is not None:
+            from tandem_rt.quantized import embedding_rows
+
+            return embedding_rows(self.quant_embedding, input_ids, self.final_norm.dtype)
         return F.embedding(input_ids, self.model.model.embed_tokens.weight.detach())
 
     def kv_weights(self, j: int):
@@ -305,7 +343,10 @@ class PagedLlama:
         rows layout ``[2*kv_size, d]``; bias ``[2*kv_size]`` or None) as views (no copy)."""
         lw = self.layers[j]
         q = self.config.q_size
-        w = lw.w_qkv[q:] if self.rows_layout else lw.w_qkv[:, q:]
+        if isinstance(lw.w_qkv, QuantMatrix):
+            w = lw.w_qkv.rows(q)
+        else:
+            w = lw.w_qkv[q:] if self.rows_layout else lw.w_qkv[:, q:]
         return w, (lw.b_qkv[q:] if lw.b_qkv is not None else None)
 
     def input_norm(self, j: int, x: torch.Tensor) -> torch.Tensor:
