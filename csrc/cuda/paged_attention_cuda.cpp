@@ -31,7 +31,9 @@ kernels::PagedAttentionKernel kernel_from_env() {
 
 void paged_attention_cuda(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                          const at::Tensor& query_start_loc, double scale, int64_t max_q_len, int64_t max_seq_len) {
+                          const at::Tensor& query_start_loc, double scale, int64_t max_q_len, int64_t max_seq_len,
+                          bool /*row_invariant: CPU only (the CUDA kernels' per-row arithmetic follows the
+                                 launch shape)*/) {
   validate_paged_attention(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_q_len,
                            max_seq_len);
   const int64_t d = q.size(2);

@@ -156,7 +156,7 @@ int64_t heads_per_item(int64_t nseq, int64_t hkv) {
 template <typename T>
 void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                          const at::Tensor& query_start_loc, double scale) {
+                          const at::Tensor& query_start_loc, double scale, bool row_invariant) {
   cpu_isa::check_variant();  // ValueError for a bad TANDEM_RT_CPU_KERNELS
   const CpuKernels kern = pick_cpu_kernels();
   const int64_t nseq = seq_lens.size(0), hq = q.size(1), d = q.size(2);
@@ -204,7 +204,9 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
       // Many rows: the rows-in-lanes kernel (per-row arrays padded to 16 rows). It pays once a vector
       // holds 4 verify rows or 8 decode rows; bf16 decode stays on the vdpbf16ps chunk kernel
       // (measured on the quiet 2-core machine, docs/KERNELS.md).
-      const bool lanes = lanes_ok && (q_len > 1 ? M >= 4 : (M >= 8 && !bf16dp));
+      // row_invariant: every item runs the per-row chunk kernels (no rows-in-lanes, no GEMM), so a
+      // query row's arithmetic depends only on its own position: a verify row gives its decode value.
+      const bool lanes = !row_invariant && lanes_ok && (q_len > 1 ? M >= 4 : (M >= 8 && !bf16dp));
       const int Ms = lanes ? (M + 15) / 16 * 16 : M;
       // per head i of the item: qf/acc [nh, Ms, d], mrow/lrow [nh, Ms] (rows >= M unused padding);
       // qt [nh, d, Ms] (lanes only); s is scratch of one chunk call
@@ -238,7 +240,7 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
       }
       // Verify blocks over long contexts go through torch's GEMM (faster than the chunk kernels
       // with 2 threads, measured on a quiet machine).
-      const bool gemm = !lanes && q_len > 1 && static_cast<int64_t>(M) * seq >= kGemmMinWork;
+      const bool gemm = !row_invariant && !lanes && q_len > 1 && static_cast<int64_t>(M) * seq >= kGemmMinWork;
       // Few rows: convert bf16 K/V while scoring; many rows re-read each key, so convert it once.
       const bool bf16_direct = v16_bf16 && M <= kDirectBf16MaxRows;
       for (int64_t i = 0; gemm && i < nh; ++i) {
@@ -291,7 +293,8 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
             ChunkArgs dp = args;
             dp.qh = qh.data() + i * M * d;
             dp.qscale = fscale;
-            if (!bf16_direct && d % 64 != 0) {  // many rows, no bf16 P V: convert V once, read it as fp32
+            // many rows, no bf16 P V: convert V once, read it as fp32 (row_invariant: for every item)
+            if ((row_invariant || !bf16_direct) && d % 64 != 0) {
               kern.bf16_rows(vraw.data(), n, static_cast<int>(d), vbuf.data());
               dp.vh = nullptr;
             }
@@ -327,13 +330,15 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
 
 void paged_attention_cpu(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                         const at::Tensor& query_start_loc, double scale, int64_t max_q_len, int64_t max_seq_len) {
+                         const at::Tensor& query_start_loc, double scale, int64_t max_q_len, int64_t max_seq_len,
+                         bool row_invariant) {
   validate_paged_attention(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_q_len,
                            max_seq_len);
   validate_paged_attention_indices(q, k_cache, block_tables, seq_lens, query_start_loc, max_q_len, max_seq_len);
   if (q.size(0) == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "paged_attention_cpu", [&] {
-    paged_attention_impl<scalar_t>(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale);
+    paged_attention_impl<scalar_t>(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                                   row_invariant);
   });
 }
 
@@ -341,7 +346,8 @@ void paged_attention_cpu(const at::Tensor& out, const at::Tensor& q, const at::T
 
 TORCH_LIBRARY_FRAGMENT(tandem_rt, m) {
   m.def("paged_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor seq_lens, Tensor query_start_loc, float scale, int max_q_len, int max_seq_len) -> ()");
+        "Tensor seq_lens, Tensor query_start_loc, float scale, int max_q_len, int max_seq_len, "
+        "bool row_invariant=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tandem_rt, CPU, m) {

@@ -45,7 +45,8 @@ def run(args) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, n=args.num_samples, ignore_eos=args.ignore_eos)
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                    max_batch_size=args.max_batch_size, use_cuda_graphs=args.cuda_graphs)
+                                    max_batch_size=args.max_batch_size, use_cuda_graphs=args.cuda_graphs,
+                                    quantized=args.quantized)
     gamma = _gamma(args.gamma)
     # validate everything before the first token
     engine.check_request(prompts, params, args.mode, gamma, not args.no_free_token)
@@ -105,6 +106,8 @@ def register(sub) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: the checkpoint's")
     p.add_argument("--cuda-graphs", action="store_true", help="capture decode/verify steps in CUDA graphs")
+    p.add_argument("--quantized", action="store_true",
+                   help="the primary reads the Q8_0/Q4_0/Q4_1 blocks of the GGUF file the checkpoint references (CPU)")
     p.add_argument("--stats", action="store_true", help="print acceptance and speed figures")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)

@@ -367,8 +367,10 @@ class PagedLlama:
             hidden_layers: residual streams to return (``0`` = embeddings, ``L`` = last layer output
                 before the final norm).
             step: a decode / draft / verify step (``Engine.run``): the products use ``step_mm``
-                (on the CPU, ``linear_rows`` for any row count, so a row's logits do not depend on
-                the other rows); prompts (``False``) use ``mm`` (torch's GEMM beyond a few rows).
+                (on the CPU, ``linear_rows`` for any row count) and, on the CPU, paged attention is
+                row-invariant, so a row's logits do not depend on the other rows of the step (a
+                verify row equals its decode); prompts (``False``) use ``mm`` (torch's GEMM beyond a
+                few rows).
         Returns:
             logits ``[R, V]`` (model dtype) and the list of ``[T, d]`` residual streams.
         """
@@ -392,7 +394,7 @@ class PagedLlama:
             else:  # one output buffer for every layer (each layer's result is consumed at once)
                 torch.ops.tandem_rt.paged_attention(attn, q, k_cache[i], v_cache[i], meta.block_tables,
                                                     meta.seq_lens, meta.query_start_loc, self.scale,
-                                                    meta.max_q_len, meta.max_seq_len)
+                                                    meta.max_q_len, meta.max_seq_len, self.cpu_ops)
             x = mm(attn.view(T, qs), lw.w_o, x)   # residual + o_proj in one GEMM
             gu = mm(rms_norm(x, lw.ln2, eps, cpu_ops), lw.w_gate_up)
             x = mm(silu_and_mul(gu, cpu_ops), lw.w_down, x)

@@ -14,7 +14,7 @@ CUDA_HEAD_DIMS = (32, 64, 128)
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, max_q_len: int,
-                    max_seq_len: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    max_seq_len: int, out: Optional[torch.Tensor] = None, row_invariant: bool = False) -> torch.Tensor:
     """Causal attention of ragged query blocks over the paged KV cache (decode is ``q_len == 1``).
 
     Sequence ``b`` owns query rows ``query_start_loc[b] .. query_start_loc[b+1]-1`` (``q_len_b``,
@@ -34,6 +34,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         max_q_len: host-side upper bound of ``q_len_b`` (grid sizing; no host sync).
         max_seq_len: host-side upper bound of ``seq_lens`` (chooses the KV split on CUDA).
         out: optional ``[Ntok, Hq, D]`` contiguous output, dtype of ``q``.
+        row_invariant: CPU: every query row computed by the per-row kernels, so its result depends
+            only on its own position and cache, not on the other rows of its block (a verify row
+            equals its decode); off, blocks of many rows use faster kernels (rows in vector lanes,
+            GEMM over long contexts) whose rounding differs. Ignored on CUDA.
     Returns:
         ``out`` ``[Ntok, Hq, D]``.
 
@@ -73,7 +77,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     else:
         check_tensor(out, "out", rank=3, dtype=dt, device=dev, contiguous=True)
         check_shape(out, "out", q.shape)
+    if not isinstance(row_invariant, bool):
+        raise ValueError(f"row_invariant must be True or False, got {row_invariant!r}")
     torch.ops.tandem_rt.paged_attention(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                                        float(scale), int(max_q_len), int(max_seq_len))
+                                        float(scale), int(max_q_len), int(max_seq_len), row_invariant)
     return out
 
