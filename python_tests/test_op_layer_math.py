@@ -18,15 +18,20 @@ def ref_rms_norm(x, w, eps):
     return w * h.to(x.dtype)
 
 
-@pytest.fixture(params=["", "avx512", "avx2", "base"])
-def variant(request, monkeypatch):
-    """Each compiled variant of the row loops (TANDEM_RT_CPU_KERNELS; "" = the best this CPU runs)."""
-    monkeypatch.setenv("TANDEM_RT_CPU_KERNELS", request.param)
+def use_variant(name: str, monkeypatch) -> str:
+    """Force a kernel variant (TANDEM_RT_CPU_KERNELS); skip where this CPU cannot run it."""
+    monkeypatch.setenv("TANDEM_RT_CPU_KERNELS", name)
     try:
         rms_norm(torch.ones(1, 2), torch.ones(2), 1e-6)
     except ValueError as e:
-        pytest.skip(f"this CPU cannot run the {request.param} variant: {e}")
-    return request.param
+        pytest.skip(f"this CPU cannot run the {name} variant: {e}")
+    return name
+
+
+@pytest.fixture(params=["", "avx512", "avx2", "base"])
+def variant(request, monkeypatch):
+    """Each compiled variant of the row loops (TANDEM_RT_CPU_KERNELS; "" = the best this CPU runs)."""
+    return use_variant(request.param, monkeypatch)
 
 
 def ulps(dtype):
@@ -125,14 +130,9 @@ def ref_linear_rows(x, w, add):
 
 @pytest.fixture(params=["", "avx512", "avx512f", "avx2", "base"])
 def rows_variant(request, monkeypatch):
-    """Each variant of linear_rows: "avx512" (vdpbf16ps where the CPU has AVX-512 BF16), "avx512f"
-    (AVX-512 FMAs on fp32-converted rows), "avx2", "base"; "" = the best this CPU runs."""
-    monkeypatch.setenv("TANDEM_RT_CPU_KERNELS", request.param)
-    try:
-        rms_norm(torch.ones(1, 2), torch.ones(2), 1e-6)
-    except ValueError as e:
-        pytest.skip(f"this CPU cannot run the {request.param} variant: {e}")
-    return request.param
+    """Each variant of linear_rows / linear_rows_q: "avx512" (vdpbf16ps / VNNI where the CPU has
+    them), "avx512f" (AVX-512 FMAs on fp32), "avx2", "base"; "" = the best this CPU runs."""
+    return use_variant(request.param, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -9,6 +9,7 @@
 // accumulation), AVX-512F (x rows in fp32 once, each weight vector widened on load), AVX2 and scalar.
 #include "common/check.h"
 #include "ops/layer_math_cpu.h"
+#include "ops/rows_args.h"
 
 #include <cstdint>
 #include <cstring>
@@ -244,28 +245,14 @@ void linear_rows_fp32_rows(const E* xp, int64_t xs, int64_t M, int64_t K, const 
 }
 
 at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& add) {
-  check_rank(x, "x", 2);
-  TORCH_CHECK_VALUE(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
-                    "x must be bfloat16 or float32, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.size(1) <= 1 || x.stride(1) == 1, "x must have a contiguous last dim");
+  check_rows_x(x);
   check_device(w, "w", x.device());
   check_dtype(w, "w", x.scalar_type());
   check_rank(w, "w", 2);
   check_contiguous(w, "w");
   check_size(w, "w", 1, x.size(1));
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  int64_t ars = 0;
-  if (add.has_value()) {
-    check_device(*add, "add", x.device());
-    check_dtype(*add, "add", x.scalar_type());
-    TORCH_CHECK_VALUE(add->dim() == 1 || add->dim() == 2, "add must be [N] or [M, N], got shape ", add->sizes());
-    TORCH_CHECK_VALUE(add->size(-1) == N && add->stride(-1) == 1,
-                      "add must have N = ", N, " contiguous columns, got shape ", add->sizes());
-    if (add->dim() == 2) {
-      check_size(*add, "add", 0, M);
-      ars = add->stride(0);
-    }
-  }
+  const int64_t ars = check_rows_add(add, x, M, N);
   cpu_isa::check_variant();
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;

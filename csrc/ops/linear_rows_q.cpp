@@ -11,6 +11,7 @@
 // output dtype at the end. Each output's arithmetic is the same whatever M is.
 #include "common/check.h"
 #include "ops/layer_math_cpu.h"
+#include "ops/rows_args.h"
 
 #include <cstdint>
 #include <cstring>
@@ -429,10 +430,7 @@ void dispatch_qtype(int64_t qtype, const E* xp, int64_t xs, int64_t M, int64_t K
 
 at::Tensor linear_rows_q_cpu(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
                              const std::optional<at::Tensor>& add) {
-  check_rank(x, "x", 2);
-  TORCH_CHECK_VALUE(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
-                    "x must be bfloat16 or float32, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.size(1) <= 1 || x.stride(1) == 1, "x must have a contiguous last dim");
+  check_rows_x(x);
   TORCH_CHECK_VALUE(qtype == kQ8_0 || qtype == kQ4_0 || qtype == kQ4_1,
                     "qtype must be 0 (Q8_0), 1 (Q4_0) or 2 (Q4_1), got ", qtype);
   const int64_t M = x.size(0), K = x.size(1);
@@ -444,18 +442,7 @@ at::Tensor linear_rows_q_cpu(const at::Tensor& x, const at::Tensor& w, int64_t q
   const int64_t row_bytes = K / kBlock * block_bytes(qtype);
   check_size(w, "w", 1, row_bytes);
   const int64_t N = w.size(0);
-  int64_t ars = 0;
-  if (add.has_value()) {
-    check_device(*add, "add", x.device());
-    check_dtype(*add, "add", x.scalar_type());
-    TORCH_CHECK_VALUE(add->dim() == 1 || add->dim() == 2, "add must be [N] or [M, N], got shape ", add->sizes());
-    TORCH_CHECK_VALUE(add->size(-1) == N && add->stride(-1) == 1,
-                      "add must have N = ", N, " contiguous columns, got shape ", add->sizes());
-    if (add->dim() == 2) {
-      check_size(*add, "add", 0, M);
-      ars = add->stride(0);
-    }
-  }
+  const int64_t ars = check_rows_add(add, x, M, N);
   cpu_isa::check_variant();
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
