@@ -92,6 +92,17 @@ def check_quantized_primary(quantized: dict, primary, device, dtype) -> None:
                              f"the primary's parameter is {list(shape)}")
 
 
+def release_dense_copies(primary, quantized: dict) -> None:
+    """Replace the primary's parameters that the engine serves as blocks by empty tensors (their
+    dequantised copies are never read again: ``PagedLlama`` holds the blocks and, for a quantized
+    embedding, serves the lookups and the tied LM head from them)."""
+    params = dict(primary.named_parameters())
+    with torch.no_grad():
+        for name in quantized:
+            p = params[name]
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+
 class Engine:
     """Serves a :class:`TandemModel` in every mode over paged K/V pools.
 
@@ -224,7 +235,8 @@ class Engine:
 
         ``quantized``: the primary's products read the Q8_0 / Q4_0 / Q4_1 blocks of the GGUF file
         the checkpoint references (``primary_source`` of kind ``gguf``) instead of the dequantised
-        weights (CPU, bf16 / fp32)."""
+        weights (CPU, bf16 / fp32). The dequantised copies of the weights served as blocks are then
+        released (``engine.model.primary`` is no longer a runnable reference module)."""
         from tandem_rt.checkpoint import TOKENIZER_NAME, load_checkpoint
 
         if path is None:
@@ -249,8 +261,11 @@ class Engine:
                 tokenizer = Tokenizer.from_file(str(tok_file))
             except Exception as exc:  # tokenizers raises a bare Exception for malformed files
                 raise CheckpointError(f"malformed tokenizer file {tok_file}: {exc}") from None
-        return cls(model, tokenizer, device=device, dtype=dtype, max_batch_size=max_batch_size,
-                   kv_cache_memory=kv_cache_memory, num_pages=num_pages, page_size=page_size, **kwargs)
+        engine = cls(model, tokenizer, device=device, dtype=dtype, max_batch_size=max_batch_size,
+                     kv_cache_memory=kv_cache_memory, num_pages=num_pages, page_size=page_size, **kwargs)
+        if quantized:
+            release_dense_copies(model.primary, kwargs["quantized_primary"])
+        return engine
 
     # ------------------------------------------------------------------ internals used by Generation
     def new_seq_id(self) -> int:
