@@ -54,25 +54,28 @@ inline void check_variant() {
   }
 }
 
-// TANDEM_RT_CPU_KERNELS=avx512f: AVX-512 without the BF16 dot products (paged attention's bf16 kernel
-// then converts to fp32).
+// AVX-512 extensions beyond AVX-512F are used unless TANDEM_RT_CPU_KERNELS=avx512f (the
+// AVX-512F-only kernels, for tests and A/B timing).
+inline bool avx512_extensions() {
+  const char* env = std::getenv("TANDEM_RT_CPU_KERNELS");
+  return best() == Isa::kAvx512 && !(env != nullptr && std::string(env) == "avx512f");
+}
+
+// AVX-512 BF16 dot products (paged attention's and linear_rows' bf16 kernels; without them bf16 is
+// converted to fp32).
 inline bool bf16_dot_products() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  const char* env = std::getenv("TANDEM_RT_CPU_KERNELS");
-  if (env != nullptr && std::string(env) == "avx512f") return false;
-  return best() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16");
+  return avx512_extensions() && __builtin_cpu_supports("avx512bf16");
 #else
   return false;
 #endif
 }
 
-// AVX-512 VNNI int8 dot products (linear_rows_q's int8-activation kernel); off under
-// TANDEM_RT_CPU_KERNELS=avx512f, which keeps the fp32 kernels.
+// AVX-512 VNNI int8 dot products (linear_rows_q's int8-activation kernel; without them its fp32
+// kernels run).
 inline bool int8_dot_products() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  const char* env = std::getenv("TANDEM_RT_CPU_KERNELS");
-  if (env != nullptr && std::string(env) == "avx512f") return false;
-  return best() == Isa::kAvx512 && __builtin_cpu_supports("avx512vnni");
+  return avx512_extensions() && __builtin_cpu_supports("avx512vnni");
 #else
   return false;
 #endif

@@ -230,18 +230,11 @@ void linear_rows_range(const float* xf, int64_t K, int rows, const E* w, const E
 template <typename E>
 void linear_rows_fp32_rows(const E* xp, int64_t xs, int64_t M, int64_t K, const E* wp, const E* ap, int64_t ars,
                            E* yp, int64_t N, int64_t grain) {
-  std::vector<float> xf(M * K);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xf[m * K + k] = layer_math::load(xp[m * xs + k]);
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
-    const float* xm = xf.data() + m0 * K;
-    const E* am = ap != nullptr ? ap + m0 * ars : nullptr;
-    E* ym = yp + m0 * N;
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      linear_rows_range<E>(xm, K, rows, wp, am, ars, ym, N, n0, n1);
-    });
-  }
+  const std::vector<float> xf = rows_to_fp32(xp, xs, M, K);  // x rows in fp32 once
+  for_row_passes(M, N, grain, kMaxRows, [&](int64_t m0, int rows, int64_t n0, int64_t n1) {
+    linear_rows_range<E>(xf.data() + m0 * K, K, rows, wp, ap != nullptr ? ap + m0 * ars : nullptr, ars, yp + m0 * N,
+                         N, n0, n1);
+  });
 }
 
 at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& add) {

@@ -6,9 +6,11 @@
 //   Q8_0 (qtype 0, 34 bytes): d, int8 q[32];           w_k = d * q_k
 //   Q4_0 (qtype 1, 18 bytes): d, uint8 qs[16];         w_k = d * (nib_k - 8)
 //   Q4_1 (qtype 2, 20 bytes): d, m, uint8 qs[16];      w_k = d * nib_k + m
-// with nib_k = qs[k] & 15 for k < 16 and qs[k - 16] >> 4 for k >= 16. Each block is dequantized in
-// registers to fp32 (shared by up to 8 rows), then fp32 FMAs as linear_rows; one rounding to the
-// output dtype at the end. Each output's arithmetic is the same whatever M is.
+// with nib_k = qs[k] & 15 for k < 16 and qs[k - 16] >> 4 for k >= 16. Variants: AVX-512 VNNI (x
+// quantized to int8 per block, exact integer block dots: the llama.cpp scheme, below), AVX-512F
+// (each block dequantized in registers to fp32 and shared by up to 8 rows, fp32 FMAs: the exact
+// product with the dequantized weights) and portable fp32 loops. One rounding to the output dtype
+// at the end; each output's arithmetic is the same whatever M is.
 #include "common/check.h"
 #include "ops/layer_math_cpu.h"
 #include "ops/rows_args.h"
@@ -34,27 +36,7 @@ constexpr int64_t block_bytes(int64_t qtype) { return qtype == kQ8_0 ? 34 : qtyp
 inline float half_to_float(const uint8_t* p) {  // IEEE fp16 (little endian) -> fp32, exact
   uint16_t h;
   std::memcpy(&h, p, 2);
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
-  if (exp == 0) {
-    if (man == 0) {
-      bits = sign;
-    } else {  // subnormal: normalise
-      int e = -1;
-      do {
-        man <<= 1;
-        ++e;
-      } while ((man & 0x400u) == 0);
-      bits = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (man & 0x3ffu) << 13;
-    }
-  } else if (exp == 31) {
-    bits = sign | 0x7f800000u | man << 13;
-  } else {
-    bits = sign | (exp + 127 - 15) << 23 | man << 13;
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+  return c10::detail::fp16_ieee_to_fp32_value(h);
 }
 
 // The 32 weights of one block as fp32 (any ISA; the reference arithmetic of the kernels).
@@ -179,19 +161,26 @@ void linear_q_range(const float* xf, int64_t K, const uint8_t* w, const E* add, 
   for (; n < n1; ++n) linear_q_block<Q, E, R, 1>(xf, K, w, add, ars, y, ys, n);
 }
 
+// rows (1..8) -> the register block of the quantized kernels (R rows x NB outputs, R * NB <= 8);
+// CALL(R, NB) runs it. Shared by the fp32 and the VNNI kernel families.
+#define TANDEM_Q_ROW_BLOCKS(rows, CALL) \
+  switch (rows) {                       \
+    case 1: return CALL(1, 4);          \
+    case 2: return CALL(2, 2);          \
+    case 3: return CALL(3, 2);          \
+    case 4: return CALL(4, 2);          \
+    case 5: return CALL(5, 1);          \
+    case 6: return CALL(6, 1);          \
+    case 7: return CALL(7, 1);          \
+    default: return CALL(8, 1);         \
+  }
+
 template <int64_t Q, typename E>
 void linear_rows_q_avx512(const float* xf, int64_t K, int rows, const uint8_t* w, const E* add, int64_t ars, E* y,
                           int64_t ys, int64_t n0, int64_t n1) {
-  switch (rows) {
-    case 1: return linear_q_range<Q, E, 1, 4>(xf, K, w, add, ars, y, ys, n0, n1);
-    case 2: return linear_q_range<Q, E, 2, 2>(xf, K, w, add, ars, y, ys, n0, n1);
-    case 3: return linear_q_range<Q, E, 3, 2>(xf, K, w, add, ars, y, ys, n0, n1);
-    case 4: return linear_q_range<Q, E, 4, 2>(xf, K, w, add, ars, y, ys, n0, n1);
-    case 5: return linear_q_range<Q, E, 5, 1>(xf, K, w, add, ars, y, ys, n0, n1);
-    case 6: return linear_q_range<Q, E, 6, 1>(xf, K, w, add, ars, y, ys, n0, n1);
-    case 7: return linear_q_range<Q, E, 7, 1>(xf, K, w, add, ars, y, ys, n0, n1);
-    default: return linear_q_range<Q, E, 8, 1>(xf, K, w, add, ars, y, ys, n0, n1);
-  }
+#define TANDEM_Q_F32(R, NB) linear_q_range<Q, E, R, NB>(xf, K, w, add, ars, y, ys, n0, n1)
+  TANDEM_Q_ROW_BLOCKS(rows, TANDEM_Q_F32)
+#undef TANDEM_Q_F32
 }
 #pragma GCC pop_options
 #endif
@@ -299,9 +288,9 @@ __attribute__((always_inline)) inline void load_pair(const uint8_t* a, const uin
 
 // R rows x NB outputs, R * NB <= 8 fp32 accumulators.
 template <int64_t Q, typename E, int R, int NB>
-__attribute__((always_inline)) inline void linear_q_block_vnni(const QuantRows& xr, int64_t K, const uint8_t* w,
-                                                               const E* add, int64_t ars, E* y, int64_t ys,
-                                                               int64_t n) {
+__attribute__((always_inline)) inline void linear_q_block_vnni(const QuantRows& xr, int64_t row0, int64_t K,
+                                                               const uint8_t* w, const E* add, int64_t ars, E* y,
+                                                               int64_t ys, int64_t n) {
   constexpr int64_t bb = block_bytes(Q);
   const int64_t nb = K / kBlock, pairs = xr.pairs;
   __m512 acc[R * NB];
@@ -323,7 +312,7 @@ __attribute__((always_inline)) inline void linear_q_block_vnni(const QuantRows& 
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const int64_t at = r * pairs + p;
+      const int64_t at = (row0 + r) * pairs + p;
       const __m512i xv = _mm512_loadu_si512(xr.xq.data() + at * 64);
       const __m512 dx = _mm512_loadu_ps(xr.dxl.data() + at * 16);
       const __m512 sx = _mm512_loadu_ps(xr.sxl.data() + at * 16);
@@ -348,27 +337,20 @@ __attribute__((always_inline)) inline void linear_q_block_vnni(const QuantRows& 
 }
 
 template <int64_t Q, typename E, int R, int NB>
-void linear_q_range_vnni(const QuantRows& xr, int64_t K, const uint8_t* w, const E* add, int64_t ars, E* y,
-                         int64_t ys, int64_t n0, int64_t n1) {
+void linear_q_range_vnni(const QuantRows& xr, int64_t row0, int64_t K, const uint8_t* w, const E* add, int64_t ars,
+                         E* y, int64_t ys, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + NB <= n1; n += NB) linear_q_block_vnni<Q, E, R, NB>(xr, K, w, add, ars, y, ys, n);
-  for (; n < n1; ++n) linear_q_block_vnni<Q, E, R, 1>(xr, K, w, add, ars, y, ys, n);
+  for (; n + NB <= n1; n += NB) linear_q_block_vnni<Q, E, R, NB>(xr, row0, K, w, add, ars, y, ys, n);
+  for (; n < n1; ++n) linear_q_block_vnni<Q, E, R, 1>(xr, row0, K, w, add, ars, y, ys, n);
 }
 
-// rows <= 8 of xr (already offset to the pass's first row: see linear_rows_q_typed).
+// rows <= 8 rows of quantized x (xr, from row0 on).
 template <int64_t Q, typename E>
-void linear_rows_q_vnni(const QuantRows& xr, int64_t K, int rows, const uint8_t* w, const E* add, int64_t ars, E* y,
-                        int64_t ys, int64_t n0, int64_t n1) {
-  switch (rows) {
-    case 1: return linear_q_range_vnni<Q, E, 1, 4>(xr, K, w, add, ars, y, ys, n0, n1);
-    case 2: return linear_q_range_vnni<Q, E, 2, 2>(xr, K, w, add, ars, y, ys, n0, n1);
-    case 3: return linear_q_range_vnni<Q, E, 3, 2>(xr, K, w, add, ars, y, ys, n0, n1);
-    case 4: return linear_q_range_vnni<Q, E, 4, 2>(xr, K, w, add, ars, y, ys, n0, n1);
-    case 5: return linear_q_range_vnni<Q, E, 5, 1>(xr, K, w, add, ars, y, ys, n0, n1);
-    case 6: return linear_q_range_vnni<Q, E, 6, 1>(xr, K, w, add, ars, y, ys, n0, n1);
-    case 7: return linear_q_range_vnni<Q, E, 7, 1>(xr, K, w, add, ars, y, ys, n0, n1);
-    default: return linear_q_range_vnni<Q, E, 8, 1>(xr, K, w, add, ars, y, ys, n0, n1);
-  }
+void linear_rows_q_vnni(const QuantRows& xr, int64_t row0, int64_t K, int rows, const uint8_t* w, const E* add,
+                        int64_t ars, E* y, int64_t ys, int64_t n0, int64_t n1) {
+#define TANDEM_Q_VNNI(R, NB) linear_q_range_vnni<Q, E, R, NB>(xr, row0, K, w, add, ars, y, ys, n0, n1)
+  TANDEM_Q_ROW_BLOCKS(rows, TANDEM_Q_VNNI)
+#undef TANDEM_Q_VNNI
 }
 #pragma GCC pop_options
 #endif
@@ -388,34 +370,23 @@ void linear_rows_q_range(const float* xf, int64_t K, int rows, const uint8_t* w,
 template <int64_t Q, typename E>
 void linear_rows_q_typed(const E* xp, int64_t xs, int64_t M, int64_t K, const uint8_t* w, const E* ap, int64_t ars,
                          E* yp, int64_t N) {
-  std::vector<float> xf(M * K);  // x rows in fp32 once
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xf[m * K + k] = layer_math::load(xp[m * xs + k]);
+  const std::vector<float> xf = rows_to_fp32(xp, xs, M, K);  // x rows in fp32 once
   const int64_t grain = std::max<int64_t>(8, 16384 / std::max<int64_t>(K, 1));
 #if defined(__x86_64__) && defined(__GNUC__)
   if (cpu_isa::int8_dot_products()) {
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-      const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
-      QuantRows xr;
-      quantize_rows<Q>(xf.data() + m0 * K, K, rows, xr);
-      const E* am = ap != nullptr ? ap + m0 * ars : nullptr;
-      E* ym = yp + m0 * N;
-      at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-        linear_rows_q_vnni<Q, E>(xr, K, rows, w, am, ars, ym, N, n0, n1);
-      });
-    }
+    QuantRows xr;  // every row quantized once
+    quantize_rows<Q>(xf.data(), K, M, xr);
+    for_row_passes(M, N, grain, kMaxRows, [&](int64_t m0, int rows, int64_t n0, int64_t n1) {
+      linear_rows_q_vnni<Q, E>(xr, m0, K, rows, w, ap != nullptr ? ap + m0 * ars : nullptr, ars, yp + m0 * N, N,
+                               n0, n1);
+    });
     return;
   }
 #endif
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
-    const float* xm = xf.data() + m0 * K;
-    const E* am = ap != nullptr ? ap + m0 * ars : nullptr;
-    E* ym = yp + m0 * N;
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      linear_rows_q_range<Q, E>(xm, K, rows, w, am, ars, ym, N, n0, n1);
-    });
-  }
+  for_row_passes(M, N, grain, kMaxRows, [&](int64_t m0, int rows, int64_t n0, int64_t n1) {
+    linear_rows_q_range<Q, E>(xf.data() + m0 * K, K, rows, w, ap != nullptr ? ap + m0 * ars : nullptr, ars,
+                              yp + m0 * N, N, n0, n1);
+  });
 }
 
 template <typename E>

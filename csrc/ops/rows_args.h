@@ -3,9 +3,14 @@
 #pragma once
 
 #include "common/check.h"
+#include "ops/layer_math_cpu.h"
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace tandem_rt {
 
@@ -29,6 +34,25 @@ inline int64_t check_rows_add(const std::optional<at::Tensor>& add, const at::Te
   if (add->dim() == 1) return 0;
   check_size(*add, "add", 0, M);
   return add->stride(0);
+}
+
+// x rows ([M, K] of E = float or uint16_t bf16 bits, row stride xs) as contiguous fp32 [M, K].
+template <typename E>
+inline std::vector<float> rows_to_fp32(const E* xp, int64_t xs, int64_t M, int64_t K) {
+  std::vector<float> xf(M * K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xf[m * K + k] = layer_math::load(xp[m * xs + k]);
+  return xf;
+}
+
+// Passes of up to max_rows rows over the weight (each pass reads it once), the outputs [0, N) of a
+// pass split between threads: f(m0, rows, n0, n1) computes rows [m0, m0 + rows) x outputs [n0, n1).
+template <typename F>
+inline void for_row_passes(int64_t M, int64_t N, int64_t grain, int max_rows, F&& f) {
+  for (int64_t m0 = 0; m0 < M; m0 += max_rows) {
+    const int rows = static_cast<int>(std::min<int64_t>(max_rows, M - m0));
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { f(m0, rows, n0, n1); });
+  }
 }
 
 }  // namespace tandem_rt
