@@ -117,7 +117,7 @@ class _Graph:
                                            hidden_layers=hidden_layers)
             if refresh:
                 engine.refresh(hidden, m.positions, m.slot_mapping, engine.secondary_cache.k,
-                               engine.secondary_cache.v)
+                               engine.secondary_cache.v, step=True)
             if self.verify is None:
                 return logits, hidden
             drafts = self.ids.view(B, q)[:, 1:].contiguous()

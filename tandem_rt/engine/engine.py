@@ -288,7 +288,8 @@ class Engine:
                                        logits_rows=meta.last_rows if last_rows_only else None,
                                        hidden_layers=hidden_layers, step=True)
         if refresh:
-            self.refresh(hidden, meta.positions, meta.slot_mapping, self.secondary_cache.k, self.secondary_cache.v)
+            self.refresh(hidden, meta.positions, meta.slot_mapping, self.secondary_cache.k, self.secondary_cache.v,
+                         step=True)
         if verify is None:
             return logits, hidden
         B, q = meta.num_seqs, meta.uniform_q_len

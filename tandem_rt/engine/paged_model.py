@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from tandem_rt.models.llama import LlamaForCausalLM, scatter_vocab
-from tandem_rt.quantized import QuantMatrix
+from tandem_rt.quantized import QuantMatrix, cat_rows, embedding_rows, quant_mm
 
 
 @dataclass
@@ -244,8 +244,6 @@ def linear_rows_any(x: torch.Tensor, w: torch.Tensor, add: Optional[torch.Tensor
 
 def with_quantized(base):
     """``base(x, w, add)`` for dense weights, :func:`tandem_rt.quantized.quant_mm` for a QuantMatrix."""
-    from tandem_rt.quantized import quant_mm
-
     def mm_any(x, w, add=None):
         return quant_mm(x, w, add) if isinstance(w, QuantMatrix) else base(x, w, add)
     return mm_any
@@ -302,8 +300,6 @@ class PagedLlama:
         def mat(params):   # a fused group: quantized when every member is (one qtype), else dense
             qs = [quantized.get(names.get(id(p))) for p in params]
             if all(q is not None for q in qs) and len({q.qtype for q in qs}) == 1:
-                from tandem_rt.quantized import cat_rows
-
                 return qs[0] if len(qs) == 1 else cat_rows(qs)
             return dense(params)
 
@@ -333,8 +329,6 @@ class PagedLlama:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows of ``input_ids`` (int64 ``[T]``) -> ``[T, d]``."""
         if self.quant_embedding is not None:
-            from tandem_rt.quantized import embedding_rows
-
             return embedding_rows(self.quant_embedding, input_ids, self.final_norm.dtype)
         return F.embedding(input_ids, self.model.model.embed_tokens.weight.detach())
 
@@ -367,10 +361,10 @@ class PagedLlama:
             hidden_layers: residual streams to return (``0`` = embeddings, ``L`` = last layer output
                 before the final norm).
             step: a decode / draft / verify step (``Engine.run``): the products use ``step_mm``
-                (on the CPU, ``linear_rows`` for any row count) and, on the CPU, paged attention is
-                row-invariant, so a row's logits do not depend on the other rows of the step (a
-                verify row equals its decode); prompts (``False``) use ``mm`` (torch's GEMM beyond a
-                few rows).
+                (on the CPU, ``linear_rows`` for any row count), so with the CPU's row-invariant
+                paged attention (every CPU call) a row's logits do not depend on the other rows of
+                the step (a verify row equals its decode); prompts (``False``) use ``mm`` (torch's
+                GEMM beyond a few rows).
         Returns:
             logits ``[R, V]`` (model dtype) and the list of ``[T, d]`` residual streams.
         """

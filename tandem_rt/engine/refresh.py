@@ -34,7 +34,7 @@ class TandemRefresh:
 
     @torch.no_grad()
     def __call__(self, primary_hidden: Sequence[torch.Tensor], positions: torch.Tensor,
-                 slot_mapping: torch.Tensor, k_cache: list, v_cache: list) -> None:
+                 slot_mapping: torch.Tensor, k_cache: list, v_cache: list, step: bool = False) -> None:
         """Refresh the rows of ``primary_hidden``.
 
         Args:
@@ -42,15 +42,18 @@ class TandemRefresh:
             positions: int64 ``[T]`` absolute positions of the rows.
             slot_mapping: int64 ``[T]`` secondary-pool slots to write (-1 = skip the row).
             k_cache, v_cache: the secondary's per-layer pools ``[num_pages, page_size, n_kv, head_dim]``.
+            step: rows of a decode / verify step (products by the secondary's ``step_mm``, row-
+                invariant on the CPU, as ``PagedLlama.forward(step=True)``), else a prompt's.
         """
         cfg = self.secondary.config
         T = positions.shape[0]
         Hkv, D = cfg.num_key_value_heads, cfg.head_dim
         theta = float(cfg.rope_theta)
+        mm = self.secondary.step_mm if step else self.secondary.mm
         for j, (w_proj, b_proj) in enumerate(self.proj):
-            y_hat = self.secondary.step_mm(primary_hidden[j].to(w_proj.dtype), w_proj, b_proj)
+            y_hat = mm(primary_hidden[j].to(w_proj.dtype), w_proj, b_proj)
             h = self.secondary.input_norm(j, y_hat)
             w_kv, b_kv = self.secondary.kv_weights(j)
-            k, v = self.secondary.step_mm(h, w_kv, b_kv).view(T, 2 * Hkv, D).split(Hkv, 1)
+            k, v = mm(h, w_kv, b_kv).view(T, 2 * Hkv, D).split(Hkv, 1)
             # the raw op: the engine built the indices, and the C++ op validates every argument
             torch.ops.tandem_rt.rope_cache_write(k, v, positions, slot_mapping, k_cache[j], v_cache[j], theta, None)
