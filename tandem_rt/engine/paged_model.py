@@ -216,9 +216,10 @@ def silu_and_mul(gate_up: torch.Tensor, cpu_ops: bool) -> torch.Tensor:
     return F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
 
 
-# CPU products of at most this many rows use tandem_rt::linear_rows, per dtype (where it is faster
-# than torch's GEMM: tools/bench_kernels.py --only layer_math, docs/KERNELS.md)
-LINEAR_ROWS_MAX = {torch.bfloat16: 32, torch.float32: 16}
+# prompt products of at most this many rows use tandem_rt::linear_rows, per dtype (where it is
+# faster than torch's GEMM: tools/bench_kernels.py --only layer_math, docs/KERNELS.md); decode /
+# draft / verify steps use it for any row count (PagedLlama.step_mm)
+LINEAR_ROWS_MAX = {torch.bfloat16: 32, torch.float32: 8}
 ROWS_LAYOUT_DTYPES = tuple(LINEAR_ROWS_MAX)  # dtypes linear_rows takes
 
 
