@@ -114,6 +114,20 @@ __attribute__((always_inline)) inline void dequant_block_avx512(const uint8_t* b
   }
 }
 
+// y[r, n + b] = sum of acc[r * NB + b]'s lanes (+ add), rounded once to E (both kernel families).
+template <typename E, int R, int NB>
+__attribute__((always_inline)) inline void store_outputs(const __m512* acc, const E* add, int64_t ars, E* y,
+                                                         int64_t ys, int64_t n) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int b = 0; b < NB; ++b) {
+      float s = _mm512_reduce_add_ps(acc[r * NB + b]);
+      if (add != nullptr) s += layer_math::load(add[r * ars + n + b]);
+      y[r * ys + n + b] = layer_math::store<E>(s);
+    }
+}
+
 // R rows x NB outputs (2 * R * NB <= 32 fp32 partial vectors are too many: R * NB <= 8, each output
 // accumulating both halves of a block into one vector).
 template <int64_t Q, typename E, int R, int NB>
@@ -143,14 +157,7 @@ __attribute__((always_inline)) inline void linear_q_block(const float* xf, int64
       }
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int b = 0; b < NB; ++b) {
-      float s = _mm512_reduce_add_ps(acc[r * NB + b]);
-      if (add != nullptr) s += layer_math::load(add[r * ars + n + b]);
-      y[r * ys + n + b] = layer_math::store<E>(s);
-    }
+  store_outputs<E, R, NB>(acc, add, ars, y, ys, n);
 }
 
 template <int64_t Q, typename E, int R, int NB>
@@ -326,14 +333,7 @@ __attribute__((always_inline)) inline void linear_q_block_vnni(const QuantRows& 
       }
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int b = 0; b < NB; ++b) {
-      float s = _mm512_reduce_add_ps(acc[r * NB + b]);
-      if (add != nullptr) s += layer_math::load(add[r * ars + n + b]);
-      y[r * ys + n + b] = layer_math::store<E>(s);
-    }
+  store_outputs<E, R, NB>(acc, add, ars, y, ys, n);
 }
 
 template <int64_t Q, typename E, int R, int NB>
