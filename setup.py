@@ -87,8 +87,9 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["torch>=2.11", "numpy", "safetensors", "tokenizers", "tqdm"],
     extras_require={
-        "test": ["pytest", "hypothesis", "transformers", "gguf", "accelerate"],
+        "test": ["pytest", "hypothesis", "transformers", "gguf", "accelerate", "httpx", "starlette", "uvicorn"],
         "train": ["matplotlib"],
+        "serve": ["starlette", "uvicorn"],
     },
     entry_points={"console_scripts": ["tandem-rt=tandem_rt.cli:main"]},
     zip_safe=False,

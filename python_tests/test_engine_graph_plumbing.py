@@ -21,7 +21,7 @@ def test_graph_runner_matches_eager_engine(seed):
     params = SamplingParams(max_new_tokens=14, ignore_eos=True)
     plain = Engine(copy.deepcopy(model), num_pages=64, page_size=8, max_batch_size=4)
     graphed = Engine(copy.deepcopy(model), num_pages=64, page_size=8, max_batch_size=4)
-    graphed.cuda_graphs = CudaGraphRunner(graphed, capture=EagerCapture())
+    graphed.cuda_graphs = CudaGraphRunner(graphed.runner, capture=EagerCapture())
     runs = [("primary", 1), ("speed", 3), ("tandem-speed", 2), ("tandem-speed", "auto"), ("tandem", 3)]
     for mode, gamma in runs:
         want = [r.token_ids for r in plain.generate(prompts, params, mode=mode, gamma=gamma)]

@@ -11,7 +11,7 @@ from tandem_rt._ext import _C
 from tandem_rt.config import ConfigError, ModelConfig, RouterConfig, TandemConfig
 from tandem_rt.models import LlamaForCausalLM, TandemModel, TandemOutput
 from tandem_rt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tandem_rt.engine import Engine, SamplingParams
+from tandem_rt.engine import AsyncEngine, Engine, SamplingParams
 
 
 _LAZY_SUBMODULES = ("hf", "gguf")  # import paths: loaded on first access (``tandem_rt.hf.load_hf_model``)
@@ -32,4 +32,4 @@ def build_info() -> dict:
 
 __all__ = ["__version__", "build_info", "ConfigError", "ModelConfig", "RouterConfig", "TandemConfig",
            "LlamaForCausalLM", "TandemModel", "TandemOutput", "CheckpointError", "load_checkpoint",
-           "save_checkpoint", "Engine", "SamplingParams"]
+           "save_checkpoint", "Engine", "AsyncEngine", "SamplingParams"]

@@ -47,6 +47,51 @@ class HostTimer:
             setattr(owner, name, fn)
 
 
+class StepProbe:
+    """Wraps one step function of ``tandem_rt.engine.steps`` (it runs on the engine's loop thread):
+    calls ``warmup`` .. profile the next one with torch.profiler, then time ``steps`` more with
+    the host timer's functions wrapped."""
+
+    def __init__(self, name: str, label: str, warmup: int, steps: int, device, timer: "HostTimer", wrap_host):
+        from tandem_rt.engine import steps as step_module
+
+        self.module, self.name, self.label = step_module, name, label
+        self.fn = getattr(step_module, name)
+        self.warmup, self.steps, self.device = warmup, steps, device
+        self.timer, self.wrap_host = timer, wrap_host
+        self.calls, self.prof, self.wall, self.timed = 0, None, 0.0, 0
+        setattr(step_module, name, self)
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def __call__(self, *a, **k):
+        i = self.calls
+        self.calls += 1
+        if i < self.warmup or i > self.warmup + self.steps:
+            return self.fn(*a, **k)
+        if i == self.warmup:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            with profile(activities=acts, record_shapes=False) as prof:
+                with record_function(self.label):
+                    out = self.fn(*a, **k)
+                self.sync()
+            self.prof = prof
+            self.wrap_host(self.timer)
+            return out
+        self.sync()
+        t = time.perf_counter()
+        out = self.fn(*a, **k)
+        self.sync()
+        self.wall += time.perf_counter() - t
+        self.timed += 1
+        return out
+
+    def undo(self):
+        setattr(self.module, self.name, self.fn)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(ap)
@@ -56,7 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="steps timed for the host-overhead figure")
     ap.add_argument("--out", default="profile_step")
     args = ap.parse_args(argv)
-    from tandem_rt.engine import SamplingParams, generation
+    from tandem_rt.engine import SamplingParams, steps
 
     _, engine = engine_from_args(args, max_batch_size=args.batch)
     g = torch.Generator().manual_seed(0)
@@ -65,47 +110,32 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {}
+
+    def wrap_host(timer):
+        timer.wrap(steps, "build_meta", "build_meta")
+        timer.wrap(engine.runner, "prepare_writes", "prepare_writes")
+        timer.wrap(engine.scheduler, "commit", "commit")
+        timer.wrap(engine.page_manager, "block_table", "block_table")
     for mode, label in (("primary", "decode step (primary)"), ("tandem-speed", f"tandem+speed iteration (γ={args.gamma})")):
-        gen = generation.Generation(engine, prompts, params, mode, args.gamma, True)
-        events = gen.events()
-        next(events)                       # admission: prefill and the first token
-        for _ in range(2):                 # warm-up steps
-            list(gen._step())
-            list(gen._retire())
-        sync = (lambda: torch.cuda.synchronize()) if engine.device.type == "cuda" else (lambda: None)
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
-        with profile(activities=acts, record_shapes=False) as prof:
-            with record_function(label):
-                list(gen._step())
-            sync()
+        timer = HostTimer()
+        probe = StepProbe("speculative_step", label, 2, args.steps, engine.device, timer, wrap_host)
+        try:
+            engine.generate(prompts, params, mode=mode, gamma=args.gamma)
+        finally:
+            probe.undo()
+            timer.undo()
+        prof = probe.prof
         prof.export_chrome_trace(str(out_dir / f"{mode}.trace.json"))
         sort = "self_cuda_time_total" if engine.device.type == "cuda" else "self_cpu_time_total"
         print(f"\n== {label}: batch {args.batch}, context {args.context}, {engine.device}")
         print(prof.key_averages().table(sort_by=sort, row_limit=20))
-        # host overhead: functions that only do host work
-        timer = HostTimer()
-        timer.wrap(generation, "build_meta", "build_meta")
-        for name in ("_prepare", "_set_lens", "_commit", "_event"):
-            timer.wrap(gen, name, name)
-        timer.wrap(engine.page_manager, "block_table", "block_table")
-        sync()
-        t = time.perf_counter()
-        steps = 0
-        for _ in range(args.steps):
-            if not gen.active:
-                break
-            list(gen._step())
-            list(gen._retire())
-            steps += 1
-        sync()
-        wall = (time.perf_counter() - t) / max(steps, 1)
-        timer.undo()
-        host = {k: 1000 * v / max(steps, 1) for k, v in timer.total.items()}
-        host_ms = sum(v for k, v in host.items() if k != "block_table") + host.get("block_table", 0)
+        n = max(probe.timed, 1)
+        wall = probe.wall / n
+        host = {k: 1000 * v / n for k, v in timer.total.items()}
+        host_ms = sum(host.values())
         print(f"per step: wall {1000 * wall:.3f} ms, host bookkeeping {host_ms:.3f} ms "
-              f"({100 * host_ms / (1000 * wall):.1f}%): " + ", ".join(f"{k} {v:.3f} ms" for k, v in host.items()))
-        summary[mode] = {"wall_ms": 1000 * wall, "host_ms": host_ms, "host_parts_ms": host, "steps": steps}
-        events.close()
+              f"({100 * host_ms / max(1000 * wall, 1e-9):.1f}%): " + ", ".join(f"{k} {v:.3f} ms" for k, v in host.items()))
+        summary[mode] = {"wall_ms": 1000 * wall, "host_ms": host_ms, "host_parts_ms": host, "steps": probe.timed}
     (out_dir / "summary.json").write_text(json.dumps({"batch": args.batch, "context": args.context,
                                                       "gamma": args.gamma, "device": str(engine.device),
                                                       "steps": summary}, indent=2))

@@ -9,7 +9,7 @@ import importlib
 import sys
 
 # module name -> registers one or more subcommands
-SUBCOMMAND_MODULES = ["info", "inspect", "imports", "eval", "generate", "train"]
+SUBCOMMAND_MODULES = ["info", "inspect", "imports", "eval", "generate", "serve", "train"]
 
 
 class CLIError(Exception):

@@ -12,7 +12,8 @@ and slots; padded rows have slot -1 and write nothing), and a verify block of th
 modes captures its verification (``torch.ops.tandem_rt.verify`` on the block's own rows and
 logits; static buffers for the draft lengths, drafter probabilities, sampling parameters and the
 random state, which is copied in before and back after the replay, so every replay draws fresh
-numbers; padded sequences verify zero drafts greedily). The drafter's sampling after a decode step
+numbers; padded sequences verify zero drafts greedily). The captured body is
+``ModelRunner.forward_step``, the function the eager path runs. The drafter's sampling after a decode step
 runs eagerly. Ragged steps (prompt chunks) run eagerly; the drafter's catch-up step is made
 uniform by the caller. Results are identical with and without graphs (the same kernels run).
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from tandem_rt.engine.paged_model import ForwardMeta
-from tandem_rt.engine.verification import VerifyInputs, run_verify
+from tandem_rt.engine.verification import VerifyInputs
 
 
 def _buckets(max_batch: int) -> list:
@@ -84,11 +85,11 @@ class _Graph:
     the verification of the block, ``"greedy"`` or ``"probs"`` for a drafter with probabilities)
     with its static inputs and outputs."""
 
-    def __init__(self, engine, model, cache, B: int, q: int, last_rows_only: bool, hidden_layers: tuple, capture,
+    def __init__(self, runner, model, cache, B: int, q: int, last_rows_only: bool, hidden_layers: tuple, capture,
                  refresh: bool = False, verify=None):
-        dev = engine.device
+        dev = runner.device
         ctx = model.config.max_position_embeddings
-        max_pages = -(-(ctx + q) // engine.page_manager.page_size)
+        max_pages = -(-(ctx + q) // runner.page_manager.page_size)
         T = B * q
         self.B, self.q, self.T = B, q, T
         self.ids = torch.zeros(T, dtype=torch.int64, device=dev)
@@ -101,7 +102,6 @@ class _Graph:
             max_q_len=q, max_seq_len=ctx + q,
             last_rows=torch.arange(q - 1, T, q, dtype=torch.int64, device=dev), uniform_q_len=q)
         self.max_pages = max_pages
-        rows = self.meta.last_rows if last_rows_only else None
         m = self.meta
         self.verify = None
         if verify is not None:   # static verification inputs; padded sequences: no drafts, greedy
@@ -112,16 +112,8 @@ class _Graph:
                 torch.zeros(B, dtype=torch.float32, device=dev), torch.zeros(B, dtype=torch.int32, device=dev),
                 torch.ones(B, dtype=torch.float32, device=dev), torch.zeros(B, 2, dtype=torch.int64, device=dev))
 
-        def run():
-            logits, hidden = model.forward(self.ids, m, cache.k, cache.v, logits_rows=rows, step=True,
-                                           hidden_layers=hidden_layers)
-            if refresh:
-                engine.refresh(hidden, m.positions, m.slot_mapping, engine.secondary_cache.k,
-                               engine.secondary_cache.v, step=True)
-            if self.verify is None:
-                return logits, hidden
-            drafts = self.ids.view(B, q)[:, 1:].contiguous()
-            return (logits, hidden) + tuple(run_verify(drafts, logits, self.verify, B, q))
+        def run():   # the eager step body itself, on the static buffers
+            return runner.forward_step(model, cache, self.ids, m, last_rows_only, hidden_layers, refresh, self.verify)
         outputs, self._replay = capture(run)
         self.logits, self.hidden = outputs[0], outputs[1]
         self.verified = outputs[2:]
@@ -162,11 +154,16 @@ class _Graph:
 
 
 class CudaGraphRunner:
-    """Captures lazily, per (model, bucket, rows per sequence, outputs), and replays."""
+    """Captures lazily, per (model, bucket, rows per sequence, outputs), and replays.
 
-    def __init__(self, engine, capture=None):
-        self.engine = engine
-        self.buckets = _buckets(engine.max_batch_size)
+    Args:
+        runner: the :class:`~tandem_rt.engine.model_runner.ModelRunner` whose ``forward_step`` is captured.
+        capture: :class:`CudaCapture` (default) or :class:`EagerCapture`.
+    """
+
+    def __init__(self, runner, capture=None):
+        self.runner = runner
+        self.buckets = _buckets(runner.max_batch_size)
         self.graphs: dict = {}
         self.capture = capture if capture is not None else CudaCapture()
 
@@ -183,7 +180,7 @@ class CudaGraphRunner:
         key = (id(model), bucket, q, last_rows_only, hidden_layers, kind, refresh)
         g = self.graphs.get(key)
         if g is None:
-            g = self.graphs[key] = _Graph(self.engine, model, cache, bucket, q, last_rows_only, hidden_layers,
+            g = self.graphs[key] = _Graph(self.runner, model, cache, bucket, q, last_rows_only, hidden_layers,
                                           self.capture, refresh, kind)
         if meta.block_tables.shape[1] > g.max_pages:
             return None

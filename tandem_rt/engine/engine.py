@@ -15,26 +15,36 @@ Modes:
 ``gamma`` is the number of drafted tokens per block (an int), or ``"auto"``: the checkpoint's
 router stops drafting when the predicted acceptance ``1 - tv`` falls under its threshold, or
 at its ``gamma_max``.
+
+Serving (docs/ENGINE.md): :meth:`Engine.submit` queues a request from any thread and returns a
+:class:`~tandem_rt.engine.requests.RequestHandle`; one background loop thread serves every live
+request in one continuous batch (the scheduler admits, prefills and forks requests between
+iterations; each iteration runs one step per kind of step, ``steps.py``, on the model runner).
+Requests of every mode and γ share the batch. :meth:`Engine.generate` and :meth:`Engine.stream`
+are thin wrappers over ``submit``. The loop thread runs only while there is work: it starts on
+the first submit after an idle period and ends when the last request has ended.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import itertools
+import os
 import threading
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
 
-from tandem_rt.engine.generation import Generation
-from tandem_rt.engine.paged_model import PagedLlama
+from tandem_rt.engine import steps
+from tandem_rt.engine.model_runner import ModelRunner
+from tandem_rt.engine.modes import MODE_TABLE, MODES
 from tandem_rt.engine.params import SamplingParams
-from tandem_rt.engine.refresh import TandemRefresh
-from tandem_rt.engine.verification import run_verify
-from tandem_rt.engine.results import Result, StreamEvent
+from tandem_rt.engine.requests import EngineOverloaded, RequestHandle
+from tandem_rt.engine.results import StreamEvent
+from tandem_rt.engine.scheduler import Request, Scheduler
 from tandem_rt.models.tandem import TandemModel
 from tandem_rt.paths import default_model_path
-
-MODES = ("primary", "secondary", "speed", "tandem", "tandem-speed")
 DEFAULT_KV_CACHE_MEMORY = 256 << 20  # bytes of K/V pools when neither num_pages nor kv_cache_memory is given
 MAX_GAMMA = 31          # a verify block holds gamma + 1 <= 32 queries per sequence (paged_attention)
 
@@ -127,12 +137,15 @@ class Engine:
         quantized_primary: ``{parameter name: QuantMatrix}`` of the primary's weights kept in their
             GGUF blocks (``tandem_rt.quantized.read_gguf_matrices``; CPU, bf16 / fp32): the
             primary's products read those blocks (``linear_rows_q``) instead of its dense weights.
+        max_queued_requests: :meth:`submit` raises :class:`EngineOverloaded` while this many
+            requests wait for admission (None: unbounded). ``generate`` / ``stream`` are not limited.
     """
 
     def __init__(self, model: TandemModel, tokenizer=None, *, device=None, dtype=None, max_batch_size: int = 8,
                  kv_cache_memory: Optional[int] = None, num_pages: Optional[int] = None, page_size: int = 16,
                  prefill_chunk: int = 32, use_cuda_graphs: bool = False, dense_prefill: bool = True,
-                 max_prefill_tokens: int = 8192, quantized_primary: Optional[dict] = None):
+                 max_prefill_tokens: int = 8192, quantized_primary: Optional[dict] = None,
+                 max_queued_requests: Optional[int] = None):
         from tandem_rt.paged import KVCache, PageManager, pages_for_memory
 
         if not isinstance(model, TandemModel):
@@ -147,6 +160,9 @@ class Engine:
             raise ValueError(f"dense_prefill must be True or False, got {dense_prefill!r}")
         if num_pages is not None and kv_cache_memory is not None:
             raise ValueError("give num_pages or kv_cache_memory, not both")
+        if max_queued_requests is not None and (isinstance(max_queued_requests, bool) or not isinstance(
+                max_queued_requests, int) or max_queued_requests < 1):
+            raise ValueError(f"max_queued_requests must be None or a positive integer, got {max_queued_requests!r}")
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
         self.dtype = dtype if dtype is not None else param.dtype
@@ -183,10 +199,6 @@ class Engine:
         self.router_top_k = cfg.router.top_k if cfg.router is not None else None
         if quantized_primary is not None:
             check_quantized_primary(quantized_primary, model.primary, self.device, self.dtype)
-        self.primary = PagedLlama(model.primary, quantized=quantized_primary)
-        self.secondary = PagedLlama(model.secondary)
-        self.drafter = PagedLlama(model.drafter) if model.drafter is not None else None
-        self.refresh = TandemRefresh(model, self.secondary)
         cfgs = [cfg.primary, cfg.secondary] + ([cfg.drafter] if cfg.drafter is not None else [])
         if kv_cache_memory is not None:
             if isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, int) or kv_cache_memory <= 0:
@@ -209,22 +221,28 @@ class Engine:
             raise ValueError(f"the K/V pools need {need / 2**30:.2f} GiB ({num_pages} pages of {page_size} tokens) but "
                              f"{self.device} has {avail / 2**30:.2f} GiB available: lower num_pages / kv_cache_memory "
                              "(or max_batch_size)")
+        if use_cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"use_cuda_graphs needs a CUDA device, the engine runs on {self.device}")
         self.page_manager = PageManager(num_pages, page_size)
-        mk = lambda c: KVCache(c.num_hidden_layers, num_pages, page_size, c.num_key_value_heads, c.head_dim,  # noqa: E731
-                               self.dtype, self.device)
-        self.primary_cache = mk(cfg.primary)
-        self.secondary_cache = mk(cfg.secondary)
-        self.drafter_cache = mk(cfg.drafter) if cfg.drafter is not None else None
+        self.runner = ModelRunner(model, self.page_manager, self.device, self.dtype, quantized_primary, max_batch_size)
+        r = self.runner     # the models and pools, also reachable from the engine
+        self.primary, self.secondary, self.drafter, self.refresh = r.primary, r.secondary, r.drafter, r.refresh
+        self.primary_cache, self.secondary_cache, self.drafter_cache = r.primary_cache, r.secondary_cache, r.drafter_cache
         # the model's parameters are now views of this engine's fused weights (a deep copy is not)
         model._tandem_rt_bound_ptr = next(model.parameters()).data_ptr()
-        self._seq_ids = itertools.count()
-        self._lock = threading.Lock()
-        self.cuda_graphs = None
         if use_cuda_graphs:
-            if self.device.type != "cuda":
-                raise ValueError(f"use_cuda_graphs needs a CUDA device, the engine runs on {self.device}")
             from tandem_rt.engine.cuda_graphs import CudaGraphRunner
-            self.cuda_graphs = CudaGraphRunner(self)
+            r.cuda_graphs = CudaGraphRunner(r)
+        self.max_queued_requests = max_queued_requests
+        self.scheduler = Scheduler(self.page_manager, max_batch_size, tokenizer)
+        self._cv = threading.Condition()
+        self._inbox: collections.deque = collections.deque()
+        self._thread: Optional[threading.Thread] = None
+        self._num_threads = torch.get_num_threads()
+        self._ids = itertools.count()
+        self._handles: dict = {}      # request_id -> RequestHandle of live requests
+        self._closed = False
+        self._counters = collections.Counter()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -267,40 +285,18 @@ class Engine:
             release_dense_copies(model.primary, kwargs["quantized_primary"])
         return engine
 
-    # ------------------------------------------------------------------ internals used by Generation
-    def new_seq_id(self) -> int:
-        return next(self._seq_ids)
+    # ------------------------------------------------------------------ the models (see ModelRunner)
+    @property
+    def cuda_graphs(self):
+        """The :class:`~tandem_rt.engine.cuda_graphs.CudaGraphRunner`, or None."""
+        return self.runner.cuda_graphs
 
-    def run(self, model: PagedLlama, cache, ids: torch.Tensor, meta, last_rows_only: bool = False,
-            hidden_layers=(), refresh: bool = False, verify=None):
-        """One paged forward of a decode / verify step: a captured CUDA graph when one applies
-        (uniform rows per sequence), else eager. With ``refresh`` (a primary step of the Tandem
-        modes, ``hidden_layers`` = the layer map) the Tandem refresh of the same rows follows; with
-        ``verify`` (:class:`~tandem_rt.engine.verification.VerifyInputs`, a uniform verify block of
-        ``q`` rows per sequence whose rows 1.. are the drafts) the verification follows — both
-        inside the graph when there is one. Returns (logits, hidden) as ``PagedLlama.forward``,
-        plus (accepted int32 ``[B]``, emitted int64 ``[B, q]``) with ``verify``."""
-        if self.cuda_graphs is not None and meta.uniform_q_len:
-            out = self.cuda_graphs.run(model, cache, ids, meta, last_rows_only, tuple(hidden_layers), refresh, verify)
-            if out is not None:
-                return out
-        logits, hidden = model.forward(ids, meta, cache.k, cache.v,
-                                       logits_rows=meta.last_rows if last_rows_only else None,
-                                       hidden_layers=hidden_layers, step=True)
-        if refresh:
-            self.refresh(hidden, meta.positions, meta.slot_mapping, self.secondary_cache.k, self.secondary_cache.v,
-                         step=True)
-        if verify is None:
-            return logits, hidden
-        B, q = meta.num_seqs, meta.uniform_q_len
-        drafts = ids.view(B, q)[:, 1:].contiguous()
-        return (logits, hidden) + tuple(run_verify(drafts, logits, verify, B, q))
+    @cuda_graphs.setter
+    def cuda_graphs(self, value) -> None:
+        self.runner.cuda_graphs = value
 
     def all_cache_tensors(self) -> list:
-        out = self.primary_cache.tensors() + self.secondary_cache.tensors()
-        if self.drafter_cache is not None:
-            out += self.drafter_cache.tensors()
-        return out
+        return self.runner.all_cache_tensors()
 
     # ------------------------------------------------------------------ validation
     def _tokenize(self, prompt, i: int) -> list:
@@ -377,7 +373,7 @@ class Engine:
             if len(p) + params.max_new_tokens > ctx:
                 raise ValueError(f"prompts[{i}] has {len(p)} tokens; with max_new_tokens={params.max_new_tokens} "
                                  f"that exceeds the model's context of {ctx} positions")
-            need = -(-len(p) // ps) + -(-(len(p) + params.max_new_tokens + gmax + 1) // ps)
+            need = -(-len(p) // ps) + -(-(len(p) + params.max_new_tokens + self._block_slack(mode, gmax)) // ps)
             if need > self.page_manager.num_pages:
                 raise ValueError(f"prompts[{i}] needs up to {need} KV-cache pages but the pool has "
                                  f"{self.page_manager.num_pages}; raise num_pages / kv_cache_memory "
@@ -387,10 +383,35 @@ class Engine:
                 raise ValueError(f"stop_token_ids holds {t}, outside the vocabulary [0, {self.vocab_size})")
         return ids, params
 
+    def _block_slack(self, mode: str, gmax: int) -> int:
+        """Positions past ``prompt + max_new_tokens`` a sequence's block may occupy: its own γ + 1
+        (ragged blocks), any batch's γ + 1 (uniform blocks, padded to the batch's longest), 1 when
+        the mode does not draft."""
+        if self.runner.uniform_blocks:
+            return MAX_GAMMA + 1
+        return gmax + 1 if MODE_TABLE[mode].drafts else 1
+
     # ------------------------------------------------------------------ public API
+    def submit(self, prompt, params: Optional[SamplingParams] = None, mode: str = "tandem-speed",
+               gamma: Union[int, str] = 5, free_token: bool = True, request_id: Optional[str] = None) -> RequestHandle:
+        """Queue one request (callable from any thread) -> its :class:`RequestHandle`.
+
+        Args:
+            prompt: a string, a list of token ids or a 1-D integer tensor.
+            params, mode, gamma, free_token: as :meth:`generate` (``params.n`` samples).
+            request_id: the handle's id (default ``"req-<k>"``); unique among live requests.
+        Raises:
+            ValueError: an invalid request (nothing is queued).
+            EngineOverloaded: ``max_queued_requests`` requests already wait for admission.
+        """
+        ids, params = self.check_request(prompt, params, mode, gamma, free_token)
+        if len(ids) != 1:
+            raise ValueError(f"submit takes one prompt, got {len(ids)}; call submit once per prompt")
+        return self._submit(ids[0], params, mode, gamma, free_token, request_id, wants_text=True, bounded=True)
+
     def generate(self, prompts, params: Optional[SamplingParams] = None, mode: str = "tandem-speed",
                  gamma: Union[int, str] = 5, free_token: bool = True) -> list:
-        """Generate continuations.
+        """Generate continuations (every prompt a request of the continuous batch; blocks until all end).
 
         Args:
             prompts: a string, a list of token ids (a 1-D int tensor), or a list of those.
@@ -403,36 +424,215 @@ class Engine:
             ``i * n + j`` is sample ``j`` of prompt ``i``.
         Raises:
             ValueError: an invalid request (before any work starts).
+            the engine's exception if a step failed (the call's other requests are cancelled first).
         """
         ids, params = self.check_request(prompts, params, mode, gamma, free_token)
-        results: list = [None] * (len(ids) * params.n)
-        with self._lock:
-            gen = Generation(self, ids, params, mode, gamma, free_token)
-            gen.text_deltas = False
-            for ev in gen.events():
-                if ev.finished:
-                    results[ev.index] = ev.result
-        return results
+        handles = [self._submit(p, params, mode, gamma, free_token, None, wants_text=False, bounded=False)
+                   for p in ids]
+        try:
+            out = []
+            for i, h in enumerate(handles):
+                out += [dataclasses.replace(r, prompt_index=i) for r in h.results()]
+            return out
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            for h in handles:
+                h.wait()
+            raise
 
     def stream(self, prompt, params: Optional[SamplingParams] = None, mode: str = "tandem-speed",
                gamma: Union[int, str] = 5, free_token: bool = True) -> Iterator[StreamEvent]:
         """Like :meth:`generate` for one prompt (``params.n`` samples), yielding a
-        :class:`StreamEvent` per sequence and iteration as tokens are committed. Closing the
-        iterator early cancels the request and frees its pages. The engine is held for other
-        callers until the iterator is exhausted or closed."""
+        :class:`StreamEvent` per sequence and iteration as tokens are committed. The request is
+        queued at once and served in the background; closing the iterator early cancels it and
+        returns once its pages are freed. Other callers are never held up by an open stream."""
         ids, params = self.check_request(prompt, params, mode, gamma, free_token)
         if len(ids) != 1:
             raise ValueError(f"stream takes one prompt, got {len(ids)}")
+        handle = self._submit(ids[0], params, mode, gamma, free_token, None, wants_text=True, bounded=False)
 
         def run():
-            with self._lock:
-                gen = Generation(self, ids, params, mode, gamma, free_token)
-                try:
-                    yield from gen.events()
-                finally:
-                    gen.release()
+            try:
+                yield from handle
+            finally:
+                if not handle.done:
+                    handle.cancel()
+                    handle.wait()
         return run()
+
+    def abort(self, request_id) -> bool:
+        """Cancel the live request ``request_id``; False when no such request is live."""
+        h = self._handles.get(request_id)
+        if h is None:
+            return False
+        h.cancel()
+        return True
+
+    def close(self) -> None:
+        """Cancel every live request and wait for the loop thread to end; later submits raise."""
+        with self._cv:
+            self._closed = True
+            handles = list(self._handles.values())
+        for h in handles:
+            h.cancel()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def num_free_pages(self) -> int:
         return self.page_manager.num_free_pages
+
+    def metrics(self) -> dict:
+        """A snapshot of the engine's counters and gauges: ``requests_submitted``,
+        ``requests_finished`` (by reason: ``stop``, ``length``, ``cancelled``, ``error``),
+        ``prompt_tokens``, ``generated_tokens``, ``drafted_tokens``, ``accepted_tokens``,
+        ``blocks``, ``iterations``, ``queue_depth`` (requests waiting for admission),
+        ``running_sequences``, ``pages_in_use``, ``pages_total``."""
+        c = dict(self._counters)
+        sch = self.scheduler
+        return {
+            "requests_submitted": c.get("requests_submitted", 0),
+            "requests_finished": {k: c.get("finished_" + k, 0) for k in ("stop", "length", "cancelled", "error")},
+            "prompt_tokens": c.get("prompt_tokens", 0),
+            "generated_tokens": c.get("generated_tokens", 0),
+            "drafted_tokens": c.get("drafted_tokens", 0),
+            "accepted_tokens": c.get("accepted_tokens", 0),
+            "blocks": c.get("blocks", 0),
+            "iterations": c.get("iterations", 0),
+            "queue_depth": len(self._inbox) + len(sch.waiting),
+            "running_sequences": len(sch.running),
+            "pages_in_use": self.page_manager.num_pages - self.page_manager.num_free_pages,
+            "pages_total": self.page_manager.num_pages,
+        }
+
+    # ------------------------------------------------------------------ the loop
+    def _submit(self, ids: list, params: SamplingParams, mode: str, gamma, free_token: bool, request_id,
+                wants_text: bool, bounded: bool, sink=None) -> RequestHandle:
+        """Queue a checked request (``check_request``); ``sink(event, exception)``, when given, is
+        called on the loop thread instead of buffering the handle's events (AsyncEngine)."""
+        auto = gamma == "auto"
+        m = MODE_TABLE[mode]
+        gmax = (self.model.router.config.gamma_max if auto else int(gamma)) if m.drafts else 0
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
+        stops = set(params.stop_token_ids)
+        eos = self.model.config.primary.eos_token_id
+        if eos is not None and not params.ignore_eos:
+            stops.add(eos)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            if request_id is None:
+                request_id = f"req-{next(self._ids)}"
+            elif request_id in self._handles:
+                raise ValueError(f"request_id {request_id!r} is already live")
+            if bounded and self.max_queued_requests is not None and \
+                    len(self._inbox) + len(self.scheduler.waiting) >= self.max_queued_requests:
+                raise EngineOverloaded(f"{self.max_queued_requests} requests are already queued (max_queued_requests)")
+            handle = RequestHandle(request_id, params.n, wants_text=wants_text, sink=sink)
+            req = Request(request_id, ids, params, m, gmax, auto and m.drafts, free_token, seed, stops, handle,
+                          self._block_slack(mode, gmax))
+            self._handles[request_id] = handle
+            self._inbox.append(req)
+            self._counters["requests_submitted"] += 1
+            self._counters["prompt_tokens"] += len(ids)
+            if self._thread is None:
+                self._num_threads = torch.get_num_threads()
+                self._thread = threading.Thread(target=self._loop, name="tandem_rt-engine", daemon=True)
+                self._thread.start()
+        return handle
+
+    def _loop(self) -> None:
+        """The loop thread: iterations while any request is live, then exit."""
+        torch.set_num_threads(self._num_threads)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        with torch.no_grad():
+            while True:
+                with self._cv:
+                    while self._inbox:
+                        self.scheduler.waiting.append(self._inbox.popleft())
+                    if not self.scheduler.has_work():
+                        self._thread = None
+                        return
+                try:
+                    self._iteration()
+                except BaseException as exc:  # a bug outside the steps: end every request, keep serving
+                    self._fail(self.scheduler.live_requests(), exc)
+
+    def _deliver(self, events) -> None:
+        for r, ev in events:
+            if ev.finished:
+                self._counters["finished_" + ev.finish_reason] += 1
+            r.handle._deliver(ev)
+            if r.handle.done:
+                self._handles.pop(r.request_id, None)
+
+    def _fail(self, reqs, exc: BaseException) -> None:
+        """End ``reqs`` with ``exc`` (their pages freed; their handles raise it)."""
+        for r in reqs:
+            self.scheduler.end_request(r, "error")
+            self._counters["finished_error"] += r.params.n
+            self._handles.pop(r.request_id, None)
+            r.handle._fail(exc)
+
+    def _iteration(self) -> None:
+        """Cancellations, admission (prefill, first tokens), then one step per kind of step."""
+        sch, runner = self.scheduler, self.runner
+        self._counters["iterations"] += 1
+        for r in sch.live_requests():
+            if r.cancelled:
+                self._deliver((r, ev) for ev in sch.end_request(r, "cancelled"))
+        for r in sch.admit():
+            try:
+                r.logits = steps.prefill(runner, r.sid, r.prompt, r.mode, self.dense_prefill, self.prefill_chunk)
+            except Exception as exc:
+                self._fail([r], exc)
+        events = []
+        for r, seqs, logits in sch.fork():
+            if r.mode.step == "tandem" and not r.free_token:
+                continue          # the secondary generates the first token
+            try:
+                toks = steps.first_tokens(logits, seqs)
+            except Exception as exc:
+                self._fail([r], exc)
+                continue
+            for s, t in zip(seqs, toks):
+                events.append((r, sch.commit(s, steps.Commit([t], plen=s.plen, dlen=s.dlen))))
+        self._count(events)
+        self._deliver(events)
+        sch.retire()
+        router = None
+        if self.model.router is not None:
+            rc = self.model.router.config
+            router = (self.model.router, self.router_top_k, rc.threshold)
+        lag = self.router_lag if self.router_lag is not None else self.device.type == "cuda"
+        for kind, step in (("verify", steps.speculative_step), ("tandem", steps.tandem_step),
+                           ("decode", steps.decode_step)):
+            seqs = [s for s in sch.running if s.mode.step == kind]
+            if not seqs:
+                continue
+            try:
+                commits = step(runner, seqs) if kind == "decode" else step(runner, seqs, router, lag)
+            except Exception as exc:
+                self._fail(list({id(s.req): s.req for s in seqs}.values()), exc)
+                continue
+            events = [(s.req, sch.commit(s, c)) for s, c in zip(seqs, commits)]
+            for c in commits:
+                self._counters["drafted_tokens"] += c.drafted
+                if c.accepted is not None:
+                    self._counters["accepted_tokens"] += c.accepted
+                    self._counters["blocks"] += 1
+            self._count(events)
+            self._deliver(events)
+            sch.retire()
+
+    def _count(self, events) -> None:
+        self._counters["generated_tokens"] += sum(len(ev.token_ids) for _, ev in events)

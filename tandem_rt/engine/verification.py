@@ -13,7 +13,7 @@ class VerifyInputs:
         lens: int32 ``[B]`` drafts per sequence.
         probs: float32 ``[B, G, V]`` drafter probabilities, or None (greedy drafter).
         temperature, top_k, top_p: per-row parameters ``[B]``.
-        rng: int64 ``[B, 2]`` per-sequence random states (see ``Generation._row_rng``), advanced in place.
+        rng: int64 ``[B, 2]`` per-sequence random states (``sampler.row_rng``), advanced in place.
     """
 
     def __init__(self, lens, probs, temperature, top_k, top_p, rng):
@@ -21,7 +21,20 @@ class VerifyInputs:
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
 
 
-def run_verify(drafts, logits, v: VerifyInputs, B: int, q: int):
-    """``verify`` of ``drafts`` ``[B, q-1]`` against ``logits`` ``[B * q, V]`` -> (accepted, emitted)."""
-    return torch.ops.tandem_rt.verify(drafts, v.lens, v.probs, logits.view(B, q, logits.shape[-1]), v.temperature,
-                                      v.top_k, v.top_p, v.rng)
+def run_verify(ids: torch.Tensor, logits: torch.Tensor, meta, v: VerifyInputs):
+    """``verify`` of a block whose sequence ``b`` has rows ``[tokens[n-1], drafts...]`` (``ids``
+    int64 ``[T]``, ``logits [T, V]``, row layout ``meta``) -> (accepted int32 ``[B]``, emitted
+    int64 ``[B, G + 1]``), ``G = meta.max_q_len - 1``. A uniform block (every sequence ``G + 1``
+    rows) is viewed as ``[B, G + 1]``; a ragged one (sequence ``b`` has ``v.lens[b] + 1`` rows) is
+    scattered into that layout first (rows past a sequence's drafts are zeros, never read)."""
+    B, q, V = meta.num_seqs, meta.max_q_len, logits.shape[-1]
+    if meta.uniform_q_len:
+        drafts = ids.view(B, q)[:, 1:].contiguous()
+        block = logits.view(B, q, V)
+    else:
+        splits = meta.row_splits
+        rows = torch.tensor([b * q + j for b in range(B) for j in range(splits[b + 1] - splits[b])],
+                            dtype=torch.int64).to(ids.device)
+        drafts = ids.new_zeros(B * q).index_copy_(0, rows, ids).view(B, q)[:, 1:].contiguous()
+        block = logits.new_zeros(B * q, V).index_copy_(0, rows, logits).view(B, q, V)
+    return torch.ops.tandem_rt.verify(drafts, v.lens, v.probs, block, v.temperature, v.top_k, v.top_p, v.rng)
