@@ -47,6 +47,7 @@ from tandem_rt.models.tandem import TandemModel
 from tandem_rt.paths import default_model_path
 DEFAULT_KV_CACHE_MEMORY = 256 << 20  # bytes of K/V pools when neither num_pages nor kv_cache_memory is given
 MAX_GAMMA = 31          # a verify block holds gamma + 1 <= 32 queries per sequence (paged_attention)
+PROMPT_CHUNK = 32       # prompt rows per sequence per speculative step (paged_attention's query rows)
 
 
 def _default_model_path() -> Optional[str]:
@@ -139,18 +140,24 @@ class Engine:
             primary's products read those blocks (``linear_rows_q``) instead of its dense weights.
         max_queued_requests: :meth:`submit` raises :class:`EngineOverloaded` while this many
             requests wait for admission (None: unbounded). ``generate`` / ``stream`` are not limited.
+        step_prompt_rows: prompt rows a speculative step carries at most (chunked prefill of the
+            ``primary`` / ``speed`` / ``tandem-speed`` prompts inside the step's primary forward, in
+            chunks of 32 rows; the oldest chunk always goes). Bounds the pause a joining request
+            adds to the running ones. Prompts of the other modes, and the standalone drafter's pool,
+            are prefilled by their own forwards (``dense_prefill`` / ``prefill_chunk``).
     """
 
     def __init__(self, model: TandemModel, tokenizer=None, *, device=None, dtype=None, max_batch_size: int = 8,
                  kv_cache_memory: Optional[int] = None, num_pages: Optional[int] = None, page_size: int = 16,
                  prefill_chunk: int = 32, use_cuda_graphs: bool = False, dense_prefill: bool = True,
                  max_prefill_tokens: int = 8192, quantized_primary: Optional[dict] = None,
-                 max_queued_requests: Optional[int] = None):
+                 max_queued_requests: Optional[int] = None, step_prompt_rows: int = 32):
         from tandem_rt.paged import KVCache, PageManager, pages_for_memory
 
         if not isinstance(model, TandemModel):
             raise ValueError(f"model must be a TandemModel, got {type(model).__name__}")
         for name, v, lo in (("max_batch_size", max_batch_size, 1), ("page_size", page_size, 1),
+                            ("step_prompt_rows", step_prompt_rows, 1),
                             ("prefill_chunk", prefill_chunk, 1), ("max_prefill_tokens", max_prefill_tokens, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -234,6 +241,7 @@ class Engine:
             from tandem_rt.engine.cuda_graphs import CudaGraphRunner
             r.cuda_graphs = CudaGraphRunner(r)
         self.max_queued_requests = max_queued_requests
+        self.step_prompt_rows = step_prompt_rows
         self.scheduler = Scheduler(self.page_manager, max_batch_size, tokenizer)
         self._cv = threading.Condition()
         self._inbox: collections.deque = collections.deque()
@@ -592,8 +600,12 @@ class Engine:
                 self._deliver((r, ev) for ev in sch.end_request(r, "cancelled"))
         for r in sch.admit():
             try:
-                r.logits = steps.prefill(runner, r.sid, r.prompt, r.mode, self.dense_prefill, self.prefill_chunk)
+                if r.mode.step != "verify":      # prefilled alone (dense); verify modes ride in the step
+                    r.logits = steps.prefill(runner, r.sid, r.prompt, r.mode, self.dense_prefill, self.prefill_chunk)
+                elif r.mode.drafter == "drafter":   # the standalone drafter's own pool
+                    steps.prefill_pool(runner, "drafter", r.sid, r.prompt, self.dense_prefill, self.prefill_chunk)
             except Exception as exc:
+                r.failed = True
                 self._fail([r], exc)
         events = []
         for r, seqs, logits in sch.fork():
@@ -617,12 +629,19 @@ class Engine:
         for kind, step in (("verify", steps.speculative_step), ("tandem", steps.tandem_step),
                            ("decode", steps.decode_step)):
             seqs = [s for s in sch.running if s.mode.step == kind]
-            if not seqs:
+            plan = sch.prompt_chunks(self.step_prompt_rows, PROMPT_CHUNK) if kind == "verify" else []
+            if not seqs and not plan:
                 continue
             try:
-                commits = step(runner, seqs) if kind == "decode" else step(runner, seqs, router, lag)
+                if kind == "verify":
+                    chunks = [steps.PromptChunk(r.sid, r.prompt[a:b], a, b, r.mode.refresh, b == len(r.prompt))
+                              for r, a, b in plan]
+                    commits, prompt_logits = step(runner, seqs, router, lag, chunks)
+                    self._prompts_done(plan, prompt_logits)
+                else:
+                    commits = step(runner, seqs) if kind == "decode" else step(runner, seqs, router, lag)
             except Exception as exc:
-                self._fail(list({id(s.req): s.req for s in seqs}.values()), exc)
+                self._fail(list({id(r): r for r in [s.req for s in seqs] + [p[0] for p in plan]}.values()), exc)
                 continue
             events = [(s.req, sch.commit(s, c)) for s, c in zip(seqs, commits)]
             for c in commits:
@@ -633,6 +652,18 @@ class Engine:
             self._count(events)
             self._deliver(events)
             sch.retire()
+
+    def _prompts_done(self, plan, prompt_logits) -> None:
+        """Record the prompt rows a speculative step processed; a finished prompt's logits let its
+        samples be forked at the next iteration."""
+        pm = self.page_manager
+        for (r, a, b), logits in zip(plan, prompt_logits):
+            r.prefilled = b
+            pm.set_primary_len(r.sid, b)
+            if r.mode.refresh:
+                pm.set_secondary_len(r.sid, b)
+            if logits is not None:
+                r.logits = logits
 
     def _count(self, events) -> None:
         self._counters["generated_tokens"] += sum(len(ev.token_ids) for _, ev in events)

@@ -87,15 +87,17 @@ class ModelRunner:
     # ------------------------------------------------------------------ the step function
     def forward_step(self, model: PagedLlama, cache, ids: torch.Tensor, meta: ForwardMeta,
                      last_rows_only: bool = False, hidden_layers=(), refresh: bool = False,
-                     verify: Optional[VerifyInputs] = None):
+                     verify: Optional[VerifyInputs] = None, logits_rows: Optional[torch.Tensor] = None):
         """One decode / verify step: the paged forward of ``ids`` (int64 ``[T]``) over ``meta``;
         with ``refresh`` the Tandem refresh of the same rows into the secondary pool
         (``hidden_layers`` = the layer map); with ``verify`` (rows ``1..`` of each sequence are its
         drafts) the verification of the block. Returns (logits, hidden) as
         ``PagedLlama.forward``, plus (accepted int32 ``[B]``, emitted int64 ``[B, G + 1]``) with
-        ``verify``."""
-        logits, hidden = model.forward(ids, meta, cache.k, cache.v,
-                                       logits_rows=meta.last_rows if last_rows_only else None,
+        ``verify``. ``logits_rows`` (int64 ``[R]``): the rows whose logits are computed, instead
+        of every row (or the last rows with ``last_rows_only``)."""
+        if logits_rows is None and last_rows_only:
+            logits_rows = meta.last_rows
+        logits, hidden = model.forward(ids, meta, cache.k, cache.v, logits_rows=logits_rows,
                                        hidden_layers=hidden_layers, step=True)
         if refresh:
             self.refresh(hidden, meta.positions, meta.slot_mapping, self.secondary_cache.k, self.secondary_cache.v,
@@ -105,14 +107,15 @@ class ModelRunner:
         return (logits, hidden) + tuple(run_verify(ids, logits, meta, verify))
 
     def run(self, model: PagedLlama, cache, ids: torch.Tensor, meta: ForwardMeta, last_rows_only: bool = False,
-            hidden_layers=(), refresh: bool = False, verify: Optional[VerifyInputs] = None):
+            hidden_layers=(), refresh: bool = False, verify: Optional[VerifyInputs] = None,
+            logits_rows: Optional[torch.Tensor] = None):
         """:meth:`forward_step`, replayed from a captured CUDA graph when one applies (uniform rows
-        per sequence), else eager. Same results either way."""
-        if self.cuda_graphs is not None and meta.uniform_q_len:
+        per sequence, no prompt rows), else eager. Same results either way."""
+        if self.cuda_graphs is not None and meta.uniform_q_len and logits_rows is None:
             out = self.cuda_graphs.run(model, cache, ids, meta, last_rows_only, tuple(hidden_layers), refresh, verify)
             if out is not None:
                 return out
-        return self.forward_step(model, cache, ids, meta, last_rows_only, hidden_layers, refresh, verify)
+        return self.forward_step(model, cache, ids, meta, last_rows_only, hidden_layers, refresh, verify, logits_rows)
 
     def prompt_forward(self, model: PagedLlama, cache, ids: torch.Tensor, meta: ForwardMeta, refresh: bool):
         """A prefill forward (prompt products, ``step=False``) -> last-row logits ``[B, V]``; writes

@@ -47,6 +47,8 @@ class Request:
         self.arrival = time.perf_counter()
         self.sid = None              # the processed prompt's sequence until every sample is forked
         self.logits = None           # [V] next-token logits after the prompt
+        self.prefilled = 0           # prompt rows the primary has processed inside speculative steps
+        self.failed = False
         self.forked = 0
         self.reserved = 0
         self.seqs: list = []
@@ -162,13 +164,30 @@ class Scheduler:
         self.prefixes.extend(new)
         return new
 
+    def prompt_chunks(self, budget: int, chunk: int) -> list:
+        """Prompt rows to carry in this iteration's speculative step -> list of (request, start,
+        end): first come, first served, each prompt in chunks at fixed boundaries (multiples of
+        ``chunk``, so a prompt's rows, and therefore its K/V, never depend on what shares the
+        step), at most ``budget`` rows in all (the oldest chunk always goes)."""
+        out, rows = [], 0
+        for r in self.prefixes:
+            if r.mode.step != "verify" or r.logits is not None or r.failed:
+                continue
+            start = r.prefilled
+            end = min(len(r.prompt), start + chunk)
+            if out and rows + end - start > budget:
+                break
+            out.append((r, start, end))
+            rows += end - start
+        return out
+
     def fork(self) -> list:
         """Fork samples of prefilled requests into the running batch while slots and pages allow ->
         list of (request, new sequences, the prompt's next-token logits ``[V]``). The last sample
         takes over the prompt's sequence."""
         out = []
         for r in list(self.prefixes):
-            if r.logits is None:          # not prefilled (its prefill failed)
+            if r.logits is None:          # not prefilled yet
                 continue
             w = self.worst_case_pages(r)
             seqs = []

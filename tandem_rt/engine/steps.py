@@ -27,7 +27,7 @@ import torch
 from tandem_rt.engine.paged_model import build_meta, h2d
 from tandem_rt.engine.sampler import (RNG_DRAFT, RNG_SAMPLE, RNG_VERIFY, all_greedy, row_params, row_rng,
                                       sample_rows, sample_undrafted)
-from tandem_rt.engine.verification import VerifyInputs
+from tandem_rt.engine.verification import BlockLayout, VerifyInputs
 from tandem_rt.models.router import router_features
 
 
@@ -55,7 +55,9 @@ class Commit:
 
 # ---------------------------------------------------------------------------------------- prefill
 def prefill(runner, seq_id, prompt: list, mode, dense: bool, chunk: int) -> torch.Tensor:
-    """Process one prompt into the pools of ``mode`` -> next-token logits ``[V]`` of its target.
+    """Process one prompt alone into the pools of ``mode`` -> next-token logits ``[V]`` of its
+    target (modes ``tandem`` and ``secondary``; the prompts of the speculative modes are chunks of
+    :func:`speculative_step`).
 
     The primary runs on it (with the Tandem refresh of its rows into the secondary pool for the
     Tandem modes; the Tandem secondary never runs on a prompt) and the standalone drafter prefills
@@ -76,6 +78,14 @@ def prefill(runner, seq_id, prompt: list, mode, dense: bool, chunk: int) -> torc
         _prompt(runner, "drafter", seq_id, prompt, False, dense, chunk)
         pm.set_secondary_len(seq_id, len(prompt))
     return logits
+
+
+def prefill_pool(runner, pool: str, seq_id, prompt: list, dense: bool, chunk: int) -> None:
+    """Process one prompt into ``pool`` alone (the standalone drafter's pool of a ``speed``
+    request, whose primary rows ride in the speculative steps); sets its secondary length."""
+    runner.prepare_writes([seq_id], [0], [len(prompt)])
+    _prompt(runner, pool, seq_id, prompt, False, dense, chunk)
+    runner.page_manager.set_secondary_len(seq_id, len(prompt))
 
 
 def _prompt(runner, pool: str, seq_id, prompt: list, refresh: bool, dense: bool, chunk: int) -> torch.Tensor:
@@ -197,26 +207,45 @@ def draft(runner, pool: str, seqs: Sequence, limits: Sequence[int], block_tables
 
 
 # ---------------------------------------------------------------------------------------- verify
-def speculative_step(runner, seqs: Sequence, router=None, router_lag: bool = False) -> list:
+@dataclass
+class PromptChunk:
+    """Rows ``[start, end)`` of a prompt riding in a speculative step's primary forward (chunked
+    prefill): written to the primary pool (and, with ``refresh``, refreshed into the secondary
+    pool); ``final`` chunks return the next-token logits of their last row."""
+
+    seq_id: object
+    tokens: list
+    start: int
+    end: int
+    refresh: bool
+    final: bool
+
+
+def speculative_step(runner, seqs: Sequence, router=None, router_lag: bool = False, prompts: Sequence = ()):
     """One speculative iteration of ``verify`` sequences (``primary``, ``speed``, ``tandem-speed``;
-    each with its own γ, 0 = plain decode): the drafting models draft, then one primary block
-    ``[tokens[n-1], drafts...]`` per sequence verifies every sequence's drafts in one forward,
-    refreshing the secondary pool at every block position when a Tandem sequence is in the batch
-    (the entries written for other sequences are never read: their drafting pool is another, or
-    none). -> a :class:`Commit` per sequence (``accepted`` drafts + 1 tokens)."""
+    each with its own γ, 0 = plain decode): the drafting models draft, then one primary forward
+    holds a block ``[tokens[n-1], drafts...]`` per sequence, verifying every sequence's drafts, and
+    the rows of the :class:`PromptChunk` s after them (prompts are prefilled inside the step, so the
+    primary's weights are read once for both). The forward refreshes the secondary pool at every
+    row when a Tandem sequence or chunk is in it (entries written for other sequences are never
+    read: their drafting pool is another, or none).
+
+    Returns (a :class:`Commit` per sequence, the next-token logits ``[V]`` of each final prompt
+    chunk, None for the others)."""
     pm, dev = runner.page_manager, runner.device
     B = len(seqs)
     limits = [min(s.gamma, s.params.max_new_tokens - s.generated - 1) for s in seqs]
     uniform = runner.uniform_blocks
-    G_max = max(limits)
+    G_max = max(limits, default=0)
     firsts = [min(s.dlen, s.n - 1) for s in seqs]
     # uniform blocks give every sequence slots for G_max drafts (one CUDA graph per bucket; rows
     # past a sequence's drafts are padding, ignored by `verify` and rolled back); ragged blocks
     # only its own (n + limit stays inside the sequence's worst-case page reservation)
     ends = [s.n + (G_max if uniform else g) for s, g in zip(seqs, limits)]
     sids = [s.sid for s in seqs]
-    runner.prepare_writes(sids, firsts, ends)
-    bt = h2d(pm.block_table(sids), torch.int32, dev)
+    runner.prepare_writes(sids + [c.seq_id for c in prompts], firsts + [c.start for c in prompts],
+                          ends + [c.end for c in prompts])
+    bt = h2d(pm.block_table(sids + [c.seq_id for c in prompts]), torch.int32, dev)
     greedy = all_greedy(seqs)
     drafts, probs = None, None
     lens = [0] * B
@@ -227,7 +256,7 @@ def speculative_step(runner, seqs: Sequence, router=None, router_lag: bool = Fal
         if not group:
             continue
         sub = [seqs[b] for b in group]
-        gbt = bt if len(group) == B else bt.index_select(0, h2d(group, torch.int64, dev))
+        gbt = bt[:B] if len(group) == B else bt.index_select(0, h2d(group, torch.int64, dev))
         d, p, ln, dl, rn = draft(runner, pool, sub, [limits[b] for b in group], gbt, not greedy, router, router_lag)
         for j, b in enumerate(group):
             lens[b], dlens[b], runs[b] = ln[j], dl[j], rn[j]
@@ -238,31 +267,50 @@ def speculative_step(runner, seqs: Sequence, router=None, router_lag: bool = Fal
         drafts[:, :d.shape[1]].index_copy_(0, gi, d)
         if probs is not None:
             probs[:, :d.shape[1]].index_copy_(0, gi, p)
-    G = max(lens)
+    G = max(lens, default=0)
     starts = [s.n - 1 for s in seqs]
     ends = [s.n + (G if uniform else g) for s, g in zip(seqs, lens)]
-    meta = build_meta(pm, sids, starts, ends, starts, dev, block_tables=bt)
+    rows = [e - a for a, e in zip(starts, ends)]
+    T = sum(rows)
     last = h2d([s.tokens[-1] for s in seqs], torch.int64, dev)
-    refresh = any(s.mode.refresh for s in seqs)
+    if G == 0:
+        block = last
+    elif uniform:
+        block = torch.cat([last.unsqueeze(1), drafts[:, :G]], 1).reshape(-1)
+    else:
+        keep = h2d([b * (G + 1) + t for b in range(B) for t in range(lens[b] + 1)], torch.int64, dev)
+        block = torch.cat([last.unsqueeze(1), drafts[:, :G]], 1).reshape(-1).index_select(0, keep)
+    ids = block
+    logits_rows = None
+    finals = []
+    if prompts:
+        ids = torch.cat([block, h2d([t for c in prompts for t in c.tokens], torch.int64, dev)])
+        at, keep_rows = T, list(range(T))
+        for c in prompts:
+            at += c.end - c.start
+            if c.final:
+                finals.append(len(keep_rows))
+                keep_rows.append(at - 1)
+        logits_rows = h2d(keep_rows, torch.int64, dev)
+    meta = build_meta(pm, sids + [c.seq_id for c in prompts], starts + [c.start for c in prompts],
+                      ends + [c.end for c in prompts], starts + [c.start for c in prompts], dev, block_tables=bt)
+    refresh = any(s.mode.refresh for s in seqs) or any(c.refresh for c in prompts)
     hidden_layers = runner.layer_map if refresh else ()
     model, cache = runner.pool("primary")
+    accepted, emitted = [], []
     if G == 0:
-        logits, _ = runner.run(model, cache, last, meta, hidden_layers=hidden_layers, refresh=refresh)
-        toks = sample_undrafted(logits, seqs, [s.n for s in seqs])
-        accepted = [0] * B
-        emitted = [[t] for t in toks.tolist()]                      # the one host read
+        logits, _ = runner.run(model, cache, ids, meta, hidden_layers=hidden_layers, refresh=refresh,
+                               logits_rows=logits_rows)
+        if B:
+            toks = sample_undrafted(logits[:B], seqs, [s.n for s in seqs])
+            accepted = [0] * B
+            emitted = [[t] for t in toks.tolist()]                      # the one host read
     else:
-        drafts = drafts[:, :G]
-        if uniform:
-            block = torch.cat([last.unsqueeze(1), drafts], 1).reshape(-1)
-        else:
-            rows = h2d([b * (G + 1) + t for b in range(B) for t in range(lens[b] + 1)], torch.int64, dev)
-            block = torch.cat([last.unsqueeze(1), drafts], 1).reshape(-1).index_select(0, rows)
         rng = row_rng(seqs, [s.n for s in seqs], RNG_VERIFY, dev)
         verify = VerifyInputs(h2d(lens, torch.int32, dev), None if probs is None else probs[:, :G].contiguous(),
-                              *row_params(seqs, dev), rng)
-        _, _, acc, em = runner.run(model, cache, block, meta, hidden_layers=hidden_layers, refresh=refresh,
-                                   verify=verify)
+                              *row_params(seqs, dev), rng, layout=BlockLayout.of(rows) if prompts else None)
+        logits, _, acc, em = runner.run(model, cache, ids, meta, hidden_layers=hidden_layers, refresh=refresh,
+                                        verify=verify, logits_rows=logits_rows)
         both = torch.cat([acc.view(B, 1).long(), em.long()], 1).tolist()   # the one host read
         accepted = [row[0] for row in both]
         emitted = [row[1:row[0] + 2] for row in both]
@@ -271,7 +319,9 @@ def speculative_step(runner, seqs: Sequence, router=None, router_lag: bool = Fal
         n = s.n
         out.append(Commit(em_b, plen=n + a, dlen=n + a if s.mode.refresh else min(dl, n + a), drafted=g,
                           accepted=a if s.mode.drafts else None, primary_runs=1, secondary_runs=rn))
-    return out
+    it = iter(finals)
+    prompt_logits = [logits[next(it)] if c.final else None for c in prompts]
+    return out, prompt_logits
 
 
 # ---------------------------------------------------------------------------------------- tandem

@@ -1,0 +1,259 @@
+#!/usr/bin/env python
+"""Serving benchmark: the same requests served one after another, by N concurrent clients (closed
+loop) and with Poisson arrivals, against the engine (``Engine.submit``) and against the HTTP server
+(``tandem-rt serve``'s app, in-process, over 127.0.0.1), all in one run.
+
+Prints a table and writes JSON (``--out``): wall time, throughput, speed-up over serial, time to
+first token and inter-token latency (gap between successive token deliveries: a speculative block
+delivers several tokens at once) p50 / p99, accepted drafts per block, and whether every greedy
+output equals its serial output.
+
+    python tools/bench_serving.py --clients 8 --requests 16 --max-new-tokens 64 --mode tandem-speed --gamma auto \\
+        --threads 1 --dtype float32 [--rate 2.0] [--server] --out docs/benchmarks/DATE-cpu-serving.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import random
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_e2e import add_model_args, cpu_model, engine_from_args  # noqa: E402
+
+
+def pct(xs: list, q: float):
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+class Trace:
+    """Timing of one request: submit time, token delivery times, tokens, acceptance stats."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.times: list = []
+        self.tokens: list = []
+        self.end = None
+        self.blocks = 0
+        self.accepted = 0
+        self.count = None
+
+    def got(self, tokens: list) -> None:
+        if tokens:
+            self.times.append(time.perf_counter())
+            self.tokens.extend(tokens)
+
+    @property
+    def ttft(self):
+        return self.times[0] - self.t0 if self.times else None
+
+    def gaps(self) -> list:
+        return [b - a for a, b in zip(self.times, self.times[1:])]
+
+
+# ----------------------------------------------------------------------------- clients
+def engine_request(engine, prompt, params, mode, gamma) -> Trace:
+    tr = Trace()
+    for ev in engine.submit(prompt, params, mode=mode, gamma=gamma):
+        tr.got(ev.token_ids)
+        if ev.finished:
+            tr.blocks += ev.result.stats["blocks"]
+            tr.accepted += ev.result.stats["accepted_tokens"]
+    tr.end = time.perf_counter()
+    return tr
+
+
+def http_request(client, prompt, params, mode, gamma) -> Trace:
+    body = {"prompt": prompt, "max_tokens": params.max_new_tokens, "temperature": params.temperature,
+            "ignore_eos": params.ignore_eos, "mode": mode, "gamma": gamma, "stream": True}
+    tr = Trace()
+    with client.stream("POST", "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {resp.read()[:200]!r}")
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ch = json.loads(line[6:])["choices"][0]
+            text = ch.get("text", "")
+            if text:
+                tr.times.append(time.perf_counter())
+                tr.tokens.append(text)
+    tr.end = time.perf_counter()
+    tr.count = params.max_new_tokens       # ignore_eos: every request generates exactly this many
+    return tr
+
+
+def run_closed(fn, requests: list, clients: int) -> tuple:
+    """``clients`` threads, each serving the next queued request when its last one ended."""
+    todo: queue.Queue = queue.Queue()
+    for i, r in enumerate(requests):
+        todo.put((i, r))
+    out = [None] * len(requests)
+    errors = []
+
+    def client():
+        while True:
+            try:
+                i, r = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                out[i] = fn(*r)
+            except Exception as exc:  # reported by the caller
+                errors.append(exc)
+    t = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+    return out, time.perf_counter() - t
+
+
+def run_poisson(fn, requests: list, rate: float, seed: int = 0) -> tuple:
+    """Each request in its own thread, started at Poisson arrival times of ``rate`` per second."""
+    rng = random.Random(seed)
+    out = [None] * len(requests)
+    errors = []
+
+    def one(i, r):
+        try:
+            out[i] = fn(*r)
+        except Exception as exc:
+            errors.append(exc)
+    t = time.perf_counter()
+    threads, at = [], 0.0
+    for i, r in enumerate(requests):
+        at += rng.expovariate(rate)
+        delay = t + at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        th = threading.Thread(target=one, args=(i, r))
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+    return out, time.perf_counter() - t
+
+
+def summarize(name: str, traces: list, wall: float, serial_wall: float = None, reference: list = None) -> dict:
+    tokens = sum(tr.count if tr.count is not None else len(tr.tokens) for tr in traces)
+    gaps = [g for tr in traces for g in tr.gaps()]
+    ttft = [tr.ttft for tr in traces if tr.ttft is not None]
+    blocks = sum(tr.blocks for tr in traces)
+    row = {"scenario": name, "requests": len(traces), "tokens": tokens, "wall_s": wall,
+           "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+           "speedup_vs_serial": (serial_wall / wall) if serial_wall else 1.0,
+           "ttft_p50_ms": 1000 * pct(ttft, 50) if ttft else None, "ttft_p99_ms": 1000 * pct(ttft, 99) if ttft else None,
+           "itl_p50_ms": 1000 * pct(gaps, 50) if gaps else None, "itl_p99_ms": 1000 * pct(gaps, 99) if gaps else None,
+           "mean_accepted_per_block": (sum(tr.accepted for tr in traces) / blocks) if blocks else None}
+    if reference is not None:
+        row["identical_to_serial"] = all(a.tokens == b.tokens for a, b in zip(traces, reference))
+    return row
+
+
+def start_server(engine):
+    import uvicorn
+
+    from tandem_rt.server import TandemServer
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(TandemServer(engine, "bench").app(), log_level="warning", lifespan="off"))
+    th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    th.start()
+    while not server.started:
+        time.sleep(0.02)
+    return server, th, url
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(ap)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=None, help="default: 2 per client")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--mode", default="tandem-speed")
+    ap.add_argument("--gamma", default="auto")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--rate", type=float, default=None, help="also Poisson arrivals at this many requests/s")
+    ap.add_argument("--server", action="store_true", help="also through the HTTP server (closed loop)")
+    ap.add_argument("--prompts", default=str(Path(__file__).with_name("serving_prompts.txt")),
+                    help="one prompt per line (request i uses line i mod the count)")
+    ap.add_argument("--step-prompt-rows", type=int, default=None, help="Engine(step_prompt_rows=...)")
+    ap.add_argument("--out", default=None, help="JSON record to write")
+    args = ap.parse_args(argv)
+    from tandem_rt.engine import SamplingParams
+
+    gamma = args.gamma if args.gamma == "auto" else int(args.gamma)
+    n_req = args.requests or 2 * args.clients
+    kw = {} if args.step_prompt_rows is None else {"step_prompt_rows": args.step_prompt_rows}
+    _, engine = engine_from_args(args, max_batch_size=args.clients, max_queued_requests=None, **kw)
+    prompts = [line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, ignore_eos=True,
+                            seed=0 if args.temperature > 0 else None)
+    ids = [engine.tokenizer.encode(prompts[i % len(prompts)]).ids for i in range(n_req)]
+    reqs = [(engine, p, params, args.mode, gamma) for p in ids]
+    engine_request(*reqs[0])                                                # warm-up
+    rows = []
+    serial, serial_wall = run_closed(engine_request, reqs, 1)
+    rows.append(summarize("engine, serial", serial, serial_wall))
+    lone_itl = rows[0]["itl_p99_ms"]
+    conc, wall = run_closed(engine_request, reqs, args.clients)
+    rows.append(summarize(f"engine, {args.clients} clients", conc, wall, serial_wall, serial))
+    if args.rate:
+        pois, wall = run_poisson(engine_request, reqs, args.rate)
+        rows.append(summarize(f"engine, Poisson {args.rate:g}/s", pois, wall, serial_wall, serial))
+    if args.server:
+        import httpx
+        server, th, url = start_server(engine)
+        texts = [prompts[i % len(prompts)] for i in range(n_req)]
+        with httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=args.clients + 4)) as c:
+            hreqs = [(c, t, params, args.mode, gamma) for t in texts]
+            http_serial, hs_wall = run_closed(http_request, hreqs, 1)
+            rows.append(summarize("HTTP, serial", http_serial, hs_wall))
+            http_conc, wall = run_closed(http_request, hreqs, args.clients)
+            rows.append(summarize(f"HTTP, {args.clients} clients", http_conc, wall, hs_wall))
+            rows[-1]["identical_to_serial"] = all("".join(a.tokens) == "".join(b.tokens)
+                                                  for a, b in zip(http_conc, http_serial))
+        server.should_exit = True
+        th.join(timeout=10)
+    assert engine.num_free_pages == engine.page_manager.num_pages, "pages leaked"
+    engine.page_manager.check_invariants()
+    head = ("scenario", "requests", "tokens", "wall_s", "tokens_per_s", "speedup_vs_serial", "ttft_p50_ms",
+            "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "mean_accepted_per_block", "identical_to_serial")
+    print(f"\n{args.mode}, gamma={args.gamma}, {args.max_new_tokens} new tokens, {engine.dtype}, "
+          f"{engine.device} ({cpu_model()}), threads={args.threads or 'default'}")
+    print(" | ".join(head))
+    for r in rows:
+        print(" | ".join(f"{r.get(k):.3g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in head))
+    if lone_itl:
+        print(f"p99 inter-token latency, {args.clients} clients / serial: {rows[1]['itl_p99_ms'] / lone_itl:.2f}x")
+    record = {"tool": "tools/bench_serving.py", "argv": sys.argv[1:] if argv is None else argv,
+              "device": str(engine.device), "cpu": cpu_model(), "dtype": str(engine.dtype).replace("torch.", ""),
+              "threads": args.threads, "mode": args.mode, "gamma": args.gamma, "clients": args.clients,
+              "max_new_tokens": args.max_new_tokens, "rows": rows,
+              "itl_p99_ratio": (rows[1]["itl_p99_ms"] / lone_itl) if lone_itl else None,
+              "date": time.strftime("%Y-%m-%d")}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
