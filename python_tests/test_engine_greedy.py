@@ -66,24 +66,24 @@ def test_greedy_stop_tokens():
     assert engine.num_free_pages == engine.page_manager.num_pages
 
 
-@pytest.mark.parametrize("dense_prefill, chunk, max_prefill_tokens", [(False, 7, 8192), (True, 32, 50),
-                                                                      (True, 32, 8192)])
-def test_prefill_paths_equal_reference(dense_prefill, chunk, max_prefill_tokens):
-    """Prompts longer than one paged chunk: chunked paged prefill and dense prefill (grouped by the
-    row budget, or all in one forward) all continue exactly like the reference greedy loop."""
+@pytest.mark.parametrize("dense_prefill, chunk, step_rows", [(False, 7, 32), (True, 32, 1), (True, 32, 200)])
+def test_prefill_paths_equal_reference(dense_prefill, chunk, step_rows):
+    """Prompts longer than one chunk: prompts prefilled inside the steps (one 32-row chunk a step,
+    or several prompts' chunks together) and the drafter's pool prefilled alone (chunked paged or
+    dense) all continue exactly like the reference greedy loop."""
     model = agreeing_tandem_model(seed=4, layer_scale=0.35)
     engine = Engine(model, num_pages=128, page_size=8, max_batch_size=3, dense_prefill=dense_prefill,
-                    prefill_chunk=chunk, max_prefill_tokens=max_prefill_tokens)
+                    prefill_chunk=chunk, step_prompt_rows=step_rows)
     prompts = random_prompts(4, model.config.primary.vocab_size, [70, 3, 41])
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
-    for mode in ("primary", "tandem-speed"):
+    for mode in ("primary", "tandem-speed", "speed"):
         out = engine.generate(prompts, params, mode=mode, gamma=3)
         assert [o.token_ids for o in out] == [reference_greedy(model, p, 8) for p in prompts], mode
     assert engine.num_free_pages == engine.page_manager.num_pages
 
 
 @pytest.mark.parametrize("kwargs, match", [({"dense_prefill": "yes"}, "dense_prefill"),
-                                           ({"max_prefill_tokens": 0}, "max_prefill_tokens")])
+                                           ({"step_prompt_rows": 0}, "step_prompt_rows")])
 def test_prefill_options_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Engine(agreeing_tandem_model(seed=0), num_pages=8, **kwargs)

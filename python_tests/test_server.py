@@ -219,3 +219,44 @@ def test_full_queue_gets_503_and_disconnect_cancels(served):
         e.primary.forward = real
     r = served.client.post("/v1/completions", json={"prompt": "w5", "max_tokens": 2, "temperature": 0})
     assert r.status_code == 200
+
+
+def test_serve_cli(tmp_path):
+    """``tandem-rt serve`` on a saved checkpoint with a chat template: health, a chat completion,
+    then a clean shutdown on SIGINT; a bad port is a one-line error."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tandem_rt.checkpoint import save_checkpoint
+
+    ckpt = save_checkpoint(agreeing_tandem_model(seed=23), tmp_path / "ckpt", tokenizer=word_tokenizer())
+    (ckpt / "chat_template.jinja").write_text(TEMPLATE)
+    bad = subprocess.run([sys.executable, "-m", "tandem_rt.cli", "serve", "--model", str(ckpt), "--port", "0"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--port" in bad.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tandem_rt.cli", "serve", "--model", str(ckpt), "--port", str(port),
+                             "--served-model-name", "tiny", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        r = httpx.post(url + "/v1/chat/completions", timeout=60,
+                       json={"model": "tiny", "messages": [{"role": "user", "content": "w5 w6"}], "max_tokens": 4,
+                             "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["choices"][0]["message"]["content"].split()) == 4
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode in (0, 130), err          # 130: interrupted (uvicorn re-raises SIGINT)
+    assert "with a chat template" in err and "Traceback" not in err

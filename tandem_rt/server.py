@@ -423,5 +423,7 @@ def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, model_name:
     app = TandemServer(engine, model_name, chat_template).app()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off")
     server = uvicorn.Server(config)
-    server.run(sockets=[sock] if sock is not None else None)
-    engine.close()
+    try:
+        server.run(sockets=[sock] if sock is not None else None)
+    finally:                     # (uvicorn re-raises SIGINT after its graceful shutdown)
+        engine.close()

@@ -132,8 +132,6 @@ class Engine:
             is off (prompts then go through ``paged_attention`` in chunks).
         dense_prefill: process whole prompts in one forward with dense causal attention (torch
             SDPA over the prompt's own rows; their K/V are still written to the pools).
-        max_prefill_tokens: prompt rows per dense prefill forward (prompts are grouped up to this
-            many rows; a longer prompt runs alone).
         use_cuda_graphs: capture and replay the decode / verify steps on CUDA (see ``cuda_graphs.py``).
         quantized_primary: ``{parameter name: QuantMatrix}`` of the primary's weights kept in their
             GGUF blocks (``tandem_rt.quantized.read_gguf_matrices``; CPU, bf16 / fp32): the
@@ -150,7 +148,7 @@ class Engine:
     def __init__(self, model: TandemModel, tokenizer=None, *, device=None, dtype=None, max_batch_size: int = 8,
                  kv_cache_memory: Optional[int] = None, num_pages: Optional[int] = None, page_size: int = 16,
                  prefill_chunk: int = 32, use_cuda_graphs: bool = False, dense_prefill: bool = True,
-                 max_prefill_tokens: int = 8192, quantized_primary: Optional[dict] = None,
+                 quantized_primary: Optional[dict] = None,
                  max_queued_requests: Optional[int] = None, step_prompt_rows: int = 32):
         from tandem_rt.paged import KVCache, PageManager, pages_for_memory
 
@@ -158,7 +156,7 @@ class Engine:
             raise ValueError(f"model must be a TandemModel, got {type(model).__name__}")
         for name, v, lo in (("max_batch_size", max_batch_size, 1), ("page_size", page_size, 1),
                             ("step_prompt_rows", step_prompt_rows, 1),
-                            ("prefill_chunk", prefill_chunk, 1), ("max_prefill_tokens", max_prefill_tokens, 1)):
+                            ("prefill_chunk", prefill_chunk, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if prefill_chunk > 32:
@@ -198,7 +196,6 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk
         self.dense_prefill = dense_prefill
-        self.max_prefill_tokens = max_prefill_tokens
         self.router_lag = None    # gamma="auto" reads router decisions a step late: None = on CUDA only
         cfg = model.config
         self.vocab_size = cfg.primary.vocab_size
