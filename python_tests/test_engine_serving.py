@@ -261,3 +261,50 @@ def test_async_engine_streams_cancels_and_aborts(model):
             break
         threading.Event().wait(0.01)
     assert all_free(engine)
+
+
+def test_step_cost_model_is_weighted_least_squares():
+    import numpy as np
+
+    from tandem_rt.engine.draft_policy import StepCostModel
+
+    rng = np.random.default_rng(0)
+    m = StepCostModel(decay=0.8)
+    assert m.row_cost() == 0.0 and m.min_accept() == 0.0
+    rows = rng.integers(4, 40, 30)
+    secs = 0.02 + 0.0015 * rows + rng.normal(0, 0.001, 30)
+    toks = rng.integers(4, 12, 30)
+    for r, s_, t in zip(rows, secs, toks):
+        m.add(int(r), float(s_), int(t))
+    w = 0.8 ** np.arange(29, -1, -1)
+    slope = np.polyfit(rows, secs, 1, w=np.sqrt(w))[0]
+    assert abs(m.row_cost() - slope) < 1e-9
+    assert abs(m.rate() - (w * toks).sum() / (w * secs).sum()) < 1e-9
+    assert abs(m.min_accept() - slope * m.rate()) < 1e-9
+    same = StepCostModel()
+    for _ in range(5):
+        same.add(8, 0.05, 10)                  # rows never varied: no slope yet
+    assert same.row_cost() == 0.0
+
+
+def test_cost_policy_shortens_drafts_and_stays_exact(model):
+    class Expensive:                            # every further row costs more than it can bring
+        def min_accept(self):
+            return 2.0
+
+        def add(self, *a):
+            pass
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    prompts = [p for p, m, g in JOBS[:4]]
+    ref = Engine(model, num_pages=256, page_size=8, max_batch_size=4)
+    want = [r.token_ids for r in ref.generate(prompts, params, mode="primary")]
+    router = [r for r in ref.generate(prompts, params, mode="tandem-speed", gamma="auto")]
+    engine = Engine(model, num_pages=256, page_size=8, max_batch_size=4, draft_policy="cost")
+    engine.step_costs = Expensive()
+    got = engine.generate(prompts, params, mode="tandem-speed", gamma="auto")
+    assert [r.token_ids for r in got] == want == [r.token_ids for r in router]
+    for r in got:                               # one draft per block: the router's stop after the first
+        assert r.stats["drafted_tokens"] == r.stats["blocks"] - 1 or r.stats["drafted_tokens"] == r.stats["blocks"]
+    assert sum(r.stats["drafted_tokens"] for r in got) < sum(r.stats["drafted_tokens"] for r in router)
+    with pytest.raises(ValueError, match="draft_policy"):
+        Engine(model, num_pages=64, draft_policy="fast")

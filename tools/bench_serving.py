@@ -6,7 +6,10 @@ loop) and with Poisson arrivals, against the engine (``Engine.submit``) and agai
 Prints a table and writes JSON (``--out``): wall time, throughput, speed-up over serial, time to
 first token and inter-token latency (gap between successive token deliveries: a speculative block
 delivers several tokens at once) p50 / p99, accepted drafts per block, and whether every greedy
-output equals its serial output.
+output equals its serial output. ``--load N`` adds the bounded load run: N requests from
+``--load-clients`` threads through the engine and over HTTP, random modes / γ / lengths /
+samples, a ``--cancel-fraction`` share cancelled or disconnected mid-stream; it reports every
+request's outcome and checks that no page leaked and that the engine serves normally afterwards.
 
     python tools/bench_serving.py --clients 8 --requests 16 --max-new-tokens 64 --mode tandem-speed --gamma auto \\
         --threads 1 --dtype float32 [--rate 2.0] [--server] --out docs/benchmarks/DATE-cpu-serving.json
@@ -165,6 +168,91 @@ def summarize(name: str, traces: list, wall: float, serial_wall: float = None, r
     return row
 
 
+LOAD_MODES = [("tandem-speed", "auto"), ("tandem-speed", 3), ("speed", "auto"), ("primary", 1), ("tandem", 3)]
+
+
+def run_load(engine, url, prompts: list, n_requests: int, clients: int, cancel_frac: float, max_new: int,
+             seed: int = 0) -> dict:
+    """The bounded load run: ``n_requests`` from ``clients`` threads, half through the engine and
+    half over HTTP (if ``url``), random modes / γ / lengths / samples; a ``cancel_frac`` share is
+    cancelled (engine) or disconnected (HTTP) after a random number of events. Then checks that
+    every request ended with a reason, no page leaked and the page manager's invariants hold."""
+    import httpx
+
+    from tandem_rt.engine import SamplingParams
+    rng = random.Random(seed)
+    plans = []
+    for i in range(n_requests):
+        mode, gamma = LOAD_MODES[rng.randrange(len(LOAD_MODES))]
+        plans.append(dict(prompt=prompts[rng.randrange(len(prompts))], mode=mode, gamma=gamma,
+                          max_new=rng.randint(1, max_new), n=rng.choice([1, 1, 1, 2]),
+                          temperature=rng.choice([0.0, 0.0, 0.8]),
+                          cancel_after=rng.randint(0, 4) if rng.random() < cancel_frac else None,
+                          http=bool(url) and rng.random() < 0.5))
+    reasons: dict = {}
+    lock = threading.Lock()
+    errors = []
+
+    def note(reason):
+        with lock:
+            reasons[reason] = reasons.get(reason, 0) + 1
+
+    def one(pl, client):
+        sp = SamplingParams(max_new_tokens=pl["max_new"], temperature=pl["temperature"], n=pl["n"], seed=1)
+        if not pl["http"]:
+            h = engine.submit(pl["prompt"], sp, mode=pl["mode"], gamma=pl["gamma"])
+            k = 0
+            for _ in h:
+                if pl["cancel_after"] is not None and k >= pl["cancel_after"]:
+                    h.cancel()
+                    break
+                k += 1
+            for r in h.results(timeout=600):
+                note(r.finish_reason)
+            return
+        body = {"prompt": pl["prompt"], "max_tokens": pl["max_new"], "temperature": pl["temperature"], "n": pl["n"],
+                "seed": 1, "mode": pl["mode"], "gamma": pl["gamma"], "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                note(f"http {resp.status_code}")
+                return
+            k = 0
+            for line in resp.iter_lines():
+                if pl["cancel_after"] is not None and k >= pl["cancel_after"]:
+                    note("disconnected")
+                    return                       # leaving the block closes the connection
+                if line.startswith("data: {"):
+                    k += 1
+                    fin = json.loads(line[6:])["choices"][0]["finish_reason"]
+                    if fin:
+                        note(fin)
+
+    def client_loop(c):
+        with httpx.Client(base_url=url or "http://unused", timeout=600) as client:
+            for i in range(c, len(plans), clients):
+                try:
+                    one(plans[i], client)
+                except Exception as exc:
+                    errors.append(repr(exc))
+    t = time.perf_counter()
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t
+    for _ in range(1000):                  # disconnected HTTP requests leave at the next iteration
+        if engine.metrics()["running_sequences"] == 0 and engine.num_free_pages == engine.page_manager.num_pages:
+            break
+        time.sleep(0.01)
+    engine.page_manager.check_invariants()
+    m = engine.metrics()
+    return {"requests": n_requests, "clients": clients, "cancel_fraction": cancel_frac, "wall_s": wall,
+            "outcomes": reasons, "errors": errors, "pages_free_after": engine.num_free_pages,
+            "pages_total": engine.page_manager.num_pages, "running_after": m["running_sequences"],
+            "no_page_leaked": engine.num_free_pages == engine.page_manager.num_pages}
+
+
 def start_server(engine):
     import uvicorn
 
@@ -193,6 +281,10 @@ def main(argv=None) -> int:
     ap.add_argument("--server", action="store_true", help="also through the HTTP server (closed loop)")
     ap.add_argument("--prompts", default=str(Path(__file__).with_name("serving_prompts.txt")),
                     help="one prompt per line (request i uses line i mod the count)")
+    ap.add_argument("--load", type=int, default=0, help="also the bounded load run with this many requests")
+    ap.add_argument("--load-clients", type=int, default=12)
+    ap.add_argument("--cancel-fraction", type=float, default=0.25)
+    ap.add_argument("--draft-policy", default="router", choices=["router", "cost"], help="Engine(draft_policy=...)")
     ap.add_argument("--step-prompt-rows", type=int, default=None, help="Engine(step_prompt_rows=...)")
     ap.add_argument("--out", default=None, help="JSON record to write")
     args = ap.parse_args(argv)
@@ -200,7 +292,9 @@ def main(argv=None) -> int:
 
     gamma = args.gamma if args.gamma == "auto" else int(args.gamma)
     n_req = args.requests or 2 * args.clients
-    kw = {} if args.step_prompt_rows is None else {"step_prompt_rows": args.step_prompt_rows}
+    kw = {"draft_policy": args.draft_policy}
+    if args.step_prompt_rows is not None:
+        kw["step_prompt_rows"] = args.step_prompt_rows
     _, engine = engine_from_args(args, max_batch_size=args.clients, max_queued_requests=None, **kw)
     prompts = [line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, ignore_eos=True,
@@ -231,11 +325,23 @@ def main(argv=None) -> int:
                                                   for a, b in zip(http_conc, http_serial))
         server.should_exit = True
         th.join(timeout=10)
+    load = None
+    if args.load:
+        server, th, url = start_server(engine)
+        load = run_load(engine, url, prompts, args.load, args.load_clients, args.cancel_fraction, args.max_new_tokens)
+        server.should_exit = True
+        th.join(timeout=10)
+        # the engine serves normally afterwards: a request equals its serial output
+        after = engine_request(*reqs[0])
+        load["serves_normally_after"] = after.tokens == serial[0].tokens
+        print(f"\nload run: {load['requests']} requests from {load['clients']} clients in {load['wall_s']:.1f} s: "
+              f"{load['outcomes']}, errors {len(load['errors'])}, pages free {load['pages_free_after']}/"
+              f"{load['pages_total']}, serves normally after: {load['serves_normally_after']}")
     assert engine.num_free_pages == engine.page_manager.num_pages, "pages leaked"
     engine.page_manager.check_invariants()
     head = ("scenario", "requests", "tokens", "wall_s", "tokens_per_s", "speedup_vs_serial", "ttft_p50_ms",
             "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "mean_accepted_per_block", "identical_to_serial")
-    print(f"\n{args.mode}, gamma={args.gamma}, {args.max_new_tokens} new tokens, {engine.dtype}, "
+    print(f"\n{args.mode}, gamma={args.gamma}, draft_policy={args.draft_policy}, {args.max_new_tokens} new tokens, {engine.dtype}, "
           f"{engine.device} ({cpu_model()}), threads={args.threads or 'default'}")
     print(" | ".join(head))
     for r in rows:
@@ -244,10 +350,10 @@ def main(argv=None) -> int:
         print(f"p99 inter-token latency, {args.clients} clients / serial: {rows[1]['itl_p99_ms'] / lone_itl:.2f}x")
     record = {"tool": "tools/bench_serving.py", "argv": sys.argv[1:] if argv is None else argv,
               "device": str(engine.device), "cpu": cpu_model(), "dtype": str(engine.dtype).replace("torch.", ""),
-              "threads": args.threads, "mode": args.mode, "gamma": args.gamma, "clients": args.clients,
+              "threads": args.threads, "draft_policy": args.draft_policy, "mode": args.mode, "gamma": args.gamma, "clients": args.clients,
               "max_new_tokens": args.max_new_tokens, "rows": rows,
               "itl_p99_ratio": (rows[1]["itl_p99_ms"] / lone_itl) if lone_itl else None,
-              "date": time.strftime("%Y-%m-%d")}
+              "load_run": load, "date": time.strftime("%Y-%m-%d")}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(record, indent=2))

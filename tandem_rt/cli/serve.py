@@ -16,7 +16,7 @@ def run(args) -> int:
     path = args.model if args.model is not None else _default_model_path()
     engine = Engine.from_pretrained(path, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
                                     use_cuda_graphs=args.cuda_graphs, quantized=args.quantized,
-                                    max_queued_requests=args.max_queued_requests)
+                                    max_queued_requests=args.max_queued_requests, draft_policy=args.draft_policy)
     template = load_chat_template(path) if path is not None else None
     name = args.served_model_name or "tandem-rt"
     print(f"tandem-rt serve: {name} ({path}) on http://{args.host}:{args.port} "
@@ -38,6 +38,9 @@ def register(sub) -> None:
     p.add_argument("--max-batch-size", type=int, default=8, help="sequences in the running batch at most")
     p.add_argument("--max-queued-requests", type=int, default=256,
                    help="requests waiting for admission before new ones get 503")
+    p.add_argument("--draft-policy", default="router", choices=["router", "cost"],
+                   help="gamma=auto: stop drafting by the router alone, or also by the batch's measured cost "
+                        "(faster under load; seeded sampled requests then depend on the batch)")
     p.add_argument("--cuda-graphs", action="store_true", help="capture decode/verify steps in CUDA graphs")
     p.add_argument("--quantized", action="store_true",
                    help="the primary reads the GGUF blocks of the file the checkpoint references (CPU)")

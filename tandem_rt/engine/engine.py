@@ -31,12 +31,14 @@ import dataclasses
 import itertools
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
 
 from tandem_rt.engine import steps
+from tandem_rt.engine.draft_policy import POLICIES, StepCostModel
 from tandem_rt.engine.model_runner import ModelRunner
 from tandem_rt.engine.modes import MODE_TABLE, MODES
 from tandem_rt.engine.params import SamplingParams
@@ -143,13 +145,19 @@ class Engine:
             chunks of 32 rows; the oldest chunk always goes). Bounds the pause a joining request
             adds to the running ones. Prompts of the other modes, and the standalone drafter's pool,
             are prefilled by their own forwards (``dense_prefill`` / ``prefill_chunk``).
+        draft_policy: when ``gamma="auto"`` sequences stop drafting: ``"router"`` (the router's
+            threshold) or ``"cost"`` (also when a further verify row costs the batch more than its
+            expected accepted tokens bring, from the engine's measured step times; greedy outputs
+            stay exact, seeded sampled auto requests are then not reproducible across batches;
+            see ``draft_policy.py``).
     """
 
     def __init__(self, model: TandemModel, tokenizer=None, *, device=None, dtype=None, max_batch_size: int = 8,
                  kv_cache_memory: Optional[int] = None, num_pages: Optional[int] = None, page_size: int = 16,
                  prefill_chunk: int = 32, use_cuda_graphs: bool = False, dense_prefill: bool = True,
                  quantized_primary: Optional[dict] = None,
-                 max_queued_requests: Optional[int] = None, step_prompt_rows: int = 32):
+                 max_queued_requests: Optional[int] = None, step_prompt_rows: int = 32,
+                 draft_policy: str = "router"):
         from tandem_rt.paged import KVCache, PageManager, pages_for_memory
 
         if not isinstance(model, TandemModel):
@@ -165,6 +173,8 @@ class Engine:
             raise ValueError(f"dense_prefill must be True or False, got {dense_prefill!r}")
         if num_pages is not None and kv_cache_memory is not None:
             raise ValueError("give num_pages or kv_cache_memory, not both")
+        if draft_policy not in POLICIES:
+            raise ValueError(f"draft_policy must be one of {', '.join(POLICIES)}, got {draft_policy!r}")
         if max_queued_requests is not None and (isinstance(max_queued_requests, bool) or not isinstance(
                 max_queued_requests, int) or max_queued_requests < 1):
             raise ValueError(f"max_queued_requests must be None or a positive integer, got {max_queued_requests!r}")
@@ -239,6 +249,8 @@ class Engine:
             r.cuda_graphs = CudaGraphRunner(r)
         self.max_queued_requests = max_queued_requests
         self.step_prompt_rows = step_prompt_rows
+        self.draft_policy = draft_policy
+        self.step_costs = StepCostModel()
         self.scheduler = Scheduler(self.page_manager, max_batch_size, tokenizer)
         self._cv = threading.Condition()
         self._inbox: collections.deque = collections.deque()
@@ -621,7 +633,8 @@ class Engine:
         router = None
         if self.model.router is not None:
             rc = self.model.router.config
-            router = (self.model.router, self.router_top_k, rc.threshold)
+            min_accept = self.step_costs.min_accept() if self.draft_policy == "cost" else 0.0
+            router = (self.model.router, self.router_top_k, rc.threshold, min_accept)
         lag = self.router_lag if self.router_lag is not None else self.device.type == "cuda"
         for kind, step in (("verify", steps.speculative_step), ("tandem", steps.tandem_step),
                            ("decode", steps.decode_step)):
@@ -633,7 +646,11 @@ class Engine:
                 if kind == "verify":
                     chunks = [steps.PromptChunk(r.sid, r.prompt[a:b], a, b, r.mode.refresh, b == len(r.prompt))
                               for r, a, b in plan]
+                    t0 = time.perf_counter()
                     commits, prompt_logits = step(runner, seqs, router, lag, chunks)
+                    if seqs:
+                        self.step_costs.add(sum(c.drafted + 1 for c in commits) + sum(b - a for _, a, b in plan),
+                                            time.perf_counter() - t0, sum(len(c.tokens) for c in commits))
                     self._prompts_done(plan, prompt_logits)
                 else:
                     commits = step(runner, seqs) if kind == "decode" else step(runner, seqs, router, lag)

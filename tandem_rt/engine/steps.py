@@ -135,9 +135,11 @@ def draft(runner, pool: str, seqs: Sequence, limits: Sequence[int], block_tables
     ``[min(dlen, n-1), n)`` (catching up the drafter; a query-only row when the pool already holds
     position ``n - 1``), front-padded with query-only rows to the same row count for every
     sequence, so that the step can replay a CUDA graph. ``router``: ``(router module, top_k,
-    threshold)`` for the sequences with ``auto``: a sequence stops drafting when the predicted
-    acceptance ``1 - tv`` falls under the threshold; with ``router_lag`` the decision is read one
-    step late (the host never waits on the device; the extra step's draft is dropped).
+    threshold, min_accept)`` for the sequences with ``auto``: a sequence stops drafting when the
+    predicted acceptance ``α = 1 - tv`` of its last draft falls under the threshold, or when
+    ``p · α < min_accept`` with ``p`` the product of its drafts' ``α`` (``draft_policy.py``);
+    with ``router_lag`` the threshold decision is read one step late (the host never waits on the
+    device; the extra step's draft is dropped) and ``min_accept`` is not applied.
     """
     pm, dev = runner.page_manager, runner.device
     model, cache = runner.pool(pool)
@@ -148,6 +150,7 @@ def draft(runner, pool: str, seqs: Sequence, limits: Sequence[int], block_tables
     lens = [0] * B
     dlens = [s.dlen for s in seqs]
     runs = [0] * B
+    cum = [1.0] * B            # predicted probability that every draft so far is accepted
     act = [b for b in range(B) if limits[b] > 0]
     k = 0
     pending = None   # (rows, device bool [rows]): the router's continue decisions not yet read
@@ -193,15 +196,21 @@ def draft(runner, pool: str, seqs: Sequence, limits: Sequence[int], block_tables
         nxt = [b for b in kept if lens[b] < limits[b]]
         auto = [b for b in nxt if seqs[b].auto]
         if router is not None and auto:
-            module, top_k, threshold = router
+            module, top_k, threshold, min_accept = router
             feats = router_features(logits, model.model.model.embed_tokens.weight, top_k)
-            cont = (1.0 - module(feats)) >= threshold                        # device [len(act)]
+            alpha = 1.0 - module(feats)                                      # device [len(act)]
             rows = {b: j for j, b in enumerate(act)}
             if router_lag:
-                pending = (auto, cont[h2d([rows[b] for b in auto], torch.int64, dev)])
+                pending = (auto, (alpha >= threshold)[h2d([rows[b] for b in auto], torch.int64, dev)])
             else:
-                go = cont.tolist()                                           # the router's stop decision
-                nxt = [b for b in nxt if not seqs[b].auto or go[rows[b]]]
+                al = alpha.tolist()                                          # the router's stop decision
+                go = set()
+                for b in auto:
+                    a = al[rows[b]]
+                    cum[b] *= a
+                    if a >= threshold and cum[b] * a >= min_accept:
+                        go.add(b)
+                nxt = [b for b in nxt if not seqs[b].auto or b in go]
         act = nxt
     return drafts, probs, lens, dlens, runs
 
