@@ -109,6 +109,11 @@ def test_completion_equals_the_engine(served):
     chunks = [json.loads(d) for d in data[:-1]]
     assert "".join(ch["choices"][0]["text"] for ch in chunks) == want.text
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    with served.client.stream("POST", "/v1/completions",
+                              json={**body, "stream": True, "stream_options": {"include_usage": True}}) as resp:
+        last = json.loads(sse(resp)[-2])
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 9
+    assert last["tandem_rt"]["accepted_tokens"] == want.stats["accepted_tokens"]
     assert all_free(e)
 
 
@@ -213,6 +218,17 @@ def test_full_queue_gets_503_and_disconnect_cancels(served):
                 break
             time.sleep(0.02)
         assert e.metrics()["requests_finished"]["cancelled"] == cancelled + 1
+        assert all_free(e)
+        # so does a client of a non-streamed request that gives up waiting
+        gate.clear()
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(served.url + "/v1/completions", json=long, timeout=0.5)
+        gate.set()
+        for _ in range(500):
+            if e.metrics()["requests_finished"]["cancelled"] > cancelled + 1 and all_free(e):
+                break
+            time.sleep(0.02)
+        assert e.metrics()["requests_finished"]["cancelled"] == cancelled + 2
         assert all_free(e)
     finally:
         gate.set()

@@ -6,7 +6,8 @@ Endpoints (docs/SERVING.md):
   bodies; ``"stream": true`` answers with server-sent events (``data: {chunk}`` ... ``data: [DONE]``).
   Extra request fields: ``mode`` (a tandem_rt mode), ``gamma`` (1..31 or ``"auto"``), ``top_k``,
   ``stop_token_ids``, ``ignore_eos``. Responses carry a ``tandem_rt`` object with the drafting
-  figures (drafted / accepted tokens, blocks).
+  figures (drafted / accepted tokens, blocks); a stream with ``stream_options.include_usage``
+  ends with a usage chunk that carries them too.
 * ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format).
 
 Every request is one ``Engine`` request of the continuous batch (``n`` samples). A client that
@@ -201,6 +202,10 @@ class TandemServer:
             stream = body.get("stream", False)
             if not isinstance(stream, bool):
                 raise RequestError("stream must be true or false", "stream")
+            opts = body.get("stream_options") or {}
+            if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+                raise RequestError("stream_options must be an object with a boolean include_usage", "stream_options")
+            include_usage = bool(opts.get("include_usage", False))
             e = self.engine
             try:
                 ids, _ = e.check_request(prompt, params if params.max_new_tokens < 1 << 30 else
@@ -211,30 +216,29 @@ class TandemServer:
                 params = _fill_context(e, ids[0], params, mode)
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
             agen = self.async_engine.generate(ids[0], params, mode, gamma, True, request_id=rid)
-            first = await _first(agen)     # surfaces EngineOverloaded / ValueError before the response starts
+            state = _Collector(params.n, stops, self.engine.tokenizer is not None)
+            # the first event (or EngineOverloaded) before the response starts; the whole answer
+            # when not streaming; a client that disconnects meanwhile cancels its request
+            work = _first(agen) if stream else _drain(None, agen, state)
+            done, first = await _unless_disconnected(request, work)
+            if not done:
+                await agen.aclose()
+                return JSONResponse({}, status_code=499)
         except RequestError as exc:
             return _error(str(exc), exc.param, exc.status)
         except EngineOverloaded as exc:
             return _error(str(exc), None, 503, "overloaded_error")
         except ValueError as exc:
             return _error(str(exc), _param_of(str(exc)), 400)
-        state = _Collector(params.n, stops, self.engine.tokenizer is not None)
-        if stream:
-            return StreamingResponse(self._sse(rid, chat, first, agen, state), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        task = asyncio.ensure_future(_drain(first, agen, state))
-        while not task.done():       # a client that disconnects cancels its request
-            await asyncio.wait({task}, timeout=0.25)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                return JSONResponse({}, status_code=499)
-        exc = task.exception()
-        if exc is not None:
+        except Exception as exc:  # the engine failed this request's step
             return _error(f"generation failed: {exc}", None, 500, "server_error")
+        if stream:
+            return StreamingResponse(self._sse(rid, chat, first, agen, state, include_usage, len(ids[0])),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
         return JSONResponse(self._body(rid, chat, state, len(ids[0])))
 
-    async def _sse(self, rid: str, chat: bool, first, agen, state):
+    async def _sse(self, rid: str, chat: bool, first, agen, state, include_usage: bool = False, prompt_tokens: int = 0):
         obj = "chat.completion.chunk" if chat else "text_completion"
         created = int(time.time())
 
@@ -258,6 +262,11 @@ class TandemServer:
                 if state.all_stopped():
                     break
                 ev = await anext(agen, None)
+            if include_usage:       # OpenAI's final usage chunk (no choices), with the drafting figures
+                completion = sum(state.tokens)
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                         "total_tokens": prompt_tokens + completion}
+                yield f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': self.model_name, 'choices': [], 'usage': usage, 'tandem_rt': state.stats()})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             await agen.aclose()        # cancels the request if it has not finished
@@ -354,9 +363,23 @@ async def _first(agen):
         return None
 
 
+async def _unless_disconnected(request, coro, poll_s: float = 0.25) -> tuple:
+    """Await ``coro`` unless the client disconnects first -> (True, its result) or (False, None)
+    (then ``coro`` is cancelled); its exception propagates."""
+    task = asyncio.ensure_future(coro)
+    while not task.done():
+        await asyncio.wait({task}, timeout=poll_s)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return False, None
+    return True, task.result()
+
+
 async def _drain(first, agen, state) -> None:
+    """Feed every event of ``agen`` (after ``first``, None = start from the first) to ``state``."""
     try:
-        ev = first
+        ev = first if first is not None else await anext(agen, None)
         while ev is not None:
             state.add(ev)
             if state.all_stopped():

@@ -77,7 +77,8 @@ def engine_request(engine, prompt, params, mode, gamma) -> Trace:
 
 def http_request(client, prompt, params, mode, gamma) -> Trace:
     body = {"prompt": prompt, "max_tokens": params.max_new_tokens, "temperature": params.temperature,
-            "ignore_eos": params.ignore_eos, "mode": mode, "gamma": gamma, "stream": True}
+            "ignore_eos": params.ignore_eos, "mode": mode, "gamma": gamma, "stream": True,
+            "stream_options": {"include_usage": True}}
     tr = Trace()
     with client.stream("POST", "/v1/completions", json=body) as resp:
         if resp.status_code != 200:
@@ -85,7 +86,11 @@ def http_request(client, prompt, params, mode, gamma) -> Trace:
         for line in resp.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            ch = json.loads(line[6:])["choices"][0]
+            chunk = json.loads(line[6:])
+            if not chunk["choices"]:                 # the final usage chunk
+                tr.blocks, tr.accepted = chunk["tandem_rt"]["blocks"], chunk["tandem_rt"]["accepted_tokens"]
+                continue
+            ch = chunk["choices"][0]
             text = ch.get("text", "")
             if text:
                 tr.times.append(time.perf_counter())

@@ -4,12 +4,15 @@
 predicted acceptance ``α = 1 - tv`` of its last draft is at least the checkpoint's threshold (the
 threshold is chosen for a lone request, ``tools/choose_router_threshold.py``).
 
-``draft_policy="cost"``: additionally while ``p · α >= c · R``, where ``p`` is the predicted
-probability that every draft of the block so far is accepted (the product of their ``α``), ``c``
-the measured seconds one more verify row adds to a speculative step and ``R`` the batch's
-measured tokens per second. A row pays when its expected extra tokens per added second beat the
-batch's rate: alone on a memory-bound CPU a row costs almost nothing and the rule never binds; a
-large batch makes every row compute and the rule shortens the drafts (down to plain decoding).
+``draft_policy="cost"``: additionally, a draft is kept only while ``p >= c · R``, where ``p`` is
+the predicted probability that it and every earlier draft of the block are accepted (the product
+of their ``α``: the probability that its verify row brings a token), ``c`` the measured seconds
+one more verify row adds to a speculative step and ``R`` the batch's measured tokens per second.
+A row pays when its expected extra tokens per added second beat the batch's rate: alone on a
+memory-bound CPU a row costs almost nothing and the rule never binds; a large batch makes every
+row compute and the rule shortens the drafts, down to none (plain decoding). The first draft is
+judged too (after the drafting step that made it, whose cost is the drafter's, not the
+primary's).
 ``c`` and ``R`` come from :class:`StepCostModel`, fitted online to the engine's own steps.
 
 The cost rule makes draft lengths depend on timing and on the other requests, so it is opt-in:

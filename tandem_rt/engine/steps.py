@@ -136,10 +136,12 @@ def draft(runner, pool: str, seqs: Sequence, limits: Sequence[int], block_tables
     position ``n - 1``), front-padded with query-only rows to the same row count for every
     sequence, so that the step can replay a CUDA graph. ``router``: ``(router module, top_k,
     threshold, min_accept)`` for the sequences with ``auto``: a sequence stops drafting when the
-    predicted acceptance ``α = 1 - tv`` of its last draft falls under the threshold, or when
-    ``p · α < min_accept`` with ``p`` the product of its drafts' ``α`` (``draft_policy.py``);
-    with ``router_lag`` the threshold decision is read one step late (the host never waits on the
-    device; the extra step's draft is dropped) and ``min_accept`` is not applied.
+    predicted acceptance ``α = 1 - tv`` of its last draft falls under the threshold; and a draft
+    whose ``p`` (the product of the block's ``α`` so far: the probability that its row brings a
+    token) is under ``min_accept`` is dropped and ends the block (``draft_policy.py``; the first
+    draft too, so a block may have none). With ``router_lag`` the threshold decision is read one
+    step late (the host never waits on the device; the extra step's draft is dropped) and
+    ``min_accept`` is not applied.
     """
     pm, dev = runner.page_manager, runner.device
     model, cache = runner.pool(pool)
@@ -194,23 +196,29 @@ def draft(runner, pool: str, seqs: Sequence, limits: Sequence[int], block_tables
             lens[b] += 1
         k += 1
         nxt = [b for b in kept if lens[b] < limits[b]]
-        auto = [b for b in nxt if seqs[b].auto]
-        if router is not None and auto:
+        if router is not None:
             module, top_k, threshold, min_accept = router
-            feats = router_features(logits, model.model.model.embed_tokens.weight, top_k)
-            alpha = 1.0 - module(feats)                                      # device [len(act)]
-            rows = {b: j for j, b in enumerate(act)}
-            if router_lag:
-                pending = (auto, (alpha >= threshold)[h2d([rows[b] for b in auto], torch.int64, dev)])
-            else:
-                al = alpha.tolist()                                          # the router's stop decision
-                go = set()
-                for b in auto:
-                    a = al[rows[b]]
-                    cum[b] *= a
-                    if a >= threshold and cum[b] * a >= min_accept:
-                        go.add(b)
-                nxt = [b for b in nxt if not seqs[b].auto or b in go]
+            auto = [b for b in nxt if seqs[b].auto]
+            # the cost rule also judges the draft just made (it may drop it: zero drafts is allowed)
+            judged = [b for b in kept if seqs[b].auto] if (min_accept > 0 and not router_lag) else auto
+            if judged:
+                feats = router_features(logits, model.model.model.embed_tokens.weight, top_k)
+                alpha = 1.0 - module(feats)                                  # device [len(act)]
+                rows = {b: j for j, b in enumerate(act)}
+                if router_lag:
+                    pending = (auto, (alpha >= threshold)[h2d([rows[b] for b in auto], torch.int64, dev)])
+                else:
+                    al = alpha.tolist()                                      # the router's stop decision
+                    stop = set()
+                    for b in judged:
+                        a = al[rows[b]]
+                        cum[b] *= a          # P(every draft of the block so far is accepted)
+                        if cum[b] < min_accept:
+                            lens[b] -= 1     # the row would cost more than it is expected to bring
+                            stop.add(b)
+                        elif a < threshold:
+                            stop.add(b)
+                    nxt = [b for b in nxt if b not in stop]
         act = nxt
     return drafts, probs, lens, dlens, runs
 
