@@ -64,3 +64,24 @@ def test_bench_draft_cost_table(tmp_path):
     got = [(r["layers"], r["draft_vocab"]) for r in report["rows"]]
     assert got == [(1, 256), (1, 2048), (2, 256), (2, 2048)]
     assert all(r["ms"] > 0 and r["ratio"] > 0 for r in report["rows"])
+
+
+def test_bench_serving_runs_every_scenario(tmp_path, capsys):
+    """tools/bench_serving.py on a random checkpoint: serial, concurrent, Poisson and HTTP rows,
+    the bounded load run (no page leaked, the engine serves normally after), the JSON record."""
+    pytest.importorskip("httpx")
+    bench_serving = import_tool("bench_serving")
+    out = tmp_path / "serving.json"
+    rc = bench_serving.main(["--random-checkpoint", str(tmp_path / "ckpt"), "--threads", "1", "--clients", "2",
+                             "--requests", "3", "--max-new-tokens", "5", "--rate", "50", "--server", "--load", "8",
+                             "--load-clients", "3", "--cancel-fraction", "0.5", "--out", str(out)])
+    assert rc == 0
+    rec = json.loads(out.read_text())
+    names = [r["scenario"] for r in rec["rows"]]
+    assert names == ["engine, serial", "engine, 2 clients", "engine, Poisson 50/s", "HTTP, serial", "HTTP, 2 clients"]
+    assert all(r["tokens"] == 15 for r in rec["rows"])
+    assert all(r["identical_to_serial"] for r in rec["rows"][1:] if "identical_to_serial" in r)
+    load = rec["load_run"]
+    assert load["no_page_leaked"] and load["serves_normally_after"] and not load["errors"]
+    assert sum(load["outcomes"].values()) >= 8
+    assert "engine, 2 clients" in capsys.readouterr().out

@@ -304,7 +304,11 @@ def main(argv=None) -> int:
     prompts = [line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, ignore_eos=True,
                             seed=0 if args.temperature > 0 else None)
-    ids = [engine.tokenizer.encode(prompts[i % len(prompts)]).ids for i in range(n_req)]
+    if engine.tokenizer is not None:
+        encode = lambda text: engine.tokenizer.encode(text).ids  # noqa: E731
+    else:   # a checkpoint without a tokenizer (--random-checkpoint): one token id per character
+        encode = lambda text: [2 + ord(ch) % (engine.vocab_size - 2) for ch in text]  # noqa: E731
+    ids = [encode(prompts[i % len(prompts)]) for i in range(n_req)]
     reqs = [(engine, p, params, args.mode, gamma) for p in ids]
     engine_request(*reqs[0])                                                # warm-up
     rows = []
@@ -319,7 +323,7 @@ def main(argv=None) -> int:
     if args.server:
         import httpx
         server, th, url = start_server(engine)
-        texts = [prompts[i % len(prompts)] for i in range(n_req)]
+        texts = [prompts[i % len(prompts)] if engine.tokenizer is not None else ids[i] for i in range(n_req)]
         with httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=args.clients + 4)) as c:
             hreqs = [(c, t, params, args.mode, gamma) for t in texts]
             http_serial, hs_wall = run_closed(http_request, hreqs, 1)
@@ -333,7 +337,7 @@ def main(argv=None) -> int:
     load = None
     if args.load:
         server, th, url = start_server(engine)
-        load = run_load(engine, url, prompts, args.load, args.load_clients, args.cancel_fraction, args.max_new_tokens)
+        load = run_load(engine, url, prompts if engine.tokenizer is not None else ids, args.load, args.load_clients, args.cancel_fraction, args.max_new_tokens)
         server.should_exit = True
         th.join(timeout=10)
         # the engine serves normally afterwards: a request equals its serial output
