@@ -5,6 +5,8 @@
 #include <pybind11/pybind11.h>
 #include <ATen/Parallel.h>
 
+#include "common/cpu_isa.h"
+
 #include <mutex>
 #include <set>
 #include <string>
@@ -55,6 +57,17 @@ long parallel_threads_used(long n_items) {
   return static_cast<long>(ids.size());
 }
 
+// The CPU kernel variants this process runs (after TANDEM_RT_CPU_KERNELS).
+pybind11::dict cpu_kernels() {
+  pybind11::dict info;
+  const auto isa = tandem_rt::cpu_isa::best();
+  info["isa"] = std::string(isa == tandem_rt::cpu_isa::Isa::kAvx512 ? "avx512"
+                            : isa == tandem_rt::cpu_isa::Isa::kAvx2 ? "avx2" : "base");
+  info["bf16_dot_products"] = tandem_rt::cpu_isa::bf16_dot_products();
+  info["int8_dot_products"] = tandem_rt::cpu_isa::int8_dot_products();
+  return info;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -62,6 +75,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info,
         "Dict: package version, torch version built against, whether CUDA kernels are "
         "linked, CUDA architectures compiled, compiler versions, CPU parallel backend.");
+  m.def("cpu_kernels", &cpu_kernels,
+        "Dict: the CPU kernel variant this process runs (isa: avx512 / avx2 / base) and whether its "
+        "bf16 (vdpbf16ps) and int8 (VNNI vpdpbusd) dot-product kernels run.");
   m.def("parallel_threads_used", &parallel_threads_used, pybind11::arg("n_items"),
         "Threads that ran one at::parallel_for over n_items work items (diagnostic: the CPU kernels' "
         "parallelism).", pybind11::call_guard<pybind11::gil_scoped_release>());

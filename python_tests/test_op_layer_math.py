@@ -336,3 +336,51 @@ def test_linear_rows_q_validation(args, match):
 def test_linear_rows_q_op_validation(args, match):
     with pytest.raises(ValueError, match=match):
         torch.ops.tandem_rt.linear_rows_q(*args())
+
+
+# ---- linear_rows_q16: the same products on weights repacked 16 outputs at a time ----------------
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 8, 11])
+@pytest.mark.parametrize("k, n", [(576, 48), (32, 16), (96, 80)])
+@pytest.mark.parametrize("add_kind", [None, "bias", "residual"])
+def test_linear_rows_q16_matches_the_block_scheme(qtype, dtype, rows, k, n, add_kind, rows_variant):
+    """pack_rows16 + linear_rows_q16: VNNI variant against the float64 reference of the documented
+    int8-activation scheme (read from the unpacked GGUF blocks), portable loops against the float64
+    product with the gguf package's dequantized weights; a row's result independent of the others."""
+    from tandem_rt.quantized import pack_rows16
+
+    g = torch.Generator().manual_seed(rows * 17 + k + n)
+    w = torch.randn(n, k, generator=g) * 0.05 + 0.01 * torch.randn(n, 1, generator=g)
+    blocks, w_ref = gguf_blocks(w, qtype)
+    packed = pack_rows16(blocks, qtype)
+    assert packed.shape == (n // 16, k // 32 * (544 if qtype == "Q8_0" else 320))
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    add = {None: None, "bias": torch.randn(n, generator=g).to(dtype),
+           "residual": torch.randn(rows, n, generator=g).to(dtype)}[add_kind]
+    code = {"Q8_0": 0, "Q4_1": 2}[qtype]
+    got = torch.ops.tandem_rt.linear_rows_q16(x, packed, code, add)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    tol = dict(rtol=2 ** -7, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    extra = add.double() if add is not None else 0
+    if int8_kernel(rows_variant):
+        ref = ref_int8_activations(x, blocks, qtype) + extra
+    else:
+        ref = x.double() @ w_ref.t() + extra
+    torch.testing.assert_close(got.double(), ref.to(dtype).double(), **tol)
+    one = torch.ops.tandem_rt.linear_rows_q16(x[-1:], packed, code, add[-1:] if add_kind == "residual" else add)
+    assert torch.equal(one, got[-1:])
+
+
+def test_pack_rows16_and_linear_rows_q16_validation():
+    from tandem_rt.quantized import pack_rows16
+
+    with pytest.raises(ValueError, match="packs Q8_0, Q4_1"):
+        pack_rows16(torch.zeros(16, 18, dtype=torch.uint8), "Q4_0")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pack_rows16(torch.zeros(12, 20, dtype=torch.uint8), "Q4_1")
+    with pytest.raises(ValueError, match="qtype must be 0"):
+        torch.ops.tandem_rt.linear_rows_q16(torch.randn(2, 64), torch.zeros(1, 640, dtype=torch.uint8), 1)
+    with pytest.raises(ValueError, match=r"w.shape\[1\] must be 640"):
+        torch.ops.tandem_rt.linear_rows_q16(torch.randn(2, 64), torch.zeros(1, 600, dtype=torch.uint8), 2)

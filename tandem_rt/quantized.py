@@ -28,10 +28,13 @@ QUANT_ROWS_MAX = 64
 
 class QuantMatrix(NamedTuple):
     """One ``[N, K]`` weight in GGUF blocks: ``blocks`` uint8 ``[N, K / 32 * block_bytes]``
-    (contiguous), ``qtype`` a key of ``QUANT_TYPES``, ``in_features`` = K."""
+    (contiguous), ``qtype`` a key of ``QUANT_TYPES``, ``in_features`` = K; ``packed``: the same
+    blocks repacked 16 outputs at a time (:func:`pack_rows16`, :func:`with_packed`) for
+    ``linear_rows_q16``, or None."""
     blocks: torch.Tensor
     qtype: str
     in_features: int
+    packed: Optional[torch.Tensor] = None
 
     @property
     def out_features(self) -> int:
@@ -42,7 +45,7 @@ class QuantMatrix(NamedTuple):
         return self.blocks.nbytes
 
     def rows(self, start: int, end: Optional[int] = None) -> "QuantMatrix":
-        """Outputs ``start:end`` (a view of the blocks)."""
+        """Outputs ``start:end`` (a view of the blocks; not packed)."""
         return QuantMatrix(self.blocks[start:end], self.qtype, self.in_features)
 
 
@@ -57,6 +60,51 @@ def make_quant_matrix(blocks: torch.Tensor, qtype: str, in_features: int) -> Qua
         raise ValueError(f"blocks must be uint8 [N, {per_row}] for {qtype} with {in_features} inputs, "
                          f"got {blocks.dtype} {tuple(blocks.shape)}")
     return QuantMatrix(blocks.contiguous(), qtype, in_features)
+
+
+PACK16_TYPES = ("Q8_0", "Q4_1")     # qtypes linear_rows_q16 reads repacked 16 outputs at a time
+
+
+def pack_rows16(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
+    """GGUF blocks ``[N, K/32 * bytes]`` (Q8_0 / Q4_1, ``N % 16 == 0``) -> the layout of
+    ``linear_rows_q16``: uint8 ``[N/16, K/32 * group_bytes]``; per group of 16 outputs and block:
+    the 16 fp16 scales ``d`` (Q4_1: then the 16 mins ``m``), then the weight bytes in 64-byte
+    registers whose int32 lane ``o`` holds output ``o``'s bytes ``4t .. 4t+3`` (Q4_1: the 16
+    nibble bytes, 4 registers; Q8_0: the 32 values + 128, 8 registers). See
+    ``csrc/ops/linear_rows_q16.cpp``."""
+    if qtype not in PACK16_TYPES:
+        raise ValueError(f"pack_rows16 packs {', '.join(PACK16_TYPES)}, got {qtype!r}")
+    size = QUANT_TYPES[qtype][1]
+    N = blocks.shape[0]
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or N % 16 or blocks.shape[1] % size:
+        raise ValueError(f"blocks must be uint8 [N, K/32 * {size}] with N a multiple of 16, got "
+                         f"{blocks.dtype} {tuple(blocks.shape)}")
+    nb = blocks.shape[1] // size
+    b = blocks.reshape(N // 16, 16, nb, size).transpose(1, 2)               # [G, nb, 16, size]
+    d = b[..., 0:2].reshape(N // 16, nb, 32)
+    if qtype == "Q4_1":
+        m = b[..., 2:4].reshape(N // 16, nb, 32)
+        q = b[..., 4:].reshape(N // 16, nb, 16, 4, 4).transpose(2, 3)        # [G, nb, t, o, 4]
+        parts = [d, m, q.reshape(N // 16, nb, 256)]
+    else:
+        q = (b[..., 2:] ^ 0x80).reshape(N // 16, nb, 16, 8, 4).transpose(2, 3)  # q + 128 as uint8
+        parts = [d, q.reshape(N // 16, nb, 512)]
+    return torch.cat(parts, -1).reshape(N // 16, -1).contiguous()
+
+
+def packs16() -> bool:
+    """Whether this CPU runs ``linear_rows_q16``'s VNNI kernel (the packed layout pays only there)."""
+    from tandem_rt._ext import _C
+
+    return bool(_C.cpu_kernels()["int8_dot_products"])
+
+
+def with_packed(qm: QuantMatrix) -> QuantMatrix:
+    """``qm`` with its :func:`pack_rows16` layout when the qtype and ``N % 16 == 0`` allow it (else
+    ``qm`` unchanged)."""
+    if qm.qtype not in PACK16_TYPES or qm.out_features % 16 or qm.packed is not None:
+        return qm
+    return qm._replace(packed=pack_rows16(qm.blocks, qm.qtype))
 
 
 def cat_rows(mats) -> QuantMatrix:
@@ -87,9 +135,12 @@ def dequantize(qm: QuantMatrix, dtype: torch.dtype = torch.float32) -> torch.Ten
 
 def quant_mm(x: torch.Tensor, w: QuantMatrix, add: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``add + x @ dequant(w)^T``: x ``[M, K]`` bf16 / fp32 CPU -> ``[M, N]``. Up to
-    ``QUANT_ROWS_MAX`` rows by ``linear_rows_q`` (each row's result independent of the others),
+    ``QUANT_ROWS_MAX`` rows by ``linear_rows_q16`` on ``w.packed`` when present, else
+    ``linear_rows_q`` (both: each row's result independent of the others),
     more (prompts) by torch's GEMM on a dequantised temporary."""
     if x.shape[0] <= QUANT_ROWS_MAX:
+        if w.packed is not None:
+            return torch.ops.tandem_rt.linear_rows_q16(x, w.packed, QUANT_TYPES[w.qtype][0], add)
         return torch.ops.tandem_rt.linear_rows_q(x, w.blocks, QUANT_TYPES[w.qtype][0], add)
     dense = dequantize(w, x.dtype)
     return torch.mm(x, dense.t()) if add is None else torch.addmm(add, x, dense.t())
@@ -130,5 +181,5 @@ def read_gguf_matrices(path: PathLike, cfg: Optional[ModelConfig] = None) -> dic
     return out
 
 
-__all__ = ["QuantMatrix", "make_quant_matrix", "cat_rows", "dequantize", "quant_mm", "embedding_rows",
+__all__ = ["QuantMatrix", "make_quant_matrix", "pack_rows16", "PACK16_TYPES", "packs16", "with_packed", "cat_rows", "dequantize", "quant_mm", "embedding_rows",
            "read_gguf_matrices", "QUANT_ROWS_MAX"]

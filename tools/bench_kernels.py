@@ -257,13 +257,15 @@ def bench_layer_math(ctx: Context):
 def bench_linear_rows_q(ctx: Context):
     """CPU only: linear_rows_q on GGUF Q4_1 / Q8_0 blocks of the default model's gate/up weight
     shape (3072 x 576, 150 copies: larger than the caches) against linear_rows on the same weights
-    in bf16 (the dequantised copy the engine streams otherwise). GB/s = the quantized bytes read."""
+    in bf16 (the dequantised copy the engine streams otherwise), and linear_rows_q16 on the same
+    blocks repacked 16 outputs at a time against linear_rows_q. GB/s = the quantized bytes read."""
     if ctx.device.type != "cpu":
         return
     import numpy as np
     from gguf import GGMLQuantizationType, quants
 
     from tandem_rt.ops import linear_rows_q
+    from tandem_rt.quantized import QUANT_TYPES, pack_rows16
 
     n, k, copies = 3072, 576, 150   # 530 MB of bf16 weights: beyond a last-level cache of hundreds of MB
     dense = torch.randn(n, k) * 0.05
@@ -279,6 +281,13 @@ def bench_linear_rows_q(ctx: Context):
             r = time_fn(lambda: [torch.ops.tandem_rt.linear_rows(x, w, None) for w in bf16], ctx)
             yield add_row(ctx, f"linear_rows_q {qtype}", torch.bfloat16, dict(batch=rows, context=n * 10000 + k, q_len=0),
                           tq, copies * one.nbytes, r, "linear_rows bf16", tq_min, ctx.last_min)
+            code = QUANT_TYPES[qtype][0]
+            packed = [pack_rows16(b, qtype) for b in blocks]
+            t16 = time_fn(lambda: [torch.ops.tandem_rt.linear_rows_q16(x, p, code, None) for p in packed], ctx)
+            t16_min = ctx.last_min
+            del packed
+            yield add_row(ctx, f"linear_rows_q16 {qtype}", torch.bfloat16, dict(batch=rows, context=n * 10000 + k, q_len=0),
+                          t16, copies * one.nbytes, tq, "linear_rows_q", t16_min, tq_min)
 
 
 VOCAB, GAMMA = 32000, 5

@@ -2,17 +2,15 @@
 // fp32) and a weight kept in its GGUF block quantization, w: uint8 [N, K / 32 * block_bytes] (one
 // row of blocks per output, as GGUF stores an [N, K] tensor). Decode and verify steps stream every
 // weight once, so reading 4.5-8.5 bits per weight instead of 16 cuts the bytes of a step 2-3.5x.
-// Block formats (ggml, 32 weights a block; d, m fp16):
-//   Q8_0 (qtype 0, 34 bytes): d, int8 q[32];           w_k = d * q_k
-//   Q4_0 (qtype 1, 18 bytes): d, uint8 qs[16];         w_k = d * (nib_k - 8)
-//   Q4_1 (qtype 2, 20 bytes): d, m, uint8 qs[16];      w_k = d * nib_k + m
-// with nib_k = qs[k] & 15 for k < 16 and qs[k - 16] >> 4 for k >= 16. Variants: AVX-512 VNNI (x
+// Block formats: quant_blocks.h. (linear_rows_q16.cpp reads the same blocks repacked 16 outputs at
+// a time, the faster layout for the VNNI kernel.) Variants: AVX-512 VNNI (x
 // quantized to int8 per block, exact integer block dots: the llama.cpp scheme, below), AVX-512F
 // (each block dequantized in registers to fp32 and shared by up to 8 rows, fp32 FMAs: the exact
 // product with the dequantized weights) and portable fp32 loops. One rounding to the output dtype
 // at the end; each output's arithmetic is the same whatever M is.
 #include "common/check.h"
 #include "ops/layer_math_cpu.h"
+#include "ops/quant_blocks.h"
 #include "ops/rows_args.h"
 
 #include <cstdint>
@@ -25,39 +23,16 @@
 namespace tandem_rt {
 namespace {
 
-constexpr int kBlock = 32;           // weights per quantization block
+using quant::block_bytes;
+using quant::dequant_block;
+using quant::half_to_float;
+using quant::kBlock;
+using quant::kQ4_0;
+using quant::kQ4_1;
+using quant::kQ8_0;
+
 constexpr int kMaxRows = 8;          // rows per pass over the weight
 constexpr int kPrefetchBytes = 4096;  // how far ahead of its loads the kernel prefetches the weight stream
-
-enum QType : int64_t { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2 };
-
-constexpr int64_t block_bytes(int64_t qtype) { return qtype == kQ8_0 ? 34 : qtype == kQ4_0 ? 18 : 20; }
-
-inline float half_to_float(const uint8_t* p) {  // IEEE fp16 (little endian) -> fp32, exact
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return c10::detail::fp16_ieee_to_fp32_value(h);
-}
-
-// The 32 weights of one block as fp32 (any ISA; the reference arithmetic of the kernels).
-template <int64_t Q>
-inline void dequant_block(const uint8_t* blk, float* out) {
-  const float d = half_to_float(blk);
-  if constexpr (Q == kQ8_0) {
-    for (int k = 0; k < kBlock; ++k) out[k] = d * static_cast<float>(static_cast<int8_t>(blk[2 + k]));
-  } else if constexpr (Q == kQ4_0) {
-    for (int k = 0; k < 16; ++k) {
-      out[k] = d * static_cast<float>(static_cast<int>(blk[2 + k] & 15) - 8);
-      out[k + 16] = d * static_cast<float>(static_cast<int>(blk[2 + k] >> 4) - 8);
-    }
-  } else {
-    const float m = half_to_float(blk + 2);
-    for (int k = 0; k < 16; ++k) {
-      out[k] = std::fma(d, static_cast<float>(blk[4 + k] & 15), m);
-      out[k + 16] = std::fma(d, static_cast<float>(blk[4 + k] >> 4), m);
-    }
-  }
-}
 
 // Any ISA: y[m, n] for n in [n0, n1), m < rows. xf: [rows, K] fp32; w: [N, K/32 * bb] blocks;
 // add: null, [N] (ars = 0) or [rows, N] (row stride ars); y: [rows, N], row stride ys.

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from tandem_rt.models.llama import LlamaForCausalLM, scatter_vocab
-from tandem_rt.quantized import QuantMatrix, cat_rows, embedding_rows, quant_mm
+from tandem_rt.quantized import QuantMatrix, cat_rows, embedding_rows, packs16, quant_mm, with_packed
 
 
 @dataclass
@@ -270,7 +270,9 @@ class PagedLlama:
             CPU, bf16 / fp32 compute): these weights are used as their GGUF blocks
             (``linear_rows_q``) instead of the module's dense parameters. A fused group (Q/K/V,
             gate/up) is quantized only when all its members are, in one qtype; a quantized token
-            embedding serves the lookups and, when tied, the LM head.
+            embedding serves the lookups and, when tied, the LM head. On a CPU with VNNI the Q8_0 /
+            Q4_1 matrices are also repacked 16 outputs at a time (``linear_rows_q16``, the decode
+            and verify products; the block rows stay for lookups and prompts of more rows).
     """
 
     def __init__(self, model: LlamaForCausalLM, cpu_layout: Optional[bool] = None,
@@ -298,10 +300,13 @@ class PagedLlama:
             self.mm, self.step_mm = with_quantized(self.mm), with_quantized(self.step_mm)
         names = {id(p): n for n, p in model.named_parameters()}
 
+        pack = bool(quantized) and packs16()
+
         def mat(params):   # a fused group: quantized when every member is (one qtype), else dense
             qs = [quantized.get(names.get(id(p))) for p in params]
             if all(q is not None for q in qs) and len({q.qtype for q in qs}) == 1:
-                return qs[0] if len(qs) == 1 else cat_rows(qs)
+                q = qs[0] if len(qs) == 1 else cat_rows(qs)
+                return with_packed(q) if pack else q
             return dense(params)
 
         self.layers: list[_LayerWeights] = []
