@@ -308,3 +308,50 @@ def test_cost_policy_shortens_drafts_and_stays_exact(model):
     assert sum(r.stats["drafted_tokens"] for r in router) > 0
     with pytest.raises(ValueError, match="draft_policy"):
         Engine(model, num_pages=64, draft_policy="fast")
+
+
+def test_who_runs_the_loop(model, monkeypatch):
+    """generate() runs the iterations on its own thread when no other thread does (the main thread:
+    where the CPU kernels' OpenMP threads are cheapest); submit() starts the background thread;
+    run_loop() takes the loop over from it and serves other threads' requests until stopped."""
+    from tandem_rt.engine import steps
+
+    seen = []
+    real = steps.speculative_step
+
+    def spy(*a, **k):
+        seen.append(threading.current_thread().name)
+        return real(*a, **k)
+    monkeypatch.setattr(steps, "speculative_step", spy)
+    engine = Engine(model, num_pages=128, page_size=8, max_batch_size=4)
+    sp = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    want = engine.generate([[3, 4, 5]], sp, mode="tandem-speed", gamma=2)[0].token_ids
+    assert set(seen) == {threading.current_thread().name}
+    seen.clear()
+    assert engine.submit([3, 4, 5], sp, mode="tandem-speed", gamma=2).result(timeout=60).token_ids == want
+    assert set(seen) == {"tandem_rt-engine"}
+    # run_loop on this thread: a long request already running in the background is handed over
+    seen.clear()
+    long = engine.submit([6, 7], SamplingParams(max_new_tokens=150, ignore_eos=True), mode="primary")
+    next(iter(long))
+    stop = threading.Event()
+    got = {}
+
+    def client():
+        got["r"] = engine.submit([3, 4, 5], sp, mode="tandem-speed", gamma=2).result(timeout=60).token_ids
+        long.wait(timeout=60)
+        stop.set()
+    t = threading.Thread(target=client)
+    t.start()
+    engine.run_loop(stop)
+    t.join()
+    assert got["r"] == want and long.result().finish_reason == "length"
+    assert threading.current_thread().name in seen
+    assert all_free(engine)
+    # close() ends a run_loop waiting on another thread
+    runner = threading.Thread(target=engine.run_loop)
+    runner.start()
+    assert engine.submit([1, 2], sp, mode="primary").result(timeout=60).finish_reason == "length"
+    engine.close()
+    runner.join(timeout=30)
+    assert not runner.is_alive()

@@ -252,6 +252,13 @@ def test_serve_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tandem_rt.cli", "serve", "--model", str(ckpt), "--port", "0"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--port" in bad.stderr
+    with socket.socket() as busy:                      # a port already taken: a one-line error, exit 2
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = subprocess.run([sys.executable, "-m", "tandem_rt.cli", "serve", "--model", str(ckpt), "--port",
+                                str(busy.getsockname()[1]), "--log-level", "critical"],
+                               capture_output=True, text=True, timeout=120)
+    assert taken.returncode == 2 and "did not start" in taken.stderr
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

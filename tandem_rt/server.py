@@ -440,13 +440,27 @@ def prometheus_text(m: dict) -> str:
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, model_name: str = "tandem",
           chat_template: Optional[str] = None, log_level: str = "info", sock=None) -> None:
-    """Run the server until interrupted (uvicorn). ``sock``: an already bound socket instead of host/port."""
+    """Run the server until interrupted: uvicorn in a thread, the engine's loop on the calling
+    thread (``Engine.run_loop``: the CPU kernels' torch threads are cheapest on the main thread).
+    ``sock``: an already bound socket instead of host / port."""
+    import threading
+
     import uvicorn
 
     app = TandemServer(engine, model_name, chat_template).app()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off")
     server = uvicorn.Server(config)
+    http = threading.Thread(target=server.run, kwargs={"sockets": [sock] if sock is not None else None},
+                            name="tandem_rt-http", daemon=True)
+    stop = threading.Event()
+    http.start()
+    watcher = threading.Thread(target=lambda: (http.join(), stop.set()), daemon=True)
+    watcher.start()             # the HTTP server ending (e.g. a bind error) ends the loop too
     try:
-        server.run(sockets=[sock] if sock is not None else None)
-    finally:                     # (uvicorn re-raises SIGINT after its graceful shutdown)
+        engine.run_loop(stop)
+    finally:                    # Ctrl-C arrives here, on the main thread
+        server.should_exit = True
+        http.join(timeout=30)
         engine.close()
+    if not server.started:
+        raise RuntimeError(f"the HTTP server did not start on {host}:{port} (see the log above)")

@@ -100,8 +100,19 @@ def http_request(client, prompt, params, mode, gamma) -> Trace:
     return tr
 
 
-def run_closed(fn, requests: list, clients: int) -> tuple:
-    """``clients`` threads, each serving the next queued request when its last one ended."""
+def drive_while(engine, threads: list) -> None:
+    """Run the engine's loop on this (the main) thread until ``threads`` end: the CPU kernels'
+    OpenMP threads are cheapest there (``Engine.run_loop``)."""
+    stop = threading.Event()
+    waiter = threading.Thread(target=lambda: ([th.join() for th in threads], stop.set()))
+    waiter.start()
+    engine.run_loop(stop)
+    waiter.join()
+
+
+def run_closed(fn, requests: list, clients: int, engine=None) -> tuple:
+    """``clients`` threads, each serving the next queued request when its last one ended (the
+    engine's loop on this thread meanwhile)."""
     todo: queue.Queue = queue.Queue()
     for i, r in enumerate(requests):
         todo.put((i, r))
@@ -122,14 +133,13 @@ def run_closed(fn, requests: list, clients: int) -> tuple:
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for th in threads:
         th.start()
-    for th in threads:
-        th.join()
+    drive_while(engine, threads)
     if errors:
         raise errors[0]
     return out, time.perf_counter() - t
 
 
-def run_poisson(fn, requests: list, rate: float, seed: int = 0) -> tuple:
+def run_poisson(fn, requests: list, rate: float, seed: int = 0, engine=None) -> tuple:
     """Each request in its own thread, started at Poisson arrival times of ``rate`` per second."""
     rng = random.Random(seed)
     out = [None] * len(requests)
@@ -141,17 +151,23 @@ def run_poisson(fn, requests: list, rate: float, seed: int = 0) -> tuple:
         except Exception as exc:
             errors.append(exc)
     t = time.perf_counter()
-    threads, at = [], 0.0
-    for i, r in enumerate(requests):
-        at += rng.expovariate(rate)
-        delay = t + at - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        th = threading.Thread(target=one, args=(i, r))
-        th.start()
-        threads.append(th)
-    for th in threads:
-        th.join()
+    threads = []
+
+    def arrivals():
+        at = 0.0
+        for i, r in enumerate(requests):
+            at += rng.expovariate(rate)
+            delay = t + at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            th = threading.Thread(target=one, args=(i, r))
+            th.start()
+            threads.append(th)
+        for th in list(threads):
+            th.join()
+    source = threading.Thread(target=arrivals)
+    source.start()
+    drive_while(engine, [source])
     if errors:
         raise errors[0]
     return out, time.perf_counter() - t
@@ -243,8 +259,7 @@ def run_load(engine, url, prompts: list, n_requests: int, clients: int, cancel_f
     threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
     for th in threads:
         th.start()
-    for th in threads:
-        th.join()
+    drive_while(engine, threads)
     wall = time.perf_counter() - t
     for _ in range(1000):                  # disconnected HTTP requests leave at the next iteration
         if engine.metrics()["running_sequences"] == 0 and engine.num_free_pages == engine.page_manager.num_pages:
@@ -311,14 +326,15 @@ def main(argv=None) -> int:
     ids = [encode(prompts[i % len(prompts)]) for i in range(n_req)]
     reqs = [(engine, p, params, args.mode, gamma) for p in ids]
     engine_request(*reqs[0])                                                # warm-up
+    # (every scenario runs the engine's loop on this main thread while its clients are threads)
     rows = []
-    serial, serial_wall = run_closed(engine_request, reqs, 1)
+    serial, serial_wall = run_closed(engine_request, reqs, 1, engine)
     rows.append(summarize("engine, serial", serial, serial_wall))
     lone_itl = rows[0]["itl_p99_ms"]
-    conc, wall = run_closed(engine_request, reqs, args.clients)
+    conc, wall = run_closed(engine_request, reqs, args.clients, engine)
     rows.append(summarize(f"engine, {args.clients} clients", conc, wall, serial_wall, serial))
     if args.rate:
-        pois, wall = run_poisson(engine_request, reqs, args.rate)
+        pois, wall = run_poisson(engine_request, reqs, args.rate, engine=engine)
         rows.append(summarize(f"engine, Poisson {args.rate:g}/s", pois, wall, serial_wall, serial))
     if args.server:
         import httpx
@@ -326,9 +342,9 @@ def main(argv=None) -> int:
         texts = [prompts[i % len(prompts)] if engine.tokenizer is not None else ids[i] for i in range(n_req)]
         with httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=args.clients + 4)) as c:
             hreqs = [(c, t, params, args.mode, gamma) for t in texts]
-            http_serial, hs_wall = run_closed(http_request, hreqs, 1)
+            http_serial, hs_wall = run_closed(http_request, hreqs, 1, engine)
             rows.append(summarize("HTTP, serial", http_serial, hs_wall))
-            http_conc, wall = run_closed(http_request, hreqs, args.clients)
+            http_conc, wall = run_closed(http_request, hreqs, args.clients, engine)
             rows.append(summarize(f"HTTP, {args.clients} clients", http_conc, wall, hs_wall))
             rows[-1]["identical_to_serial"] = all("".join(a.tokens) == "".join(b.tokens)
                                                   for a, b in zip(http_conc, http_serial))

@@ -254,7 +254,9 @@ class Engine:
         self.scheduler = Scheduler(self.page_manager, max_batch_size, tokenizer)
         self._cv = threading.Condition()
         self._inbox: collections.deque = collections.deque()
-        self._thread: Optional[threading.Thread] = None
+        self._driver: Optional[threading.Thread] = None   # the thread running iterations now
+        self._background = False     # whether the driver is the engine's own loop thread
+        self._yield = False          # run_loop() asks the background thread to hand the loop over
         self._num_threads = torch.get_num_threads()
         self._ids = itertools.count()
         self._handles: dict = {}      # request_id -> RequestHandle of live requests
@@ -444,9 +446,13 @@ class Engine:
             the engine's exception if a step failed (the call's other requests are cancelled first).
         """
         ids, params = self.check_request(prompts, params, mode, gamma, free_token)
-        handles = [self._submit(p, params, mode, gamma, free_token, None, wants_text=False, bounded=False)
-                   for p in ids]
+        handles = [self._submit(p, params, mode, gamma, free_token, None, wants_text=False, bounded=False,
+                                start=False) for p in ids]
         try:
+            # the calling thread runs the loop itself unless another thread does
+            if not self._drive_until(lambda: all(h.done for h in handles)):
+                with self._cv:          # the other driver may have just stopped: make sure one runs
+                    self._start_background_locked()
             out = []
             for i, h in enumerate(handles):
                 out += [dataclasses.replace(r, prompt_index=i) for r in h.results()]
@@ -487,15 +493,16 @@ class Engine:
         return True
 
     def close(self) -> None:
-        """Cancel every live request and wait for the loop thread to end; later submits raise."""
+        """Cancel every live request and wait for the loop to end them; later submits raise."""
         with self._cv:
             self._closed = True
             handles = list(self._handles.values())
+            self._cv.notify_all()
         for h in handles:
             h.cancel()
-        t = self._thread
-        if t is not None and t is not threading.current_thread():
-            t.join()
+        with self._cv:
+            if self._driver is not threading.current_thread():
+                self._cv.wait_for(lambda: self._driver is None)
 
     def __enter__(self):
         return self
@@ -532,9 +539,11 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def _submit(self, ids: list, params: SamplingParams, mode: str, gamma, free_token: bool, request_id,
-                wants_text: bool, bounded: bool, sink=None) -> RequestHandle:
+                wants_text: bool, bounded: bool, sink=None, start: bool = True) -> RequestHandle:
         """Queue a checked request (``check_request``); ``sink(event, exception)``, when given, is
-        called on the loop thread instead of buffering the handle's events (AsyncEngine)."""
+        called on the loop thread instead of buffering the handle's events (AsyncEngine).
+        ``start``: start the background loop thread when no thread drives the loop (False: the
+        caller drives it, see :meth:`_drive_until`)."""
         auto = gamma == "auto"
         m = MODE_TABLE[mode]
         gmax = (self.model.router.config.gamma_max if auto else int(gamma)) if m.drafts else 0
@@ -560,29 +569,103 @@ class Engine:
             self._inbox.append(req)
             self._counters["requests_submitted"] += 1
             self._counters["prompt_tokens"] += len(ids)
-            if self._thread is None:
-                self._num_threads = torch.get_num_threads()
-                self._thread = threading.Thread(target=self._loop, name="tandem_rt-engine", daemon=True)
-                self._thread.start()
+            if start:
+                self._start_background_locked()
+            self._cv.notify_all()
         return handle
 
+    # Who runs the iterations: one thread at a time, the *driver*: the engine's background loop
+    # thread (started by submit when no thread drives), a thread blocked in generate() (it drives
+    # while its own requests are live, serving every other request too, then hands over to the
+    # background thread if requests remain), or a thread in run_loop(). OpenMP parallel regions
+    # (the CPU kernels' threads) cost about 0.1 ms more each on a thread other than the process's
+    # first one, so a driver on the main thread is what makes torch threads > 1 pay.
+    def _start_background_locked(self) -> None:
+        if self._driver is None and not self._yield:
+            self._num_threads = torch.get_num_threads()
+            self._driver = threading.Thread(target=self._loop, name="tandem_rt-engine", daemon=True)
+            self._background = True
+            self._driver.start()
+
+    def _take_inbox_locked(self) -> bool:
+        while self._inbox:
+            self.scheduler.waiting.append(self._inbox.popleft())
+        return self.scheduler.has_work()
+
+    def _release_driver(self) -> None:
+        """The current driver stops: hand over to the background thread if requests remain."""
+        with self._cv:
+            self._driver, self._background = None, False
+            if self._take_inbox_locked():
+                self._start_background_locked()
+            self._cv.notify_all()
+
+    def _safe_iteration(self) -> None:
+        try:
+            self._iteration()
+        except Exception as exc:  # a bug outside the steps: end every request, keep serving
+            self._fail(self.scheduler.live_requests(), exc)
+
     def _loop(self) -> None:
-        """The loop thread: iterations while any request is live, then exit."""
+        """The background loop thread: iterations while any request is live, then exit."""
         torch.set_num_threads(self._num_threads)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         with torch.no_grad():
             while True:
                 with self._cv:
-                    while self._inbox:
-                        self.scheduler.waiting.append(self._inbox.popleft())
-                    if not self.scheduler.has_work():
-                        self._thread = None
+                    if self._yield or not self._take_inbox_locked():
+                        self._driver, self._background = None, False
+                        self._cv.notify_all()
                         return
-                try:
-                    self._iteration()
-                except BaseException as exc:  # a bug outside the steps: end every request, keep serving
-                    self._fail(self.scheduler.live_requests(), exc)
+                self._safe_iteration()
+
+    def _drive_until(self, done) -> bool:
+        """Run iterations on the calling thread until ``done()``, if no other thread drives the
+        loop (-> True); False when another thread drives it (the caller then just waits)."""
+        with self._cv:
+            if self._driver is not None:
+                return False
+            self._driver, self._background = threading.current_thread(), False
+        try:
+            with torch.no_grad():
+                while not done():
+                    with self._cv:
+                        if not self._take_inbox_locked():
+                            break
+                    self._safe_iteration()
+        finally:
+            self._release_driver()
+        return True
+
+    def run_loop(self, stop: Optional[threading.Event] = None) -> None:
+        """Serve every request on the calling thread until ``stop`` is set (None: until
+        :meth:`close`), waiting for requests when there are none; other threads only submit.
+        On the CPU with several torch threads, call it from the process's main thread (e.g. run
+        the HTTP server in another thread, as ``tandem-rt serve`` does). The background loop
+        thread, if running, hands the loop over at its next iteration boundary; a thread blocked in
+        ``generate`` keeps it until its requests end."""
+        with self._cv:
+            if self._driver is threading.current_thread():
+                raise RuntimeError("run_loop called from the thread that runs this engine's loop")
+            while self._driver is not None:
+                self._yield = self._background
+                self._cv.wait(timeout=0.05)
+            self._yield = False
+            self._driver, self._background = threading.current_thread(), False
+        try:
+            with torch.no_grad():
+                while not (stop is not None and stop.is_set()):
+                    with self._cv:
+                        work = self._take_inbox_locked()
+                        if not work:
+                            if self._closed:
+                                break
+                            self._cv.wait(timeout=0.05)
+                            continue
+                    self._safe_iteration()
+        finally:
+            self._release_driver()
 
     def _deliver(self, events) -> None:
         for r, ev in events:
