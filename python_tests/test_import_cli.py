@@ -138,3 +138,83 @@ def test_import_gguf(tmp_path, capsys):
                  '{"hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 3, '
                  '"num_attention_heads": 2, "num_key_value_heads": 1}', "--out", str(out2), "--quiet"]) == 0
     assert tandem_rt.checkpoint.read_config(out2).layer_map == [1, 2, 3]
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
+def test_import_hf_quantize_stores_blocks(hf_dirs, tmp_path, capsys, qtype):
+    """``--quantize``: the primary's matrices are stored as GGUF blocks (U8 ``.qblocks``), the loaded
+    dense weights are exactly their dequantisation (and close to the source's), the quantized engine
+    serves them as blocks, and tandem-speed reproduces that quantized primary."""
+    from safetensors import safe_open
+
+    from tandem_rt.checkpoint import quantized_matrices
+    from tandem_rt.engine import Engine, SamplingParams
+    from tandem_rt.quantized import dequantize
+
+    dirs, models = hf_dirs
+    out = tmp_path / "q"
+    assert main(["import-hf", "--primary", str(dirs["primary"]), "--secondary", str(dirs["secondary"]),
+                 "--drafter", str(dirs["drafter"]), "--out", str(out), "--dtype", "float32",
+                 "--quantize", qtype, "--quiet"]) == 0
+    assert f"as {qtype} blocks" in capsys.readouterr().out
+    cfg = json.loads((out / "tandem_config.json").read_text())
+    assert cfg["quantized"] and set(cfg["quantized"].values()) == {qtype}
+    assert "primary.model.layers.0.self_attn.q_proj.weight" in cfg["quantized"]
+    with safe_open(str(out / "model.safetensors"), "pt") as fh:
+        keys = set(fh.keys())
+        assert "primary.model.layers.0.mlp.down_proj.weight.qblocks" in keys
+        assert "primary.model.layers.0.mlp.down_proj.weight" not in keys
+        assert fh.get_tensor("primary.model.layers.0.mlp.down_proj.weight.qblocks").dtype == torch.uint8
+    model = tandem_rt.load_checkpoint(out)
+    mats = quantized_matrices(out)
+    src = dict(models["primary"].named_parameters())
+    for name, qm in mats.items():
+        w = dict(model.primary.named_parameters())[name].detach()
+        assert torch.equal(w, dequantize(qm, w.dtype))
+        ref = src[name].detach().float()
+        step = 1 / 127 if qtype == "Q8_0" else 1 / 15
+        assert float((w - ref).abs().max()) <= step * float(ref.abs().max()) * 1.01 + 1e-6
+    engine = Engine.from_pretrained(out, dtype="float32", quantized=True, num_pages=64, page_size=8)
+    sp = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    want = engine.generate([[3, 4, 5, 6]], sp, mode="primary")[0].token_ids
+    assert engine.generate([[3, 4, 5, 6]], sp, mode="tandem-speed", gamma=3)[0].token_ids == want
+    assert engine.primary.quantized_bytes > 0
+
+
+def test_malformed_quantized_checkpoints_are_refused(hf_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tandem_rt.checkpoint import CheckpointError
+
+    dirs, _ = hf_dirs
+    out = tmp_path / "q"
+    main(["import-hf", "--primary", str(dirs["primary"]), "--secondary", str(dirs["secondary"]), "--out", str(out),
+          "--dtype", "float32", "--quantize", "Q8_0", "--quiet"])
+    tensors = load_file(str(out / "model.safetensors"))
+    key = "primary.model.layers.1.self_attn.o_proj.weight.qblocks"
+    good = tensors[key].clone()
+    tensors[key] = good[:, :-2].contiguous()                        # a truncated block row
+    save_file(tensors, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="o_proj.weight.qblocks.*shape"):
+        tandem_rt.load_checkpoint(out)
+    tensors[key] = good.to(torch.int16)                              # not bytes
+    save_file(tensors, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="expected U8 Q8_0 blocks"):
+        tandem_rt.load_checkpoint(out)
+    bad = good.clone()
+    bad[0, 0:2] = torch.tensor([0x00, 0x7C], dtype=torch.uint8)     # fp16 +inf block scale
+    tensors[key] = bad
+    save_file(tensors, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="NaN or infinite scales"):
+        tandem_rt.load_checkpoint(out)
+    tensors[key] = good
+    save_file(tensors, str(out / "model.safetensors"))
+    cfg = json.loads((out / "tandem_config.json").read_text())
+    cfg["quantized"]["primary.model.layers.9.mlp.up_proj.weight"] = "Q8_0"
+    (out / "tandem_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="not a stored parameter"):
+        tandem_rt.load_checkpoint(out)
+    cfg["quantized"] = {"primary.model.layers.0.mlp.up_proj.weight": "Q5_K"}
+    (out / "tandem_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Exception, match="quantized must map"):
+        tandem_rt.load_checkpoint(out)

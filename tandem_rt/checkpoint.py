@@ -168,6 +168,15 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
     state = model.state_dict()
     skip = not_stored(cfg, state)
     expected = {n: t for n, t in state.items() if n not in skip}
+    for name, qtype in cfg.quantized.items():     # stored as GGUF blocks under <name>.qblocks
+        if name not in expected:
+            raise CheckpointError(f"{CONFIG_NAME}: quantized names {name!r}, which is not a stored parameter")
+        t = expected.pop(name)
+        if t.dim() != 2 or t.shape[1] % 32:
+            raise CheckpointError(f"{CONFIG_NAME}: quantized names {name!r} of shape {list(t.shape)}; "
+                                  "only matrices with a multiple of 32 inputs are stored as blocks")
+        expected[name + QBLOCKS] = torch.empty(t.shape[0], t.shape[1] // 32 * QUANT_BLOCK_BYTES[qtype],
+                                               dtype=torch.uint8, device="meta")
     missing = [n for n in expected if n not in files]
     unexpected = [n for n in files if n not in expected]
     if missing:
@@ -183,6 +192,10 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
         if name.endswith(".vocab_subset"):
             if info["dtype"] != "I64":
                 raise CheckpointError(f"tensor {name!r} in {file.name} has dtype {info['dtype']}; expected I64 token ids")
+        elif name.endswith(QBLOCKS):
+            if info["dtype"] != "U8":
+                raise CheckpointError(f"tensor {name!r} in {file.name} has dtype {info['dtype']}; expected U8 "
+                                      f"{cfg.quantized[name[:-len(QBLOCKS)]]} blocks")
         elif info["dtype"] not in _ST_DTYPES:
             raise CheckpointError(f"tensor {name!r} in {file.name} has dtype {info['dtype']}; expected a float dtype")
         if list(info["shape"]) != list(expected[name].shape):
@@ -204,6 +217,8 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
                         if name.endswith(".vocab_subset"):
                             _check_vocab_subset(t, name, file, cfg)
                             params[name].copy_(t)
+                        elif name.endswith(QBLOCKS):
+                            params[name[:-len(QBLOCKS)]].copy_(_dequantize_blocks(t, name, file, cfg, dtype))
                         else:
                             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                                 bad = int((~torch.isfinite(t)).sum())
@@ -221,6 +236,49 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
         for part in cfg.shared_embeddings:
             getattr(model, part).model.embed_tokens.weight.copy_(model.primary.model.embed_tokens.weight)
     return model.eval()
+
+
+QBLOCKS = ".qblocks"       # suffix of a matrix stored as GGUF blocks (cfg.quantized)
+QUANT_BLOCK_BYTES = {"Q8_0": 34, "Q4_1": 20}
+
+
+def _dequantize_blocks(blocks: torch.Tensor, name: str, file: Path, cfg: TandemConfig, dtype) -> torch.Tensor:
+    """The dense weight of stored blocks (refusing non-finite block scales)."""
+    from tandem_rt.quantized import dequantize, make_quant_matrix
+
+    qtype = cfg.quantized[name[:-len(QBLOCKS)]]
+    w = dequantize(make_quant_matrix(blocks, qtype, blocks.shape[1] // QUANT_BLOCK_BYTES[qtype] * 32))
+    if not bool(torch.isfinite(w).all()):
+        raise CheckpointError(f"tensor {name!r} in {file.name} holds {qtype} blocks with NaN or infinite scales")
+    return w.to(dtype)
+
+
+def quantized_matrices(path: PathLike) -> dict:
+    """The primary matrices a checkpoint stores as GGUF blocks, as ``{name: QuantMatrix}`` keyed by
+    the primary's parameter names (``model.layers.0.self_attn.q_proj.weight``, ...), for
+    ``Engine(quantized_primary=...)``; empty when it stores none. Checked as ``load_checkpoint`` does."""
+    from tandem_rt.quantized import make_quant_matrix
+
+    cfg = read_config(path)
+    if not cfg.quantized:
+        return {}
+    files = weight_files(path)
+    out = {}
+    for name, qtype in cfg.quantized.items():
+        key = name + QBLOCKS
+        if key not in files:
+            raise CheckpointError(f"checkpoint {path} is missing tensor {key!r}")
+        try:
+            with safe_open(str(files[key]), framework="pt", device="cpu") as fh:
+                blocks = fh.get_tensor(key)
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"could not read {files[key]}: {exc}") from None
+        K = blocks.shape[1] // QUANT_BLOCK_BYTES[qtype] * 32 if blocks.dim() == 2 else 0
+        try:
+            out[name[len("primary."):]] = make_quant_matrix(blocks, qtype, K)
+        except ValueError as exc:
+            raise CheckpointError(f"tensor {key!r} in {files[key].name}: {exc}") from None
+    return out
 
 
 def _check_vocab_subset(ids: torch.Tensor, name: str, file: Path, cfg: TandemConfig) -> None:
@@ -249,9 +307,20 @@ def atomic_write_text(file: Path, text: str) -> None:
     _publish(tmp, file)
 
 
+def quantize_blocks(w: torch.Tensor, qtype: str) -> torch.Tensor:
+    """``w [N, K]`` (K a multiple of 32) -> uint8 GGUF blocks ``[N, K/32 * bytes]`` by the ``gguf``
+    package's reference quantizer (bit-exact with ggml's)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    q = quants.quantize(w.detach().float().cpu().numpy().astype(np.float32), getattr(GGMLQuantizationType, qtype))
+    return torch.from_numpy(np.ascontiguousarray(q)).view(torch.uint8).reshape(w.shape[0], -1)
+
+
 def save_checkpoint(model: TandemModel, path: PathLike, tokenizer=None,
                     dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 4 << 30,
-                    primary_source: Optional[dict] = None, shared_embeddings=None) -> Path:
+                    primary_source: Optional[dict] = None, shared_embeddings=None,
+                    quantize: Optional[str] = None) -> Path:
     """Write ``model`` as a checkpoint directory.
 
     Args:
@@ -264,6 +333,10 @@ def save_checkpoint(model: TandemModel, path: PathLike, tokenizer=None,
             ``"path"`` or ``"package"`` + ``"file"`` (docs/CHECKPOINT.md); None stores it.
         shared_embeddings: parts (``"secondary"``, ``"drafter"``) whose token embeddings equal
             the primary's and are stored once (ValueError if they differ).
+        quantize: ``"Q8_0"`` or ``"Q4_1"``: store the primary's matrices (every 2-D weight with a
+            multiple of 32 inputs: attention, MLP, embedding / LM head) as GGUF blocks quantized
+            by the ``gguf`` package (weight-only; ``Engine.from_pretrained(quantized=True)`` then
+            serves them as blocks). None stores them in ``dtype``.
     Returns:
         the checkpoint directory.
     """
@@ -287,12 +360,23 @@ def save_checkpoint(model: TandemModel, path: PathLike, tokenizer=None,
         own = state[f"{part}.model.embed_tokens.weight"].to(dtype)
         if not torch.equal(own, state["primary.model.embed_tokens.weight"].to(dtype)):
             raise ValueError(f"shared_embeddings names {part!r}, whose token embeddings differ from the primary's")
+    skip = not_stored(cfg, state)
+    qnames = {}
+    if quantize is not None:
+        if quantize not in QUANT_BLOCK_BYTES:
+            raise ValueError(f"quantize must be one of {sorted(QUANT_BLOCK_BYTES)}, got {quantize!r}")
+        if cfg.primary_source is not None:
+            raise ValueError("quantize needs the primary stored, but primary_source references it")
+        qnames = {n: quantize for n, t in state.items() if n.startswith("primary.") and n.endswith(".weight")
+                  and n not in skip and t.dim() == 2 and t.shape[1] % 32 == 0}
+        cfg = dataclasses.replace(cfg, quantized=qnames)
     cfg_dict = cfg.to_dict()
     cfg_dict["torch_dtype"] = dtype_name(dtype)
-    skip = not_stored(cfg, state)
 
     tensors = {name: t.detach().to("cpu", t.dtype if name.endswith(".vocab_subset") else dtype).contiguous()
-               for name, t in state.items() if name not in skip}
+               for name, t in state.items() if name not in skip and name not in qnames}
+    for name, qtype in qnames.items():
+        tensors[name + QBLOCKS] = quantize_blocks(state[name], qtype)
     shards: list = [[]]
     size = 0
     for name, t in tensors.items():

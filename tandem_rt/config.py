@@ -188,6 +188,7 @@ def default_layer_map(primary_layers: int, secondary_layers: int) -> list[int]:
 
 
 TRAIN_BOUNDARIES = ("training", "drafting")
+QUANTIZED_TYPES = ("Q8_0", "Q4_1")   # block quantizations a checkpoint may store its primary's matrices in
 
 
 @dataclass
@@ -212,6 +213,8 @@ class TandemConfig:
     # "training" (block ends read the primary's own position: models.tandem.training_boundary) or
     # "drafting" (every query reads 1..γ own positions, as the engine drafts: tandem-rt train)
     train_boundary: str = "training"
+    # optional: primary matrices stored as GGUF blocks (name -> "Q8_0" / "Q4_1"; docs/CHECKPOINT.md)
+    quantized: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _require(self.format == FORMAT_NAME, f"format must be {FORMAT_NAME!r}, got {self.format!r}")
@@ -247,6 +250,14 @@ class TandemConfig:
         self.shared_embeddings = list(self.shared_embeddings)
         _require(isinstance(self.train_boundary, str) and self.train_boundary in TRAIN_BOUNDARIES,
                  f"train_boundary must be one of {list(TRAIN_BOUNDARIES)}, got {self.train_boundary!r}")
+        _require(isinstance(self.quantized, dict)
+                 and all(isinstance(k, str) and k.startswith("primary.") and k.endswith(".weight")
+                         and v in QUANTIZED_TYPES for k, v in self.quantized.items()),
+                 f"quantized must map primary.* weight names to one of {list(QUANTIZED_TYPES)}, "
+                 f"got {self.quantized!r}")
+        _require(not (self.quantized and self.primary_source is not None),
+                 "quantized needs the primary's weights stored, but primary_source references them")
+        self.quantized = dict(self.quantized)
         for name in self.shared_embeddings:
             other = getattr(self, name)
             _require(other is not None and other.hidden_size == self.primary.hidden_size,
@@ -276,6 +287,7 @@ class TandemConfig:
             **({"primary_source": dict(self.primary_source)} if self.primary_source is not None else {}),
             **({"shared_embeddings": list(self.shared_embeddings)} if self.shared_embeddings else {}),
             **({"train_boundary": self.train_boundary} if self.train_boundary != "training" else {}),
+            **({"quantized": dict(self.quantized)} if self.quantized else {}),
         }
 
     @classmethod
@@ -283,7 +295,7 @@ class TandemConfig:
         _require(isinstance(data, dict), f"tandem_config.json must hold a JSON object, got {type(data).__name__}")
         expected = {"format", "format_version", "primary", "secondary", "layer_map",
                     "train_block_length", "projection_bias", "drafter", "router", "torch_dtype"}
-        optional = {"primary_source", "shared_embeddings", "train_boundary"}
+        optional = {"primary_source", "shared_embeddings", "train_boundary", "quantized"}
         missing = sorted(expected - set(data))
         unknown = sorted(set(data) - expected - optional)
         _require(not missing, f"tandem_config.json: missing key(s) {missing}")

@@ -234,7 +234,7 @@ def gguf_tokenizer_json(path: PathLike) -> str:
 def import_gguf(primary_gguf: PathLike, out_dir: PathLike, secondary_gguf: Optional[PathLike] = None,
                 secondary_config: Optional[Union[PathLike, dict]] = None, drafter_gguf: Optional[PathLike] = None,
                 dtype: Union[str, torch.dtype] = "bfloat16", layer_map: Optional[list] = None, seed: int = 0,
-                progress: bool = False) -> Path:
+                progress: bool = False, quantize: Optional[str] = None) -> Path:
     """Build a tandem_rt checkpoint from GGUF files (see :func:`tandem_rt.hf.import_hf`).
 
     Args:
@@ -276,7 +276,7 @@ def import_gguf(primary_gguf: PathLike, out_dir: PathLike, secondary_gguf: Optio
     if drafter_reader is not None:
         _load_into(model.drafter, drafter_reader, drafter_cfg, dtype, "drafter.", progress, "drafter")
     tokenizer = gguf_tokenizer(primary_gguf) if has_tokenizer else None
-    return save_imported(model, out_dir, tokenizer, dtype)
+    return save_imported(model, out_dir, tokenizer, dtype, quantize)
 
 
 __all__ = ["gguf_model_config", "load_gguf_model", "gguf_tokenizer", "gguf_tokenizer_json", "import_gguf",

@@ -214,7 +214,7 @@ def load_hf_model(path: PathLike, dtype: torch.dtype = torch.float32, progress: 
 def import_hf(primary_dir: PathLike, out_dir: PathLike, secondary_dir: Optional[PathLike] = None,
               secondary_config: Optional[Union[PathLike, dict]] = None, drafter_dir: Optional[PathLike] = None,
               dtype: Union[str, torch.dtype] = "bfloat16", layer_map: Optional[list] = None, seed: int = 0,
-              progress: bool = False) -> Path:
+              progress: bool = False, quantize: Optional[str] = None) -> Path:
     """Build a tandem_rt checkpoint from Hugging Face directories.
 
     Args:
@@ -231,6 +231,8 @@ def import_hf(primary_dir: PathLike, out_dir: PathLike, secondary_dir: Optional[
         seed: seed of the fresh projections (``normal(0, 1/sqrt(d_L))`` weights, zero bias)
             and of a fresh secondary.
         progress: show tqdm bars.
+        quantize: ``"Q8_0"`` (int8) or ``"Q4_1"`` (int4 with a min): store the primary's matrices
+            as GGUF blocks (weight-only; docs/CHECKPOINT.md "Quantized matrices"); None: ``dtype``.
     Returns:
         ``Path(out_dir)``. ``tokenizer.json`` is copied from ``primary_dir`` when present.
     Raises:
@@ -257,7 +259,7 @@ def import_hf(primary_dir: PathLike, out_dir: PathLike, secondary_dir: Optional[
     if drafter_files is not None:
         load_hf_weights(model.drafter, drafter_files, dtype, "drafter.", progress, "drafter")
     tok = Path(primary_dir) / "tokenizer.json"
-    return save_imported(model, out_dir, tok if tok.is_file() else None, dtype)
+    return save_imported(model, out_dir, tok if tok.is_file() else None, dtype, quantize)
 
 
 __all__ = ["hf_config_to_model_config", "load_hf_model", "import_hf", "read_hf_config", "load_hf_weights"]

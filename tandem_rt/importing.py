@@ -155,6 +155,8 @@ def build_tandem(primary: ModelConfig, secondary, drafter: Optional[ModelConfig]
     return model, cfg
 
 
-def save_imported(model: TandemModel, out_dir: PathLike, tokenizer, dtype: torch.dtype) -> Path:
-    """Write the checkpoint (``tokenizer``: a tokenizer.json path, a ``tokenizers.Tokenizer`` or None)."""
-    return save_checkpoint(model.eval(), out_dir, tokenizer=tokenizer, dtype=dtype)
+def save_imported(model: TandemModel, out_dir: PathLike, tokenizer, dtype: torch.dtype,
+                  quantize: Optional[str] = None) -> Path:
+    """Write the checkpoint (``tokenizer``: a tokenizer.json path, a ``tokenizers.Tokenizer`` or None;
+    ``quantize``: ``"Q8_0"`` / ``"Q4_1"`` stores the primary's matrices as GGUF blocks)."""
+    return save_checkpoint(model.eval(), out_dir, tokenizer=tokenizer, dtype=dtype, quantize=quantize)

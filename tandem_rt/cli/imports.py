@@ -20,6 +20,8 @@ def _report(out, what: str) -> None:
     print(f"wrote {out} from {what}: primary {p.num_hidden_layers} layers x {p.hidden_size}, "
           f"secondary {s.num_hidden_layers} layers x {s.hidden_size}, vocab {p.vocab_size}, "
           f"layer_map {cfg.layer_map}, dtype {cfg.torch_dtype}"
+          + (f", {len(cfg.quantized)} primary matrices as {sorted(set(cfg.quantized.values()))[0]} blocks"
+             if cfg.quantized else "")
           + (f", drafter {cfg.drafter.num_hidden_layers} layers x {cfg.drafter.hidden_size}" if cfg.drafter else ""))
 
 
@@ -28,7 +30,7 @@ def run_import_hf(args) -> int:
 
     out = import_hf(args.primary, args.out, secondary_dir=args.secondary, secondary_config=args.secondary_config,
                     drafter_dir=args.drafter, dtype=args.dtype, layer_map=_layer_map(args.layer_map),
-                    seed=args.seed, progress=not args.quiet)
+                    seed=args.seed, progress=not args.quiet, quantize=args.quantize)
     _report(out, "Hugging Face directories")
     return 0
 
@@ -38,7 +40,7 @@ def run_import_gguf(args) -> int:
 
     out = import_gguf(args.primary, args.out, secondary_gguf=args.secondary, secondary_config=args.secondary_config,
                       drafter_gguf=args.drafter, dtype=args.dtype, layer_map=_layer_map(args.layer_map),
-                      seed=args.seed, progress=not args.quiet)
+                      seed=args.seed, progress=not args.quiet, quantize=args.quantize)
     _report(out, "GGUF files")
     return 0
 
@@ -56,6 +58,9 @@ def _common(p, source: str) -> None:
     p.add_argument("--layer-map", metavar="L1,L2,...",
                    help="primary layer read by each secondary layer (default round((j+1)*L_L/L_S))")
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh projections / secondary")
+    p.add_argument("--quantize", choices=["Q8_0", "Q4_1"], default=None,
+                   help="store the primary's matrices as GGUF blocks (weight-only int8 / int4; "
+                        "Engine.from_pretrained(quantized=True) / --quantized serve them as blocks)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -74,14 +74,20 @@ def available_memory(device: torch.device) -> Optional[int]:
 
 
 def _referenced_gguf_matrices(path, model: TandemModel) -> dict:
-    """The quantized matrices of the GGUF file a checkpoint's ``primary_source`` names."""
+    """The quantized matrices of the primary: the blocks the checkpoint stores (``quantized`` in its
+    config), else those of the GGUF file its ``primary_source`` names."""
     from tandem_rt.primary_source import resolve_reference
     from tandem_rt.quantized import read_gguf_matrices
 
+    if model.config.quantized:
+        from tandem_rt.checkpoint import quantized_matrices
+        return quantized_matrices(path)
     ref = model.config.primary_source
     if ref is None or ref.get("kind") != "gguf":
-        raise ValueError(f"quantized=True needs a checkpoint whose primary_source is a GGUF file; {path} "
-                         + ("stores its primary's weights" if ref is None else f"references a {ref.get('kind')} source"))
+        raise ValueError(f"quantized=True needs a checkpoint that stores quantized primary matrices "
+                         f"(import with --quantize) or whose primary_source is a GGUF file; {path} "
+                         + ("stores its primary's weights in floating point" if ref is None
+                            else f"references a {ref.get('kind')} source"))
     return read_gguf_matrices(resolve_reference(ref, Path(path)), model.config.primary)
 
 
@@ -270,9 +276,10 @@ class Engine:
                         page_size: int = 16, quantized: bool = False, **kwargs) -> "Engine":
         """Load a checkpoint directory (default: the bundled model) and its ``tokenizer.json``.
 
-        ``quantized``: the primary's products read the Q8_0 / Q4_0 / Q4_1 blocks of the GGUF file
-        the checkpoint references (``primary_source`` of kind ``gguf``) instead of the dequantised
-        weights (CPU, bf16 / fp32). The dequantised copies of the weights served as blocks are then
+        ``quantized``: the primary's products read Q8_0 / Q4_0 / Q4_1 blocks instead of the
+        dequantised weights (CPU, bf16 / fp32): those the checkpoint stores (``quantized`` in its
+        config, ``save_checkpoint(quantize=...)`` / ``--quantize`` at import), else those of the
+        GGUF file it references (``primary_source`` of kind ``gguf``). The dequantised copies of the weights served as blocks are then
         released (``engine.model.primary`` is no longer a runnable reference module)."""
         from tandem_rt.checkpoint import TOKENIZER_NAME, load_checkpoint
 
