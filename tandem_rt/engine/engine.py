@@ -453,6 +453,9 @@ class Engine:
             the engine's exception if a step failed (the call's other requests are cancelled first).
         """
         ids, params = self.check_request(prompts, params, mode, gamma, free_token)
+        if self._driver is threading.current_thread():
+            raise RuntimeError("generate() called from the thread that runs this engine's loop "
+                               "(e.g. inside an event callback) would wait for itself")
         handles = [self._submit(p, params, mode, gamma, free_token, None, wants_text=False, bounded=False,
                                 start=False) for p in ids]
         try:
