@@ -356,6 +356,8 @@ def test_linear_rows_q16_matches_the_block_scheme(qtype, dtype, rows, k, n, add_
     blocks, w_ref = gguf_blocks(w, qtype)
     packed = pack_rows16(blocks, qtype)
     assert packed.shape == (n // 16, k // 32 * (544 if qtype == "Q8_0" else 320))
+    from tandem_rt.quantized import unpack_rows16
+    assert torch.equal(unpack_rows16(packed, qtype), blocks)
     x = torch.randn(rows, k, generator=g).to(dtype)
     add = {None: None, "bias": torch.randn(n, generator=g).to(dtype),
            "residual": torch.randn(rows, n, generator=g).to(dtype)}[add_kind]
@@ -384,3 +386,24 @@ def test_pack_rows16_and_linear_rows_q16_validation():
         torch.ops.tandem_rt.linear_rows_q16(torch.randn(2, 64), torch.zeros(1, 640, dtype=torch.uint8), 1)
     with pytest.raises(ValueError, match=r"w.shape\[1\] must be 640"):
         torch.ops.tandem_rt.linear_rows_q16(torch.randn(2, 64), torch.zeros(1, 600, dtype=torch.uint8), 2)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
+def test_packed_only_matrix_serves_every_path(qtype):
+    """A QuantMatrix that keeps only its packed layout: few-row products by linear_rows_q16, more
+    rows (dequantised from the unpacked blocks), row slices and embedding lookups all equal those
+    of the block rows."""
+    from tandem_rt.quantized import QUANT_ROWS_MAX, embedding_rows, make_quant_matrix, quant_mm, with_packed
+
+    g = torch.Generator().manual_seed(3)
+    blocks, _ = gguf_blocks(torch.randn(48, 96, generator=g) * 0.05, qtype)
+    full = make_quant_matrix(blocks, qtype, 96)
+    packed = with_packed(full, keep_blocks=False)
+    assert packed.blocks is None and packed.out_features == 48 and packed.nbytes == blocks.nbytes
+    many = torch.randn(QUANT_ROWS_MAX + 6, 96, generator=g)
+    assert torch.equal(quant_mm(many, packed), quant_mm(many, full))
+    few = many[:3]
+    assert torch.equal(quant_mm(few, packed), torch.ops.tandem_rt.linear_rows_q16(few, packed.packed, {"Q8_0": 0, "Q4_1": 2}[qtype], None))
+    assert torch.equal(packed.rows(16, 32).blocks, blocks[16:32])
+    ids = torch.tensor([0, 47, 5])
+    assert torch.equal(embedding_rows(packed, ids, torch.float32), embedding_rows(full, ids, torch.float32))

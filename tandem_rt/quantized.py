@@ -30,23 +30,31 @@ class QuantMatrix(NamedTuple):
     """One ``[N, K]`` weight in GGUF blocks: ``blocks`` uint8 ``[N, K / 32 * block_bytes]``
     (contiguous), ``qtype`` a key of ``QUANT_TYPES``, ``in_features`` = K; ``packed``: the same
     blocks repacked 16 outputs at a time (:func:`pack_rows16`, :func:`with_packed`) for
-    ``linear_rows_q16``, or None."""
-    blocks: torch.Tensor
+    ``linear_rows_q16``, or None. A packed matrix may drop its ``blocks`` (None): they are then
+    recovered from ``packed`` when needed (:meth:`block_rows`)."""
+    blocks: Optional[torch.Tensor]
     qtype: str
     in_features: int
     packed: Optional[torch.Tensor] = None
 
     @property
     def out_features(self) -> int:
-        return self.blocks.shape[0]
+        return self.blocks.shape[0] if self.blocks is not None else self.packed.shape[0] * 16
 
     @property
     def nbytes(self) -> int:
-        return self.blocks.nbytes
+        """Bytes a product reads (the blocks, or the packed layout: the same count)."""
+        return self.blocks.nbytes if self.blocks is not None else self.packed.nbytes
+
+    def block_rows(self) -> torch.Tensor:
+        """The GGUF block rows ``[N, K / 32 * block_bytes]`` (unpacked from ``packed`` if dropped)."""
+        if self.blocks is not None:
+            return self.blocks
+        return unpack_rows16(self.packed, self.qtype)
 
     def rows(self, start: int, end: Optional[int] = None) -> "QuantMatrix":
-        """Outputs ``start:end`` (a view of the blocks; not packed)."""
-        return QuantMatrix(self.blocks[start:end], self.qtype, self.in_features)
+        """Outputs ``start:end`` (block rows; not packed)."""
+        return QuantMatrix(self.block_rows()[start:end], self.qtype, self.in_features)
 
 
 def make_quant_matrix(blocks: torch.Tensor, qtype: str, in_features: int) -> QuantMatrix:
@@ -92,6 +100,28 @@ def pack_rows16(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     return torch.cat(parts, -1).reshape(N // 16, -1).contiguous()
 
 
+def unpack_rows16(packed: torch.Tensor, qtype: str) -> torch.Tensor:
+    """The inverse of :func:`pack_rows16`: ``[N/16, K/32 * group_bytes]`` -> GGUF blocks
+    ``[N, K/32 * block_bytes]``."""
+    G = packed.shape[0]
+    if qtype == "Q4_1":
+        p = packed.reshape(G, -1, 320)
+        nb = p.shape[1]
+        d = p[..., 0:32].reshape(G, nb, 16, 2)
+        m = p[..., 32:64].reshape(G, nb, 16, 2)
+        q = p[..., 64:].reshape(G, nb, 4, 16, 4).transpose(2, 3).reshape(G, nb, 16, 16)
+        b = torch.cat([d, m, q], -1)                                         # [G, nb, 16, 20]
+    elif qtype == "Q8_0":
+        p = packed.reshape(G, -1, 544)
+        nb = p.shape[1]
+        d = p[..., 0:32].reshape(G, nb, 16, 2)
+        q = (p[..., 32:].reshape(G, nb, 8, 16, 4).transpose(2, 3).reshape(G, nb, 16, 32)) ^ 0x80
+        b = torch.cat([d, q], -1)                                            # [G, nb, 16, 34]
+    else:
+        raise ValueError(f"unpack_rows16 unpacks {', '.join(PACK16_TYPES)}, got {qtype!r}")
+    return b.transpose(1, 2).reshape(G * 16, -1).contiguous()
+
+
 def packs16() -> bool:
     """Whether this CPU runs ``linear_rows_q16``'s VNNI kernel (the packed layout pays only there)."""
     from tandem_rt._ext import _C
@@ -99,12 +129,13 @@ def packs16() -> bool:
     return bool(_C.cpu_kernels()["int8_dot_products"])
 
 
-def with_packed(qm: QuantMatrix) -> QuantMatrix:
+def with_packed(qm: QuantMatrix, keep_blocks: bool = True) -> QuantMatrix:
     """``qm`` with its :func:`pack_rows16` layout when the qtype and ``N % 16 == 0`` allow it (else
-    ``qm`` unchanged)."""
+    ``qm`` unchanged); ``keep_blocks=False`` drops the block rows (half the memory; products of
+    more than ``QUANT_ROWS_MAX`` rows then unpack them per call)."""
     if qm.qtype not in PACK16_TYPES or qm.out_features % 16 or qm.packed is not None:
         return qm
-    return qm._replace(packed=pack_rows16(qm.blocks, qm.qtype))
+    return qm._replace(packed=pack_rows16(qm.blocks, qm.qtype), blocks=qm.blocks if keep_blocks else None)
 
 
 def cat_rows(mats) -> QuantMatrix:
@@ -113,13 +144,13 @@ def cat_rows(mats) -> QuantMatrix:
     if any(m.qtype != first.qtype or m.in_features != first.in_features for m in mats):
         raise ValueError("cat_rows needs matrices of one qtype and in_features, got "
                          f"{[(m.qtype, m.in_features) for m in mats]}")
-    return QuantMatrix(torch.cat([m.blocks for m in mats], 0), first.qtype, first.in_features)
+    return QuantMatrix(torch.cat([m.block_rows() for m in mats], 0), first.qtype, first.in_features)
 
 
 def dequantize(qm: QuantMatrix, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weight the blocks stand for, ``[N, K]`` in ``dtype`` (fp32 arithmetic as ggml's)."""
     N, K = qm.out_features, qm.in_features
-    b = qm.blocks.view(N, K // 32, QUANT_TYPES[qm.qtype][1])
+    b = qm.block_rows().view(N, K // 32, QUANT_TYPES[qm.qtype][1])
     d = b[..., 0:2].contiguous().view(torch.float16).float()              # [N, nb, 1]
     if qm.qtype == "Q8_0":
         w = d * b[..., 2:34].contiguous().view(torch.int8).float()
@@ -141,14 +172,14 @@ def quant_mm(x: torch.Tensor, w: QuantMatrix, add: Optional[torch.Tensor] = None
     if x.shape[0] <= QUANT_ROWS_MAX:
         if w.packed is not None:
             return torch.ops.tandem_rt.linear_rows_q16(x, w.packed, QUANT_TYPES[w.qtype][0], add)
-        return torch.ops.tandem_rt.linear_rows_q(x, w.blocks, QUANT_TYPES[w.qtype][0], add)
+        return torch.ops.tandem_rt.linear_rows_q(x, w.block_rows(), QUANT_TYPES[w.qtype][0], add)
     dense = dequantize(w, x.dtype)
     return torch.mm(x, dense.t()) if add is None else torch.addmm(add, x, dense.t())
 
 
 def embedding_rows(w: QuantMatrix, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Rows ``ids`` (int64 ``[T]``) of a quantized embedding table -> ``[T, K]`` in ``dtype``."""
-    return dequantize(QuantMatrix(w.blocks.index_select(0, ids), w.qtype, w.in_features), dtype)
+    return dequantize(QuantMatrix(w.block_rows().index_select(0, ids), w.qtype, w.in_features), dtype)
 
 
 def read_gguf_matrices(path: PathLike, cfg: Optional[ModelConfig] = None) -> dict:
@@ -181,5 +212,5 @@ def read_gguf_matrices(path: PathLike, cfg: Optional[ModelConfig] = None) -> dic
     return out
 
 
-__all__ = ["QuantMatrix", "make_quant_matrix", "pack_rows16", "PACK16_TYPES", "packs16", "with_packed", "cat_rows", "dequantize", "quant_mm", "embedding_rows",
+__all__ = ["QuantMatrix", "make_quant_matrix", "pack_rows16", "unpack_rows16", "PACK16_TYPES", "packs16", "with_packed", "cat_rows", "dequantize", "quant_mm", "embedding_rows",
            "read_gguf_matrices", "QUANT_ROWS_MAX"]

@@ -271,8 +271,9 @@ class PagedLlama:
             (``linear_rows_q``) instead of the module's dense parameters. A fused group (Q/K/V,
             gate/up) is quantized only when all its members are, in one qtype; a quantized token
             embedding serves the lookups and, when tied, the LM head. On a CPU with VNNI the Q8_0 /
-            Q4_1 matrices are also repacked 16 outputs at a time (``linear_rows_q16``, the decode
-            and verify products; the block rows stay for lookups and prompts of more rows).
+            Q4_1 matrices are repacked 16 outputs at a time (``linear_rows_q16``) and their block
+            rows dropped (a quantized embedding keeps its own for the lookups; products of more
+            than 64 rows unpack them per call).
     """
 
     def __init__(self, model: LlamaForCausalLM, cpu_layout: Optional[bool] = None,
@@ -306,7 +307,7 @@ class PagedLlama:
             qs = [quantized.get(names.get(id(p))) for p in params]
             if all(q is not None for q in qs) and len({q.qtype for q in qs}) == 1:
                 q = qs[0] if len(qs) == 1 else cat_rows(qs)
-                return with_packed(q) if pack else q
+                return with_packed(q, keep_blocks=False) if pack else q
             return dense(params)
 
         self.layers: list[_LayerWeights] = []
