@@ -218,3 +218,28 @@ def test_malformed_quantized_checkpoints_are_refused(hf_dirs, tmp_path):
     (out / "tandem_config.json").write_text(json.dumps(cfg))
     with pytest.raises(Exception, match="quantized must map"):
         tandem_rt.load_checkpoint(out)
+
+
+def test_quantized_load_does_not_read_the_dense_matrices(hf_dirs, tmp_path, monkeypatch):
+    """``Engine.from_pretrained(quantized=True)`` never dequantises the matrices it serves as blocks
+    (``load_checkpoint(skip_values=...)``), and gives the tokens of an engine built on a fully
+    loaded model with the same blocks."""
+    import tandem_rt.checkpoint as ckpt
+    from tandem_rt.engine import Engine, SamplingParams
+
+    dirs, _ = hf_dirs
+    out = tmp_path / "q"
+    main(["import-hf", "--primary", str(dirs["primary"]), "--secondary", str(dirs["secondary"]), "--out", str(out),
+          "--dtype", "float32", "--quantize", "Q4_1", "--quiet"])
+    full = tandem_rt.load_checkpoint(out)
+    ref = Engine(full, num_pages=64, page_size=8, quantized_primary=ckpt.quantized_matrices(out))
+    sp = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    want = ref.generate([[3, 4, 5]], sp, mode="tandem-speed", gamma=2)[0].token_ids
+    read = []
+    real = ckpt._dequantize_blocks
+    monkeypatch.setattr(ckpt, "_dequantize_blocks", lambda t, name, *a: (read.append(name), real(t, name, *a))[1])
+    engine = Engine.from_pretrained(out, quantized=True, num_pages=64, page_size=8)
+    assert read == []                       # every stored block matrix is served as blocks
+    assert engine.generate([[3, 4, 5]], sp, mode="tandem-speed", gamma=2)[0].token_ids == want
+    tandem_rt.load_checkpoint(out, skip_values={"primary.model.layers.0.self_attn.q_proj.weight"})
+    assert "primary.model.layers.0.self_attn.q_proj.weight.qblocks" not in read and len(read) > 0

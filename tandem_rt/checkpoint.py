@@ -143,7 +143,7 @@ def not_stored(cfg: TandemConfig, names) -> set:
 
 def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
                     dtype: Optional[Union[str, torch.dtype]] = None,
-                    derived_cache: Optional[PathLike] = None) -> TandemModel:
+                    derived_cache: Optional[PathLike] = None, skip_values: Optional[set] = None) -> TandemModel:
     """Load a tandem_rt checkpoint directory into a :class:`TandemModel` (eval mode).
 
     Args:
@@ -153,6 +153,9 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
         derived_cache: directory for weights derived from a referenced primary source (its
             dequantised tensors, keyed by the source's sha256); default
             :func:`tandem_rt.primary_source.default_derived_cache`.
+        skip_values: parameter names (``primary.…``) whose values are not read: the tensors are
+            allocated and checked like the others but left uninitialised (their memory is not
+            touched), for weights a caller serves otherwise (the quantized engine's blocks).
     Raises:
         CheckpointError naming the missing, unexpected or malformed file or tensor, or a
         referenced primary source that is missing or whose sha256 does not match.
@@ -206,7 +209,10 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
     params = dict(model.named_parameters())
     params.update({n: b for n, b in model.named_buffers() if n.endswith(".vocab_subset")})
     by_file: dict = {}
+    skip_values = set(skip_values or ())
     for name, file in files.items():
+        if name in skip_values or (name.endswith(QBLOCKS) and name[:-len(QBLOCKS)] in skip_values):
+            continue
         by_file.setdefault(file, []).append(name)
     with torch.no_grad():
         for file, names in by_file.items():
@@ -232,7 +238,8 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
         if cfg.primary_source is not None:
             from tandem_rt.primary_source import load_referenced_primary
 
-            load_referenced_primary(model.primary, cfg.primary_source, Path(path), dtype, derived_cache)
+            load_referenced_primary(model.primary, cfg.primary_source, Path(path), dtype, derived_cache,
+                                    skip={n[len("primary."):] for n in skip_values if n.startswith("primary.")})
         for part in cfg.shared_embeddings:
             getattr(model, part).model.embed_tokens.weight.copy_(model.primary.model.embed_tokens.weight)
     return model.eval()

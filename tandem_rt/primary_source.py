@@ -222,13 +222,14 @@ def resolve_reference(ref: dict, checkpoint_dir: Path) -> Path:
 
 
 def load_referenced_primary(primary, ref: dict, checkpoint_dir: Path, dtype: torch.dtype,
-                            derived_cache: Optional[PathLike] = None) -> Path:
+                            derived_cache: Optional[PathLike] = None, skip=()) -> Path:
     """Fill ``primary`` (allocated :class:`LlamaForCausalLM`, ``dtype``) from a reference.
 
     The source's sha256 is checked against the reference first; its weights in ``dtype`` are then
     read from ``<derived_cache>/primary-<sha256>-<dtype>.safetensors`` when that exists, else
     converted from the source (e.g. GGUF dequantisation) and written there for the next load
-    (best effort: an unwritable cache only costs time). Returns the resolved source path.
+    (best effort: an unwritable cache only costs time). ``skip``: parameter names of ``primary``
+    left unread when the derived cache serves the load. Returns the resolved source path.
     Raises:
         CheckpointError naming both the checkpoint and the source on a missing source, a hash
         mismatch or a source whose config differs from the checkpoint's primary config.
@@ -260,7 +261,8 @@ def load_referenced_primary(primary, ref: dict, checkpoint_dir: Path, dtype: tor
                 with safe_open(str(derived), framework="pt", device="cpu") as fh:
                     if set(fh.keys()) == set(expected):
                         for name, t in expected.items():
-                            t.copy_(fh.get_tensor(name))
+                            if name not in skip:
+                                t.copy_(fh.get_tensor(name))
                         return src
             except Exception:  # a corrupt cache entry is rebuilt below
                 pass

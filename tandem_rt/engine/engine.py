@@ -73,22 +73,22 @@ def available_memory(device: torch.device) -> Optional[int]:
     return None
 
 
-def _referenced_gguf_matrices(path, model: TandemModel) -> dict:
-    """The quantized matrices of the primary: the blocks the checkpoint stores (``quantized`` in its
-    config), else those of the GGUF file its ``primary_source`` names."""
+def _referenced_gguf_matrices(path, cfg) -> dict:
+    """The quantized matrices of the primary of a checkpoint with config ``cfg``: the blocks it
+    stores (``quantized`` in its config), else those of the GGUF file its ``primary_source`` names."""
     from tandem_rt.primary_source import resolve_reference
     from tandem_rt.quantized import read_gguf_matrices
 
-    if model.config.quantized:
+    if cfg.quantized:
         from tandem_rt.checkpoint import quantized_matrices
         return quantized_matrices(path)
-    ref = model.config.primary_source
+    ref = cfg.primary_source
     if ref is None or ref.get("kind") != "gguf":
         raise ValueError(f"quantized=True needs a checkpoint that stores quantized primary matrices "
                          f"(import with --quantize) or whose primary_source is a GGUF file; {path} "
                          + ("stores its primary's weights in floating point" if ref is None
                             else f"references a {ref.get('kind')} source"))
-    return read_gguf_matrices(resolve_reference(ref, Path(path)), model.config.primary)
+    return read_gguf_matrices(resolve_reference(ref, Path(path)), cfg.primary)
 
 
 def check_quantized_primary(quantized: dict, primary, device, dtype) -> None:
@@ -292,9 +292,17 @@ class Engine:
             if dtype not in DTYPES:
                 raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
             dtype = DTYPES[dtype]
-        model = load_checkpoint(path, device=device, dtype=dtype)
+        skip = None
         if quantized:
-            kwargs["quantized_primary"] = _referenced_gguf_matrices(path, model)
+            from tandem_rt.checkpoint import read_config
+            cfg = read_config(path)
+            kwargs["quantized_primary"] = _referenced_gguf_matrices(path, cfg)
+            # the matrices served as blocks are never read dense: not loaded (their storage stays
+            # untouched until release_dense_copies), except an embedding other parts copy
+            skip = {"primary." + n for n in kwargs["quantized_primary"]}
+            if cfg.shared_embeddings:
+                skip.discard("primary.model.embed_tokens.weight")
+        model = load_checkpoint(path, device=device, dtype=dtype, skip_values=skip)
         tokenizer = None
         tok_file = Path(path) / TOKENIZER_NAME
         if tok_file.is_file():
