@@ -376,33 +376,19 @@ void dispatch_qtype(int64_t qtype, const E* xp, int64_t xs, int64_t M, int64_t K
 
 at::Tensor linear_rows_q_cpu(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
                              const std::optional<at::Tensor>& add) {
-  check_rows_x(x);
   TORCH_CHECK_VALUE(qtype == kQ8_0 || qtype == kQ4_0 || qtype == kQ4_1,
                     "qtype must be 0 (Q8_0), 1 (Q4_0) or 2 (Q4_1), got ", qtype);
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK_VALUE(K % kBlock == 0, "x.shape[1] (K = ", K, ") must be a multiple of the block size 32");
-  check_device(w, "w", x.device());
-  check_dtype(w, "w", at::kByte);
-  check_rank(w, "w", 2);
-  check_contiguous(w, "w");
-  const int64_t row_bytes = K / kBlock * block_bytes(qtype);
-  check_size(w, "w", 1, row_bytes);
-  const int64_t N = w.size(0);
+  check_rows_quant(x, w, block_bytes(qtype));
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const int64_t ars = check_rows_add(add, x, M, N);
   cpu_isa::check_variant();
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const int64_t xs = M > 1 ? x.stride(0) : K;
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  if (x.scalar_type() == at::kFloat) {
-    dispatch_qtype<float>(qtype, x.data_ptr<float>(), xs, M, K, wp, add.has_value() ? add->data_ptr<float>() : nullptr,
-                          ars, y.data_ptr<float>(), N);
-  } else {
-    dispatch_qtype<uint16_t>(qtype, reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), xs, M, K, wp,
-                             add.has_value() ? reinterpret_cast<const uint16_t*>(add->data_ptr<at::BFloat16>())
-                                             : nullptr,
-                             ars, reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), N);
-  }
+  with_rows_dtype(x, add, y, [&](const auto* xp, const auto* ap, auto* yp) {
+    using E = std::remove_cv_t<std::remove_pointer_t<decltype(xp)>>;
+    dispatch_qtype<E>(qtype, xp, xs, M, K, w.data_ptr<uint8_t>(), ap, ars, yp, N);
+  });
   return y;
 }
 

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace tandem_rt {
@@ -34,6 +35,34 @@ inline int64_t check_rows_add(const std::optional<at::Tensor>& add, const at::Te
   if (add->dim() == 1) return 0;
   check_size(*add, "add", 0, M);
   return add->stride(0);
+}
+
+// The checks the quantized few-row ops share: x as check_rows_x with K a multiple of the block
+// size 32; w uint8 [rows, K / 32 * bytes_per_block] on x's device, contiguous.
+inline void check_rows_quant(const at::Tensor& x, const at::Tensor& w, int64_t bytes_per_block) {
+  check_rows_x(x);
+  const int64_t K = x.size(1);
+  TORCH_CHECK_VALUE(K % 32 == 0, "x.shape[1] (K = ", K, ") must be a multiple of the block size 32");
+  check_device(w, "w", x.device());
+  check_dtype(w, "w", at::kByte);
+  check_rank(w, "w", 2);
+  check_contiguous(w, "w");
+  check_size(w, "w", 1, K / 32 * bytes_per_block);
+}
+
+// f(xp, ap, yp) with the element pointers of x, add (or null) and y as E = float (fp32) or
+// uint16_t (bf16 bits), by x's dtype (checked by check_rows_x / check_rows_add).
+template <typename F>
+inline void with_rows_dtype(const at::Tensor& x, const std::optional<at::Tensor>& add, at::Tensor& y, F&& f) {
+  if (x.scalar_type() == at::kFloat) {
+    f(x.data_ptr<float>(), add.has_value() ? add->data_ptr<float>() : static_cast<float*>(nullptr),
+      y.data_ptr<float>());
+  } else {
+    using B = uint16_t;
+    f(reinterpret_cast<const B*>(x.data_ptr<at::BFloat16>()),
+      add.has_value() ? reinterpret_cast<const B*>(add->data_ptr<at::BFloat16>()) : static_cast<const B*>(nullptr),
+      reinterpret_cast<B*>(y.data_ptr<at::BFloat16>()));
+  }
 }
 
 // x rows ([M, K] of E = float or uint16_t bf16 bits, row stride xs) as contiguous fp32 [M, K].
