@@ -14,8 +14,7 @@ Where each step of the data flow lives (docs/ENGINE.md):
 from tandem_rt.engine.engine import MODES, Engine
 from tandem_rt.engine.async_engine import AsyncEngine
 from tandem_rt.engine.params import SamplingParams
-from tandem_rt.engine.requests import EngineOverloaded, RequestCancelled, RequestHandle
+from tandem_rt.engine.requests import EngineOverloaded, RequestHandle
 from tandem_rt.engine.results import Result, StreamEvent
 
-__all__ = ["Engine", "AsyncEngine", "SamplingParams", "Result", "StreamEvent", "MODES", "RequestHandle", "EngineOverloaded",
-           "RequestCancelled"]
+__all__ = ["Engine", "AsyncEngine", "SamplingParams", "Result", "StreamEvent", "MODES", "RequestHandle", "EngineOverloaded"]

@@ -17,12 +17,12 @@ router stops drafting when the predicted acceptance ``1 - tv`` falls under its t
 at its ``gamma_max``.
 
 Serving (docs/ENGINE.md): :meth:`Engine.submit` queues a request from any thread and returns a
-:class:`~tandem_rt.engine.requests.RequestHandle`; one background loop thread serves every live
-request in one continuous batch (the scheduler admits, prefills and forks requests between
-iterations; each iteration runs one step per kind of step, ``steps.py``, on the model runner).
-Requests of every mode and γ share the batch. :meth:`Engine.generate` and :meth:`Engine.stream`
-are thin wrappers over ``submit``. The loop thread runs only while there is work: it starts on
-the first submit after an idle period and ends when the last request has ended.
+:class:`~tandem_rt.engine.requests.RequestHandle`; one loop serves every live request in one
+continuous batch (the scheduler admits, prefills and forks requests between iterations; each
+iteration runs one step per kind of step, ``steps.py``, on the model runner). Requests of every
+mode and γ share the batch. :meth:`Engine.generate` and :meth:`Engine.stream` are thin wrappers
+over ``submit``. One thread at a time runs the loop: a thread in ``generate`` or
+:meth:`Engine.run_loop`, else a background thread that exists only while there is work.
 """
 from __future__ import annotations
 
@@ -279,8 +279,10 @@ class Engine:
         ``quantized``: the primary's products read Q8_0 / Q4_0 / Q4_1 blocks instead of the
         dequantised weights (CPU, bf16 / fp32): those the checkpoint stores (``quantized`` in its
         config, ``save_checkpoint(quantize=...)`` / ``--quantize`` at import), else those of the
-        GGUF file it references (``primary_source`` of kind ``gguf``). The dequantised copies of the weights served as blocks are then
-        released (``engine.model.primary`` is no longer a runnable reference module)."""
+        GGUF file it references (``primary_source`` of kind ``gguf``). Those matrices are not
+        loaded dense (``load_checkpoint(skip_values=...)``) and their placeholders are released
+        once the engine is built (``engine.model.primary`` is no longer a runnable reference
+        module)."""
         from tandem_rt.checkpoint import TOKENIZER_NAME, load_checkpoint
 
         if path is None:
@@ -467,10 +469,9 @@ class Engine:
         handles = [self._submit(p, params, mode, gamma, free_token, None, wants_text=False, bounded=False,
                                 start=False) for p in ids]
         try:
-            # the calling thread runs the loop itself unless another thread does
-            if not self._drive_until(lambda: all(h.done for h in handles)):
-                with self._cv:          # the other driver may have just stopped: make sure one runs
-                    self._start_background_locked()
+            # the calling thread runs the loop itself unless another thread does (which, when it
+            # stops, hands the queued requests over to the background thread)
+            self._drive_until(lambda: all(h.done for h in handles))
             out = []
             for i, h in enumerate(handles):
                 out += [dataclasses.replace(r, prompt_index=i) for r in h.results()]
@@ -715,7 +716,6 @@ class Engine:
                 elif r.mode.drafter == "drafter":   # the standalone drafter's own pool
                     steps.prefill_pool(runner, "drafter", r.sid, r.prompt, self.dense_prefill, self.prefill_chunk)
             except Exception as exc:
-                r.failed = True
                 self._fail([r], exc)
         events = []
         for r, seqs, logits in sch.fork():
@@ -749,7 +749,7 @@ class Engine:
                               for r, a, b in plan]
                     t0 = time.perf_counter()
                     commits, prompt_logits = step(runner, seqs, router, lag, chunks)
-                    if seqs:
+                    if seqs and self.draft_policy == "cost":
                         self.step_costs.add(sum(c.drafted + 1 for c in commits) + sum(b - a for _, a, b in plan),
                                             time.perf_counter() - t0, sum(len(c.tokens) for c in commits))
                     self._prompts_done(plan, prompt_logits)

@@ -12,10 +12,6 @@ class EngineOverloaded(RuntimeError):
     """The engine's queue holds ``max_queued_requests`` requests: try again later (HTTP 503/429)."""
 
 
-class RequestCancelled(RuntimeError):
-    """Raised by :meth:`RequestHandle.result` for a request that was cancelled before it finished."""
-
-
 class RequestHandle:
     """One request submitted with ``Engine.submit`` (``n`` samples of one prompt).
 

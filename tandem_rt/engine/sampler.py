@@ -7,7 +7,8 @@ the batch or on ``max_batch_size``).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import functools
+from typing import Sequence
 
 import torch
 
@@ -45,6 +46,23 @@ def all_greedy(seqs: Sequence) -> bool:
     return all(s.params.greedy for s in seqs)
 
 
+@functools.lru_cache(maxsize=256)
+def _greedy_rows(B: int, device) -> tuple:
+    return (torch.zeros(B, dtype=torch.float32, device=device), torch.zeros(B, dtype=torch.int32, device=device),
+            torch.ones(B, dtype=torch.float32, device=device), torch.zeros(B, 2, dtype=torch.int64, device=device))
+
+
+def batch_rows(seqs: Sequence, positions: Sequence[int], kind: int, device) -> tuple:
+    """(temperature, top_k, top_p, rng) of the sampling ops for ``seqs``: :func:`row_params` and
+    :func:`row_rng`, or, when every sequence is greedy, constant tensors cached per batch size
+    (greedy rows read neither their parameters beyond the temperature nor random numbers, so the
+    per-step host-to-device copies are skipped; the ops advancing the cached random state is
+    harmless)."""
+    if all_greedy(seqs):
+        return _greedy_rows(len(seqs), torch.device(device))
+    return row_params(seqs, device) + (row_rng(seqs, positions, kind, device),)
+
+
 def sample_rows(logits: torch.Tensor, seqs: Sequence, positions: Sequence[int], kind: int,
                 want_probs: bool = False) -> tuple:
     """``logits [B, V]`` of ``seqs`` (one row each) for the tokens at ``positions`` ->
@@ -58,8 +76,7 @@ def sample_rows(logits: torch.Tensor, seqs: Sequence, positions: Sequence[int], 
     # torch.argmax) costs 10 us for an 8192-word bf16 row where torch.argmax costs 33 us
     B, V = logits.shape
     probs = torch.empty(B, V, dtype=torch.float32, device=dev) if want_probs else None
-    temp, top_k, top_p = row_params(seqs, dev)
-    rng = row_rng(seqs, positions, kind, dev)
+    temp, top_k, top_p, rng = batch_rows(seqs, positions, kind, dev)
     # the raw op (the C++ op validates every argument; the wrapper's checks cost ~0.1 ms per call on CPU)
     tok = torch.ops.tandem_rt.sample(logits, temp, top_k, top_p, rng, probs)
     return tok.long(), probs
@@ -74,8 +91,7 @@ def sample_undrafted(logits: torch.Tensor, seqs: Sequence, positions: Sequence[i
     if all_greedy(seqs):
         return sample_rows(logits, seqs, positions, RNG_SAMPLE)[0]
     B, V = logits.shape
-    temp, top_k, top_p = row_params(seqs, dev)
-    rng = row_rng(seqs, positions, RNG_VERIFY, dev)
+    temp, top_k, top_p, rng = batch_rows(seqs, positions, RNG_VERIFY, dev)
     none = torch.empty(B, 0, dtype=torch.int64, device=dev)
     zeros = torch.zeros(B, dtype=torch.int32, device=dev)
     _, emitted = torch.ops.tandem_rt.verify(none, zeros, None, logits.view(B, 1, V), temp, top_k, top_p, rng)

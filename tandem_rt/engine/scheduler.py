@@ -3,16 +3,15 @@
 Only the engine's loop thread touches a :class:`Scheduler` (requests reach it through the
 engine's inbox). First come, first served: a request is admitted when a batch slot and the pages
 of its worst case are free (``reserved`` counts the worst-case pages of every admitted sequence,
-so a running sequence never runs out of pages); its prompt is prefilled alone (so its K/V, and
-therefore its output, do not depend on which prompts arrive with it), then its ``n`` samples are
-forked from the processed prompt as slots free up. Sequences join and leave the running batch
+so a running sequence never runs out of pages); its prompt is prefilled alone or in fixed chunks
+inside the speculative steps (so its K/V, and therefore its output, do not depend on which prompts
+arrive with it), then its ``n`` samples are forked from the processed prompt as slots free up. Sequences join and leave the running batch
 between iterations; a cancelled request leaves at the next iteration boundary, its pages freed.
 """
 from __future__ import annotations
 
 import collections
 import time
-from typing import Optional
 
 from tandem_rt.engine.results import Result, StreamEvent
 from tandem_rt.engine.sampler import sequence_seed
@@ -48,7 +47,6 @@ class Request:
         self.sid = None              # the processed prompt's sequence until every sample is forked
         self.logits = None           # [V] next-token logits after the prompt
         self.prefilled = 0           # prompt rows the primary has processed inside speculative steps
-        self.failed = False
         self.forked = 0
         self.reserved = 0
         self.seqs: list = []
@@ -171,7 +169,7 @@ class Scheduler:
         step), at most ``budget`` rows in all (the oldest chunk always goes)."""
         out, rows = [], 0
         for r in self.prefixes:
-            if r.mode.step != "verify" or r.logits is not None or r.failed:
+            if r.mode.step != "verify" or r.logits is not None:
                 continue
             start = r.prefilled
             end = min(len(r.prompt), start + chunk)
@@ -320,9 +318,3 @@ class Scheduler:
                 seen.add(id(r))
                 out.append(r)
         return out
-
-    def num_waiting_sequences(self) -> int:
-        return sum(r.params.n for r in self.waiting) + sum(r.params.n - r.forked for r in self.prefixes)
-
-    def pages_in_use(self) -> Optional[int]:
-        return self.pm.num_pages - self.pm.num_free_pages

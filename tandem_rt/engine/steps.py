@@ -25,8 +25,8 @@ from typing import Optional, Sequence
 import torch
 
 from tandem_rt.engine.paged_model import build_meta, h2d
-from tandem_rt.engine.sampler import (RNG_DRAFT, RNG_SAMPLE, RNG_VERIFY, all_greedy, row_params, row_rng,
-                                      sample_rows, sample_undrafted)
+from tandem_rt.engine.sampler import (RNG_DRAFT, RNG_SAMPLE, RNG_VERIFY, all_greedy, batch_rows, sample_rows,
+                                      sample_undrafted)
 from tandem_rt.engine.verification import BlockLayout, VerifyInputs
 from tandem_rt.models.router import router_features
 
@@ -323,9 +323,9 @@ def speculative_step(runner, seqs: Sequence, router=None, router_lag: bool = Fal
             accepted = [0] * B
             emitted = [[t] for t in toks.tolist()]                      # the one host read
     else:
-        rng = row_rng(seqs, [s.n for s in seqs], RNG_VERIFY, dev)
         verify = VerifyInputs(h2d(lens, torch.int32, dev), None if probs is None else probs[:, :G].contiguous(),
-                              *row_params(seqs, dev), rng, layout=BlockLayout.of(rows) if prompts else None)
+                              *batch_rows(seqs, [s.n for s in seqs], RNG_VERIFY, dev),
+                              layout=BlockLayout.of(rows) if prompts else None)
         logits, _, acc, em = runner.run(model, cache, ids, meta, hidden_layers=hidden_layers, refresh=refresh,
                                         verify=verify, logits_rows=logits_rows)
         both = torch.cat([acc.view(B, 1).long(), em.long()], 1).tolist()   # the one host read
