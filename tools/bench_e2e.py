@@ -212,10 +212,19 @@ def prompt_groups(base: list, B: int) -> list:
     return [[base[(g * B + i) % len(base)] for i in range(B)] for g in range(n_groups)]
 
 
-def run_engine(engine, groups, params, mode, gamma, repeats):
-    """Best over ``repeats`` of the summed wall time of ``generate`` on each group of prompts."""
-    engine.generate(groups[0][:1], params.__class__(max_new_tokens=4, ignore_eos=True, n=params.n),
-                    mode=mode, gamma=gamma)                                           # warm-up
+def submit_and_wait(engine, prompts, params, mode, gamma) -> list:
+    """``generate`` through ``submit``: the engine's background thread runs the loop while this
+    thread waits (``generate`` would run it on this thread)."""
+    handles = [engine.submit(p, params, mode=mode, gamma=gamma) for p in prompts]
+    return [r for h in handles for r in h.results()]
+
+
+def run_engine(engine, groups, params, mode, gamma, repeats, background=False):
+    """Best over ``repeats`` of the summed wall time of ``generate`` on each group of prompts
+    (``background``: :func:`submit_and_wait` instead)."""
+    gen = (lambda ps, p: submit_and_wait(engine, ps, p, mode, gamma)) if background else (
+        lambda ps, p: engine.generate(ps, p, mode=mode, gamma=gamma))
+    gen(groups[0][:1], params.__class__(max_new_tokens=4, ignore_eos=True, n=params.n))   # warm-up
     best, out = float("inf"), None
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     for _ in range(repeats):
@@ -223,7 +232,7 @@ def run_engine(engine, groups, params, mode, gamma, repeats):
         for prompts in groups:
             sync()
             t = time.perf_counter()
-            res += engine.generate(prompts, params, mode=mode, gamma=gamma)
+            res += gen(prompts, params)
             sync()
             wall += time.perf_counter() - t
         if wall < best:
@@ -259,6 +268,9 @@ def main(argv=None) -> int:
     ap.add_argument("--num-samples", default="1,4")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--cuda-graphs", action="store_true")
+    ap.add_argument("--background-loop", action="store_true",
+                    help="also time primary with the engine's loop on its background thread (submit + wait) "
+                         "instead of on the calling main thread (generate)")
     ap.add_argument("--peer", choices=["hf", "llama.cpp"], action="append", default=[],
                     help="peers run on the same prompts at batch 1 (repeatable): hf = transformers generate "
                          "and assisted generation with the same drafter; llama.cpp = llama-cpp-python on --gguf")
@@ -296,10 +308,13 @@ def main(argv=None) -> int:
             runs += [("speed", g) for g in gammas]
         runs += [("tandem-speed", g) for g in gammas] + ([("tandem-speed", "auto")] if has_auto else [])
         runs += [("tandem", gammas[0])]
+        if args.background_loop:
+            runs.insert(1, ("primary", "background"))
         rows = []
         for mode, gamma in runs:
-            r = run_engine(engine, groups, params, mode, gamma, args.repeats)
-            r.update(mode=mode, gamma=gamma)
+            bg = gamma == "background"
+            r = run_engine(engine, groups, params, mode, 1 if bg else gamma, args.repeats, background=bg)
+            r.update(mode="primary (loop off the main thread)" if bg else mode, gamma=None if bg else gamma)
             rows.append(r)
             print(f"  B={B} n={n} {mode:13s} γ={gamma!s:4s} {r['wall_s']:.3f}s", flush=True)
         if B == 1 and n == 1:
