@@ -169,6 +169,14 @@ class TandemServer:
         except ValueError as exc:
             raise RequestError(str(exc), "messages") from None
 
+    def _prompt_ids(self, prompt) -> list:
+        """A prompt's token ids (a string needs the tokenizer: a 400 without one)."""
+        if not isinstance(prompt, str):
+            return prompt
+        if self.engine.tokenizer is None:
+            raise RequestError("this model has no tokenizer: send the prompt as token ids", "prompt")
+        return self.engine.tokenizer.encode(prompt).ids
+
     def _completion_prompt(self, body: dict):
         p = body.get("prompt")
         if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
@@ -197,8 +205,10 @@ class TandemServer:
             if not isinstance(body, dict):
                 raise RequestError("the request body must be a JSON object", None)
             self._check_model(body)
-            prompt = self._chat_prompt(body) if chat else self._completion_prompt(body)
-            params, stops, mode, gamma = parse_sampling(body, 1 << 30 if chat else DEFAULT_MAX_TOKENS)
+            ids = self._prompt_ids(self._chat_prompt(body) if chat else self._completion_prompt(body))
+            # chat without max_tokens: what the context and the page pool leave after the prompt
+            default = _room_after(self.engine, len(ids)) if chat else DEFAULT_MAX_TOKENS
+            params, stops, mode, gamma = parse_sampling(body, default)
             stream = body.get("stream", False)
             if not isinstance(stream, bool):
                 raise RequestError("stream must be true or false", "stream")
@@ -206,16 +216,9 @@ class TandemServer:
             if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
                 raise RequestError("stream_options must be an object with a boolean include_usage", "stream_options")
             include_usage = bool(opts.get("include_usage", False))
-            e = self.engine
-            try:
-                ids, _ = e.check_request(prompt, params if params.max_new_tokens < 1 << 30 else
-                                         SamplingParams(max_new_tokens=1), mode, gamma, True)
-            except ValueError as exc:
-                raise RequestError(str(exc), _param_of(str(exc))) from None
-            if params.max_new_tokens >= 1 << 30:     # chat without max_tokens: the rest of the context
-                params = _fill_context(e, ids[0], params, mode)
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-            agen = self.async_engine.generate(ids[0], params, mode, gamma, True, request_id=rid)
+            # (the engine validates the request at the generator's first step: ValueError -> 400)
+            agen = self.async_engine.generate(ids, params, mode, gamma, True, request_id=rid)
             state = _Collector(params.n, stops, self.engine.tokenizer is not None)
             # the first event (or EngineOverloaded) before the response starts; the whole answer
             # when not streaming; a client that disconnects meanwhile cancels its request
@@ -232,11 +235,12 @@ class TandemServer:
             return _error(str(exc), _param_of(str(exc)), 400)
         except Exception as exc:  # the engine failed this request's step
             return _error(f"generation failed: {exc}", None, 500, "server_error")
+        n_prompt = len(ids)
         if stream:
-            return StreamingResponse(self._sse(rid, chat, first, agen, state, include_usage, len(ids[0])),
+            return StreamingResponse(self._sse(rid, chat, first, agen, state, include_usage, n_prompt),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return JSONResponse(self._body(rid, chat, state, len(ids[0])))
+        return JSONResponse(self._body(rid, chat, state, n_prompt))
 
     async def _sse(self, rid: str, chat: bool, first, agen, state, include_usage: bool = False, prompt_tokens: int = 0):
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -396,17 +400,15 @@ def _param_of(message: str) -> Optional[str]:
             "stop_token_ids": "stop_token_ids", "unknown": "mode", "gamma='auto'": "gamma"}.get(word)
 
 
-def _fill_context(engine: Engine, ids: list, params: SamplingParams, mode: str) -> SamplingParams:
-    """``params`` with ``max_new_tokens`` = what the context and the pool leave after the prompt."""
-    import dataclasses
-
+def _room_after(engine: Engine, prompt_len: int) -> int:
+    """New tokens the models' context and the page pool leave after a prompt (>= 1): a chat
+    request's default ``max_tokens`` (a pool reservation holds the prompt twice, the output and a
+    block of up to 32 positions)."""
     cfg = engine.model.config
     ctx = min(c.max_position_embeddings for c in (cfg.primary, cfg.secondary))
-    left = max(1, ctx - len(ids))
     ps, pages = engine.page_manager.page_size, engine.page_manager.num_pages
-    slack = 32
-    fit = (pages - 2 - -(-len(ids) // ps)) * ps - len(ids) - slack
-    return dataclasses.replace(params, max_new_tokens=max(1, min(left, fit)))
+    fit = (pages - -(-prompt_len // ps)) * ps - prompt_len - 32
+    return max(1, min(ctx - prompt_len, fit))
 
 
 def prometheus_text(m: dict) -> str:
