@@ -44,7 +44,7 @@ from tandem_rt.engine.modes import MODE_TABLE, MODES
 from tandem_rt.engine.params import SamplingParams
 from tandem_rt.engine.requests import EngineOverloaded, RequestHandle
 from tandem_rt.engine.results import StreamEvent
-from tandem_rt.engine.scheduler import Request, Scheduler
+from tandem_rt.engine.scheduler import Request, Scheduler, admission_pages
 from tandem_rt.models.tandem import TandemModel
 from tandem_rt.paths import default_model_path
 DEFAULT_KV_CACHE_MEMORY = 256 << 20  # bytes of K/V pools when neither num_pages nor kv_cache_memory is given
@@ -409,7 +409,7 @@ class Engine:
             if len(p) + params.max_new_tokens > ctx:
                 raise ValueError(f"prompts[{i}] has {len(p)} tokens; with max_new_tokens={params.max_new_tokens} "
                                  f"that exceeds the model's context of {ctx} positions")
-            need = -(-len(p) // ps) + -(-(len(p) + params.max_new_tokens + self._block_slack(mode, gmax)) // ps)
+            need = admission_pages(len(p), params.max_new_tokens, self._block_slack(mode, gmax), ps)
             if need > self.page_manager.num_pages:
                 raise ValueError(f"prompts[{i}] needs up to {need} KV-cache pages but the pool has "
                                  f"{self.page_manager.num_pages}; raise num_pages / kv_cache_memory "

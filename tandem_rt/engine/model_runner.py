@@ -52,14 +52,15 @@ class ModelRunner:
         self.primary_cache = mk(cfg.primary)
         self.secondary_cache = mk(cfg.secondary)
         self.drafter_cache = mk(cfg.drafter) if cfg.drafter is not None else None
+        self._pools = {"primary": (self.primary, self.primary_cache),
+                       "secondary": (self.secondary, self.secondary_cache),
+                       "drafter": (self.drafter, self.drafter_cache)}
         self.cuda_graphs = None
 
     # ------------------------------------------------------------------ models and pools
     def pool(self, name: str):
         """(PagedLlama, KVCache) of ``"primary"``, ``"secondary"`` or ``"drafter"``."""
-        return {"primary": (self.primary, self.primary_cache),
-                "secondary": (self.secondary, self.secondary_cache),
-                "drafter": (self.drafter, self.drafter_cache)}[name]
+        return self._pools[name]
 
     def all_cache_tensors(self) -> list:
         out = self.primary_cache.tensors() + self.secondary_cache.tensors()

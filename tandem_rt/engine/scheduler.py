@@ -18,6 +18,12 @@ from tandem_rt.engine.sampler import sequence_seed
 from tandem_rt.engine.steps import Commit
 
 
+def admission_pages(prompt_len: int, max_new_tokens: int, slack: int, page_size: int) -> int:
+    """Pages a request needs free to be admitted: its prompt's, plus one sample's worst case
+    (prompt + output + ``slack`` positions of a block)."""
+    return -(-prompt_len // page_size) + -(-(prompt_len + max_new_tokens + slack) // page_size)
+
+
 class Request:
     """One submitted prompt with its ``n`` samples (see ``Engine.submit``).
 
@@ -150,7 +156,7 @@ class Scheduler:
         new = []
         while self.waiting and len(self.running) + len(self.prefixes) + len(new) < self.max_batch_size:
             r = self.waiting[0]
-            need = self._pages(len(r.prompt)) + self.worst_case_pages(r)
+            need = admission_pages(len(r.prompt), r.params.max_new_tokens, r.slack, self.pm.page_size)
             if self.reserved + need > self.pm.num_pages:
                 break
             self.waiting.popleft()
