@@ -270,21 +270,26 @@ def quantized_matrices(path: PathLike) -> dict:
     if not cfg.quantized:
         return {}
     files = weight_files(path)
-    out = {}
-    for name, qtype in cfg.quantized.items():
+    by_file: dict = {}
+    for name in cfg.quantized:
         key = name + QBLOCKS
         if key not in files:
             raise CheckpointError(f"checkpoint {path} is missing tensor {key!r}")
+        by_file.setdefault(files[key], []).append(name)
+    out = {}
+    for file, names in by_file.items():           # each file opened once
         try:
-            with safe_open(str(files[key]), framework="pt", device="cpu") as fh:
-                blocks = fh.get_tensor(key)
+            with safe_open(str(file), framework="pt", device="cpu") as fh:
+                blocks = {n: fh.get_tensor(n + QBLOCKS) for n in names}
         except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"could not read {files[key]}: {exc}") from None
-        K = blocks.shape[1] // QUANT_BLOCK_BYTES[qtype] * 32 if blocks.dim() == 2 else 0
-        try:
-            out[name[len("primary."):]] = make_quant_matrix(blocks, qtype, K)
-        except ValueError as exc:
-            raise CheckpointError(f"tensor {key!r} in {files[key].name}: {exc}") from None
+            raise CheckpointError(f"could not read {file}: {exc}") from None
+        for name, b in blocks.items():
+            qtype = cfg.quantized[name]
+            K = b.shape[1] // QUANT_BLOCK_BYTES[qtype] * 32 if b.dim() == 2 else 0
+            try:
+                out[name[len("primary."):]] = make_quant_matrix(b, qtype, K)
+            except ValueError as exc:
+                raise CheckpointError(f"tensor {name + QBLOCKS!r} in {file.name}: {exc}") from None
     return out
 
 
