@@ -331,9 +331,6 @@ class Engine:
     def cuda_graphs(self, value) -> None:
         self.runner.cuda_graphs = value
 
-    def all_cache_tensors(self) -> list:
-        return self.runner.all_cache_tensors()
-
     # ------------------------------------------------------------------ validation
     def _tokenize(self, prompt, i: int) -> list:
         if isinstance(prompt, str):
