@@ -42,6 +42,31 @@ def test_roundtrip_same_logits_and_names(saved):
     assert (path / "model.safetensors").stat().st_mode & 0o044 == 0o044  # readable by others, like any file
 
 
+def test_feature_input_roundtrip(tmp_path):
+    """A checkpoint with the feature input stores ``tandem.feature.*`` and ``feature_layer``; the
+    loaded secondary reads it (same logits; different from the secondary without it)."""
+    import dataclasses
+
+    from tandem_rt.models.tandem import TandemModel
+
+    base = random_tandem_model(seed=2)
+    cfg = dataclasses.replace(base.config, feature_layer=base.config.layer_map[-1])
+    torch.manual_seed(3)
+    model = TandemModel(cfg)
+    model.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        model.tandem.feature.proj.weight.normal_(0, 0.5)
+    model.eval()
+    save_checkpoint(model, tmp_path / "ckpt")
+    names = set(load_file(tmp_path / "ckpt" / "model.safetensors"))
+    assert {"tandem.feature.norm.weight", "tandem.feature.proj.weight"} <= names
+    assert json.loads((tmp_path / "ckpt" / "tandem_config.json").read_text())["feature_layer"] == cfg.feature_layer
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    ids = torch.randint(0, 97, (2, 9))
+    torch.testing.assert_close(_logits(model, ids)[1], _logits(loaded, ids)[1], rtol=0, atol=0)
+    assert not torch.equal(_logits(base.eval(), ids)[1], _logits(loaded, ids)[1])
+
+
 def test_dtype_conversion_and_device(saved):
     model, path = saved
     loaded = load_checkpoint(path, dtype="bfloat16")

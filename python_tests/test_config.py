@@ -60,6 +60,13 @@ def test_tandem_config_roundtrip_and_validation():
     bad["torch_dtype"] = "int8"
     with pytest.raises(ConfigError, match="torch_dtype"):
         TandemConfig.from_dict(bad)
+    good = cfg.to_dict()
+    good["feature_layer"] = cfg.layer_map[-1]
+    assert TandemConfig.from_dict(good).to_dict() == good
+    for value in (cfg.layer_map[-1] + 1, True, "4", 1.0):
+        bad = dict(good, feature_layer=value)
+        with pytest.raises(ConfigError, match="feature_layer"):
+            TandemConfig.from_dict(bad)
 
 
 def test_router_config():

@@ -25,9 +25,10 @@ def random_prompts(seed, V, lens):
     return [torch.randint(0, V, (n,), generator=g).tolist() for n in lens]
 
 
-@pytest.mark.parametrize("seed,page_size,scale", [(0, 8, 0.25), (1, 16, 0.35), (2, 32, 0.45)])
-def test_greedy_speculative_equals_primary(seed, page_size, scale):
-    model = agreeing_tandem_model(seed=seed, layer_scale=scale)
+@pytest.mark.parametrize("seed,page_size,scale,feature", [(0, 8, 0.25, False), (1, 16, 0.35, False),
+                                                          (2, 32, 0.45, False), (1, 8, 0.35, True)])
+def test_greedy_speculative_equals_primary(seed, page_size, scale, feature):
+    model = agreeing_tandem_model(seed=seed, layer_scale=scale, feature=feature)
     engine = Engine(model, num_pages=128, page_size=page_size, max_batch_size=3)
     prompts = random_prompts(seed, model.config.primary.vocab_size, [1, 7, 19, 40])
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)

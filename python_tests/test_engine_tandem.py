@@ -48,9 +48,10 @@ def reference_tandem(model, prompt, gamma, max_new, free_token):
     return toks[len(prompt):]
 
 
+@pytest.mark.parametrize("feature", [False, True])
 @pytest.mark.parametrize("free_token", [True, False])
-def test_tandem_mode_matches_reference(free_token):
-    model = agreeing_tandem_model(seed=4, layer_scale=0.45)
+def test_tandem_mode_matches_reference(free_token, feature):
+    model = agreeing_tandem_model(seed=4, layer_scale=0.45, feature=feature)
     engine = Engine(model, num_pages=64, page_size=8, max_batch_size=4)
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (3, 10, 17)]
@@ -74,3 +75,38 @@ def test_secondary_mode_matches_plain_secondary():
             for _ in range(10):
                 toks.append(int(model.secondary(torch.tensor([toks]))[0, -1].argmax()))
         assert o.token_ids == toks[len(p):]
+
+
+def test_feature_input_changes_the_drafts():
+    """The feature input is read by the engine's drafts: with W_f zeroed the secondary drafts
+    differently (so the reference comparison above cannot pass by ignoring it)."""
+    model = agreeing_tandem_model(seed=4, layer_scale=0.45, feature=True)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (5, 9, 12, 16)]
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    with_f = [o.token_ids for o in Engine(model, num_pages=64, page_size=8).generate(
+        prompts, params, mode="tandem", gamma=4)]
+    with torch.no_grad():
+        model.tandem.feature.proj.weight.zero_()
+    without = [o.token_ids for o in Engine(model, num_pages=64, page_size=8).generate(
+        prompts, params, mode="tandem", gamma=4)]
+    assert with_f != without
+
+
+@pytest.mark.parametrize("mode", ["tandem-speed", "tandem"])
+def test_feature_input_through_graph_plumbing(mode):
+    """Draft steps with the feature input through the CUDA-graph static buffers (EagerCapture on
+    the CPU) give the tokens of the eager engine."""
+    from tandem_rt.engine.cuda_graphs import CudaGraphRunner, EagerCapture
+
+    model = agreeing_tandem_model(seed=6, layer_scale=0.45, feature=True)
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (4, 11, 7)]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    eager = Engine(model, num_pages=64, page_size=8, max_batch_size=4)
+    want = [o.token_ids for o in eager.generate(prompts, params, mode=mode, gamma=3)]
+    graphed = Engine(model, num_pages=64, page_size=8, max_batch_size=4)
+    graphed.runner.cuda_graphs = CudaGraphRunner(graphed.runner, EagerCapture())
+    got = [o.token_ids for o in graphed.generate(prompts, params, mode=mode, gamma=3)]
+    assert got == want
+    assert any(key[-1] for key in graphed.runner.cuda_graphs.graphs)   # a graph with the input offset ran

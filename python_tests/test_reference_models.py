@@ -108,3 +108,22 @@ def test_hidden_layers_are_residual_streams():
     logits, hidden = model.primary(ids, hidden_layers=[0, 4])
     torch.testing.assert_close(hidden[0], model.primary.model.embed_tokens(ids))
     torch.testing.assert_close(model.primary.logits(hidden[1]), logits)
+
+
+def test_latest_feature_matches_a_loop():
+    """``latest_feature`` picks row ``b(i) - 1`` per query (zero where ``b(i) = 0``), for a shared
+    ``[T]`` and a per-sequence ``[B, T]`` boundary."""
+    from tandem_rt.models.tandem import latest_feature
+    from tandem_rt.train.draft_training import drafting_boundary
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 11, 5, generator=g, dtype=torch.float64)
+    boundaries = [drafting_boundary(11, 3, 1), torch.stack([drafting_boundary(11, g_, f) for g_, f in
+                                                            ((1, 0), (4, 2), (2, 1))])]
+    for b in boundaries:
+        got = latest_feature(hidden, b)
+        bb = b.expand(3, 11)
+        for s in range(3):
+            for i in range(11):
+                want = hidden[s, bb[s, i] - 1] if bb[s, i] > 0 else torch.zeros(5, dtype=torch.float64)
+                assert torch.equal(got[s, i], want)

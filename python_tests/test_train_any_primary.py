@@ -368,13 +368,16 @@ def test_pipeline_refuses_bad_corpora_and_changed_options(tmp_path, tokenizer_fi
         run_pipeline(tiny_plan(tmp_path, tokenizer_file, corpus=str(short), run_dir=str(tmp_path / "r2")), progress=False)
     with pytest.raises(TrainError, match="no train.txt"):
         run_pipeline(tiny_plan(tmp_path, tokenizer_file, corpus=str(tmp_path), run_dir=str(tmp_path / "r3")), progress=False)
+    with pytest.raises(TrainError, match=r"feature_layer 2 must be one of layer_map \[4\]"):
+        run_pipeline(tiny_plan(tmp_path, tokenizer_file, feature_layer=2, run_dir=str(tmp_path / "r4")), progress=False)
     run_pipeline(plan, progress=False, stop_after="tokenize")
     with pytest.raises(TrainError, match="top_k was 4, now 8"):
         run_pipeline(tiny_plan(tmp_path, tokenizer_file, top_k=8), progress=False, stop_after="tokenize")
     from tandem_rt.train.pipeline import TrainPlan
 
     for bad, match in [(dict(seq_len=4), "seq_len"), (dict(epochs=0), "epochs"), (dict(init="x"), "init"),
-                       (dict(draft_vocab=1), "draft_vocab"), (dict(lr=5.0), "lr")]:
+                       (dict(draft_vocab=1), "draft_vocab"), (dict(lr=5.0), "lr"),
+                       (dict(feature_layer=-1), "feature_layer")]:
         with pytest.raises(TrainError, match=match):
             tiny_plan(tmp_path, tokenizer_file, **bad)
 
@@ -388,11 +391,15 @@ def test_cli_train_runs_and_reports(tmp_path, tokenizer_file):
     cmd = [sys.executable, "-m", "tandem_rt.cli", "train", "--primary", str(tmp_path / "primary"),
            "--corpus", str(tmp_path / "corpus"), "--out", str(tmp_path / "out"), "--run-dir", str(tmp_path / "run"),
            "--train-tokens", "1024", "--heldout-tokens", "256", "--seq-len", "32", "--layers", "1", "--top-k", "4",
-           "--gamma-max", "3", "--epochs", "1", "--batch-size", "4", "--draft-vocab", "0", "--quiet", "--threads", "1"]
+           "--gamma-max", "3", "--epochs", "1", "--batch-size", "4", "--draft-vocab", "0", "--quiet", "--threads", "1",
+           "--feature-layer", "4"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "| Tandem-Distil |" in res.stdout and "wrote" in res.stdout
-    assert load_checkpoint(tmp_path / "out").config.secondary.output_vocab_size is None
+    ckpt = load_checkpoint(tmp_path / "out")
+    assert ckpt.config.secondary.output_vocab_size is None
+    # the feature input was trained (W_f starts at zero) and exported
+    assert ckpt.config.feature_layer == 4 and ckpt.tandem.feature.proj.weight.abs().sum() > 0
     for i, what in ((5, "primary source"), (7, "corpus")):
         bad = subprocess.run(cmd[:i] + [str(tmp_path / "missing")] + cmd[i + 1:], capture_output=True, text=True)
         assert bad.returncode == 2 and what in bad.stderr and "does not exist" in bad.stderr, bad.stderr

@@ -215,6 +215,10 @@ class TandemConfig:
     train_boundary: str = "training"
     # optional: primary matrices stored as GGUF blocks (name -> "Q8_0" / "Q4_1"; docs/CHECKPOINT.md)
     quantized: dict = field(default_factory=dict)
+    # optional: the primary layer (one of layer_map) whose representation at the last position
+    # before a block is added to the secondary's input embeddings (``tandem.feature``; docs/DESIGN.md
+    # §2.2 "Feature input"); None: Eq. (2) only
+    feature_layer: Optional[int] = None
 
     def __post_init__(self) -> None:
         _require(self.format == FORMAT_NAME, f"format must be {FORMAT_NAME!r}, got {self.format!r}")
@@ -258,6 +262,10 @@ class TandemConfig:
         _require(not (self.quantized and self.primary_source is not None),
                  "quantized needs the primary's weights stored, but primary_source references them")
         self.quantized = dict(self.quantized)
+        _require(self.feature_layer is None or (isinstance(self.feature_layer, int)
+                                                and not isinstance(self.feature_layer, bool)
+                                                and self.feature_layer in self.layer_map),
+                 f"feature_layer must be null or one of layer_map {self.layer_map}, got {self.feature_layer!r}")
         for name in self.shared_embeddings:
             other = getattr(self, name)
             _require(other is not None and other.hidden_size == self.primary.hidden_size,
@@ -288,6 +296,7 @@ class TandemConfig:
             **({"shared_embeddings": list(self.shared_embeddings)} if self.shared_embeddings else {}),
             **({"train_boundary": self.train_boundary} if self.train_boundary != "training" else {}),
             **({"quantized": dict(self.quantized)} if self.quantized else {}),
+            **({"feature_layer": self.feature_layer} if self.feature_layer is not None else {}),
         }
 
     @classmethod
@@ -295,7 +304,7 @@ class TandemConfig:
         _require(isinstance(data, dict), f"tandem_config.json must hold a JSON object, got {type(data).__name__}")
         expected = {"format", "format_version", "primary", "secondary", "layer_map",
                     "train_block_length", "projection_bias", "drafter", "router", "torch_dtype"}
-        optional = {"primary_source", "shared_embeddings", "train_boundary", "quantized"}
+        optional = {"primary_source", "shared_embeddings", "train_boundary", "quantized", "feature_layer"}
         missing = sorted(expected - set(data))
         unknown = sorted(set(data) - expected - optional)
         _require(not missing, f"tandem_config.json: missing key(s) {missing}")

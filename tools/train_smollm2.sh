@@ -40,6 +40,7 @@ for v in ${VARIANTS:-}; do
     vocab4096)    variant vocab4096 "tokens cache" --draft-vocab 4096 ;;
     vocab_full)   variant vocab_full "tokens cache" --draft-vocab 0 ;;
     layers4)      variant layers4 "tokens cache" --layers 4 --layer-map 15,15,30,30 ;;
+    feature)      variant feature "tokens cache drafter draft_vocab.pt" --feature-layer 30 ;;
     map30)        variant map30 "tokens cache drafter draft_vocab.pt" --layer-map 30,30 ;;
     *) echo "unknown variant $v" >&2; exit 2 ;;
   esac

@@ -19,7 +19,7 @@ def run_train(args) -> int:
     plan = TrainPlan(primary=args.primary, corpus=args.corpus, out=args.out, run_dir=args.run_dir,
                      train_tokens=args.train_tokens, heldout_tokens=args.heldout_tokens, seq_len=args.seq_len,
                      num_layers=args.layers, init=args.init, layer_map=_layer_map(args.layer_map),
-                     proj_init=args.proj_init, tandem_init=args.tandem_init,
+                     proj_init=args.proj_init, tandem_init=args.tandem_init, feature_layer=args.feature_layer,
                      draft_vocab=args.draft_vocab or None, top_k=args.top_k, gamma_max=args.gamma_max,
                      distil_weight=args.distil_weight, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                      seed=args.seed, router_threshold=args.router_threshold, primary_dtype=args.primary_dtype,
@@ -56,6 +56,9 @@ def register(sub) -> None:
     p.add_argument("--draft-vocab", type=int, default=8192,
                    help="reduced output vocabulary of the drafters: the N tokens most often predicted or seen "
                         "in the training cache (0: the full vocabulary; default %(default)s)")
+    p.add_argument("--feature-layer", type=int, default=None, metavar="L",
+                   help="feed the primary's layer-L representation (one of the layer map) before each block "
+                        "into the secondary's input embeddings (EAGLE-style feature input; default: none)")
     p.add_argument("--top-k", type=int, default=32, help="primary distribution entries cached per position")
     p.add_argument("--gamma-max", type=int, default=8, help="drafting block lengths trained: 1..N")
     p.add_argument("--distil-weight", type=float, default=0.5)

@@ -12,7 +12,8 @@ and slots; padded rows have slot -1 and write nothing), and a verify block of th
 modes captures its verification (``torch.ops.tandem_rt.verify`` on the block's own rows and
 logits; static buffers for the draft lengths, drafter probabilities, sampling parameters and the
 random state, which is copied in before and back after the replay, so every replay draws fresh
-numbers; padded sequences verify zero drafts greedily). The captured body is
+numbers; padded sequences verify zero drafts greedily). A draft step of a secondary with the feature
+input has a static input offset (zero for padded rows). The captured body is
 ``ModelRunner.forward_step``, the function the eager path runs. The drafter's sampling after a decode step
 runs eagerly. Ragged steps (prompt chunks) run eagerly; the drafter's catch-up step is made
 uniform by the caller. Results are identical with and without graphs (the same kernels run).
@@ -86,7 +87,7 @@ class _Graph:
     with its static inputs and outputs."""
 
     def __init__(self, runner, model, cache, B: int, q: int, last_rows_only: bool, hidden_layers: tuple, capture,
-                 refresh: bool = False, verify=None):
+                 refresh: bool = False, verify=None, offset: bool = False):
         dev = runner.device
         ctx = model.config.max_position_embeddings
         max_pages = -(-(ctx + q) // runner.page_manager.page_size)
@@ -102,6 +103,8 @@ class _Graph:
             max_q_len=q, max_seq_len=ctx + q,
             last_rows=torch.arange(q - 1, T, q, dtype=torch.int64, device=dev), uniform_q_len=q)
         self.max_pages = max_pages
+        # the secondary's feature input: a static [T, d] offset (padded rows: zero)
+        self.offset = torch.zeros(T, model.config.hidden_size, dtype=runner.dtype, device=dev) if offset else None
         m = self.meta
         self.verify = None
         if verify is not None:   # static verification inputs; padded sequences: no drafts, greedy
@@ -113,12 +116,13 @@ class _Graph:
                 torch.ones(B, dtype=torch.float32, device=dev), torch.zeros(B, 2, dtype=torch.int64, device=dev))
 
         def run():   # the eager step body itself, on the static buffers
-            return runner.forward_step(model, cache, self.ids, m, last_rows_only, hidden_layers, refresh, self.verify)
+            return runner.forward_step(model, cache, self.ids, m, last_rows_only, hidden_layers, refresh, self.verify,
+                                       input_offset=self.offset)
         outputs, self._replay = capture(run)
         self.logits, self.hidden = outputs[0], outputs[1]
         self.verified = outputs[2:]
 
-    def replay(self, ids: torch.Tensor, meta: ForwardMeta, last_rows_only: bool, verify=None):
+    def replay(self, ids: torch.Tensor, meta: ForwardMeta, last_rows_only: bool, verify=None, input_offset=None):
         """Copy the step's inputs into the static buffers, replay, return views of the outputs:
         (logits, hidden) or, with ``verify`` (:class:`VerifyInputs` of the ``b`` real sequences),
         (logits, hidden, accepted ``[b]``, emitted ``[b, q]``); ``verify.rng`` is advanced."""
@@ -126,6 +130,9 @@ class _Graph:
         m = self.meta
         self.ids[:T].copy_(ids)
         self.ids[T:].zero_()
+        if self.offset is not None:
+            self.offset[:T].copy_(input_offset)
+            self.offset[T:].zero_()
         m.positions[:T].copy_(meta.positions)
         m.slot_mapping[:T].copy_(meta.slot_mapping)
         m.slot_mapping[T:].fill_(-1)
@@ -168,7 +175,7 @@ class CudaGraphRunner:
         self.capture = capture if capture is not None else CudaCapture()
 
     def run(self, model, cache, ids, meta: ForwardMeta, last_rows_only: bool, hidden_layers: tuple,
-            refresh: bool = False, verify=None):
+            refresh: bool = False, verify=None, input_offset=None):
         """Replays (capturing first if needed) the step's graph; None when no graph applies (the
         caller then runs the step eagerly, including the refresh and the verification)."""
         q = meta.uniform_q_len
@@ -177,11 +184,12 @@ class CudaGraphRunner:
         if bucket is None or q > 32:
             return None
         kind = None if verify is None else ("greedy" if verify.probs is None else "probs")
-        key = (id(model), bucket, q, last_rows_only, hidden_layers, kind, refresh)
+        offset = input_offset is not None
+        key = (id(model), bucket, q, last_rows_only, hidden_layers, kind, refresh, offset)
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = _Graph(self.runner, model, cache, bucket, q, last_rows_only, hidden_layers,
-                                          self.capture, refresh, kind)
+                                          self.capture, refresh, kind, offset)
         if meta.block_tables.shape[1] > g.max_pages:
             return None
-        return g.replay(ids, meta, last_rows_only, verify)
+        return g.replay(ids, meta, last_rows_only, verify, input_offset)

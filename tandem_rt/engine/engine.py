@@ -220,22 +220,25 @@ class Engine:
         if quantized_primary is not None:
             check_quantized_primary(quantized_primary, model.primary, self.device, self.dtype)
         cfgs = [cfg.primary, cfg.secondary] + ([cfg.drafter] if cfg.drafter is not None else [])
+        # the feature pool (feature input only): one [d_S] entry per position
+        extra = 0 if cfg.feature_layer is None else (
+            page_size * cfg.secondary.hidden_size * torch.empty((), dtype=self.dtype).element_size())
         if kv_cache_memory is not None:
             if isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, int) or kv_cache_memory <= 0:
                 raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
-            num_pages = pages_for_memory(kv_cache_memory, page_size, cfgs, self.dtype)
+            num_pages = pages_for_memory(kv_cache_memory, page_size, cfgs, self.dtype, extra)
             if num_pages < 1:
                 raise ValueError(f"kv_cache_memory={kv_cache_memory} bytes holds no page of {page_size} tokens")
         elif num_pages is None:
             ctx = min(c.max_position_embeddings for c in cfgs)
             full = max_batch_size * (-(-(ctx + MAX_GAMMA + 1) // page_size)) + 1
-            budget = pages_for_memory(DEFAULT_KV_CACHE_MEMORY, page_size, cfgs, self.dtype)
+            budget = pages_for_memory(DEFAULT_KV_CACHE_MEMORY, page_size, cfgs, self.dtype, extra)
             floor = max_batch_size * (-(-(MAX_GAMMA + 1) // page_size) + 1) + 1
             num_pages = max(min(full, budget), floor)
         if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < 1:
             raise ValueError(f"num_pages must be a positive integer, got {num_pages!r}")
-        need = num_pages * sum(KVCache.bytes_per_page(c.num_hidden_layers, page_size, c.num_key_value_heads,
-                                                      c.head_dim, self.dtype) for c in cfgs)
+        need = num_pages * (extra + sum(KVCache.bytes_per_page(c.num_hidden_layers, page_size, c.num_key_value_heads,
+                                                               c.head_dim, self.dtype) for c in cfgs))
         avail = available_memory(self.device)
         if avail is not None and need > avail:
             raise ValueError(f"the K/V pools need {need / 2**30:.2f} GiB ({num_pages} pages of {page_size} tokens) but "

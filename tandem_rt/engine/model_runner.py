@@ -52,6 +52,9 @@ class ModelRunner:
         self.primary_cache = mk(cfg.primary)
         self.secondary_cache = mk(cfg.secondary)
         self.drafter_cache = mk(cfg.drafter) if cfg.drafter is not None else None
+        # the feature input's pool [num_pages + 1, page_size, d_S] (refresh.py; the last page takes slot -1 rows)
+        self.feature_pool = None if model.feature is None else torch.zeros(
+            pages + 1, ps, cfg.secondary.hidden_size, dtype=dtype, device=device)
         self._pools = {"primary": (self.primary, self.primary_cache),
                        "secondary": (self.secondary, self.secondary_cache),
                        "drafter": (self.drafter, self.drafter_cache)}
@@ -66,6 +69,8 @@ class ModelRunner:
         out = self.primary_cache.tensors() + self.secondary_cache.tensors()
         if self.drafter_cache is not None:
             out += self.drafter_cache.tensors()
+        if self.feature_pool is not None:
+            out.append(self.feature_pool)
         return out
 
     @property
@@ -88,35 +93,39 @@ class ModelRunner:
     # ------------------------------------------------------------------ the step function
     def forward_step(self, model: PagedLlama, cache, ids: torch.Tensor, meta: ForwardMeta,
                      last_rows_only: bool = False, hidden_layers=(), refresh: bool = False,
-                     verify: Optional[VerifyInputs] = None, logits_rows: Optional[torch.Tensor] = None):
+                     verify: Optional[VerifyInputs] = None, logits_rows: Optional[torch.Tensor] = None,
+                     input_offset: Optional[torch.Tensor] = None):
         """One decode / verify step: the paged forward of ``ids`` (int64 ``[T]``) over ``meta``;
         with ``refresh`` the Tandem refresh of the same rows into the secondary pool
         (``hidden_layers`` = the layer map); with ``verify`` (rows ``1..`` of each sequence are its
         drafts) the verification of the block. Returns (logits, hidden) as
         ``PagedLlama.forward``, plus (accepted int32 ``[B]``, emitted int64 ``[B, G + 1]``) with
         ``verify``. ``logits_rows`` (int64 ``[R]``): the rows whose logits are computed, instead
-        of every row (or the last rows with ``last_rows_only``)."""
+        of every row (or the last rows with ``last_rows_only``). ``input_offset`` ``[T, d]``: added
+        to the embeddings (the secondary's feature input, ``steps.draft``)."""
         if logits_rows is None and last_rows_only:
             logits_rows = meta.last_rows
         logits, hidden = model.forward(ids, meta, cache.k, cache.v, logits_rows=logits_rows,
-                                       hidden_layers=hidden_layers, step=True)
+                                       hidden_layers=hidden_layers, step=True, input_offset=input_offset)
         if refresh:
             self.refresh(hidden, meta.positions, meta.slot_mapping, self.secondary_cache.k, self.secondary_cache.v,
-                         step=True)
+                         step=True, features=self.feature_pool)
         if verify is None:
             return logits, hidden
         return (logits, hidden) + tuple(run_verify(ids, logits, meta, verify))
 
     def run(self, model: PagedLlama, cache, ids: torch.Tensor, meta: ForwardMeta, last_rows_only: bool = False,
             hidden_layers=(), refresh: bool = False, verify: Optional[VerifyInputs] = None,
-            logits_rows: Optional[torch.Tensor] = None):
+            logits_rows: Optional[torch.Tensor] = None, input_offset: Optional[torch.Tensor] = None):
         """:meth:`forward_step`, replayed from a captured CUDA graph when one applies (uniform rows
         per sequence, no prompt rows), else eager. Same results either way."""
         if self.cuda_graphs is not None and meta.uniform_q_len and logits_rows is None:
-            out = self.cuda_graphs.run(model, cache, ids, meta, last_rows_only, tuple(hidden_layers), refresh, verify)
+            out = self.cuda_graphs.run(model, cache, ids, meta, last_rows_only, tuple(hidden_layers), refresh, verify,
+                                       input_offset)
             if out is not None:
                 return out
-        return self.forward_step(model, cache, ids, meta, last_rows_only, hidden_layers, refresh, verify, logits_rows)
+        return self.forward_step(model, cache, ids, meta, last_rows_only, hidden_layers, refresh, verify, logits_rows,
+                                 input_offset)
 
     def prompt_forward(self, model: PagedLlama, cache, ids: torch.Tensor, meta: ForwardMeta, refresh: bool):
         """A prefill forward (prompt products, ``step=False``) -> last-row logits ``[B, V]``; writes
@@ -124,5 +133,6 @@ class ModelRunner:
         logits, hidden = model.forward(ids, meta, cache.k, cache.v, logits_rows=meta.last_rows,
                                        hidden_layers=self.layer_map if refresh else ())
         if refresh:
-            self.refresh(hidden, meta.positions, meta.slot_mapping, self.secondary_cache.k, self.secondary_cache.v)
+            self.refresh(hidden, meta.positions, meta.slot_mapping, self.secondary_cache.k, self.secondary_cache.v,
+                         features=self.feature_pool)
         return logits

@@ -357,7 +357,7 @@ class PagedLlama:
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, meta: ForwardMeta, k_cache: list, v_cache: list,
                 logits_rows: Optional[torch.Tensor] = None, hidden_layers: Sequence[int] = (),
-                step: bool = False):
+                step: bool = False, input_offset: Optional[torch.Tensor] = None):
         """Run the rows of ``meta``.
 
         Args:
@@ -372,6 +372,8 @@ class PagedLlama:
                 paged attention (every CPU call) a row's logits do not depend on the other rows of
                 the step (a verify row equals its decode); prompts (``False``) use ``mm`` (torch's
                 GEMM beyond a few rows).
+            input_offset: ``[T, d]`` (model dtype) added to the token embeddings (the Tandem
+                secondary's feature input), or None.
         Returns:
             logits ``[R, V]`` (model dtype) and the list of ``[T, d]`` residual streams.
         """
@@ -381,6 +383,8 @@ class PagedLlama:
         theta = float(cfg.rope_theta)
         mm = self.step_mm if step else self.mm
         x = self.embed(input_ids)
+        if input_offset is not None:
+            x = x + input_offset
         T = x.shape[0]
         wanted = set(hidden_layers)
         saved = {0: x} if 0 in wanted else {}

@@ -4,14 +4,19 @@ For positions the primary has processed, secondary layer ``j``'s K/V entry is co
 primary's residual stream ``x^(layer_map[j])``: ``proj_j`` (d_L -> d_S) -> layer ``j``'s
 pre-attention RMSNorm -> its W_K / W_V (+ bias) -> RoPE at the position -> written into the
 secondary pool with ``rope_cache_write``, replacing whatever the secondary wrote there.
+
+With the feature input (``TandemConfig.feature_layer``) the refresh also writes, per row, the
+secondary's input offset ``W_f·RMSNorm(x^(feature_layer))`` into the feature pool (``[num_pages + 1,
+page_size, d_S]``, laid out as the K/V pools; the extra page takes the rows with slot -1); a
+draft reads the entry of the last position the primary processed (``feature_offsets``).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from tandem_rt.engine.paged_model import PagedLlama, input_major
+from tandem_rt.engine.paged_model import PagedLlama, h2d, input_major, rms_norm
 from tandem_rt.models.tandem import TandemModel
 
 
@@ -31,10 +36,22 @@ class TandemRefresh:
         self.proj = [(layout(p.weight), None if p.bias is None else p.bias.detach()) for p in model.tandem.proj]
         self.secondary = secondary
         self.layer_map = list(model.layer_map)
+        f = model.feature
+        # the feature input: (index into the layer-map streams, norm weight [d_L], W_f in the mm layout, eps)
+        self.feature = None if f is None else (model.feature_index, f.norm.weight.detach(), layout(f.proj.weight),
+                                                f.norm.eps)
+
+    def feature_offsets(self, hidden: torch.Tensor, step: bool) -> torch.Tensor:
+        """``W_f·RMSNorm(hidden)``: ``[T, d_L]`` -> ``[T, d_S]`` (needs the feature input)."""
+        _, norm_w, w_f, eps = self.feature
+        mm = self.secondary.step_mm if step else self.secondary.mm
+        h = rms_norm(hidden.to(norm_w.dtype), norm_w, eps, self.secondary.cpu_ops)
+        return mm(h.to(w_f.dtype), w_f)
 
     @torch.no_grad()
     def __call__(self, primary_hidden: Sequence[torch.Tensor], positions: torch.Tensor,
-                 slot_mapping: torch.Tensor, k_cache: list, v_cache: list, step: bool = False) -> None:
+                 slot_mapping: torch.Tensor, k_cache: list, v_cache: list, step: bool = False,
+                 features: Optional[torch.Tensor] = None) -> None:
         """Refresh the rows of ``primary_hidden``.
 
         Args:
@@ -44,6 +61,8 @@ class TandemRefresh:
             k_cache, v_cache: the secondary's per-layer pools ``[num_pages, page_size, n_kv, head_dim]``.
             step: rows of a decode / verify step (products by the secondary's ``step_mm``, row-
                 invariant on the CPU, as ``PagedLlama.forward(step=True)``), else a prompt's.
+            features: the feature pool ``[num_pages + 1, page_size, d_S]`` (with the feature
+                input), written at ``slot_mapping`` (slot -1 rows: into the last page).
         """
         cfg = self.secondary.config
         T = positions.shape[0]
@@ -57,3 +76,16 @@ class TandemRefresh:
             k, v = mm(h, w_kv, b_kv).view(T, 2 * Hkv, D).split(Hkv, 1)
             # the raw op: the engine built the indices, and the C++ op validates every argument
             torch.ops.tandem_rt.rope_cache_write(k, v, positions, slot_mapping, k_cache[j], v_cache[j], theta, None)
+        if self.feature is not None and features is not None:
+            flat = features.view(-1, features.shape[-1])
+            trash = flat.shape[0] - 1
+            rows = torch.where(slot_mapping >= 0, slot_mapping, torch.full_like(slot_mapping, trash))
+            flat.index_copy_(0, rows, self.feature_offsets(primary_hidden[self.feature[0]], step).to(flat.dtype))
+
+
+def feature_rows(features: torch.Tensor, page_manager, seqs, device) -> torch.Tensor:
+    """The feature-pool entry of each sequence's last primary-processed position ``plen - 1``:
+    ``features`` ``[num_pages + 1, page_size, d_S]``, ``seqs`` with ``.sid`` / ``.plen`` (>= 1)
+    -> ``[B, d_S]``."""
+    slots = [page_manager.slot_mapping(s.sid, s.plen - 1, s.plen)[0] for s in seqs]
+    return features.view(-1, features.shape[-1]).index_select(0, h2d(slots, torch.int64, device))

@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from tandem_rt.engine.paged_model import build_meta, h2d
+from tandem_rt.engine.refresh import feature_rows
 from tandem_rt.engine.sampler import (RNG_DRAFT, RNG_SAMPLE, RNG_VERIFY, all_greedy, batch_rows, sample_rows,
                                       sample_undrafted)
 from tandem_rt.engine.verification import BlockLayout, VerifyInputs
@@ -141,11 +142,15 @@ def draft(runner, pool: str, seqs: Sequence, limits: Sequence[int], block_tables
     token) is under ``min_accept`` is dropped and ends the block (``draft_policy.py``; the first
     draft too, so a block may have none). With ``router_lag`` the threshold decision is read one
     step late (the host never waits on the device; the extra step's draft is dropped) and
-    ``min_accept`` is not applied.
+    ``min_accept`` is not applied. A secondary with the feature input adds, to every row of a
+    sequence, the feature-pool entry of its position ``plen - 1`` (``refresh.feature_rows``).
     """
     pm, dev = runner.page_manager, runner.device
     model, cache = runner.pool(pool)
     B = len(seqs)
+    features = None   # [B, d_S]: each sequence's input offset (the feature input)
+    if pool == "secondary" and runner.feature_pool is not None:
+        features = feature_rows(runner.feature_pool, pm, seqs, dev)
     G = max(limits)
     drafts = torch.zeros(B, G, dtype=torch.int64, device=dev)
     probs = torch.zeros(B, G, runner.vocab_size, dtype=torch.float32, device=dev) if want_probs else None
@@ -174,7 +179,12 @@ def draft(runner, pool: str, seqs: Sequence, limits: Sequence[int], block_tables
             write = starts
             ids = drafts[:, k - 1] if full else drafts[:, k - 1].index_select(0, idx)
         meta = build_meta(pm, sids, starts, ends, write, dev, block_tables=bt)
-        logits, _ = runner.run(model, cache, ids, meta, last_rows_only=True)
+        offset = None
+        if features is not None:
+            offset = features if full else features.index_select(0, idx)
+            if k == 0 and q_rows > 1:
+                offset = offset.repeat_interleave(h2d([e - a for a, e in zip(starts, ends)], torch.int64, dev), 0)
+        logits, _ = runner.run(model, cache, ids, meta, last_rows_only=True, input_offset=offset)
         tok, pr = sample_rows(logits, sub, [s.n + k for s in sub], RNG_DRAFT, want_probs)
         if full:
             drafts[:, k] = tok

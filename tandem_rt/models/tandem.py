@@ -5,6 +5,11 @@ secondary's query at position ``i`` attends to primary-derived keys/values for p
 ``p < b(i)`` and to its own for ``b(i) <= p <= i``, with ``b(i) = floor((i+1)/γ)·γ``.
 Primary-derived K/V of secondary layer ``j`` come from ``proj_j(x^(layer_map[j]))`` passed
 through that layer's pre-attention RMSNorm, its W_K/W_V (and bias) and RoPE at ``p``.
+
+Feature input (optional, ``TandemConfig.feature_layer``; beyond Eq. (2), as EAGLE feeds its
+drafter): the secondary's input at position ``i`` is ``embed(x_i) + W_f·RMSNorm(x^(l_f)_{b(i)-1})``,
+the primary's representation at the last position it has processed before the block (nothing
+where ``b(i) = 0``). Every query of a block adds the same vector.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from tandem_rt.config import TandemConfig
-from tandem_rt.models.llama import LlamaForCausalLM
+from tandem_rt.models.llama import LlamaForCausalLM, RMSNorm
 from tandem_rt.models.router import Router
 
 
@@ -40,18 +45,48 @@ def tandem_mask(boundary: torch.Tensor, T: int) -> torch.Tensor:
     return mask.unsqueeze(-3) if mask.dim() == 3 else mask  # [B, 1, T, 2T] broadcasts over heads
 
 
+class FeatureInput(nn.Module):
+    """``W_f·RMSNorm(x)``: a primary representation ``[..., d_L]`` -> an input offset ``[..., d_S]``
+    for the secondary. ``W_f`` starts at zero (the secondary starts as it was), the norm at ones."""
+
+    def __init__(self, d_primary: int, d_secondary: int, eps: float):
+        super().__init__()
+        self.norm = RMSNorm(d_primary, eps)
+        self.proj = nn.Linear(d_primary, d_secondary, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x))
+
+
+def latest_feature(hidden: torch.Tensor, boundary: torch.Tensor) -> torch.Tensor:
+    """Per query, the primary's representation at ``b(i) - 1``.
+
+    Args: ``hidden`` ``[B, T, d]``; ``boundary`` int64 ``[T]`` or ``[B, T]``.
+    Returns: ``[B, T, d]``, row ``i`` = ``hidden[:, b(i) - 1]``, zero where ``b(i) = 0``.
+    """
+    B, T, d = hidden.shape
+    b = boundary.to(hidden.device).expand(B, T)
+    rows = hidden.gather(1, (b - 1).clamp_min(0).unsqueeze(-1).expand(B, T, d))
+    return rows * (b > 0).unsqueeze(-1).to(rows.dtype)
+
+
 def tandem_secondary_forward(secondary: LlamaForCausalLM, projections, input_ids: torch.Tensor,
                              primary_hidden: list, boundary: torch.Tensor,
-                             positions: Optional[torch.Tensor] = None, reduced: bool = False) -> torch.Tensor:
+                             positions: Optional[torch.Tensor] = None, reduced: bool = False,
+                             feature: Optional[FeatureInput] = None, feature_index: Optional[int] = None) -> torch.Tensor:
     """Eq. (2) for a secondary and its projections (``projections[j]``: d_L -> d_S) without a primary
     module: the primary's residual streams come from the caller (a forward or the primary cache).
     Arguments and result as :meth:`TandemModel.secondary_forward`; ``reduced``: logits over the
-    secondary's ``vocab_subset`` only (``[B, T, N]``)."""
+    secondary's ``vocab_subset`` only (``[B, T, N]``); ``feature``: the feature input, reading
+    ``primary_hidden[feature_index]``."""
     sec = secondary
     B, T = input_ids.shape
     if positions is None:
         positions = torch.arange(T, device=input_ids.device)
     y = sec.model.embed_tokens(input_ids)
+    if feature is not None:
+        y = y + feature(latest_feature(primary_hidden[feature_index], boundary).to(y.dtype)).to(y.dtype)
     cos, sin = sec.rope(positions.view(1, T), y.dtype)
     mask = tandem_mask(boundary.to(input_ids.device), T)
     for j, layer in enumerate(sec.model.layers):
@@ -88,12 +123,26 @@ class TandemModel(nn.Module):
         self.tandem.proj = nn.ModuleList(
             nn.Linear(cfg.primary.hidden_size, cfg.secondary.hidden_size, bias=cfg.projection_bias)
             for _ in range(cfg.secondary.num_hidden_layers))
+        if cfg.feature_layer is not None:
+            self.tandem.feature = FeatureInput(cfg.primary.hidden_size, cfg.secondary.hidden_size,
+                                               cfg.primary.rms_norm_eps)
         self.drafter = LlamaForCausalLM(cfg.drafter) if cfg.drafter is not None else None
         self.router = Router(cfg.router) if cfg.router is not None else None
 
     @property
     def layer_map(self) -> list:
         return self.config.layer_map
+
+    @property
+    def feature(self) -> Optional[FeatureInput]:
+        """The feature input (None without ``feature_layer``)."""
+        return getattr(self.tandem, "feature", None)
+
+    @property
+    def feature_index(self) -> Optional[int]:
+        """Index into the layer-map residual streams of the feature input's layer (None without one)."""
+        f = self.config.feature_layer
+        return None if f is None else self.config.layer_map.index(f)
 
     def _primary_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.primary.parameters())
@@ -119,7 +168,7 @@ class TandemModel(nn.Module):
             secondary logits ``[B, T, V]``.
         """
         return tandem_secondary_forward(self.secondary, self.tandem.proj, input_ids, primary_hidden,
-                                        boundary, positions)
+                                        boundary, positions, feature=self.feature, feature_index=self.feature_index)
 
     def forward(self, input_ids: torch.Tensor, block_length: Optional[int] = None) -> TandemOutput:
         """Training-style forward: ``input_ids [B, T]`` -> logits of both models ``[B, T, V]``.

@@ -82,12 +82,13 @@ class KVCache:
                 * _positive(num_kv_heads, "num_kv_heads") * _positive(head_dim, "head_dim") * itemsize)
 
 
-def pages_for_memory(memory_bytes: int, page_size: int, model_cfgs: Iterable, dtype) -> int:
+def pages_for_memory(memory_bytes: int, page_size: int, model_cfgs: Iterable, dtype, extra_per_page: int = 0) -> int:
     """Pages that fit in ``memory_bytes`` when every model in ``model_cfgs`` keeps a pool.
 
     A page id is shared by all models (one page table per sequence), so one page costs the sum
     of :meth:`KVCache.bytes_per_page` over the models. ``model_cfgs`` holds objects with
-    ``num_hidden_layers``, ``num_key_value_heads`` and ``head_dim`` (e.g. ``ModelConfig``).
+    ``num_hidden_layers``, ``num_key_value_heads`` and ``head_dim`` (e.g. ``ModelConfig``);
+    ``extra_per_page``: bytes per page of other per-position pools (the Tandem feature pool).
 
     Returns:
         ``memory_bytes // sum(bytes_per_page)`` (may be 0).
@@ -97,7 +98,9 @@ def pages_for_memory(memory_bytes: int, page_size: int, model_cfgs: Iterable, dt
     cfgs = list(model_cfgs)
     if not cfgs:
         raise ValueError("model_cfgs must hold at least one model config")
-    per_page = 0
+    if isinstance(extra_per_page, bool) or not isinstance(extra_per_page, int) or extra_per_page < 0:
+        raise ValueError(f"extra_per_page must be a non-negative integer, got {extra_per_page!r}")
+    per_page = extra_per_page
     for i, cfg in enumerate(cfgs):
         try:
             per_page += KVCache.bytes_per_page(cfg.num_hidden_layers, page_size, cfg.num_key_value_heads,

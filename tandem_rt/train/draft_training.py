@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from tandem_rt.config import ModelConfig
 from tandem_rt.models.llama import LlamaForCausalLM
-from tandem_rt.models.tandem import tandem_secondary_forward
+from tandem_rt.models.tandem import FeatureInput, tandem_secondary_forward
 from tandem_rt.train.primary_cache import CacheBatch, PrimaryCache
 
 INITS = ("primary", "scratch")
@@ -227,19 +227,26 @@ def cached_distil_loss(logits: torch.Tensor, batch: CacheBatch, distil_weight: f
 
 
 class TandemDraft(nn.Module):
-    """A Tandem secondary with its projections, without the primary (it comes from the cache)."""
+    """A Tandem secondary with its projections, without the primary (it comes from the cache).
 
-    def __init__(self, secondary: LlamaForCausalLM, d_primary: int, bias: bool = True):
+    ``feature_index``: with the feature input (``TandemConfig.feature_layer``), the index of its
+    layer in the layer map (``self.feature``: :class:`FeatureInput`, zero-initialised); None: Eq. (2) only.
+    """
+
+    def __init__(self, secondary: LlamaForCausalLM, d_primary: int, bias: bool = True,
+                 feature_index: Optional[int] = None, eps: float = 1e-5):
         super().__init__()
         self.secondary = secondary
         self.proj = nn.ModuleList(nn.Linear(d_primary, secondary.config.hidden_size, bias=bias)
                                   for _ in range(secondary.config.num_hidden_layers))
+        self.feature_index = feature_index
+        self.feature = None if feature_index is None else FeatureInput(d_primary, secondary.config.hidden_size, eps)
 
     def forward(self, input_ids, primary_hidden, boundary, reduced: bool = False):
         """``input_ids [B, T]``, hidden per layer ``[B, T, d_L]``, boundary ``[B, T]`` -> logits
         ``[B, T, V]`` (``reduced``: ``[B, T, N]`` over the secondary's ``vocab_subset``)."""
         return tandem_secondary_forward(self.secondary, self.proj, input_ids, primary_hidden, boundary,
-                                        reduced=reduced)
+                                        reduced=reduced, feature=self.feature, feature_index=self.feature_index)
 
 
 class CachedDraftObjective(nn.Module):

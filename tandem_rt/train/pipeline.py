@@ -61,6 +61,8 @@ class TrainPlan:
     tandem_init: str = "drafter-half"   # "drafter-half": the drafter after half its budget, then the
                                         # Tandem secondary trains the other half (same total budget);
                                         # "init": the same init as the drafter, the full budget
+    feature_layer: Optional[int] = None  # primary layer (one of layer_map) fed into the secondary's
+                                        # input (the feature input; None: Eq. (2) only)
     top_k: int = 32
     gamma_max: int = 8
     distil_weight: float = 0.5
@@ -102,6 +104,9 @@ class TrainPlan:
             raise TrainError(f"lr must be in (0, 1), got {self.lr!r}")
         if not 0.0 <= float(self.router_threshold) <= 1.0:
             raise TrainError(f"router_threshold must be in [0, 1], got {self.router_threshold!r}")
+        if self.feature_layer is not None and (not isinstance(self.feature_layer, int)
+                                               or isinstance(self.feature_layer, bool) or self.feature_layer < 0):
+            raise TrainError(f"feature_layer must be None or a primary layer index, got {self.feature_layer!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -281,7 +286,9 @@ def build_small_models(plan: TrainPlan, source: PrimarySource, layer_map: list, 
 
         state = load_run_state(Path(plan.run_dir) / "drafter" / "half")["model"]
         small.load_state_dict({k[len("model."):]: v for k, v in state.items()})
-    draft = TandemDraft(small, primary.config.hidden_size)
+    feature_index = None if plan.feature_layer is None else list(layer_map).index(plan.feature_layer)
+    draft = TandemDraft(small, primary.config.hidden_size, feature_index=feature_index,
+                        eps=primary.config.rms_norm_eps)
     if plan.proj_init == "lstsq":
         with torch.autocast("cpu", dtype=torch.bfloat16):
             r2 = fit_projections(draft, cache)
@@ -383,7 +390,8 @@ def export_checkpoint(plan: TrainPlan, source: PrimarySource, layer_map: list, d
     sec_cfg = draft.secondary.config
     cfg = TandemConfig(primary=source.model.config, secondary=sec_cfg, layer_map=list(layer_map),
                        train_block_length=min(5, plan.gamma_max), train_boundary="drafting", projection_bias=True,
-                       drafter=drafter.config, router=router.config, torch_dtype=plan.out_dtype)
+                       drafter=drafter.config, router=router.config, torch_dtype=plan.out_dtype,
+                       feature_layer=plan.feature_layer)
     with torch.device("meta"), default_dtype(out_dtype):
         model = TandemModel(cfg)
     model = model.to_empty(device="cpu")
@@ -392,6 +400,8 @@ def export_checkpoint(plan: TrainPlan, source: PrimarySource, layer_map: list, d
         model.secondary.load_state_dict(draft.secondary.state_dict())
         for j, proj in enumerate(draft.proj):
             model.tandem.proj[j].load_state_dict(proj.state_dict())
+        if draft.feature is not None:
+            model.tandem.feature.load_state_dict(draft.feature.state_dict())
         model.drafter.load_state_dict(drafter.state_dict())
         model.router.load_state_dict(router.state_dict())
     shared = [name for name, m in (("secondary", model.secondary), ("drafter", model.drafter))
@@ -436,6 +446,8 @@ def run_pipeline(plan: TrainPlan, progress: bool = True, stop_after: Optional[st
                                                                                    plan.num_layers)
     if len(layer_map) != plan.num_layers:
         raise TrainError(f"layer_map has {len(layer_map)} entries; the secondary has {plan.num_layers} layers")
+    if plan.feature_layer is not None and plan.feature_layer not in layer_map:
+        raise TrainError(f"feature_layer {plan.feature_layer} must be one of layer_map {layer_map}")
 
     # a. tokenize
     eos = _eos_id(source.tokenizer, pcfg)
