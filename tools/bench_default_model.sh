@@ -10,7 +10,7 @@ PY=${PY:-.venv/bin/python}
 RUNS=${RUNS:-runs/smollm2}
 OUT=${OUT:-docs/benchmarks/$(date +%Y-%m-%d)-cpu}
 CKPTS=()
-for c in ckpt ckpt_init ckpt_random_proj ckpt_layers4 ckpt_vocab4096 ckpt_map30; do
+for c in ckpt ckpt_feature ckpt_init ckpt_random_proj ckpt_layers4 ckpt_vocab4096 ckpt_map30; do
   [ -f "$RUNS/$c/model.safetensors" ] && CKPTS+=(--model "$RUNS/$c")
 done
 table1()   { $PY tools/eval_drafts.py "${CKPTS[@]}" --split test --tokens 32768 --threads 2 --json "$OUT-smollm2-table1.json"; }

