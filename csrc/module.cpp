@@ -65,6 +65,8 @@ pybind11::dict cpu_kernels() {
                             : isa == tandem_rt::cpu_isa::Isa::kAvx2 ? "avx2" : "base");
   info["bf16_dot_products"] = tandem_rt::cpu_isa::bf16_dot_products();
   info["int8_dot_products"] = tandem_rt::cpu_isa::int8_dot_products();
+  // linear_rows_q16 runs an int8 kernel (VNNI, or its AVX2 variant) rather than the portable loops
+  info["int8_packed_rows"] = isa != tandem_rt::cpu_isa::Isa::kBase;
   return info;
 }
 
@@ -77,7 +79,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "linked, CUDA architectures compiled, compiler versions, CPU parallel backend.");
   m.def("cpu_kernels", &cpu_kernels,
         "Dict: the CPU kernel variant this process runs (isa: avx512 / avx2 / base) and whether its "
-        "bf16 (vdpbf16ps) and int8 (VNNI vpdpbusd) dot-product kernels run.");
+        "bf16 (vdpbf16ps) and int8 (VNNI vpdpbusd) dot-product kernels run, and whether linear_rows_q16 "
+        "runs an int8 kernel (VNNI or AVX2: int8_packed_rows).");
   m.def("parallel_threads_used", &parallel_threads_used, pybind11::arg("n_items"),
         "Threads that ran one at::parallel_for over n_items work items (diagnostic: the CPU kernels' "
         "parallelism).", pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -346,7 +346,7 @@ def test_linear_rows_q_op_validation(args, match):
 @pytest.mark.parametrize("k, n", [(576, 48), (32, 16), (96, 80)])
 @pytest.mark.parametrize("add_kind", [None, "bias", "residual"])
 def test_linear_rows_q16_matches_the_block_scheme(qtype, dtype, rows, k, n, add_kind, rows_variant):
-    """pack_rows16 + linear_rows_q16: VNNI variant against the float64 reference of the documented
+    """pack_rows16 + linear_rows_q16: VNNI and AVX2 variants against the float64 reference of the documented
     int8-activation scheme (read from the unpacked GGUF blocks), portable loops against the float64
     product with the gguf package's dequantized weights; a row's result independent of the others."""
     from tandem_rt.quantized import pack_rows16
@@ -366,7 +366,9 @@ def test_linear_rows_q16_matches_the_block_scheme(qtype, dtype, rows, k, n, add_
     assert got.dtype == dtype and got.shape == (rows, n)
     tol = dict(rtol=2 ** -7, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     extra = add.double() if add is not None else 0
-    if int8_kernel(rows_variant):
+    from tandem_rt._ext import _C
+
+    if _C.cpu_kernels()["int8_packed_rows"]:   # VNNI, or the AVX2 kernel (also under avx512f): one int8 scheme
         ref = ref_int8_activations(x, blocks, qtype) + extra
     else:
         ref = x.double() @ w_ref.t() + extra

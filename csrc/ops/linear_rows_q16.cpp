@@ -15,9 +15,10 @@
 // accumulated in fp32 per output in block order, rounded once to the output dtype. Compared with
 // the block-row layout, a block's scales are one load and one conversion for 16 outputs and there is
 // no lane reduction, so the per-weight instruction count drops about 4x and a decode product runs
-// near the memory bandwidth. Variants: AVX-512 VNNI, and portable loops (the exact fp32 product with
-// the dequantized weights, as linear_rows_q's non-VNNI variants). Each output's arithmetic is the
-// same whatever M is.
+// near the memory bandwidth. Variants: AVX-512 VNNI; AVX2 (the same int8 scheme and results with
+// vpmaddubsw / vpmaddwd, below; also where AVX-512 runs without VNNI); and portable loops (the exact
+// fp32 product with the dequantized weights, as linear_rows_q's non-VNNI variants). Each output's
+// arithmetic is the same whatever M is.
 #include "common/check.h"
 #include "common/cpu_isa.h"
 #include "ops/layer_math_cpu.h"
@@ -221,6 +222,119 @@ void q16_vnni(const QuantRows16& xr, int64_t row0, int64_t K, int rows, const ui
   }
 }
 #pragma GCC pop_options
+
+// ---- AVX2: the same int8 scheme with 256-bit registers (8 outputs per register, two per group) ------
+// vpmaddubsw (u8 x s8 pairs summed to int16) then vpmaddwd with ones (int16 pairs to int32): every
+// int32 lane again sums the 4 products of one output's 4 inputs, exactly. Q4_1: nibbles (u8 <= 15)
+// times xq (|xq| <= 127): the 8 int16 partial sums of a block stay within 8 * 2 * 15 * 127 = 30480,
+// so they are added in int16 and widened once. Q8_0: the stored q + 128 is turned back into the
+// signed q (xor 0x80); the u8 side is |q| (<= 128) and the s8 side xq * sign(q) (|.| <= 127), so a
+// pair is at most 2 * 128 * 127 = 32512 and never saturates. Same fp32 accumulation as the VNNI kernel.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+constexpr int kMaxRowsAvx2 = 4;  // rows per pass (2 fp32 accumulators per row: 16 ymm registers)
+
+inline __m256i bcast4_256(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+template <int64_t Q, typename E, int R>
+__attribute__((always_inline)) inline void q16_group_avx2(const QuantRows16& xr, int64_t row0, int64_t nb,
+                                                          const uint8_t* wg, const E* add, int64_t ars, E* y,
+                                                          int64_t ys, int64_t n) {
+  constexpr int64_t gb = group_bytes(Q);
+  __m256 acc[R][2];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t j = 0; j < nb; ++j) {
+    const uint8_t* blk = wg + j * gb;
+#pragma GCC unroll 9
+    for (int64_t c = 0; c < gb; c += 64) _mm_prefetch(reinterpret_cast<const char*>(blk) + kPrefetchBytes + c, _MM_HINT_T0);
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {  // outputs 8h .. 8h+7 of the group
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16 * h)));
+      __m256i dot[R];
+      if constexpr (Q == kQ4_1) {
+        __m256i s16[R];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; ++t) {
+          const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 + 64 * t + 32 * h));
+          const __m256i wl = _mm256_and_si256(p, low);                            // inputs 4t .. 4t+3
+          const __m256i wh = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);      // inputs 16+4t .. 16+4t+3
+#pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) {
+            const int8_t* xb = xr.xq.data() + ((row0 + r) * nb + j) * kBlock;
+            s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(wl, bcast4_256(xb + 4 * t)));
+            s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(wh, bcast4_256(xb + 16 + 4 * t)));
+          }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) dot[r] = _mm256_madd_epi16(s16[r], ones);
+      } else {
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+        for (int t = 0; t < 8; ++t) {
+          const __m256i q = _mm256_xor_si256(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 + 64 * t + 32 * h)), flip);
+          const __m256i aq = _mm256_abs_epi8(q);                                  // |q| as u8 (<= 128)
+#pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) {
+            const int8_t* xb = xr.xq.data() + ((row0 + r) * nb + j) * kBlock;
+            const __m256i sx = _mm256_sign_epi8(bcast4_256(xb + 4 * t), q);       // xq * sign(q)
+            dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(_mm256_maddubs_epi16(aq, sx), ones));
+          }
+        }
+      }
+      __m256 m;
+      if constexpr (Q == kQ4_1) m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 32 + 16 * h)));
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const int64_t at = (row0 + r) * nb + j;
+        acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_mul_ps(d, _mm256_set1_ps(xr.dx[at])), acc[r][h]);
+        if constexpr (Q == kQ4_1) acc[r][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(xr.sx[at]), acc[r][h]);
+      }
+    }
+  }
+  alignas(32) float out[kGroup];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    _mm256_store_ps(out, acc[r][0]);
+    _mm256_store_ps(out + 8, acc[r][1]);
+    for (int o = 0; o < kGroup; ++o) {
+      float s = out[o];
+      if (add != nullptr) s += layer_math::load(add[r * ars + n + o]);
+      y[r * ys + n + o] = layer_math::store<E>(s);
+    }
+  }
+}
+
+template <int64_t Q, typename E, int R>
+void q16_range_avx2(const QuantRows16& xr, int64_t row0, int64_t K, const uint8_t* w, const E* add, int64_t ars,
+                    E* y, int64_t ys, int64_t g0, int64_t g1) {
+  const int64_t nb = K / kBlock;
+  for (int64_t g = g0; g < g1; ++g)
+    q16_group_avx2<Q, E, R>(xr, row0, nb, w + g * nb * group_bytes(Q), add, ars, y, ys, g * kGroup);
+}
+
+template <int64_t Q, typename E>
+void q16_avx2(const QuantRows16& xr, int64_t row0, int64_t K, int rows, const uint8_t* w, const E* add, int64_t ars,
+              E* y, int64_t ys, int64_t g0, int64_t g1) {
+  switch (rows) {
+    case 1: return q16_range_avx2<Q, E, 1>(xr, row0, K, w, add, ars, y, ys, g0, g1);
+    case 2: return q16_range_avx2<Q, E, 2>(xr, row0, K, w, add, ars, y, ys, g0, g1);
+    case 3: return q16_range_avx2<Q, E, 3>(xr, row0, K, w, add, ars, y, ys, g0, g1);
+    default: return q16_range_avx2<Q, E, 4>(xr, row0, K, w, add, ars, y, ys, g0, g1);
+  }
+}
+#pragma GCC pop_options
 #endif
 
 template <int64_t Q, typename E>
@@ -235,6 +349,14 @@ void q16_typed(const E* xp, int64_t xs, int64_t M, int64_t K, const uint8_t* w, 
     quantize_rows16<Q>(xf.data(), K, M, xr);
     for_row_passes(M, G, grain, kMaxRows, [&](int64_t m0, int rows, int64_t g0, int64_t g1) {
       q16_vnni<Q, E>(xr, m0, K, rows, w, ap != nullptr ? ap + m0 * ars : nullptr, ars, yp + m0 * N, N, g0, g1);
+    });
+    return;
+  }
+  if (cpu_isa::best() != cpu_isa::Isa::kBase) {  // AVX2 (or AVX-512 without VNNI / its extensions off)
+    QuantRows16 xr;
+    quantize_rows16<Q>(xf.data(), K, M, xr);
+    for_row_passes(M, G, grain, kMaxRowsAvx2, [&](int64_t m0, int rows, int64_t g0, int64_t g1) {
+      q16_avx2<Q, E>(xr, m0, K, rows, w, ap != nullptr ? ap + m0 * ars : nullptr, ars, yp + m0 * N, N, g0, g1);
     });
     return;
   }
