@@ -377,7 +377,7 @@ def test_pipeline_refuses_bad_corpora_and_changed_options(tmp_path, tokenizer_fi
 
     for bad, match in [(dict(seq_len=4), "seq_len"), (dict(epochs=0), "epochs"), (dict(init="x"), "init"),
                        (dict(draft_vocab=1), "draft_vocab"), (dict(lr=5.0), "lr"),
-                       (dict(feature_layer=-1), "feature_layer")]:
+                       (dict(feature_layer=-1), "feature_layer"), (dict(train_dtype="float16"), "train_dtype")]:
         with pytest.raises(TrainError, match=match):
             tiny_plan(tmp_path, tokenizer_file, **bad)
 
@@ -432,3 +432,14 @@ def test_cache_with_more_layers_serves_a_subset(tmp_path):
     assert torch.equal(cache.batch([0]).hidden[1], hidden[0].to(torch.bfloat16))
     with pytest.raises(CacheError, match="layer_map"):
         build_primary_cache(prim, w, tmp_path / "c", [3], **kw)
+
+
+def test_train_dtype_resolution(tmp_path, tokenizer_file, monkeypatch):
+    """``train_dtype=None`` autocasts to bf16 only where the CPU multiplies bf16 natively."""
+    from tandem_rt.train import pipeline
+
+    for native in (True, False):
+        monkeypatch.setattr(pipeline, "cpu_has_native_bf16", lambda: native)
+        assert pipeline.train_autocast(tiny_plan(tmp_path, tokenizer_file)) is native
+        assert pipeline.train_autocast(tiny_plan(tmp_path, tokenizer_file, train_dtype="bfloat16")) is True
+        assert pipeline.train_autocast(tiny_plan(tmp_path, tokenizer_file, train_dtype="float32")) is False

@@ -23,6 +23,7 @@ def run_train(args) -> int:
                      draft_vocab=args.draft_vocab or None, top_k=args.top_k, gamma_max=args.gamma_max,
                      distil_weight=args.distil_weight, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                      seed=args.seed, router_threshold=args.router_threshold, primary_dtype=args.primary_dtype,
+                     train_dtype=None if args.train_dtype == "auto" else args.train_dtype,
                      out_dtype=args.dtype, reference_primary=args.reference_primary or package is not None,
                      package_source=package, threads=args.threads)
     report = run_pipeline(plan, progress=not args.quiet, stop_after=args.stop_after)
@@ -67,6 +68,9 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--router-threshold", type=float, default=0.9)
+    p.add_argument("--train-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="autocast dtype of the small models' training (auto: bfloat16 where the CPU has "
+                        "native bf16 products, AVX-512 BF16 / AMX; else float32)")
     p.add_argument("--primary-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype of the frozen primary (default float32: faster than bf16 without AMX)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"], help="stored dtype")
