@@ -2,10 +2,11 @@
 // The torch ops themselves (torch.ops.tandem_rt.*) are registered by static
 // initialisers in csrc/ops/*.cpp (CPU) and csrc/cuda/*.cpp (CUDA) when this
 // library is loaded.
-#include <pybind11/pybind11.h>
+#include <torch/csrc/utils/pybind.h>  // at::Tensor / optional type casters (needs libtorch_python)
 #include <ATen/Parallel.h>
 
 #include "common/cpu_isa.h"
+#include "ops/direct.h"
 
 #include <mutex>
 #include <set>
@@ -81,6 +82,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Dict: the CPU kernel variant this process runs (isa: avx512 / avx2 / base) and whether its "
         "bf16 (vdpbf16ps) and int8 (VNNI vpdpbusd) dot-product kernels run, and whether linear_rows_q16 "
         "runs an int8 kernel (VNNI or AVX2: int8_packed_rows).");
+  // The hot CPU ops of a step without the torch dispatcher (ops/direct.h): same arguments and
+  // checks as torch.ops.tandem_rt.<op> on CPU tensors; the GIL is released while they run.
+  namespace d = tandem_rt::direct;
+  auto cpu = m.def_submodule("cpu", "direct CPU entry points of the step ops (no dispatcher, no autograd)");
+  const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  using pybind11::arg;
+  cpu.def("linear_rows", &d::linear_rows, arg("x"), arg("w"), arg("add") = pybind11::none(), nogil);
+  cpu.def("linear_rows_q", &d::linear_rows_q, arg("x"), arg("w"), arg("qtype"), arg("add") = pybind11::none(), nogil);
+  cpu.def("linear_rows_q16", &d::linear_rows_q16, arg("x"), arg("w"), arg("qtype"), arg("add") = pybind11::none(),
+          nogil);
+  cpu.def("rms_norm", &d::rms_norm, arg("x"), arg("weight"), arg("eps"), nogil);
+  cpu.def("silu_and_mul", &d::silu_and_mul, arg("x"), nogil);
+  cpu.def("rope_cache_write", &d::rope_cache_write, arg("k"), arg("v"), arg("positions"), arg("slot_mapping"),
+          arg("k_cache"), arg("v_cache"), arg("rope_theta"), arg("q") = pybind11::none(), nogil);
+  cpu.def("paged_attention", &d::paged_attention, arg("out"), arg("q"), arg("k_cache"), arg("v_cache"),
+          arg("block_tables"), arg("seq_lens"), arg("query_start_loc"), arg("scale"), arg("max_q_len"),
+          arg("max_seq_len"), arg("row_invariant"), nogil);
   m.def("parallel_threads_used", &parallel_threads_used, pybind11::arg("n_items"),
         "Threads that ran one at::parallel_for over n_items work items (diagnostic: the CPU kernels' "
         "parallelism).", pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
+from tandem_rt._ext import _C
 from tandem_rt.config import ModelConfig
 from tandem_rt.ops.layer_math import QUANT_TYPES
 
@@ -172,8 +173,8 @@ def quant_mm(x: torch.Tensor, w: QuantMatrix, add: Optional[torch.Tensor] = None
     more (prompts) by torch's GEMM on a dequantised temporary."""
     if x.shape[0] <= QUANT_ROWS_MAX:
         if w.packed is not None:
-            return torch.ops.tandem_rt.linear_rows_q16(x, w.packed, QUANT_TYPES[w.qtype][0], add)
-        return torch.ops.tandem_rt.linear_rows_q(x, w.block_rows(), QUANT_TYPES[w.qtype][0], add)
+            return _C.cpu.linear_rows_q16(x, w.packed, QUANT_TYPES[w.qtype][0], add)
+        return _C.cpu.linear_rows_q(x, w.block_rows(), QUANT_TYPES[w.qtype][0], add)
     dense = dequantize(w, x.dtype)
     return torch.mm(x, dense.t()) if add is None else torch.addmm(add, x, dense.t())
 

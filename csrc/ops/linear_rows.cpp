@@ -7,6 +7,7 @@
 // arithmetic is the same whatever M is, so a row's result does not depend on the other rows.
 // Variants: AVX-512 BF16 (bf16: vdpbf16ps on the rows as stored: exact products, fp32 pairwise
 // accumulation), AVX-512F (x rows in fp32 once, each weight vector widened on load), AVX2 and scalar.
+#include "ops/direct.h"
 #include "common/check.h"
 #include "ops/layer_math_cpu.h"
 #include "ops/rows_args.h"
@@ -274,6 +275,12 @@ at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& w, const std::
 }
 
 }  // namespace
+
+namespace direct {
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& add) {
+  return linear_rows_cpu(x, w, add);
+}
+}  // namespace direct
 
 TORCH_LIBRARY_FRAGMENT(tandem_rt, m) {
   m.def("linear_rows(Tensor x, Tensor w, Tensor? add=None) -> Tensor");

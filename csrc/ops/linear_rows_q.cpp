@@ -8,6 +8,7 @@
 // (each block dequantized in registers to fp32 and shared by up to 8 rows, fp32 FMAs: the exact
 // product with the dequantized weights) and portable fp32 loops. One rounding to the output dtype
 // at the end; each output's arithmetic is the same whatever M is.
+#include "ops/direct.h"
 #include "common/check.h"
 #include "ops/layer_math_cpu.h"
 #include "ops/quant_blocks.h"
@@ -393,6 +394,12 @@ at::Tensor linear_rows_q_cpu(const at::Tensor& x, const at::Tensor& w, int64_t q
 }
 
 }  // namespace
+
+namespace direct {
+at::Tensor linear_rows_q(const at::Tensor& x, const at::Tensor& w, int64_t qtype, const std::optional<at::Tensor>& add) {
+  return linear_rows_q_cpu(x, w, qtype, add);
+}
+}  // namespace direct
 
 TORCH_LIBRARY_FRAGMENT(tandem_rt, m) {
   m.def("linear_rows_q(Tensor x, Tensor w, int qtype, Tensor? add=None) -> Tensor");

@@ -19,6 +19,7 @@
 // vpmaddubsw / vpmaddwd, below; also where AVX-512 runs without VNNI); and portable loops (the exact
 // fp32 product with the dequantized weights, as linear_rows_q's non-VNNI variants). Each output's
 // arithmetic is the same whatever M is.
+#include "ops/direct.h"
 #include "common/check.h"
 #include "common/cpu_isa.h"
 #include "ops/layer_math_cpu.h"
@@ -392,6 +393,13 @@ at::Tensor linear_rows_q16_cpu(const at::Tensor& x, const at::Tensor& w, int64_t
 }
 
 }  // namespace
+
+namespace direct {
+at::Tensor linear_rows_q16(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
+                           const std::optional<at::Tensor>& add) {
+  return linear_rows_q16_cpu(x, w, qtype, add);
+}
+}  // namespace direct
 
 TORCH_LIBRARY_FRAGMENT(tandem_rt, m) {
   m.def("linear_rows_q16(Tensor x, Tensor w, int qtype, Tensor? add=None) -> Tensor");

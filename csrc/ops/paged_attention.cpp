@@ -12,6 +12,7 @@
 // blocks x GQA group) use the rows-in-lanes kernel (16 query rows per vector); without it, verify
 // blocks over long contexts use torch's GEMM on gathered K/V (attend_gemm). Items run in parallel
 // with at::parallel_for (needs -fopenmp, see CMakeLists.txt).
+#include "ops/direct.h"
 #include "common/check.h"
 #include "ops/paged_attention.h"
 #include "ops/rope_cache.h"
@@ -343,6 +344,15 @@ void paged_attention_cpu(const at::Tensor& out, const at::Tensor& q, const at::T
 }
 
 }  // namespace
+
+namespace direct {
+void paged_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                     double scale, int64_t max_q_len, int64_t max_seq_len, bool row_invariant) {
+  paged_attention_cpu(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_q_len,
+                      max_seq_len, row_invariant);
+}
+}  // namespace direct
 
 TORCH_LIBRARY_FRAGMENT(tandem_rt, m) {
   m.def("paged_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "

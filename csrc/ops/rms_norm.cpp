@@ -5,6 +5,7 @@
 // loop per row is several times cheaper there (docs/ENGINE.md). The CUDA engine keeps torch's
 // fused kernel. Rounding follows the reference model (tandem_rt.models.llama.RMSNorm): the
 // statistics and x / rms in fp32, rounded to the input dtype, then multiplied by the weight in that dtype.
+#include "ops/direct.h"
 #include "common/check.h"
 #include "ops/layer_math_cpu.h"
 
@@ -47,6 +48,12 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
 }
 
 }  // namespace
+
+namespace direct {
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  return rms_norm_cpu(x, weight, eps);
+}
+}  // namespace direct
 
 TORCH_LIBRARY_FRAGMENT(tandem_rt, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");

@@ -3,6 +3,7 @@
 // Rotates K (and optionally Q) in place at absolute positions (Hugging Face Llama rotate-half
 // convention, inv_freq = 1 / theta^(2i/D) and angles in fp32, rotation in fp32) and writes the
 // rotated K row and the V row into their cache slots (slot = page * page_size + offset; -1 = skip).
+#include "ops/direct.h"
 #include "common/check.h"
 #include "ops/rope_cache.h"
 
@@ -144,6 +145,14 @@ void rope_cache_write_cpu(const at::Tensor& k, const at::Tensor& v, const at::Te
 }
 
 }  // namespace
+
+namespace direct {
+void rope_cache_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
+                      const at::Tensor& slot_mapping, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      double rope_theta, const std::optional<at::Tensor>& q) {
+  rope_cache_write_cpu(k, v, positions, slot_mapping, k_cache, v_cache, rope_theta, q);
+}
+}  // namespace direct
 
 TORCH_LIBRARY_FRAGMENT(tandem_rt, m) {
   m.def("rope_cache_write(Tensor(a!) k, Tensor v, Tensor positions, Tensor slot_mapping, Tensor(b!) k_cache, "

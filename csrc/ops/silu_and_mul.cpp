@@ -2,6 +2,7 @@
 // a Llama MLP, in one dispatch (torch needs silu, two slices and a mul). CPU only, like rms_norm
 // (see rms_norm.cpp). Rounding follows F.silu(gate) * up: silu in fp32 rounded to the input dtype,
 // then the product in fp32 rounded to it.
+#include "ops/direct.h"
 #include "common/check.h"
 #include "ops/layer_math_cpu.h"
 
@@ -36,6 +37,10 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
 }
 
 }  // namespace
+
+namespace direct {
+at::Tensor silu_and_mul(const at::Tensor& x) { return silu_and_mul_cpu(x); }
+}  // namespace direct
 
 TORCH_LIBRARY_FRAGMENT(tandem_rt, m) {
   m.def("silu_and_mul(Tensor x) -> Tensor");

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from tandem_rt._ext import _C
 from tandem_rt.engine.paged_model import PagedLlama, h2d, input_major, rms_norm
 from tandem_rt.models.tandem import TandemModel
 
@@ -36,6 +37,7 @@ class TandemRefresh:
         self.proj = [(layout(p.weight), None if p.bias is None else p.bias.detach()) for p in model.tandem.proj]
         self.secondary = secondary
         self.layer_map = list(model.layer_map)
+        self.rope_write = _C.cpu.rope_cache_write if secondary.cpu_ops else torch.ops.tandem_rt.rope_cache_write
         f = model.feature
         # the feature input: (index into the layer-map streams, norm weight [d_L], W_f in the mm layout, eps)
         self.feature = None if f is None else (model.feature_index, f.norm.weight.detach(), layout(f.proj.weight),
@@ -75,7 +77,7 @@ class TandemRefresh:
             w_kv, b_kv = self.secondary.kv_weights(j)
             k, v = mm(h, w_kv, b_kv).view(T, 2 * Hkv, D).split(Hkv, 1)
             # the raw op: the engine built the indices, and the C++ op validates every argument
-            torch.ops.tandem_rt.rope_cache_write(k, v, positions, slot_mapping, k_cache[j], v_cache[j], theta, None)
+            self.rope_write(k, v, positions, slot_mapping, k_cache[j], v_cache[j], theta, None)
         if self.feature is not None and features is not None:
             flat = features.view(-1, features.shape[-1])
             trash = flat.shape[0] - 1

@@ -1,0 +1,30 @@
+// The CPU implementations of the hot ops of a decode / verify step, callable without the torch
+// dispatcher: tandem_rt._C.cpu.<op> binds them with pybind11 (module.cpp), so a step's ~10 op calls
+// per layer cost ~1 us of host time each instead of the ~10 us of a torch.ops call (boxing,
+// schema parsing, dispatch). Same arguments, checks and results as torch.ops.tandem_rt.<op> on
+// CPU tensors (each wrapper calls the op's own CPU function); no autograd (the engine runs under
+// no_grad).
+#pragma once
+
+#include "common/torch_headers.h"
+
+#include <optional>
+
+namespace tandem_rt {
+namespace direct {
+
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& add);
+at::Tensor linear_rows_q(const at::Tensor& x, const at::Tensor& w, int64_t qtype, const std::optional<at::Tensor>& add);
+at::Tensor linear_rows_q16(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
+                           const std::optional<at::Tensor>& add);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor silu_and_mul(const at::Tensor& x);
+void rope_cache_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
+                      const at::Tensor& slot_mapping, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      double rope_theta, const std::optional<at::Tensor>& q);
+void paged_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                     double scale, int64_t max_q_len, int64_t max_seq_len, bool row_invariant);
+
+}  // namespace direct
+}  // namespace tandem_rt
