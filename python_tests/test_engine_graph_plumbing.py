@@ -33,8 +33,8 @@ def test_graph_runner_matches_eager_engine(seed):
     assert got == want
     keys = graphed.cuda_graphs.graphs.keys()
     assert any(k[1] == 4 for k in keys), "the batch of 3 was padded to the bucket of 4"
-    assert any(k[-1] for k in keys), "a primary block with the Tandem refresh inside was captured"
-    assert any(not k[-1] and k[2] == 1 for k in keys), "decode / draft steps were captured"
+    assert any(k[6] for k in keys), "a primary block with the Tandem refresh inside was captured"   # key: (..., refresh, offset)
+    assert any(not k[6] and k[2] == 1 for k in keys), "decode / draft steps were captured"
     kinds = {k[5] for k in keys}
     assert {"greedy", "probs"} <= kinds, "verify blocks captured with their verification (greedy, sampled)"
     assert graphed.num_free_pages == graphed.page_manager.num_pages
