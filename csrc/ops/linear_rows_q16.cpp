@@ -200,27 +200,15 @@ __attribute__((always_inline)) inline void q16_group(const QuantRows16& xr, int6
   }
 }
 
-template <int64_t Q, typename E, int R>
-void q16_range(const QuantRows16& xr, int64_t row0, int64_t K, const uint8_t* w, const E* add, int64_t ars, E* y,
-               int64_t ys, int64_t g0, int64_t g1) {
-  const int64_t nb = K / kBlock;
-  for (int64_t g = g0; g < g1; ++g)
-    q16_group<Q, E, R>(xr, row0, nb, w + g * nb * group_bytes(Q), add, ars, y, ys, g * kGroup);
-}
-
+// Rows [row0, row0 + rows) x groups [g0, g1) (rows <= kMaxRows).
 template <int64_t Q, typename E>
 void q16_vnni(const QuantRows16& xr, int64_t row0, int64_t K, int rows, const uint8_t* w, const E* add, int64_t ars,
               E* y, int64_t ys, int64_t g0, int64_t g1) {
-  switch (rows) {
-    case 1: return q16_range<Q, E, 1>(xr, row0, K, w, add, ars, y, ys, g0, g1);
-    case 2: return q16_range<Q, E, 2>(xr, row0, K, w, add, ars, y, ys, g0, g1);
-    case 3: return q16_range<Q, E, 3>(xr, row0, K, w, add, ars, y, ys, g0, g1);
-    case 4: return q16_range<Q, E, 4>(xr, row0, K, w, add, ars, y, ys, g0, g1);
-    case 5: return q16_range<Q, E, 5>(xr, row0, K, w, add, ars, y, ys, g0, g1);
-    case 6: return q16_range<Q, E, 6>(xr, row0, K, w, add, ars, y, ys, g0, g1);
-    case 7: return q16_range<Q, E, 7>(xr, row0, K, w, add, ars, y, ys, g0, g1);
-    default: return q16_range<Q, E, 8>(xr, row0, K, w, add, ars, y, ys, g0, g1);
-  }
+  const int64_t nb = K / kBlock;
+  with_row_count<kMaxRows>(rows, [&](auto r) {
+    for (int64_t g = g0; g < g1; ++g)
+      q16_group<Q, E, decltype(r)::value>(xr, row0, nb, w + g * nb * group_bytes(Q), add, ars, y, ys, g * kGroup);
+  });
 }
 #pragma GCC pop_options
 
@@ -317,23 +305,16 @@ __attribute__((always_inline)) inline void q16_group_avx2(const QuantRows16& xr,
   }
 }
 
-template <int64_t Q, typename E, int R>
-void q16_range_avx2(const QuantRows16& xr, int64_t row0, int64_t K, const uint8_t* w, const E* add, int64_t ars,
-                    E* y, int64_t ys, int64_t g0, int64_t g1) {
-  const int64_t nb = K / kBlock;
-  for (int64_t g = g0; g < g1; ++g)
-    q16_group_avx2<Q, E, R>(xr, row0, nb, w + g * nb * group_bytes(Q), add, ars, y, ys, g * kGroup);
-}
-
+// Rows [row0, row0 + rows) x groups [g0, g1) (rows <= kMaxRowsAvx2).
 template <int64_t Q, typename E>
 void q16_avx2(const QuantRows16& xr, int64_t row0, int64_t K, int rows, const uint8_t* w, const E* add, int64_t ars,
               E* y, int64_t ys, int64_t g0, int64_t g1) {
-  switch (rows) {
-    case 1: return q16_range_avx2<Q, E, 1>(xr, row0, K, w, add, ars, y, ys, g0, g1);
-    case 2: return q16_range_avx2<Q, E, 2>(xr, row0, K, w, add, ars, y, ys, g0, g1);
-    case 3: return q16_range_avx2<Q, E, 3>(xr, row0, K, w, add, ars, y, ys, g0, g1);
-    default: return q16_range_avx2<Q, E, 4>(xr, row0, K, w, add, ars, y, ys, g0, g1);
-  }
+  const int64_t nb = K / kBlock;
+  with_row_count<kMaxRowsAvx2>(rows, [&](auto r) {
+    for (int64_t g = g0; g < g1; ++g)
+      q16_group_avx2<Q, E, decltype(r)::value>(xr, row0, nb, w + g * nb * group_bytes(Q), add, ars, y, ys,
+                                               g * kGroup);
+  });
 }
 #pragma GCC pop_options
 #endif
@@ -345,19 +326,17 @@ void q16_typed(const E* xp, int64_t xs, int64_t M, int64_t K, const uint8_t* w, 
   const int64_t G = N / kGroup;
   const int64_t grain = std::max<int64_t>(1, 1024 / std::max<int64_t>(K, 1));  // groups per task
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (cpu_isa::int8_dot_products()) {
+  // the int8 kernels: VNNI, else AVX2 (also AVX-512 without VNNI / with its extensions off)
+  const bool vnni = cpu_isa::int8_dot_products();
+  if (vnni || cpu_isa::best() != cpu_isa::Isa::kBase) {
     QuantRows16 xr;  // every row quantized once
     quantize_rows16<Q>(xf.data(), K, M, xr);
-    for_row_passes(M, G, grain, kMaxRows, [&](int64_t m0, int rows, int64_t g0, int64_t g1) {
-      q16_vnni<Q, E>(xr, m0, K, rows, w, ap != nullptr ? ap + m0 * ars : nullptr, ars, yp + m0 * N, N, g0, g1);
-    });
-    return;
-  }
-  if (cpu_isa::best() != cpu_isa::Isa::kBase) {  // AVX2 (or AVX-512 without VNNI / its extensions off)
-    QuantRows16 xr;
-    quantize_rows16<Q>(xf.data(), K, M, xr);
-    for_row_passes(M, G, grain, kMaxRowsAvx2, [&](int64_t m0, int rows, int64_t g0, int64_t g1) {
-      q16_avx2<Q, E>(xr, m0, K, rows, w, ap != nullptr ? ap + m0 * ars : nullptr, ars, yp + m0 * N, N, g0, g1);
+    for_row_passes(M, G, grain, vnni ? kMaxRows : kMaxRowsAvx2, [&](int64_t m0, int rows, int64_t g0, int64_t g1) {
+      const E* a = ap != nullptr ? ap + m0 * ars : nullptr;
+      if (vnni)
+        q16_vnni<Q, E>(xr, m0, K, rows, w, a, ars, yp + m0 * N, N, g0, g1);
+      else
+        q16_avx2<Q, E>(xr, m0, K, rows, w, a, ars, yp + m0 * N, N, g0, g1);
     });
     return;
   }

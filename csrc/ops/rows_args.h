@@ -74,6 +74,17 @@ inline std::vector<float> rows_to_fp32(const E* xp, int64_t xs, int64_t M, int64
   return xf;
 }
 
+// f(std::integral_constant<int, R>{}) with R = min(rows, MaxR) (rows >= 1): a register-blocked
+// kernel's row count as a template argument. f is a lambda of the caller, so it is compiled for the
+// caller's instruction set (#pragma GCC target regions) and may inline that region's kernels.
+template <int MaxR, typename F>
+inline void with_row_count(int rows, F&& f) {
+  if constexpr (MaxR > 1) {
+    if (rows < MaxR) return with_row_count<MaxR - 1>(rows, f);
+  }
+  f(std::integral_constant<int, MaxR>{});
+}
+
 // Passes of up to max_rows rows over the weight (each pass reads it once), the outputs [0, N) of a
 // pass split between threads: f(m0, rows, n0, n1) computes rows [m0, m0 + rows) x outputs [n0, n1).
 template <typename F>
