@@ -32,15 +32,15 @@ def _metaspace():
     return tok
 
 
-def _check(tok, ids, chunks):
-    d = IncrementalDetokenizer(tok)
-    out, at = [], 0
+def _check(tok, ids, chunks, start=0):
+    d = IncrementalDetokenizer(tok, start=start)
+    out, at = [], start
     for n in chunks:
         at = min(len(ids), at + n)
         out.append(d.step(ids[:at]))
-        assert tok.decode(ids[:at]).startswith("".join(out))
+        assert tok.decode(ids[start:at]).startswith("".join(out))
     out.append(d.finish(ids))
-    assert "".join(out) == tok.decode(ids)
+    assert "".join(out) == tok.decode(ids[start:])
 
 
 @pytest.mark.parametrize("make", [_bpe, _wordpiece, _metaspace])
@@ -56,6 +56,7 @@ def test_deltas_concatenate_to_the_full_decode(make):
             ids = [rng.randrange(V) for _ in range(rng.randrange(1, 60))]
         chunks = [rng.randrange(1, 5) for _ in range(len(ids))]
         _check(tok, ids, chunks)
+        _check(tok, ids, chunks, start=rng.randrange(len(ids)))   # text of ids[start:] only (a prompt before)
 
 
 def test_work_per_step_is_bounded():

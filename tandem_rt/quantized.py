@@ -126,8 +126,6 @@ def unpack_rows16(packed: torch.Tensor, qtype: str) -> torch.Tensor:
 def packs16() -> bool:
     """Whether this CPU runs one of ``linear_rows_q16``'s int8 kernels (AVX-512 VNNI or AVX2; the
     packed layout does not pay for the portable loops)."""
-    from tandem_rt._ext import _C
-
     return bool(_C.cpu_kernels()["int8_packed_rows"])
 
 

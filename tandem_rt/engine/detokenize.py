@@ -18,18 +18,22 @@ class IncrementalDetokenizer:
 
     Args:
         tokenizer: an object with ``decode(list[int]) -> str`` (a ``tokenizers.Tokenizer``).
+        start: index of the first token of the text in the lists given to :meth:`step` /
+            :meth:`finish` (a sequence's prompt length: its text is that of the generated tokens),
+            so that callers pass their growing list without copying it.
     """
 
-    __slots__ = ("tokenizer", "prefix", "read", "emitted")
+    __slots__ = ("tokenizer", "start", "prefix", "read", "emitted")
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, start: int = 0):
         self.tokenizer = tokenizer
-        self.prefix = 0      # the window's first token
-        self.read = 0        # tokens whose text has been emitted
+        self.start = start
+        self.prefix = start  # the window's first token
+        self.read = start    # tokens whose text has been emitted
         self.emitted = []    # the deltas so far
 
     def step(self, ids: list) -> str:
-        """The new text of ``ids`` (the whole token list so far, grown since the last call)."""
+        """The new text of ``ids[start:]`` (the token list so far, grown since the last call)."""
         if len(ids) <= self.read:
             return ""
         decode = self.tokenizer.decode
@@ -43,9 +47,10 @@ class IncrementalDetokenizer:
         return delta
 
     def finish(self, ids: list) -> str:
-        """The rest of the text once ``ids`` is complete: ``decode(ids)`` minus the deltas emitted
-        (when a decoder rewrote emitted text, which cannot be taken back, the part past their length)."""
-        full = self.tokenizer.decode(ids)
+        """The rest of the text once ``ids`` is complete: ``decode(ids[start:])`` minus the deltas
+        emitted (when a decoder rewrote emitted text, which cannot be taken back, the part past
+        their length)."""
+        full = self.tokenizer.decode(ids[self.start:])
         done = "".join(self.emitted)
         rest = full[len(done):]
         self.emitted.append(rest)

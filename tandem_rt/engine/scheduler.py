@@ -257,11 +257,10 @@ class Scheduler:
         tok = self.tokenizer
         if tok is not None and s.req.handle.wants_text and (new or s.finished):
             if s.detokenizer is None:
-                s.detokenizer = IncrementalDetokenizer(tok)
-            ids = s.tokens[s.prompt_len:]
-            text = s.detokenizer.step(ids)
+                s.detokenizer = IncrementalDetokenizer(tok, start=s.prompt_len)
+            text = s.detokenizer.step(s.tokens)
             if s.finished:
-                text += s.detokenizer.finish(ids)
+                text += s.detokenizer.finish(s.tokens)
         ev = StreamEvent(index=s.sample, prompt_index=0, sample_index=s.sample, token_ids=new, text=text,
                          finished=s.finished, finish_reason=s.finish_reason)
         if s.finished:
