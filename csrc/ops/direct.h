@@ -1,9 +1,8 @@
 // The CPU implementations of the hot ops of a decode / verify step, callable without the torch
 // dispatcher: tandem_rt._C.cpu.<op> binds them with pybind11 (module.cpp), so a step's ~10 op calls
-// per layer cost ~1 us of host time each instead of the ~10 us of a torch.ops call (boxing,
-// schema parsing, dispatch). Same arguments, checks and results as torch.ops.tandem_rt.<op> on
-// CPU tensors (each wrapper calls the op's own CPU function); no autograd (the engine runs under
-// no_grad).
+// per layer skip the host work of a torch.ops call (boxing, schema parsing, dispatch). Same
+// arguments, checks and results as torch.ops.tandem_rt.<op> on CPU tensors (each wrapper calls the
+// op's own CPU function); no autograd (the engine runs under no_grad).
 #pragma once
 
 #include "common/torch_headers.h"

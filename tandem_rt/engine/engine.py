@@ -222,7 +222,7 @@ class Engine:
         cfgs = [cfg.primary, cfg.secondary] + ([cfg.drafter] if cfg.drafter is not None else [])
         # the feature pool (feature input only): one [d_S] entry per position
         extra = 0 if cfg.feature_layer is None else (
-            page_size * cfg.secondary.hidden_size * torch.empty((), dtype=self.dtype).element_size())
+            page_size * cfg.secondary.hidden_size * self.dtype.itemsize)
         if kv_cache_memory is not None:
             if isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, int) or kv_cache_memory <= 0:
                 raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")

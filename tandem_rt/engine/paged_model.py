@@ -31,7 +31,7 @@ from tandem_rt._ext import _C
 from tandem_rt.models.llama import LlamaForCausalLM, scatter_vocab
 from tandem_rt.quantized import QuantMatrix, cat_rows, embedding_rows, packs16, quant_mm, with_packed
 
-# the CPU step ops without the torch dispatcher (csrc/ops/direct.h): same checks, ~10x less host time
+# the CPU step ops without the torch dispatcher (csrc/ops/direct.h): same checks, no dispatcher host work
 _cpu = _C.cpu
 
 
