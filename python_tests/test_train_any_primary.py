@@ -242,6 +242,56 @@ def test_init_from_primary_copies_layers_and_freezes_embeddings():
     assert torch.equal(small.vocab_subset, subset)
 
 
+def test_init_layers_copy_the_named_primary_layers():
+    prim = tiny_primary(layers=4)
+    cfg = dt.small_model_config(prim.config, 2, "primary")
+    small = dt.init_small_model(prim, cfg, "primary", layers=[1, 3])
+    p_sd = prim.state_dict()
+    for name, t in small.state_dict().items():
+        if name.startswith("model.layers."):
+            j, rest = name[len("model.layers."):].split(".", 1)
+            assert torch.equal(t, p_sd[f"model.layers.{[1, 3][int(j)]}.{rest}"]), name
+    assert torch.equal(small.model.norm.weight, prim.model.norm.weight)
+    for bad in ([1], [3, 1], [1, 1], [0, 4]):
+        with pytest.raises(ValueError, match="init_layers"):
+            dt.init_small_model(prim, cfg, "primary", layers=bad)
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 5])
+def test_identity_projections_on_copied_layers_reproduce_the_primary(gamma):
+    """A secondary that copies *every* primary layer, with identity projections and the layer map
+    reading each layer's input, computes exactly the primary: its primary-derived K/V are the
+    primary's own K/V, its own K/V the same values recomputed. So for any drafting boundary its
+    logits equal the primary's causal forward (an independent reference)."""
+    prim = tiny_primary(layers=3)
+    cfg = dt.small_model_config(prim.config, 3, "primary")
+    small = dt.init_small_model(prim, cfg, "primary", layers=[0, 1, 2]).eval()
+    draft = dt.TandemDraft(small, prim.config.hidden_size)
+    dt.init_projections_identity(draft)
+    ids = torch.randint(0, V, (2, 17))
+    with torch.no_grad():
+        ref, hidden = prim(ids, hidden_layers=[0, 1, 2])
+        boundary = dt.drafting_boundary(17, gamma).expand(2, 17)
+        out = draft(ids, hidden, boundary)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    # a secondary that skips layers differs from the primary (the test can fail)
+    cfg2 = dt.small_model_config(prim.config, 2, "primary")
+    skip = dt.TandemDraft(dt.init_small_model(prim, cfg2, "primary", layers=[0, 2]).eval(), prim.config.hidden_size)
+    dt.init_projections_identity(skip)
+    with torch.no_grad():
+        assert not torch.allclose(skip(ids, [hidden[0], hidden[2]], boundary), ref, atol=1e-2)
+
+
+def test_identity_projections_need_equal_widths():
+    prim = tiny_primary(layers=2, hidden=32)
+    small = dt.init_small_model(prim, dt.small_model_config(prim.config, 1, "scratch",
+                                                            {"hidden_size": 16, "intermediate_size": 32,
+                                                             "num_attention_heads": 2, "num_key_value_heads": 1,
+                                                             "head_dim": 8}), "scratch")
+    with pytest.raises(ValueError, match="identity projections need"):
+        dt.init_projections_identity(dt.TandemDraft(small, 32))
+
+
 # ----------------------------------------------------------------------------- reduced vocabulary
 
 def test_reduced_vocabulary_logits_are_the_full_ones_masked():
@@ -377,7 +427,9 @@ def test_pipeline_refuses_bad_corpora_and_changed_options(tmp_path, tokenizer_fi
 
     for bad, match in [(dict(seq_len=4), "seq_len"), (dict(epochs=0), "epochs"), (dict(init="x"), "init"),
                        (dict(draft_vocab=1), "draft_vocab"), (dict(lr=5.0), "lr"),
-                       (dict(feature_layer=-1), "feature_layer"), (dict(train_dtype="float16"), "train_dtype")]:
+                       (dict(feature_layer=-1), "feature_layer"), (dict(train_dtype="float16"), "train_dtype"),
+                       (dict(proj_init="x"), "proj_init"), (dict(init_layers=[0, 1]), "init_layers"),
+                       (dict(init_layers=[0], init="scratch"), "init_layers needs init='primary'")]:
         with pytest.raises(TrainError, match=match):
             tiny_plan(tmp_path, tokenizer_file, **bad)
 

@@ -3,13 +3,13 @@ Hugging Face directories or GGUF files (projections freshly initialised)."""
 from __future__ import annotations
 
 
-def _layer_map(text):
+def _layer_map(text, flag: str = "--layer-map"):
     if text is None:
         return None
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--layer-map must be comma-separated integers such as 3,6, got {text!r}") from None
+        raise ValueError(f"{flag} must be comma-separated integers such as 3,6, got {text!r}") from None
 
 
 def _report(out, what: str) -> None:

@@ -19,6 +19,7 @@ def run_train(args) -> int:
     plan = TrainPlan(primary=args.primary, corpus=args.corpus, out=args.out, run_dir=args.run_dir,
                      train_tokens=args.train_tokens, heldout_tokens=args.heldout_tokens, seq_len=args.seq_len,
                      num_layers=args.layers, init=args.init, layer_map=_layer_map(args.layer_map),
+                     init_layers=_layer_map(args.init_layers, "--init-layers"),
                      proj_init=args.proj_init, tandem_init=args.tandem_init, feature_layer=args.feature_layer,
                      draft_vocab=args.draft_vocab or None, top_k=args.top_k, gamma_max=args.gamma_max,
                      distil_weight=args.distil_weight, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -49,8 +50,12 @@ def register(sub) -> None:
     p.add_argument("--init", default="primary", choices=["primary", "scratch"],
                    help="initialise the small models from the primary's embeddings and first layers (default)")
     p.add_argument("--layer-map", metavar="L1,L2,...", help="primary layer read by each secondary layer")
-    p.add_argument("--proj-init", default="lstsq", choices=["lstsq", "random"],
-                   help="Tandem projections: ridge regression onto the secondary's own residuals, or random")
+    p.add_argument("--init-layers", metavar="L1,L2,...",
+                   help="primary layers the small models copy (0-based; default the first --layers); "
+                        "the layer map then defaults to them (each layer reads the primary's input to its own copy)")
+    p.add_argument("--proj-init", default="lstsq", choices=["lstsq", "random", "identity"],
+                   help="Tandem projections: ridge regression onto the secondary's own residuals, random, or "
+                        "identity (with --init-layers: the primary-derived K/V start as the primary's own)")
     p.add_argument("--tandem-init", default="drafter-half", choices=["drafter-half", "init"],
                    help="Tandem secondary starts from the drafter after half the budget and trains the other "
                         "half (default; same total budget), or from the drafter's init with the full budget")

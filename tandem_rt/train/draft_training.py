@@ -21,7 +21,7 @@ the comparison between ``tandem-speed`` and ``speed`` is fair:
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -144,13 +144,29 @@ def _small_model_config(primary: ModelConfig, num_layers: int, init: str,
     return ModelConfig.from_dict(d, "scratch secondary config")
 
 
+def init_layer_indices(layers: Optional[Sequence[int]], num_layers: int, primary_layers: int) -> list:
+    """The primary layer each small-model layer copies: ``layers`` checked (``num_layers`` distinct
+    indices in ``0..primary_layers-1``, increasing), or ``0..num_layers-1`` when None."""
+    if layers is None:
+        return list(range(num_layers))
+    out = [int(x) for x in layers]
+    if len(out) != num_layers:
+        raise ValueError(f"init_layers has {len(out)} entries; the small model has {num_layers} layers")
+    if any(not 0 <= x < primary_layers for x in out) or any(a >= b for a, b in zip(out, out[1:])):
+        raise ValueError(f"init_layers must be increasing primary layer indices in 0..{primary_layers - 1}, got {out}")
+    return out
+
+
 def init_small_model(primary: LlamaForCausalLM, cfg: ModelConfig, init: str, seed: int = 0,
-                     vocab_subset: Optional[torch.Tensor] = None) -> LlamaForCausalLM:
+                     vocab_subset: Optional[torch.Tensor] = None,
+                     layers: Optional[Sequence[int]] = None) -> LlamaForCausalLM:
     """A float32 small model for ``cfg``.
 
     ``init="primary"``: the primary's embeddings (a frozen float32 copy; the exported checkpoint
-    stores them once, as the primary's), first ``cfg.num_hidden_layers`` layers and final norm
-    (trainable copies); an untied LM head is copied and frozen too. ``init="scratch"``: normal(0, 0.02) matrices, unit norms.
+    stores them once, as the primary's), the primary's layers ``layers`` (default: the first
+    ``cfg.num_hidden_layers``; layer ``j`` of the small model copies primary layer ``layers[j]``)
+    and final norm (trainable copies); an untied LM head is copied and frozen too.
+    ``init="scratch"``: normal(0, 0.02) matrices, unit norms.
     """
     from tandem_rt.importing import init_fresh_decoder
 
@@ -163,10 +179,14 @@ def init_small_model(primary: LlamaForCausalLM, cfg: ModelConfig, init: str, see
     if init == "scratch":
         init_fresh_decoder(model, torch.Generator().manual_seed(seed))
         return model
+    source_layers = init_layer_indices(layers, cfg.num_hidden_layers, primary.config.num_hidden_layers)
     p_sd = primary.state_dict()
     with torch.no_grad():
         for name, t in model.state_dict().items():
-            if name.startswith("model.layers.") or name == "model.norm.weight":
+            if name.startswith("model.layers."):
+                j, rest = name[len("model.layers."):].split(".", 1)
+                t.copy_(p_sd[f"model.layers.{source_layers[int(j)]}.{rest}"].float())
+            elif name == "model.norm.weight":
                 t.copy_(p_sd[name].float())
     with torch.no_grad():
         model.model.embed_tokens.weight.copy_(primary.model.embed_tokens.weight.float())
@@ -305,6 +325,20 @@ def fit_projections(draft: TandemDraft, cache: PrimaryCache, num_windows: int = 
         pred = xc @ w
         r2.append(float(1.0 - (yc - pred).pow(2).sum() / yc.pow(2).sum().clamp_min(1e-30)))
     return r2
+
+
+def init_projections_identity(draft: TandemDraft) -> None:
+    """``proj_j`` = identity, bias zero (needs ``d_S == d_L``). With the secondary's layer ``j``
+    copied from primary layer ``l(j)`` and the layer map reading ``x^(l(j))`` (the input of that
+    layer), the primary-derived K/V start as exactly the primary's own K/V of layer ``l(j)``."""
+    with torch.no_grad():
+        for j, proj in enumerate(draft.proj):
+            if proj.weight.shape[0] != proj.weight.shape[1]:
+                raise ValueError(f"identity projections need the secondary's width to equal the primary's, "
+                                 f"got proj[{j}] of shape {tuple(proj.weight.shape)}")
+            proj.weight.copy_(torch.eye(proj.weight.shape[0], dtype=proj.weight.dtype))
+            if proj.bias is not None:
+                proj.bias.zero_()
 
 
 def init_projections_random(draft: TandemDraft, seed: int = 0) -> None:

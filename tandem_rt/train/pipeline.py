@@ -56,7 +56,11 @@ class TrainPlan:
     init: str = "primary"               # "primary" | "scratch"
     scratch_config: Optional[dict] = None
     layer_map: Optional[list] = None    # default: evenly spaced, the last reads the primary's last layer
-    proj_init: str = "lstsq"            # "lstsq" | "random"
+                                        # (with init_layers: init_layers, each layer reads its own input)
+    init_layers: Optional[list] = None  # primary layers the small models copy (init="primary"; default
+                                        # the first num_layers)
+    proj_init: str = "lstsq"            # "lstsq" | "random" | "identity" (primary-derived K/V start as
+                                        # the primary's own K/V of the copied layers)
     draft_vocab: Optional[int] = 8192   # reduced output vocabulary of both small models (None: full)
     tandem_init: str = "drafter-half"   # "drafter-half": the drafter after half its budget, then the
                                         # Tandem secondary trains the other half (same total budget);
@@ -97,8 +101,17 @@ class TrainPlan:
             raise TrainError(f"draft_vocab must be None or an integer >= 2, got {self.draft_vocab!r}")
         if self.tandem_init not in ("drafter-half", "init"):
             raise TrainError(f"tandem_init must be 'drafter-half' or 'init', got {self.tandem_init!r}")
-        if self.proj_init not in ("lstsq", "random"):
-            raise TrainError(f"proj_init must be 'lstsq' or 'random', got {self.proj_init!r}")
+        if self.proj_init not in ("lstsq", "random", "identity"):
+            raise TrainError(f"proj_init must be 'lstsq', 'random' or 'identity', got {self.proj_init!r}")
+        if self.init_layers is not None:
+            if self.init != "primary":
+                raise TrainError(f"init_layers needs init='primary', got init={self.init!r}")
+            if (not isinstance(self.init_layers, (list, tuple)) or len(self.init_layers) != self.num_layers
+                    or any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in self.init_layers)
+                    or any(a >= b for a, b in zip(self.init_layers, self.init_layers[1:]))):
+                raise TrainError(f"init_layers must be {self.num_layers} increasing primary layer indices, "
+                                 f"got {self.init_layers!r}")
+            self.init_layers = list(self.init_layers)
         if not 0.0 <= float(self.distil_weight) <= 1.0:
             raise TrainError(f"distil_weight must be in [0, 1], got {self.distil_weight!r}")
         if not (isinstance(self.epochs, (int, float)) and self.epochs > 0 and math.isfinite(self.epochs)):
@@ -291,14 +304,18 @@ def draft_vocabulary(plan: TrainPlan, source: PrimarySource, cache: PrimaryCache
 def build_small_models(plan: TrainPlan, source: PrimarySource, layer_map: list, cache: PrimaryCache,
                        which: str):
     """The untrained drafter (``which="drafter"``) or Tandem draft model (``"tandem"``)."""
-    from tandem_rt.train.draft_training import (TandemDraft, fit_projections, init_projections_random,
-                                                init_small_model, small_model_config)
+    from tandem_rt.train.draft_training import (TandemDraft, fit_projections, init_projections_identity,
+                                                init_projections_random, init_small_model, small_model_config)
 
     primary = source.model
     subset = draft_vocabulary(plan, source, cache)
     cfg = small_model_config(primary.config, plan.num_layers, plan.init, plan.scratch_config,
                              None if subset is None else subset.numel())
-    small = init_small_model(primary, cfg, plan.init, seed=plan.seed, vocab_subset=subset)
+    try:
+        small = init_small_model(primary, cfg, plan.init, seed=plan.seed, vocab_subset=subset,
+                                 layers=plan.init_layers)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
     if which == "drafter":
         return small
     if plan.tandem_init == "drafter-half":
@@ -313,6 +330,11 @@ def build_small_models(plan: TrainPlan, source: PrimarySource, layer_map: list, 
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train_autocast(plan)):
             r2 = fit_projections(draft, cache)
         print(f"projections fitted by ridge regression: R^2 per layer {[round(x, 3) for x in r2]}", flush=True)
+    elif plan.proj_init == "identity":
+        try:
+            init_projections_identity(draft)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
     else:
         init_projections_random(draft, plan.seed)
     return draft
@@ -462,8 +484,14 @@ def run_pipeline(plan: TrainPlan, progress: bool = True, stop_after: Optional[st
     source = load_primary(plan.primary, dtype=resolve_dtype(plan.primary_dtype), progress=progress)
     print(f"primary: {describe(source)}", flush=True)
     pcfg = source.model.config
-    layer_map = list(plan.layer_map) if plan.layer_map else default_layer_map_for(pcfg.num_hidden_layers,
-                                                                                   plan.num_layers)
+    if plan.layer_map:
+        layer_map = list(plan.layer_map)
+    elif plan.init_layers:
+        layer_map = list(plan.init_layers)
+    else:
+        layer_map = default_layer_map_for(pcfg.num_hidden_layers, plan.num_layers)
+    if plan.init_layers and max(plan.init_layers) >= pcfg.num_hidden_layers:
+        raise TrainError(f"init_layers {plan.init_layers} must be primary layers in 0..{pcfg.num_hidden_layers - 1}")
     if len(layer_map) != plan.num_layers:
         raise TrainError(f"layer_map has {len(layer_map)} entries; the secondary has {plan.num_layers} layers")
     if plan.feature_layer is not None and plan.feature_layer not in layer_map:
