@@ -429,7 +429,9 @@ def test_pipeline_refuses_bad_corpora_and_changed_options(tmp_path, tokenizer_fi
                        (dict(draft_vocab=1), "draft_vocab"), (dict(lr=5.0), "lr"),
                        (dict(feature_layer=-1), "feature_layer"), (dict(train_dtype="float16"), "train_dtype"),
                        (dict(proj_init="x"), "proj_init"), (dict(init_layers=[0, 1]), "init_layers"),
-                       (dict(init_layers=[0], init="scratch"), "init_layers needs init='primary'")]:
+                       (dict(init_layers=[0], init="scratch"), "init_layers needs init='primary'"),
+                       (dict(proj_lr_scale=0.0), "proj_lr_scale"), (dict(feature_lr_scale=-1.0), "feature_lr_scale"),
+                       (dict(proj_lr_scale=float("nan")), "proj_lr_scale")]:
         with pytest.raises(TrainError, match=match):
             tiny_plan(tmp_path, tokenizer_file, **bad)
 
@@ -495,3 +497,57 @@ def test_train_dtype_resolution(tmp_path, tokenizer_file, monkeypatch):
         assert pipeline.train_autocast(tiny_plan(tmp_path, tokenizer_file)) is native
         assert pipeline.train_autocast(tiny_plan(tmp_path, tokenizer_file, train_dtype="bfloat16")) is True
         assert pipeline.train_autocast(tiny_plan(tmp_path, tokenizer_file, train_dtype="float32")) is False
+
+
+def test_lr_scale_attribute_scales_the_adamw_step():
+    """A parameter with ``lr_scale`` moves ``lr_scale`` times as far as its twin with the same
+    gradient (first AdamW step, no weight decay on vectors: the step is ``lr`` per entry)."""
+    from tandem_rt.train.loop import TrainConfig, make_optimizer
+
+    m = torch.nn.Module()
+    m.a = torch.nn.Parameter(torch.zeros(5))
+    m.b = torch.nn.Parameter(torch.zeros(5))
+    m.w = torch.nn.Parameter(torch.zeros(3, 5))
+    m.b.lr_scale = 0.1
+    m.w.lr_scale = 0.1
+    cfg = TrainConfig(total_tokens=1, lr=1e-2)
+    opt = make_optimizer(m, cfg)
+    assert sorted((g["weight_decay"], g["lr_scale"]) for g in opt.param_groups) == [(0.0, 0.1), (0.0, 1.0), (0.1, 0.1)]
+    for g in opt.param_groups:
+        g["lr"] = cfg.lr * g["lr_scale"]
+    grad = torch.tensor([1.0, -2.0, 3.0, -4.0, 0.5])
+    m.a.grad, m.b.grad, m.w.grad = grad.clone(), grad.clone(), grad.expand(3, 5).clone()
+    opt.step()
+    torch.testing.assert_close(m.a.detach(), -1e-2 * grad.sign(), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(m.b.detach(), -1e-3 * grad.sign(), rtol=1e-4, atol=1e-7)
+
+
+def test_pipeline_applies_projection_and_feature_lr_scales(tmp_path, tokenizer_file):
+    from tandem_rt.primary_source import load_primary
+    from tandem_rt.train.pipeline import build_small_models, run_pipeline
+
+    plan = tiny_plan(tmp_path, tokenizer_file, feature_layer=4, proj_lr_scale=0.25, feature_lr_scale=0.05,
+                     tandem_init="init")
+    run_pipeline(plan, progress=False, stop_after="cache")
+    source = load_primary(plan.primary, dtype=torch.float32, progress=False)
+    cache = PrimaryCache(tmp_path / "run" / "cache")
+    draft = build_small_models(plan, source, [4], cache, "tandem")
+    assert {p.lr_scale for p in draft.proj.parameters()} == {0.25}
+    assert {p.lr_scale for p in draft.feature.parameters()} == {0.05}
+    assert all(getattr(p, "lr_scale", 1.0) == 1.0 for p in draft.secondary.parameters())
+
+
+def test_offset_agreement_matches_a_loop():
+    from tandem_rt.train.draft_eval import offset_agreement
+
+    g = torch.Generator().manual_seed(0)
+    agree = torch.rand(3, 23, generator=g) < 0.4
+    for gamma in (1, 3, 5):
+        got = offset_agreement(agree, gamma)
+        hit, n = [0.0] * gamma, [0.0] * gamma
+        for b in range(3):
+            for i in range(gamma, 23):
+                k = (i - gamma) % gamma
+                hit[k] += float(agree[b, i])
+                n[k] += 1
+        assert got.tolist() == [hit, n]

@@ -9,6 +9,8 @@ every small model is then evaluated on the same positions:
   ``relative_accuracy``
   (argmax equals the primary's argmax) and ``relative_tv`` (total-variation distance between
   the two next-token distributions), with the drafting mask of block length ``table_gamma``;
+* ``relative_accuracy_by_offset``: the relative accuracy at each offset ``0..table_gamma-1``
+  of a drafting block (offset 0 reads primary-derived K/V up to the position just before it);
 * ``accepted_g{γ}``: blocks start at every multiple of γ; the accepted drafts of a block are
   the leading positions whose argmax equals the primary's (greedy SPEED), mean over blocks.
 """
@@ -43,6 +45,19 @@ def accepted_per_block(agree: torch.Tensor, gamma: int) -> torch.Tensor:
     return blocks.cumprod(-1).sum(-1).flatten().float()
 
 
+def offset_agreement(agree: torch.Tensor, gamma: int) -> torch.Tensor:
+    """``agree`` bool ``[B, T]`` -> float64 ``[2, γ]``: per block offset ``k = i - q0`` (blocks start at
+    ``q0 = γ, 2γ, ...``; the first block, with no primary-derived K/V, is left out) the number of
+    positions whose draft agrees with the primary (row 0) and of positions (row 1)."""
+    B, T = agree.shape
+    i = torch.arange(gamma, T)
+    k = i % gamma
+    out = torch.zeros(2, gamma, dtype=torch.float64)
+    out[0].index_add_(0, k, agree[:, gamma:].sum(0).double())
+    out[1].index_add_(0, k, torch.full((len(i),), float(B), dtype=torch.float64))
+    return out
+
+
 @torch.no_grad()
 def evaluate_drafts(primary, windows: np.ndarray, models: dict, layer_map: list, gammas=(3, 5, 7),
                     table_gamma: int = 5, batch_size: int = 8, autocast: bool = False,
@@ -64,6 +79,7 @@ def evaluate_drafts(primary, windows: np.ndarray, models: dict, layer_map: list,
 
     table = {name: _Acc() for name in ["primary", *models]}
     blocks = {name: {g: [] for g in gammas} for name in models}
+    by_offset = {name: torch.zeros(2, table_gamma, dtype=torch.float64) for name in models}
     for s in tqdm(range(0, len(windows), batch_size), desc="evaluate", disable=not progress):
         ids = torch.from_numpy(np.asarray(windows[s:s + batch_size], dtype=np.int64))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -79,9 +95,12 @@ def evaluate_drafts(primary, windows: np.ndarray, models: dict, layer_map: list,
                     blocks[name][g].append(accepted_per_block(lg.argmax(-1) == p_arg, g))
                 if g == table_gamma:
                     table[name].add(lg[:, :-1], tgt, p_logits[:, :-1], p_arg[:, :-1])
+                    by_offset[name] += offset_agreement(lg.argmax(-1) == p_arg, g)
     out = {"primary": table["primary"].result()}
     for name in models:
+        agree, count = by_offset[name]
         out[name] = {**table[name].result(), "table_gamma": table_gamma,
+                     "relative_accuracy_by_offset": (agree / count.clamp_min(1)).tolist(),
                      **{f"accepted_g{g}": float(torch.cat(blocks[name][g]).mean()) for g in gammas}}
     return out
 

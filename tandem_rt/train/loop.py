@@ -60,13 +60,20 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; no weight decay on vectors (norms, biases)."""
-    decay, no_decay = [], []
+    """AdamW over trainable parameters; no weight decay on vectors (norms, biases).
+
+    A parameter with an ``lr_scale`` attribute (a float set by the model, e.g. the feature input's
+    ``W_f``) trains at ``lr_scale`` times the scheduled learning rate: its group keeps the factor
+    as ``"lr_scale"`` and :func:`train` multiplies each step's rate by it.
+    """
+    groups: dict = {}
     for p in module.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+            key = (p.dim() >= 2, float(getattr(p, "lr_scale", 1.0)))
+            groups.setdefault(key, []).append(p)
+    param_groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": scale}
+                    for (decay, scale), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -132,7 +139,7 @@ def train(objective: nn.Module, sample: Callable[[int], torch.Tensor], cfg: Trai
     while step < total and (max_steps is None or done_here < max_steps):
         lr = lr_at(step, total, cfg)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         batch = sample(cfg.batch_size).to(info.device)
         with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
             loss, metrics = model(batch)

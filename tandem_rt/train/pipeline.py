@@ -67,6 +67,9 @@ class TrainPlan:
                                         # "init": the same init as the drafter, the full budget
     feature_layer: Optional[int] = None  # primary layer (one of layer_map) fed into the secondary's
                                         # input (the feature input; None: Eq. (2) only)
+    proj_lr_scale: float = 1.0          # learning rate of the Tandem projections (and, with the
+                                        # feature input, W_f and its norm) relative to --lr
+    feature_lr_scale: Optional[float] = None  # the feature input's own factor (None: proj_lr_scale)
     top_k: int = 32
     gamma_max: int = 8
     distil_weight: float = 0.5
@@ -118,6 +121,13 @@ class TrainPlan:
             raise TrainError(f"epochs must be a positive number, got {self.epochs!r}")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise TrainError(f"lr must be in (0, 1), got {self.lr!r}")
+        for name in ("proj_lr_scale", "feature_lr_scale"):
+            value = getattr(self, name)
+            if value is None and name == "feature_lr_scale":
+                continue
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1e3
+                    and math.isfinite(value)):
+                raise TrainError(f"{name} must be a positive number, got {value!r}")
         if not 0.0 <= float(self.router_threshold) <= 1.0:
             raise TrainError(f"router_threshold must be in [0, 1], got {self.router_threshold!r}")
         if self.train_dtype not in (None, "bfloat16", "float32"):
@@ -337,7 +347,20 @@ def build_small_models(plan: TrainPlan, source: PrimarySource, layer_map: list, 
             raise TrainError(str(exc)) from None
     else:
         init_projections_random(draft, plan.seed)
+    set_lr_scale(draft.proj, plan.proj_lr_scale)
+    if draft.feature is not None:
+        set_lr_scale(draft.feature, plan.proj_lr_scale if plan.feature_lr_scale is None else plan.feature_lr_scale)
     return draft
+
+
+def set_lr_scale(module: torch.nn.Module, scale: float) -> None:
+    """Train every parameter of ``module`` at ``scale`` times the scheduled learning rate
+    (``loop.make_optimizer`` reads the ``lr_scale`` attribute). The primary-derived paths start
+    fitted (ridge projections) or neutral (``W_f = 0``); at the small models' learning rate one
+    AdamW step moves each entry of a 576 x 576 projection by ~17% of its fitted size, so they
+    train slower than the layers they feed."""
+    for p in module.parameters():
+        p.lr_scale = float(scale)
 
 
 def train_small(plan: TrainPlan, source: PrimarySource, layer_map: list, cache: PrimaryCache, which: str,
