@@ -136,3 +136,33 @@ def test_tandem_drafts_use_primary_kv_of_committed_tokens():
         first = int(tandem.secondary_forward(ids, hidden, b)[0, -1].argmax())
         p = tandem.primary(torch.tensor([prompt + [first]]))[0, -2:].argmax(-1).tolist()
     assert r["accepted"] == [int(first == p[0])]
+
+
+@pytest.mark.parametrize("feature", [False, True])
+def test_eval_drafts_models_keep_the_feature_input(feature):
+    """tools/eval_drafts.py evaluates a checkpoint's Tandem secondary as it was trained: projections
+    and, where the checkpoint has one, its feature input (reference: TandemModel.secondary_forward)."""
+    import importlib.util
+    from pathlib import Path
+
+    from tandem_rt.models.tandem import training_boundary
+
+    spec = importlib.util.spec_from_file_location("eval_drafts", Path(__file__).resolve().parents[1] / "tools" / "eval_drafts.py")
+    eval_drafts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_drafts)
+    model = random_tandem_model(seed=3, layer_map=[2, 4], feature_layer=4 if feature else None)
+    if feature:
+        torch.nn.init.normal_(model.tandem.feature.proj.weight, std=0.3)  # W_f starts at zero
+    ids = torch.randint(0, 97, (2, 15), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, hidden = model.primary_forward(ids)
+        b = training_boundary(15, 3)
+        ref = model.secondary_forward(ids, hidden, b)
+        models = eval_drafts.draft_models(model, "")
+        got = models["Tandem-Distil"](ids, hidden, b.expand(2, -1))
+    torch.testing.assert_close(got, ref)
+    assert set(models) == {"drafter-Distil", "Tandem-Distil"}
+    if feature:  # without the feature input the logits differ
+        model.tandem.feature.proj.weight.data.zero_()
+        with torch.no_grad():
+            assert not torch.allclose(models["Tandem-Distil"](ids, hidden, b.expand(2, -1)), got)

@@ -22,16 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def draft_models(ckpt, name: str) -> dict:
-    """``{name/drafter-Distil: drafter, name/Tandem-Distil: TandemDraft}`` of a loaded checkpoint (float32)."""
+    """``{name/drafter-Distil: drafter, name/Tandem-Distil: TandemDraft}`` of a loaded checkpoint (float32);
+    the Tandem secondary keeps its projections and, where the checkpoint has one, its feature input."""
     from tandem_rt.train.draft_training import TandemDraft
 
     out = {}
     if ckpt.drafter is not None:
         out[f"{name}drafter-Distil"] = ckpt.drafter.float().eval()
-    d = TandemDraft(ckpt.secondary.float(), ckpt.config.primary.hidden_size, bias=ckpt.config.projection_bias)
-    d.proj = ckpt.tandem.proj.float()
-    d.layer_map = list(ckpt.layer_map)
-    out[f"{name}Tandem-Distil"] = d.eval()
+    out[f"{name}Tandem-Distil"] = TandemDraft.from_tandem_model(ckpt.float()).eval()
     return out
 
 

@@ -262,6 +262,21 @@ class TandemDraft(nn.Module):
         self.feature_index = feature_index
         self.feature = None if feature_index is None else FeatureInput(d_primary, secondary.config.hidden_size, eps)
 
+    @classmethod
+    def from_tandem_model(cls, model) -> "TandemDraft":
+        """The secondary, projections and feature input of a :class:`~tandem_rt.models.TandemModel`
+        (e.g. a loaded checkpoint; its modules are shared, not copied). ``.layer_map`` is set to the
+        model's, so :func:`tandem_rt.train.draft_eval.evaluate_drafts` reads those residual streams."""
+        cfg = model.config
+        draft = cls.__new__(cls)
+        nn.Module.__init__(draft)
+        draft.secondary = model.secondary
+        draft.proj = model.tandem.proj
+        draft.feature_index = model.feature_index
+        draft.feature = model.feature
+        draft.layer_map = list(cfg.layer_map)
+        return draft
+
     def forward(self, input_ids, primary_hidden, boundary, reduced: bool = False):
         """``input_ids [B, T]``, hidden per layer ``[B, T, d_L]``, boundary ``[B, T]`` -> logits
         ``[B, T, V]`` (``reduced``: ``[B, T, N]`` over the secondary's ``vocab_subset``)."""
