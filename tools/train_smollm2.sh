@@ -4,7 +4,7 @@
 # ../shared/data/gutenberg_kids. Every stage is resumable: rerun the script after an interruption.
 #
 #   bash tools/train_smollm2.sh            # main run -> runs/smollm2/main, checkpoint runs/smollm2/ckpt
-#   VARIANTS="feature init random_proj layers4 map30 vocab4096 vocab_full" bash tools/train_smollm2.sh   # + ablations
+#   VARIANTS="feature plr feature_plr init random_proj layers4 map30 vocab4096 vocab_full" bash tools/train_smollm2.sh   # + ablations
 #
 # The variants share the main run's token files and primary cache (symlinks); those with the
 # main run's drafter options share its drafter too, so only their Tandem secondary is trained.
@@ -42,6 +42,8 @@ for v in ${VARIANTS:-}; do
     vocab_full)   variant vocab_full "tokens cache" --draft-vocab 0 ;;
     layers4)      variant layers4 "tokens cache" --layers 4 --layer-map 15,15,30,30 ;;
     feature)      variant feature "tokens cache drafter draft_vocab.pt" --feature-layer 30 ;;
+    plr)          variant plr "tokens cache drafter draft_vocab.pt" --proj-lr-scale 0.1 ;;
+    feature_plr)  variant feature_plr "tokens cache drafter draft_vocab.pt" --feature-layer 30 --proj-lr-scale 0.1 ;;
     map30)        variant map30 "tokens cache drafter draft_vocab.pt" --layer-map 30,30 ;;
     *) echo "unknown variant $v" >&2; exit 2 ;;
   esac

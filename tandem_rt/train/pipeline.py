@@ -356,9 +356,8 @@ def build_small_models(plan: TrainPlan, source: PrimarySource, layer_map: list, 
 def set_lr_scale(module: torch.nn.Module, scale: float) -> None:
     """Train every parameter of ``module`` at ``scale`` times the scheduled learning rate
     (``loop.make_optimizer`` reads the ``lr_scale`` attribute). The primary-derived paths start
-    fitted (ridge projections) or neutral (``W_f = 0``); at the small models' learning rate one
-    AdamW step moves each entry of a 576 x 576 projection by ~17% of its fitted size, so they
-    train slower than the layers they feed."""
+    fitted (ridge projections) or neutral (``W_f = 0``), and a full-rate AdamW step moves each of
+    their entries by up to ``lr`` (docs/TRAINING.md)."""
     for p in module.parameters():
         p.lr_scale = float(scale)
 
