@@ -551,3 +551,42 @@ def test_offset_agreement_matches_a_loop():
                 hit[k] += float(agree[b, i])
                 n[k] += 1
         assert got.tolist() == [hit, n]
+
+
+def test_probe_primary_features_tool_runs_on_a_run(tmp_path, tokenizer_file, one_torch_thread):
+    """tools/probe_primary_features.py on a tiny run: its inputs pair the token at i and the primary's
+    layer output at i - 1 with the primary's argmax at i (checked against the cache entry by entry),
+    and every default probe reports a held-out relative accuracy."""
+    import importlib.util
+    from pathlib import Path
+
+    from tandem_rt.train.pipeline import run_pipeline
+
+    plan = tiny_plan(tmp_path, tokenizer_file, num_layers=1)
+    run_pipeline(plan, progress=False, stop_after="drafter")
+    spec = importlib.util.spec_from_file_location(
+        "probe_primary_features", Path(__file__).resolve().parents[1] / "tools" / "probe_primary_features.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cache = PrimaryCache(tmp_path / "run" / "cache")
+    batch = cache.batch([0, 1])
+    embed = torch.randn(V, 32, generator=torch.Generator().manual_seed(0))
+    x, y = tool.probe_inputs(batch, ["token", "h4"], [4], embed)
+    T = batch.tokens.shape[1]
+    for b in range(2):
+        for i in range(1, T):
+            row = x[b * (T - 1) + i - 1]
+            e, h = embed[batch.tokens[b, i]], batch.hidden[0][b, i - 1].float()
+            torch.testing.assert_close(row[:32], e / e.pow(2).mean().add(1e-5).sqrt())
+            torch.testing.assert_close(row[32:], h / h.pow(2).mean().add(1e-5).sqrt())
+            assert y[b * (T - 1) + i - 1] == batch.topk_ids[b, i, 0]
+    out = tmp_path / "probe.json"
+    assert tool.main(["--run", str(tmp_path / "run"), "--steps", "3", "--batch-windows", "4", "--heldout-windows", "8",
+                      "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["inputs"] for r in res["probes"]] == ["token", "token+h4", "drafter", "drafter+h4"]
+    n_pos = 8 * (cache.batch([0]).tokens.shape[1] - 1)
+    for r in res["probes"]:
+        assert 0.0 <= r["relative_accuracy"] <= 1.0 and r["positions"] == n_pos
+    with pytest.raises(SystemExit, match="unknown probe input"):
+        tool.main(["--run", str(tmp_path / "run"), "--steps", "1", "--heldout-windows", "8", "--probes", "token+h9"])
