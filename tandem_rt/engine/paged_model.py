@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from tandem_rt._ext import _C
 from tandem_rt.models.llama import LlamaForCausalLM, scatter_vocab
-from tandem_rt.quantized import QuantMatrix, cat_rows, embedding_rows, packs16, quant_mm, with_packed
+from tandem_rt.quantized import (QUANT_ROWS_MAX, QuantMatrix, cat_rows, embedding_rows, packs16, quant_mm,
+                                 with_packed)
 
 # the CPU step ops without the torch dispatcher (csrc/ops/direct.h): same checks, no dispatcher host work
 _cpu = _C.cpu
@@ -278,10 +279,14 @@ class PagedLlama:
             Q4_1 matrices are repacked 16 outputs at a time (``linear_rows_q16``) and their block
             rows dropped (a quantized embedding keeps its own for the lookups; products of more
             than 64 rows unpack them per call).
+        decoder_plan: run the decoder layers of a step (``forward(step=True)``, at most
+            ``QUANT_ROWS_MAX`` rows, paged attention) in one C++ call (``_C.cpu.DecoderPlan``, the same
+            ops in the same order: bit-identical) instead of ~8 op calls per layer from Python;
+            default: with the CPU layout of ``linear_rows`` (bf16 / fp32 on the CPU).
     """
 
     def __init__(self, model: LlamaForCausalLM, cpu_layout: Optional[bool] = None,
-                 quantized: Optional[dict] = None):
+                 quantized: Optional[dict] = None, decoder_plan: Optional[bool] = None):
         self.model = model
         self.config = cfg = model.config
         self.scale = cfg.head_dim ** -0.5
@@ -334,8 +339,30 @@ class PagedLlama:
             self.lm_head = mat([model.output_weight])
         else:
             self.lm_head = dense([model.output_weight.detach().index_select(0, self.vocab_subset)])
+        if decoder_plan and not self.rows_layout:
+            raise ValueError("decoder_plan needs the CPU engine in bfloat16 or float32 (cpu_layout)")
+        self.decoder_plan = self._build_decoder_plan() if (self.rows_layout if decoder_plan is None
+                                                           else decoder_plan) else None
         self.quantized_bytes = sum(w.nbytes for lw in self.layers for w in lw if isinstance(w, QuantMatrix)) + (
             self.lm_head.nbytes if isinstance(self.lm_head, QuantMatrix) else 0)
+
+    def _build_decoder_plan(self):
+        """``_C.cpu.DecoderPlan`` over this model's layers: each product as (weight, kernel, qtype),
+        kernel 0 = ``linear_rows`` on the dense ``[out, in]`` matrix, 1 = ``linear_rows_q16`` on the
+        packed blocks, 2 = ``linear_rows_q`` on the block rows (what ``quant_mm`` runs for a step)."""
+        from tandem_rt.ops.layer_math import QUANT_TYPES
+
+        def product(w):
+            if not isinstance(w, QuantMatrix):
+                return (w, 0, 0)
+            code = QUANT_TYPES[w.qtype][0]
+            return (w.packed, 1, code) if w.packed is not None else (w.blocks, 2, code)
+
+        cfg = self.config
+        layers = [(lw.ln1, product(lw.w_qkv), lw.b_qkv, product(lw.w_o), lw.ln2, product(lw.w_gate_up),
+                   product(lw.w_down)) for lw in self.layers]
+        return _cpu.DecoderPlan(layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                                self.eps, float(cfg.rope_theta), self.scale)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows of ``input_ids`` (int64 ``[T]``) -> ``[T, d]``."""
@@ -392,6 +419,11 @@ class PagedLlama:
         if input_offset is not None:
             x = x + input_offset
         T = x.shape[0]
+        if step and self.decoder_plan is not None and not meta.dense and T <= QUANT_ROWS_MAX:
+            x, *streams = self.decoder_plan.run(x, meta.positions, meta.slot_mapping, meta.block_tables,
+                                                meta.seq_lens, meta.query_start_loc, meta.max_q_len,
+                                                meta.max_seq_len, k_cache, v_cache, list(hidden_layers))
+            return self._logits(x, logits_rows), streams
         wanted = set(hidden_layers)
         saved = {0: x} if 0 in wanted else {}
         attn = None if meta.dense else torch.empty((T, Hq, D), dtype=x.dtype, device=x.device)
@@ -411,9 +443,14 @@ class PagedLlama:
             x = mm(silu_and_mul(gu, cpu_ops), lw.w_down, x)
             if i + 1 in wanted:
                 saved[i + 1] = x
+        return self._logits(x, logits_rows, mm), [saved[l] for l in hidden_layers]
+
+    def _logits(self, x: torch.Tensor, logits_rows: Optional[torch.Tensor], mm=None) -> torch.Tensor:
+        """Final norm and LM head of the rows ``logits_rows`` of ``x`` ``[T, d]`` (all rows when None)
+        -> ``[R, V]``; ``mm``: the product (default: the step's, ``step_mm``)."""
         if logits_rows is not None:
             x = x.index_select(0, logits_rows)
-        logits = mm(rms_norm(x, self.final_norm, eps, cpu_ops), self.lm_head)
+        logits = (mm or self.step_mm)(rms_norm(x, self.final_norm, self.eps, self.cpu_ops), self.lm_head)
         if self.vocab_subset is not None:
-            logits = scatter_vocab(logits, self.vocab_subset, cfg.vocab_size)
-        return logits, [saved[l] for l in hidden_layers]
+            logits = scatter_vocab(logits, self.vocab_subset, self.config.vocab_size)
+        return logits
