@@ -67,6 +67,12 @@ def test_tandem_config_roundtrip_and_validation():
         bad = dict(good, feature_layer=value)
         with pytest.raises(ConfigError, match="feature_layer"):
             TandemConfig.from_dict(bad)
+    out = dict(good, feature_at="output")
+    assert TandemConfig.from_dict(out).feature_at == "output" and TandemConfig.from_dict(out).to_dict() == out
+    assert "feature_at" not in TandemConfig.from_dict(good).to_dict()   # "input", the default, is not written
+    for value in ("middle", None, 1):
+        with pytest.raises(ConfigError, match="feature_at"):
+            TandemConfig.from_dict(dict(good, feature_at=value))
 
 
 def test_router_config():

@@ -48,7 +48,7 @@ def reference_tandem(model, prompt, gamma, max_new, free_token):
     return toks[len(prompt):]
 
 
-@pytest.mark.parametrize("feature", [False, True])
+@pytest.mark.parametrize("feature", [False, True, "output"])
 @pytest.mark.parametrize("free_token", [True, False])
 def test_tandem_mode_matches_reference(free_token, feature):
     model = agreeing_tandem_model(seed=4, layer_scale=0.45, feature=feature)
@@ -77,10 +77,11 @@ def test_secondary_mode_matches_plain_secondary():
         assert o.token_ids == toks[len(p):]
 
 
-def test_feature_input_changes_the_drafts():
+@pytest.mark.parametrize("feature", [True, "output"])
+def test_feature_input_changes_the_drafts(feature):
     """The feature input is read by the engine's drafts: with W_f zeroed the secondary drafts
     differently (so the reference comparison above cannot pass by ignoring it)."""
-    model = agreeing_tandem_model(seed=4, layer_scale=0.45, feature=True)
+    model = agreeing_tandem_model(seed=4, layer_scale=0.45, feature=feature)
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (5, 9, 12, 16)]
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
@@ -93,13 +94,13 @@ def test_feature_input_changes_the_drafts():
     assert with_f != without
 
 
-@pytest.mark.parametrize("mode", ["tandem-speed", "tandem"])
-def test_feature_input_through_graph_plumbing(mode):
+@pytest.mark.parametrize("mode,feature", [("tandem-speed", True), ("tandem", True), ("tandem", "output")])
+def test_feature_input_through_graph_plumbing(mode, feature):
     """Draft steps with the feature input through the CUDA-graph static buffers (EagerCapture on
     the CPU) give the tokens of the eager engine."""
     from tandem_rt.engine.cuda_graphs import CudaGraphRunner, EagerCapture
 
-    model = agreeing_tandem_model(seed=6, layer_scale=0.45, feature=True)
+    model = agreeing_tandem_model(seed=6, layer_scale=0.45, feature=feature)
     g = torch.Generator().manual_seed(8)
     prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (4, 11, 7)]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)

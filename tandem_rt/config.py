@@ -191,6 +191,9 @@ TRAIN_BOUNDARIES = ("training", "drafting")
 QUANTIZED_TYPES = ("Q8_0", "Q4_1")   # block quantizations a checkpoint may store its primary's matrices in
 
 
+# where the feature input enters the secondary (TandemConfig.feature_at)
+FEATURE_AT = ("input", "output")
+
 @dataclass
 class TandemConfig:
     """Everything in ``tandem_config.json`` (format ``tandem_rt`` version 1)."""
@@ -219,6 +222,9 @@ class TandemConfig:
     # before a block is added to the secondary's input embeddings (``tandem.feature``; docs/DESIGN.md
     # §2.2 "Feature input"); None: Eq. (2) only
     feature_layer: Optional[int] = None
+    # optional, with feature_layer: where the feature enters the secondary: "input" (added to its
+    # input embeddings) or "output" (added to its last residual, before the final norm and LM head)
+    feature_at: str = "input"
 
     def __post_init__(self) -> None:
         _require(self.format == FORMAT_NAME, f"format must be {FORMAT_NAME!r}, got {self.format!r}")
@@ -266,6 +272,7 @@ class TandemConfig:
                                                 and not isinstance(self.feature_layer, bool)
                                                 and self.feature_layer in self.layer_map),
                  f"feature_layer must be null or one of layer_map {self.layer_map}, got {self.feature_layer!r}")
+        _require(self.feature_at in FEATURE_AT, f"feature_at must be one of {list(FEATURE_AT)}, got {self.feature_at!r}")
         for name in self.shared_embeddings:
             other = getattr(self, name)
             _require(other is not None and other.hidden_size == self.primary.hidden_size,
@@ -297,6 +304,7 @@ class TandemConfig:
             **({"train_boundary": self.train_boundary} if self.train_boundary != "training" else {}),
             **({"quantized": dict(self.quantized)} if self.quantized else {}),
             **({"feature_layer": self.feature_layer} if self.feature_layer is not None else {}),
+            **({"feature_at": self.feature_at} if self.feature_at != "input" else {}),
         }
 
     @classmethod
@@ -304,7 +312,7 @@ class TandemConfig:
         _require(isinstance(data, dict), f"tandem_config.json must hold a JSON object, got {type(data).__name__}")
         expected = {"format", "format_version", "primary", "secondary", "layer_map",
                     "train_block_length", "projection_bias", "drafter", "router", "torch_dtype"}
-        optional = {"primary_source", "shared_embeddings", "train_boundary", "quantized", "feature_layer"}
+        optional = {"primary_source", "shared_embeddings", "train_boundary", "quantized", "feature_layer", "feature_at"}
         missing = sorted(expected - set(data))
         unknown = sorted(set(data) - expected - optional)
         _require(not missing, f"tandem_config.json: missing key(s) {missing}")

@@ -117,12 +117,12 @@ class _Graph:
 
         def run():   # the eager step body itself, on the static buffers
             return runner.forward_step(model, cache, self.ids, m, last_rows_only, hidden_layers, refresh, self.verify,
-                                       input_offset=self.offset)
+                                       feature_offset=self.offset)
         outputs, self._replay = capture(run)
         self.logits, self.hidden = outputs[0], outputs[1]
         self.verified = outputs[2:]
 
-    def replay(self, ids: torch.Tensor, meta: ForwardMeta, last_rows_only: bool, verify=None, input_offset=None):
+    def replay(self, ids: torch.Tensor, meta: ForwardMeta, last_rows_only: bool, verify=None, feature_offset=None):
         """Copy the step's inputs into the static buffers, replay, return views of the outputs:
         (logits, hidden) or, with ``verify`` (:class:`VerifyInputs` of the ``b`` real sequences),
         (logits, hidden, accepted ``[b]``, emitted ``[b, q]``); ``verify.rng`` is advanced."""
@@ -131,7 +131,7 @@ class _Graph:
         self.ids[:T].copy_(ids)
         self.ids[T:].zero_()
         if self.offset is not None:
-            self.offset[:T].copy_(input_offset)
+            self.offset[:T].copy_(feature_offset)
             self.offset[T:].zero_()
         m.positions[:T].copy_(meta.positions)
         m.slot_mapping[:T].copy_(meta.slot_mapping)
@@ -175,7 +175,7 @@ class CudaGraphRunner:
         self.capture = capture if capture is not None else CudaCapture()
 
     def run(self, model, cache, ids, meta: ForwardMeta, last_rows_only: bool, hidden_layers: tuple,
-            refresh: bool = False, verify=None, input_offset=None):
+            refresh: bool = False, verify=None, feature_offset=None):
         """Replays (capturing first if needed) the step's graph; None when no graph applies (the
         caller then runs the step eagerly, including the refresh and the verification)."""
         q = meta.uniform_q_len
@@ -184,7 +184,7 @@ class CudaGraphRunner:
         if bucket is None or q > 32:
             return None
         kind = None if verify is None else ("greedy" if verify.probs is None else "probs")
-        offset = input_offset is not None
+        offset = feature_offset is not None
         key = (id(model), bucket, q, last_rows_only, hidden_layers, kind, refresh, offset)
         g = self.graphs.get(key)
         if g is None:
@@ -192,4 +192,4 @@ class CudaGraphRunner:
                                           self.capture, refresh, kind, offset)
         if meta.block_tables.shape[1] > g.max_pages:
             return None
-        return g.replay(ids, meta, last_rows_only, verify, input_offset)
+        return g.replay(ids, meta, last_rows_only, verify, feature_offset)

@@ -44,6 +44,7 @@ class ModelRunner:
         self.layer_map = list(model.layer_map)
         self.primary = PagedLlama(model.primary, quantized=quantized_primary)
         self.secondary = PagedLlama(model.secondary)
+        self.secondary.feature_at = cfg.feature_at   # where the feature input enters (TandemConfig.feature_at)
         self.drafter = PagedLlama(model.drafter) if model.drafter is not None else None
         self.refresh = TandemRefresh(model, self.secondary)
         pages, ps = page_manager.num_pages, page_manager.page_size
@@ -94,19 +95,19 @@ class ModelRunner:
     def forward_step(self, model: PagedLlama, cache, ids: torch.Tensor, meta: ForwardMeta,
                      last_rows_only: bool = False, hidden_layers=(), refresh: bool = False,
                      verify: Optional[VerifyInputs] = None, logits_rows: Optional[torch.Tensor] = None,
-                     input_offset: Optional[torch.Tensor] = None):
+                     feature_offset: Optional[torch.Tensor] = None):
         """One decode / verify step: the paged forward of ``ids`` (int64 ``[T]``) over ``meta``;
         with ``refresh`` the Tandem refresh of the same rows into the secondary pool
         (``hidden_layers`` = the layer map); with ``verify`` (rows ``1..`` of each sequence are its
         drafts) the verification of the block. Returns (logits, hidden) as
         ``PagedLlama.forward``, plus (accepted int32 ``[B]``, emitted int64 ``[B, G + 1]``) with
         ``verify``. ``logits_rows`` (int64 ``[R]``): the rows whose logits are computed, instead
-        of every row (or the last rows with ``last_rows_only``). ``input_offset`` ``[T, d]``: added
+        of every row (or the last rows with ``last_rows_only``). ``feature_offset`` ``[T, d]``: added
         to the embeddings (the secondary's feature input, ``steps.draft``)."""
         if logits_rows is None and last_rows_only:
             logits_rows = meta.last_rows
         logits, hidden = model.forward(ids, meta, cache.k, cache.v, logits_rows=logits_rows,
-                                       hidden_layers=hidden_layers, step=True, input_offset=input_offset)
+                                       hidden_layers=hidden_layers, step=True, feature_offset=feature_offset)
         if refresh:
             self.refresh(hidden, meta.positions, meta.slot_mapping, self.secondary_cache.k, self.secondary_cache.v,
                          step=True, features=self.feature_pool)
@@ -116,16 +117,16 @@ class ModelRunner:
 
     def run(self, model: PagedLlama, cache, ids: torch.Tensor, meta: ForwardMeta, last_rows_only: bool = False,
             hidden_layers=(), refresh: bool = False, verify: Optional[VerifyInputs] = None,
-            logits_rows: Optional[torch.Tensor] = None, input_offset: Optional[torch.Tensor] = None):
+            logits_rows: Optional[torch.Tensor] = None, feature_offset: Optional[torch.Tensor] = None):
         """:meth:`forward_step`, replayed from a captured CUDA graph when one applies (uniform rows
         per sequence, no prompt rows), else eager. Same results either way."""
         if self.cuda_graphs is not None and meta.uniform_q_len and logits_rows is None:
             out = self.cuda_graphs.run(model, cache, ids, meta, last_rows_only, tuple(hidden_layers), refresh, verify,
-                                       input_offset)
+                                       feature_offset)
             if out is not None:
                 return out
         return self.forward_step(model, cache, ids, meta, last_rows_only, hidden_layers, refresh, verify, logits_rows,
-                                 input_offset)
+                                 feature_offset)
 
     def prompt_forward(self, model: PagedLlama, cache, ids: torch.Tensor, meta: ForwardMeta, refresh: bool):
         """A prefill forward (prompt products, ``step=False``) -> last-row logits ``[B, V]``; writes

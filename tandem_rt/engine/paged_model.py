@@ -339,6 +339,7 @@ class PagedLlama:
             self.lm_head = mat([model.output_weight])
         else:
             self.lm_head = dense([model.output_weight.detach().index_select(0, self.vocab_subset)])
+        self.feature_at = "input"   # where forward adds a feature_offset ("input" / "output": TandemConfig.feature_at)
         if decoder_plan and not self.rows_layout:
             raise ValueError("decoder_plan needs the CPU engine in bfloat16 or float32 (cpu_layout)")
         self.decoder_plan = self._build_decoder_plan() if (self.rows_layout if decoder_plan is None
@@ -388,7 +389,7 @@ class PagedLlama:
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, meta: ForwardMeta, k_cache: list, v_cache: list,
                 logits_rows: Optional[torch.Tensor] = None, hidden_layers: Sequence[int] = (),
-                step: bool = False, input_offset: Optional[torch.Tensor] = None):
+                step: bool = False, feature_offset: Optional[torch.Tensor] = None):
         """Run the rows of ``meta``.
 
         Args:
@@ -403,8 +404,9 @@ class PagedLlama:
                 paged attention (every CPU call) a row's logits do not depend on the other rows of
                 the step (a verify row equals its decode); prompts (``False``) use ``mm`` (torch's
                 GEMM beyond a few rows).
-            input_offset: ``[T, d]`` (model dtype) added to the token embeddings (the Tandem
-                secondary's feature input), or None.
+            feature_offset: ``[T, d]`` (model dtype), the Tandem secondary's feature input: added to
+                the token embeddings, or to the last layer's output before the final norm when
+                ``self.feature_at == "output"``; or None.
         Returns:
             logits ``[R, V]`` (model dtype) and the list of ``[T, d]`` residual streams.
         """
@@ -416,14 +418,15 @@ class PagedLlama:
         ops = _cpu if cpu_ops else torch.ops.tandem_rt   # CPU: the direct entry points (no dispatcher)
         rope_write, attend = ops.rope_cache_write, ops.paged_attention
         x = self.embed(input_ids)
-        if input_offset is not None:
-            x = x + input_offset
+        at_output = feature_offset is not None and self.feature_at == "output"
+        if feature_offset is not None and not at_output:
+            x = x + feature_offset
         T = x.shape[0]
         if step and self.decoder_plan is not None and not meta.dense and T <= QUANT_ROWS_MAX:
             x, *streams = self.decoder_plan.run(x, meta.positions, meta.slot_mapping, meta.block_tables,
                                                 meta.seq_lens, meta.query_start_loc, meta.max_q_len,
                                                 meta.max_seq_len, k_cache, v_cache, list(hidden_layers))
-            return self._logits(x, logits_rows), streams
+            return self._logits(x + feature_offset if at_output else x, logits_rows), streams
         wanted = set(hidden_layers)
         saved = {0: x} if 0 in wanted else {}
         attn = None if meta.dense else torch.empty((T, Hq, D), dtype=x.dtype, device=x.device)
@@ -443,7 +446,7 @@ class PagedLlama:
             x = mm(silu_and_mul(gu, cpu_ops), lw.w_down, x)
             if i + 1 in wanted:
                 saved[i + 1] = x
-        return self._logits(x, logits_rows, mm), [saved[l] for l in hidden_layers]
+        return self._logits(x + feature_offset if at_output else x, logits_rows, mm), [saved[l] for l in hidden_layers]
 
     def _logits(self, x: torch.Tensor, logits_rows: Optional[torch.Tensor], mm=None) -> torch.Tensor:
         """Final norm and LM head of the rows ``logits_rows`` of ``x`` ``[T, d]`` (all rows when None)

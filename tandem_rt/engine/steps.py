@@ -184,7 +184,7 @@ def draft(runner, pool: str, seqs: Sequence, limits: Sequence[int], block_tables
             offset = features if full else features.index_select(0, idx)
             if k == 0 and q_rows > 1:
                 offset = offset.repeat_interleave(h2d([e - a for a, e in zip(starts, ends)], torch.int64, dev), 0)
-        logits, _ = runner.run(model, cache, ids, meta, last_rows_only=True, input_offset=offset)
+        logits, _ = runner.run(model, cache, ids, meta, last_rows_only=True, feature_offset=offset)
         tok, pr = sample_rows(logits, sub, [s.n + k for s in sub], RNG_DRAFT, want_probs)
         if full:
             drafts[:, k] = tok

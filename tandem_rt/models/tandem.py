@@ -9,7 +9,8 @@ through that layer's pre-attention RMSNorm, its W_K/W_V (and bias) and RoPE at `
 Feature input (optional, ``TandemConfig.feature_layer``; beyond Eq. (2), as EAGLE feeds its
 drafter): the secondary's input at position ``i`` is ``embed(x_i) + W_f·RMSNorm(x^(l_f)_{b(i)-1})``,
 the primary's representation at the last position it has processed before the block (nothing
-where ``b(i) = 0``). Every query of a block adds the same vector.
+where ``b(i) = 0``). Every query of a block adds the same vector. With ``feature_at="output"`` the
+same vector is added to the secondary's last residual instead, before its final norm and LM head.
 """
 from __future__ import annotations
 
@@ -74,19 +75,24 @@ def latest_feature(hidden: torch.Tensor, boundary: torch.Tensor) -> torch.Tensor
 def tandem_secondary_forward(secondary: LlamaForCausalLM, projections, input_ids: torch.Tensor,
                              primary_hidden: list, boundary: torch.Tensor,
                              positions: Optional[torch.Tensor] = None, reduced: bool = False,
-                             feature: Optional[FeatureInput] = None, feature_index: Optional[int] = None) -> torch.Tensor:
+                             feature: Optional[FeatureInput] = None, feature_index: Optional[int] = None,
+                             feature_at: str = "input") -> torch.Tensor:
     """Eq. (2) for a secondary and its projections (``projections[j]``: d_L -> d_S) without a primary
     module: the primary's residual streams come from the caller (a forward or the primary cache).
     Arguments and result as :meth:`TandemModel.secondary_forward`; ``reduced``: logits over the
     secondary's ``vocab_subset`` only (``[B, T, N]``); ``feature``: the feature input, reading
-    ``primary_hidden[feature_index]``."""
+    ``primary_hidden[feature_index]``, added to the input embeddings (``feature_at="input"``) or to the
+    last layer's output before the final norm (``"output"``)."""
     sec = secondary
     B, T = input_ids.shape
     if positions is None:
         positions = torch.arange(T, device=input_ids.device)
     y = sec.model.embed_tokens(input_ids)
+    offset = None
     if feature is not None:
-        y = y + feature(latest_feature(primary_hidden[feature_index], boundary).to(y.dtype)).to(y.dtype)
+        offset = feature(latest_feature(primary_hidden[feature_index], boundary).to(y.dtype)).to(y.dtype)
+        if feature_at == "input":
+            y, offset = y + offset, None
     cos, sin = sec.rope(positions.view(1, T), y.dtype)
     mask = tandem_mask(boundary.to(input_ids.device), T)
     for j, layer in enumerate(sec.model.layers):
@@ -100,6 +106,8 @@ def tandem_secondary_forward(secondary: LlamaForCausalLM, projections, input_ids
         v = torch.cat([v_pri, v_own], dim=2)
         y = y + attn.attend(q, k, v, mask)
         y = y + layer.mlp(layer.post_attention_layernorm(y))
+    if offset is not None:
+        y = y + offset
     return sec.subset_logits(y) if reduced else sec.logits(y)
 
 
@@ -168,7 +176,8 @@ class TandemModel(nn.Module):
             secondary logits ``[B, T, V]``.
         """
         return tandem_secondary_forward(self.secondary, self.tandem.proj, input_ids, primary_hidden,
-                                        boundary, positions, feature=self.feature, feature_index=self.feature_index)
+                                        boundary, positions, feature=self.feature, feature_index=self.feature_index,
+                                        feature_at=self.config.feature_at)
 
     def forward(self, input_ids: torch.Tensor, block_length: Optional[int] = None) -> TandemOutput:
         """Training-style forward: ``input_ids [B, T]`` -> logits of both models ``[B, T, V]``.

@@ -251,11 +251,13 @@ class TandemDraft(nn.Module):
 
     ``feature_index``: with the feature input (``TandemConfig.feature_layer``), the index of its
     layer in the layer map (``self.feature``: :class:`FeatureInput`, zero-initialised); None: Eq. (2) only.
+    ``feature_at``: ``"input"`` (added to the input embeddings) or ``"output"`` (to the last residual).
     """
 
     def __init__(self, secondary: LlamaForCausalLM, d_primary: int, bias: bool = True,
-                 feature_index: Optional[int] = None, eps: float = 1e-5):
+                 feature_index: Optional[int] = None, eps: float = 1e-5, feature_at: str = "input"):
         super().__init__()
+        self.feature_at = feature_at
         self.secondary = secondary
         self.proj = nn.ModuleList(nn.Linear(d_primary, secondary.config.hidden_size, bias=bias)
                                   for _ in range(secondary.config.num_hidden_layers))
@@ -274,6 +276,7 @@ class TandemDraft(nn.Module):
         draft.proj = model.tandem.proj
         draft.feature_index = model.feature_index
         draft.feature = model.feature
+        draft.feature_at = cfg.feature_at
         draft.layer_map = list(cfg.layer_map)
         return draft
 
@@ -281,7 +284,8 @@ class TandemDraft(nn.Module):
         """``input_ids [B, T]``, hidden per layer ``[B, T, d_L]``, boundary ``[B, T]`` -> logits
         ``[B, T, V]`` (``reduced``: ``[B, T, N]`` over the secondary's ``vocab_subset``)."""
         return tandem_secondary_forward(self.secondary, self.proj, input_ids, primary_hidden, boundary,
-                                        reduced=reduced, feature=self.feature, feature_index=self.feature_index)
+                                        reduced=reduced, feature=self.feature, feature_index=self.feature_index,
+                                        feature_at=self.feature_at)
 
 
 class CachedDraftObjective(nn.Module):

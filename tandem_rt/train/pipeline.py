@@ -67,6 +67,8 @@ class TrainPlan:
                                         # "init": the same init as the drafter, the full budget
     feature_layer: Optional[int] = None  # primary layer (one of layer_map) fed into the secondary's
                                         # input (the feature input; None: Eq. (2) only)
+    feature_at: str = "input"           # "input": added to the input embeddings; "output": to the
+                                        # secondary's last residual (before its final norm)
     proj_lr_scale: float = 1.0          # learning rate of the Tandem projections (and, with the
                                         # feature input, W_f and its norm) relative to --lr
     feature_lr_scale: Optional[float] = None  # the feature input's own factor (None: proj_lr_scale)
@@ -132,6 +134,8 @@ class TrainPlan:
             raise TrainError(f"router_threshold must be in [0, 1], got {self.router_threshold!r}")
         if self.train_dtype not in (None, "bfloat16", "float32"):
             raise TrainError(f"train_dtype must be None, 'bfloat16' or 'float32', got {self.train_dtype!r}")
+        if self.feature_at not in ("input", "output"):
+            raise TrainError(f"feature_at must be 'input' or 'output', got {self.feature_at!r}")
         if self.feature_layer is not None and (not isinstance(self.feature_layer, int)
                                                or isinstance(self.feature_layer, bool) or self.feature_layer < 0):
             raise TrainError(f"feature_layer must be None or a primary layer index, got {self.feature_layer!r}")
@@ -335,7 +339,7 @@ def build_small_models(plan: TrainPlan, source: PrimarySource, layer_map: list, 
         small.load_state_dict({k[len("model."):]: v for k, v in state.items()})
     feature_index = None if plan.feature_layer is None else list(layer_map).index(plan.feature_layer)
     draft = TandemDraft(small, primary.config.hidden_size, feature_index=feature_index,
-                        eps=primary.config.rms_norm_eps)
+                        eps=primary.config.rms_norm_eps, feature_at=plan.feature_at)
     if plan.proj_init == "lstsq":
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train_autocast(plan)):
             r2 = fit_projections(draft, cache)
@@ -455,7 +459,8 @@ def export_checkpoint(plan: TrainPlan, source: PrimarySource, layer_map: list, d
     cfg = TandemConfig(primary=source.model.config, secondary=sec_cfg, layer_map=list(layer_map),
                        train_block_length=min(5, plan.gamma_max), train_boundary="drafting", projection_bias=True,
                        drafter=drafter.config, router=router.config, torch_dtype=plan.out_dtype,
-                       feature_layer=plan.feature_layer)
+                       feature_layer=plan.feature_layer,
+                       feature_at=plan.feature_at if plan.feature_layer is not None else "input")
     with torch.device("meta"), default_dtype(out_dtype):
         model = TandemModel(cfg)
     model = model.to_empty(device="cpu")
