@@ -38,7 +38,8 @@ def weight_bytes(model) -> int:
 
 
 def time_forward(engine, model, cache, context: int, rows: int, calls: int) -> float:
-    """Median seconds of ``model.forward`` over ``rows`` rows ending at position ``context + rows``."""
+    """Median seconds of ``model.forward`` (a step, as the engine runs decode / draft / verify rows) over
+    ``rows`` rows ending at position ``context + rows``."""
     from tandem_rt.engine.paged_model import build_meta
 
     pm = engine.page_manager
@@ -51,12 +52,12 @@ def time_forward(engine, model, cache, context: int, rows: int, calls: int) -> f
         last = meta.last_rows if rows == 1 else None
         sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
         for _ in range(10):
-            model.forward(ids, meta, cache.k, cache.v, logits_rows=last)
+            model.forward(ids, meta, cache.k, cache.v, logits_rows=last, step=True)
         times = []
         for _ in range(calls):
             sync()
             t = time.perf_counter()
-            model.forward(ids, meta, cache.k, cache.v, logits_rows=last)
+            model.forward(ids, meta, cache.k, cache.v, logits_rows=last, step=True)
             sync()
             times.append(time.perf_counter() - t)
         return statistics.median(times)
