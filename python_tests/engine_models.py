@@ -17,7 +17,8 @@ def agreeing_tandem_model(seed=0, vocab_size=61, layer_scale=0.35, router=True, 
     next-token predictions overlap but differ. The secondary reads the primary through random
     projections near the identity. ``head_dim`` (default 8) must be 32/64/128 for CUDA kernels.
     ``feature``: with the feature input on the primary's last layer (random ``W_f``): ``True`` or
-    ``"input"`` adds it to the secondary's input embeddings, ``"output"`` to its last residual."""
+    ``"input"`` adds it to the secondary's input embeddings, ``"output"`` to its last residual,
+    ``"mlp-output"``: a feature MLP (hidden 24) added to the last residual."""
     kw = dict(max_position_embeddings=max_position_embeddings, head_dim=head_dim)
     primary = tiny_model_config(vocab_size, hidden_size=32, layers=3, heads=4, kv_heads=2,
                                 intermediate_size=64, tie=True, bias=True, **kw)
@@ -27,7 +28,8 @@ def agreeing_tandem_model(seed=0, vocab_size=61, layer_scale=0.35, router=True, 
     router_cfg = RouterConfig(embed_dim=32, top_k=3, hidden_size=16, threshold=0.5, gamma_max=6) if router else None
     cfg = TandemConfig(primary=primary, secondary=secondary, drafter=drafter_cfg, router=router_cfg,
                        torch_dtype="float32", layer_map=[2, 3], feature_layer=3 if feature else None,
-                       feature_at="output" if feature == "output" else "input")
+                       feature_at="output" if str(feature).endswith("output") else "input",
+                       feature_hidden=24 if str(feature).startswith("mlp") else None)
     torch.manual_seed(seed)
     model = TandemModel(cfg)
     randomize_(model, 0.3, norm_range=(0.8, 1.2), vector_std=0.1)

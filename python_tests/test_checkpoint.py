@@ -42,15 +42,17 @@ def test_roundtrip_same_logits_and_names(saved):
     assert (path / "model.safetensors").stat().st_mode & 0o044 == 0o044  # readable by others, like any file
 
 
-def test_feature_input_roundtrip(tmp_path):
-    """A checkpoint with the feature input stores ``tandem.feature.*`` and ``feature_layer``; the
-    loaded secondary reads it (same logits; different from the secondary without it)."""
+@pytest.mark.parametrize("extra", [{}, {"feature_at": "output", "feature_hidden": 16}])
+def test_feature_input_roundtrip(tmp_path, extra):
+    """A checkpoint with the feature input stores ``tandem.feature.*`` and ``feature_layer`` (and the
+    MLP's ``up`` matrix, ``feature_at`` / ``feature_hidden``); the loaded secondary reads it (same
+    logits; different from the secondary without it)."""
     import dataclasses
 
     from tandem_rt.models.tandem import TandemModel
 
     base = random_tandem_model(seed=2)
-    cfg = dataclasses.replace(base.config, feature_layer=base.config.layer_map[-1])
+    cfg = dataclasses.replace(base.config, feature_layer=base.config.layer_map[-1], **extra)
     torch.manual_seed(3)
     model = TandemModel(cfg)
     model.load_state_dict(base.state_dict(), strict=False)
@@ -60,7 +62,9 @@ def test_feature_input_roundtrip(tmp_path):
     save_checkpoint(model, tmp_path / "ckpt")
     names = set(load_file(tmp_path / "ckpt" / "model.safetensors"))
     assert {"tandem.feature.norm.weight", "tandem.feature.proj.weight"} <= names
-    assert json.loads((tmp_path / "ckpt" / "tandem_config.json").read_text())["feature_layer"] == cfg.feature_layer
+    assert ("tandem.feature.up.weight" in names) == bool(extra)
+    written = json.loads((tmp_path / "ckpt" / "tandem_config.json").read_text())
+    assert written["feature_layer"] == cfg.feature_layer and all(written[k] == v for k, v in extra.items())
     loaded = load_checkpoint(tmp_path / "ckpt")
     ids = torch.randint(0, 97, (2, 9))
     torch.testing.assert_close(_logits(model, ids)[1], _logits(loaded, ids)[1], rtol=0, atol=0)

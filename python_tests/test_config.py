@@ -73,6 +73,11 @@ def test_tandem_config_roundtrip_and_validation():
     for value in ("middle", None, 1):
         with pytest.raises(ConfigError, match="feature_at"):
             TandemConfig.from_dict(dict(good, feature_at=value))
+    mlp = dict(good, feature_hidden=64)
+    assert TandemConfig.from_dict(mlp).to_dict() == mlp
+    for value in (0, -3, 2.5, True, "64"):
+        with pytest.raises(ConfigError, match="feature_hidden"):
+            TandemConfig.from_dict(dict(good, feature_hidden=value))
 
 
 def test_router_config():

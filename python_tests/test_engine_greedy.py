@@ -27,7 +27,7 @@ def random_prompts(seed, V, lens):
 
 @pytest.mark.parametrize("seed,page_size,scale,feature", [(0, 8, 0.25, False), (1, 16, 0.35, False),
                                                           (2, 32, 0.45, False), (1, 8, 0.35, True),
-                                                          (2, 16, 0.35, "output")])
+                                                          (2, 16, 0.35, "output"), (3, 16, 0.35, "mlp-output")])
 def test_greedy_speculative_equals_primary(seed, page_size, scale, feature):
     model = agreeing_tandem_model(seed=seed, layer_scale=scale, feature=feature)
     engine = Engine(model, num_pages=128, page_size=page_size, max_batch_size=3)

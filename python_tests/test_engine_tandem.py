@@ -48,7 +48,7 @@ def reference_tandem(model, prompt, gamma, max_new, free_token):
     return toks[len(prompt):]
 
 
-@pytest.mark.parametrize("feature", [False, True, "output"])
+@pytest.mark.parametrize("feature", [False, True, "output", "mlp-output"])
 @pytest.mark.parametrize("free_token", [True, False])
 def test_tandem_mode_matches_reference(free_token, feature):
     model = agreeing_tandem_model(seed=4, layer_scale=0.45, feature=feature)
@@ -77,7 +77,7 @@ def test_secondary_mode_matches_plain_secondary():
         assert o.token_ids == toks[len(p):]
 
 
-@pytest.mark.parametrize("feature", [True, "output"])
+@pytest.mark.parametrize("feature", [True, "output", "mlp-output"])
 def test_feature_input_changes_the_drafts(feature):
     """The feature input is read by the engine's drafts: with W_f zeroed the secondary drafts
     differently (so the reference comparison above cannot pass by ignoring it)."""
@@ -94,7 +94,8 @@ def test_feature_input_changes_the_drafts(feature):
     assert with_f != without
 
 
-@pytest.mark.parametrize("mode,feature", [("tandem-speed", True), ("tandem", True), ("tandem", "output")])
+@pytest.mark.parametrize("mode,feature", [("tandem-speed", True), ("tandem", True), ("tandem", "output"),
+                                          ("tandem-speed", "mlp-output")])
 def test_feature_input_through_graph_plumbing(mode, feature):
     """Draft steps with the feature input through the CUDA-graph static buffers (EagerCapture on
     the CPU) give the tokens of the eager engine."""

@@ -225,6 +225,8 @@ class TandemConfig:
     # optional, with feature_layer: where the feature enters the secondary: "input" (added to its
     # input embeddings) or "output" (added to its last residual, before the final norm and LM head)
     feature_at: str = "input"
+    # optional, with feature_layer: the hidden width of a two-layer feature MLP (None: one matrix W_f)
+    feature_hidden: Optional[int] = None
 
     def __post_init__(self) -> None:
         _require(self.format == FORMAT_NAME, f"format must be {FORMAT_NAME!r}, got {self.format!r}")
@@ -273,6 +275,9 @@ class TandemConfig:
                                                 and self.feature_layer in self.layer_map),
                  f"feature_layer must be null or one of layer_map {self.layer_map}, got {self.feature_layer!r}")
         _require(self.feature_at in FEATURE_AT, f"feature_at must be one of {list(FEATURE_AT)}, got {self.feature_at!r}")
+        _require(self.feature_hidden is None or (isinstance(self.feature_hidden, int)
+                                                 and not isinstance(self.feature_hidden, bool) and self.feature_hidden > 0),
+                 f"feature_hidden must be null or a positive integer, got {self.feature_hidden!r}")
         for name in self.shared_embeddings:
             other = getattr(self, name)
             _require(other is not None and other.hidden_size == self.primary.hidden_size,
@@ -305,6 +310,7 @@ class TandemConfig:
             **({"quantized": dict(self.quantized)} if self.quantized else {}),
             **({"feature_layer": self.feature_layer} if self.feature_layer is not None else {}),
             **({"feature_at": self.feature_at} if self.feature_at != "input" else {}),
+            **({"feature_hidden": self.feature_hidden} if self.feature_hidden is not None else {}),
         }
 
     @classmethod
@@ -312,7 +318,8 @@ class TandemConfig:
         _require(isinstance(data, dict), f"tandem_config.json must hold a JSON object, got {type(data).__name__}")
         expected = {"format", "format_version", "primary", "secondary", "layer_map",
                     "train_block_length", "projection_bias", "drafter", "router", "torch_dtype"}
-        optional = {"primary_source", "shared_embeddings", "train_boundary", "quantized", "feature_layer", "feature_at"}
+        optional = {"primary_source", "shared_embeddings", "train_boundary", "quantized", "feature_layer", "feature_at",
+                    "feature_hidden"}
         missing = sorted(expected - set(data))
         unknown = sorted(set(data) - expected - optional)
         _require(not missing, f"tandem_config.json: missing key(s) {missing}")

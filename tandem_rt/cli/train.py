@@ -21,7 +21,7 @@ def run_train(args) -> int:
                      num_layers=args.layers, init=args.init, layer_map=_layer_map(args.layer_map),
                      init_layers=_layer_map(args.init_layers, "--init-layers"),
                      proj_init=args.proj_init, tandem_init=args.tandem_init, feature_layer=args.feature_layer,
-                     proj_lr_scale=args.proj_lr_scale, feature_at=args.feature_at, feature_lr_scale=args.feature_lr_scale,
+                     proj_lr_scale=args.proj_lr_scale, feature_at=args.feature_at, feature_hidden=args.feature_hidden, feature_lr_scale=args.feature_lr_scale,
                      draft_vocab=args.draft_vocab or None, top_k=args.top_k, gamma_max=args.gamma_max,
                      distil_weight=args.distil_weight, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                      seed=args.seed, router_threshold=args.router_threshold, primary_dtype=args.primary_dtype,
@@ -69,6 +69,8 @@ def register(sub) -> None:
     p.add_argument("--feature-at", default="input", choices=["input", "output"],
                    help="where the feature input enters the secondary: its input embeddings or its last "
                         "residual before the final norm (default %(default)s)")
+    p.add_argument("--feature-hidden", type=int, default=None, metavar="H",
+                   help="the feature input as a two-layer MLP of hidden width H (default: one matrix)")
     p.add_argument("--proj-lr-scale", type=float, default=1.0, metavar="F",
                    help="learning rate of the Tandem projections relative to --lr (default %(default)s)")
     p.add_argument("--feature-lr-scale", type=float, default=None, metavar="F",

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from tandem_rt._ext import _C
 from tandem_rt.engine.paged_model import PagedLlama, h2d, input_major, rms_norm
@@ -39,15 +40,19 @@ class TandemRefresh:
         self.layer_map = list(model.layer_map)
         self.rope_write = _C.cpu.rope_cache_write if secondary.cpu_ops else torch.ops.tandem_rt.rope_cache_write
         f = model.feature
-        # the feature input: (index into the layer-map streams, norm weight [d_L], W_f in the mm layout, eps)
+        # the feature input: (index into the layer-map streams, norm weight [d_L], W_f in the mm layout, eps,
+        # the MLP's W_u in the mm layout or None)
         self.feature = None if f is None else (model.feature_index, f.norm.weight.detach(), layout(f.proj.weight),
-                                                f.norm.eps)
+                                                f.norm.eps, None if f.up is None else layout(f.up.weight))
 
     def feature_offsets(self, hidden: torch.Tensor, step: bool) -> torch.Tensor:
-        """``W_f·RMSNorm(hidden)``: ``[T, d_L]`` -> ``[T, d_S]`` (needs the feature input)."""
-        _, norm_w, w_f, eps = self.feature
+        """``W_f·RMSNorm(hidden)`` (with the feature MLP ``W_f·GELU(W_u·RMSNorm(hidden))``):
+        ``[T, d_L]`` -> ``[T, d_S]`` (needs the feature input)."""
+        _, norm_w, w_f, eps, w_u = self.feature
         mm = self.secondary.step_mm if step else self.secondary.mm
         h = rms_norm(hidden.to(norm_w.dtype), norm_w, eps, self.secondary.cpu_ops)
+        if w_u is not None:
+            h = F.gelu(mm(h.to(w_u.dtype), w_u))
         return mm(h.to(w_f.dtype), w_f)
 
     @torch.no_grad()

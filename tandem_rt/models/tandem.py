@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tandem_rt.config import TandemConfig
 from tandem_rt.models.llama import LlamaForCausalLM, RMSNorm
@@ -47,17 +48,26 @@ def tandem_mask(boundary: torch.Tensor, T: int) -> torch.Tensor:
 
 
 class FeatureInput(nn.Module):
-    """``W_f·RMSNorm(x)``: a primary representation ``[..., d_L]`` -> an input offset ``[..., d_S]``
-    for the secondary. ``W_f`` starts at zero (the secondary starts as it was), the norm at ones."""
+    """``W_f·RMSNorm(x)``: a primary representation ``[..., d_L]`` -> an offset ``[..., d_S]`` for the
+    secondary. With ``hidden`` (``TandemConfig.feature_hidden``) a two-layer MLP,
+    ``W_f·GELU(W_u·RMSNorm(x))`` (``W_u`` ``[hidden, d_L]``, normal(0, 1/sqrt(d_L))). ``W_f`` starts at
+    zero (the secondary starts as it was), the norm at ones."""
 
-    def __init__(self, d_primary: int, d_secondary: int, eps: float):
+    def __init__(self, d_primary: int, d_secondary: int, eps: float, hidden: Optional[int] = None):
         super().__init__()
         self.norm = RMSNorm(d_primary, eps)
-        self.proj = nn.Linear(d_primary, d_secondary, bias=False)
+        self.up = None
+        if hidden is not None:
+            self.up = nn.Linear(d_primary, hidden, bias=False)
+            nn.init.normal_(self.up.weight, std=d_primary ** -0.5)
+        self.proj = nn.Linear(hidden or d_primary, d_secondary, bias=False)
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(x))
+        h = self.norm(x)
+        if self.up is not None:
+            h = F.gelu(self.up(h))
+        return self.proj(h)
 
 
 def latest_feature(hidden: torch.Tensor, boundary: torch.Tensor) -> torch.Tensor:
@@ -133,7 +143,7 @@ class TandemModel(nn.Module):
             for _ in range(cfg.secondary.num_hidden_layers))
         if cfg.feature_layer is not None:
             self.tandem.feature = FeatureInput(cfg.primary.hidden_size, cfg.secondary.hidden_size,
-                                               cfg.primary.rms_norm_eps)
+                                               cfg.primary.rms_norm_eps, hidden=cfg.feature_hidden)
         self.drafter = LlamaForCausalLM(cfg.drafter) if cfg.drafter is not None else None
         self.router = Router(cfg.router) if cfg.router is not None else None
 

@@ -251,18 +251,21 @@ class TandemDraft(nn.Module):
 
     ``feature_index``: with the feature input (``TandemConfig.feature_layer``), the index of its
     layer in the layer map (``self.feature``: :class:`FeatureInput`, zero-initialised); None: Eq. (2) only.
-    ``feature_at``: ``"input"`` (added to the input embeddings) or ``"output"`` (to the last residual).
+    ``feature_at``: ``"input"`` (added to the input embeddings) or ``"output"`` (to the last residual);
+    ``feature_hidden``: the feature MLP's hidden width (None: one matrix).
     """
 
     def __init__(self, secondary: LlamaForCausalLM, d_primary: int, bias: bool = True,
-                 feature_index: Optional[int] = None, eps: float = 1e-5, feature_at: str = "input"):
+                 feature_index: Optional[int] = None, eps: float = 1e-5, feature_at: str = "input",
+                 feature_hidden: Optional[int] = None):
         super().__init__()
         self.feature_at = feature_at
         self.secondary = secondary
         self.proj = nn.ModuleList(nn.Linear(d_primary, secondary.config.hidden_size, bias=bias)
                                   for _ in range(secondary.config.num_hidden_layers))
         self.feature_index = feature_index
-        self.feature = None if feature_index is None else FeatureInput(d_primary, secondary.config.hidden_size, eps)
+        self.feature = None if feature_index is None else FeatureInput(d_primary, secondary.config.hidden_size, eps,
+                                                                       hidden=feature_hidden)
 
     @classmethod
     def from_tandem_model(cls, model) -> "TandemDraft":

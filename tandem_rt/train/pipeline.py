@@ -67,6 +67,7 @@ class TrainPlan:
                                         # "init": the same init as the drafter, the full budget
     feature_layer: Optional[int] = None  # primary layer (one of layer_map) fed into the secondary's
                                         # input (the feature input; None: Eq. (2) only)
+    feature_hidden: Optional[int] = None  # hidden width of a two-layer feature MLP (None: one matrix)
     feature_at: str = "input"           # "input": added to the input embeddings; "output": to the
                                         # secondary's last residual (before its final norm)
     proj_lr_scale: float = 1.0          # learning rate of the Tandem projections (and, with the
@@ -134,6 +135,9 @@ class TrainPlan:
             raise TrainError(f"router_threshold must be in [0, 1], got {self.router_threshold!r}")
         if self.train_dtype not in (None, "bfloat16", "float32"):
             raise TrainError(f"train_dtype must be None, 'bfloat16' or 'float32', got {self.train_dtype!r}")
+        if self.feature_hidden is not None and (not isinstance(self.feature_hidden, int)
+                                                or isinstance(self.feature_hidden, bool) or self.feature_hidden < 1):
+            raise TrainError(f"feature_hidden must be None or a positive integer, got {self.feature_hidden!r}")
         if self.feature_at not in ("input", "output"):
             raise TrainError(f"feature_at must be 'input' or 'output', got {self.feature_at!r}")
         if self.feature_layer is not None and (not isinstance(self.feature_layer, int)
@@ -339,7 +343,8 @@ def build_small_models(plan: TrainPlan, source: PrimarySource, layer_map: list, 
         small.load_state_dict({k[len("model."):]: v for k, v in state.items()})
     feature_index = None if plan.feature_layer is None else list(layer_map).index(plan.feature_layer)
     draft = TandemDraft(small, primary.config.hidden_size, feature_index=feature_index,
-                        eps=primary.config.rms_norm_eps, feature_at=plan.feature_at)
+                        eps=primary.config.rms_norm_eps, feature_at=plan.feature_at,
+                        feature_hidden=plan.feature_hidden)
     if plan.proj_init == "lstsq":
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train_autocast(plan)):
             r2 = fit_projections(draft, cache)
@@ -460,7 +465,8 @@ def export_checkpoint(plan: TrainPlan, source: PrimarySource, layer_map: list, d
                        train_block_length=min(5, plan.gamma_max), train_boundary="drafting", projection_bias=True,
                        drafter=drafter.config, router=router.config, torch_dtype=plan.out_dtype,
                        feature_layer=plan.feature_layer,
-                       feature_at=plan.feature_at if plan.feature_layer is not None else "input")
+                       feature_at=plan.feature_at if plan.feature_layer is not None else "input",
+                       feature_hidden=plan.feature_hidden if plan.feature_layer is not None else None)
     with torch.device("meta"), default_dtype(out_dtype):
         model = TandemModel(cfg)
     model = model.to_empty(device="cpu")
