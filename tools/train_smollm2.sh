@@ -4,7 +4,7 @@
 # ../shared/data/gutenberg_kids. Every stage is resumable: rerun the script after an interruption.
 #
 #   bash tools/train_smollm2.sh            # main run -> runs/smollm2/main, checkpoint runs/smollm2/ckpt
-#   VARIANTS="feature plr feature_plr late_plr late_f1 map0_plr map0_feature_plr init random_proj layers4 map30 vocab4096 vocab_full" bash tools/train_smollm2.sh   # + ablations
+#   VARIANTS="feature plr feature_plr late_plr late_f1 mlp_plr map0_plr map0_feature_plr init random_proj layers4 map30 vocab4096 vocab_full" bash tools/train_smollm2.sh   # + ablations
 #
 # The variants share the main run's token files and primary cache (symlinks; map0_* build one
 # cache for layer map [0, 30] and share it); those with the main run's drafter options share its
@@ -51,6 +51,8 @@ for v in ${VARIANTS:-}; do
                       --proj-lr-scale 0.1 ;;
     late_f1)      variant late_f1 "tokens cache drafter draft_vocab.pt" --feature-layer 30 --feature-at output \
                       --proj-lr-scale 0.1 --feature-lr-scale 1 ;;
+    mlp_plr)      variant mlp_plr "tokens cache drafter draft_vocab.pt" --feature-layer 30 --feature-at output \
+                      --feature-hidden 1536 --proj-lr-scale 0.1 --feature-lr-scale 0.5 ;;
     map0_plr)     variant map0_plr "tokens drafter draft_vocab.pt" --layer-map 0,30 --proj-lr-scale 0.1 ;;
     map0_feature_plr) variant map0_feature_plr "tokens cache@map0_plr drafter draft_vocab.pt" --layer-map 0,30 \
                       --feature-layer 30 --proj-lr-scale 0.1 ;;
