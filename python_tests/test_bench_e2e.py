@@ -52,6 +52,24 @@ def test_bench_forward_writes_json(tmp_path, capsys):
     assert set(report["ms"]) == {"primary", "secondary", "drafter"}
     assert all(set(v) == {"1", "3"} and all(t > 0 for t in v.values()) for v in report["ms"].values())
     assert "primary" in capsys.readouterr().out
+    assert report["breakdown_ms"] is None
+
+
+def test_bench_forward_breakdown_restores_the_ops(tmp_path, capsys):
+    """--breakdown times the forward with the plan, as the Python loop and with stand-in ops, and
+    puts the real ops back in the engine's module afterwards."""
+    import tandem_rt.engine.paged_model as pmod
+
+    bench_forward = import_tool("bench_forward")
+    real_cpu, real_qmm = pmod._cpu, pmod.quant_mm
+    out = tmp_path / "fwd.json"
+    rc = bench_forward.main(["--random-checkpoint", str(tmp_path / "ckpt"), "--threads", "1", "--rows", "1",
+                             "--calls", "3", "--context", "20", "--breakdown", "--json", str(out)])
+    assert rc == 0
+    b = json.loads(out.read_text())["breakdown_ms"]
+    assert set(b) == {"full", "python_loop", "without_products", "without_all"} and all(v > 0 for v in b.values())
+    assert pmod._cpu is real_cpu and pmod.quant_mm is real_qmm
+    assert "without any op" in capsys.readouterr().out
 
 
 def test_bench_draft_cost_table(tmp_path):
