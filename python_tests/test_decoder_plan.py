@@ -22,7 +22,7 @@ def pools(model, num_pages=16, page_size=4):
             [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)])
 
 
-def run_steps(paged: PagedLlama, model, hidden_layers, quantized=None):
+def run_steps(paged: PagedLlama, model, hidden_layers):
     """Prompts of two sequences (Python path), then decode and ragged verify steps (step=True) ->
     (list of (logits, streams) per step, final K/V pools)."""
     torch.manual_seed(0)

@@ -132,8 +132,9 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=64, help="cached positions before the rows")
     ap.add_argument("--rows", default="1,2,4,6,8", help="rows per forward (1 = decode)")
     ap.add_argument("--calls", type=int, default=300)
-    ap.add_argument("--breakdown", action="store_true", help="also time the primary's 1-row forward with "
-                    "the weight products skipped and with every op skipped (CPU): the time outside the weight stream")
+    ap.add_argument("--breakdown", action="store_true", help="also time the primary's 1-row forward (CPU) with "
+                    "its decoder plan, as the Python loop over the ops, and that loop with the weight products "
+                    "and with every op replaced by stand-ins: the time outside the weight stream")
     ap.add_argument("--json", help="write the table here")
     args = ap.parse_args(argv)
     path, engine = engine_from_args(args)

@@ -99,14 +99,14 @@ def train_probe(cache, parts, layers, embed, vocab, index, train_ids, held_ids, 
             "final_train_loss": float(loss.detach()), "wall_s": time.time() - t0}
 
 
-def load_drafter(run: Path, source, vocab: torch.Tensor, num_layers: int):
-    """The run's trained standalone drafter (float32, eval)."""
-    from tandem_rt.train.draft_training import init_small_model, small_model_config
+def load_drafter(plan, source, cache):
+    """The run's trained standalone drafter (float32, eval): the pipeline's own drafter model
+    (``pipeline.build_small_models``) with the weights of ``<run>/drafter``."""
     from tandem_rt.train.loop import load_run_state
+    from tandem_rt.train.pipeline import build_small_models
 
-    cfg = small_model_config(source.model.config, num_layers, "primary", None, len(vocab))
-    drafter = init_small_model(source.model, cfg, "primary", vocab_subset=vocab)
-    state = load_run_state(run / "drafter")["model"]
+    drafter = build_small_models(plan, source, [], cache, "drafter")
+    state = load_run_state(Path(plan.run_dir) / "drafter")["model"]
     drafter.load_state_dict({k[len("model."):]: v for k, v in state.items()})
     return drafter.eval()
 
@@ -114,6 +114,7 @@ def load_drafter(run: Path, source, vocab: torch.Tensor, num_layers: int):
 def main(argv=None) -> int:
     from tandem_rt.primary_source import load_primary
     from tandem_rt.train.draft_training import subset_index
+    from tandem_rt.train.pipeline import TrainPlan, draft_vocabulary
     from tandem_rt.train.primary_cache import PrimaryCache
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -132,15 +133,15 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Path(args.run)
-    plan = json.loads((run / "plan.json").read_text())
+    plan = TrainPlan(**{**json.loads((run / "plan.json").read_text()), "run_dir": str(run)})
     cache = PrimaryCache(run / "cache")
     if len(cache) <= args.heldout_windows + args.batch_windows:
         raise SystemExit(f"the cache has {len(cache)} windows: too few for {args.heldout_windows} held out")
     layers = list(cache.read_map)
-    source = load_primary(plan["primary"], dtype=torch.float32)
+    source = load_primary(plan.primary, dtype=torch.float32)
     embed = source.model.output_weight.detach().float()
-    vocab_file = run / "draft_vocab.pt"
-    vocab = torch.load(vocab_file) if vocab_file.is_file() else torch.arange(embed.shape[0])
+    vocab = draft_vocabulary(plan, source, cache)   # the run's draft vocabulary (None: the full one)
+    vocab = torch.arange(embed.shape[0]) if vocab is None else vocab
     index = subset_index(vocab, embed.shape[0])
     hs = [f"h{l}" for l in dict.fromkeys(layers)]
     if args.probes:
@@ -148,18 +149,18 @@ def main(argv=None) -> int:
     else:
         probes = [["token"], *[["token", h] for h in hs], ["token", *hs], ["drafter"], ["drafter", *hs]]
         probes = [list(p) for p in dict.fromkeys(map(tuple, probes))]   # one layer: token+h<L> once
+    bad = [part for parts in probes for part in parts if part not in ("token", "drafter", *hs)]
+    if bad:
+        raise SystemExit(f"unknown probe input {bad[0]!r}: use token, drafter or one of {hs}")
     drafter = None
     if any("drafter" in p for p in probes):
-        drafter = load_drafter(run, source, vocab, plan.get("num_layers", 2))
+        drafter = load_drafter(plan, source, cache)
     n = len(cache)
     train_ids, held_ids = np.arange(n - args.heldout_windows), np.arange(n - args.heldout_windows, n)
     rows = []
     for parts in probes:
-        bad = [p for p in parts if p not in ("token", "drafter", *hs)]
-        if bad:
-            raise SystemExit(f"unknown probe input {bad[0]!r}: use token, drafter or one of {hs}")
         row = train_probe(cache, parts, layers, embed, vocab, index, train_ids, held_ids, args.steps,
-                          args.batch_windows, args.lr, plan.get("seed", 0), drafter)
+                          args.batch_windows, args.lr, plan.seed, drafter)
         rows.append(row)
         print(f"| {row['inputs']} | {100 * row['relative_accuracy']:.2f} | {row['wall_s']:.0f} s |", flush=True)
     if args.json:

@@ -99,14 +99,16 @@ class DecoderPlan {
                       "DecoderPlan.run: k_cache and v_cache need one pool per layer (", L, "), got ",
                       k_cache.size(), " and ", v_cache.size());
     check_rank(x_in, "x", 2);
+    std::vector<bool> wanted(L + 1, false);   // streams to keep (the others are freed as the step goes)
     for (auto h : hidden_layers) {
       TORCH_CHECK_VALUE(h >= 0 && h <= L, "DecoderPlan.run: hidden_layers entries must be in 0..", L, ", got ", h);
+      wanted[h] = true;
     }
     const int64_t T = x_in.size(0);
     const int64_t qs = hq_ * d_;
     std::vector<at::Tensor> saved(L + 1);
     at::Tensor x = x_in;
-    saved[0] = x;
+    if (wanted[0]) saved[0] = x;
     at::Tensor attn = at::empty({T, hq_, d_}, x.options());   // one output buffer for every layer
     for (int64_t i = 0; i < L; ++i) {
       const Layer& l = layers_[i];
@@ -120,7 +122,7 @@ class DecoderPlan {
       x = l.o(attn.view({T, qs}), x);                                      // residual + o_proj
       at::Tensor gu = l.gate_up(direct::rms_norm(x, l.ln2, eps_), std::nullopt);
       x = l.down(direct::silu_and_mul(gu), x);                             // residual + down_proj
-      saved[i + 1] = x;
+      if (wanted[i + 1]) saved[i + 1] = x;
     }
     std::vector<at::Tensor> out{x};
     for (auto h : hidden_layers) out.push_back(saved[h]);

@@ -43,8 +43,7 @@ class ModelRunner:
         self.vocab_size = cfg.primary.vocab_size
         self.layer_map = list(model.layer_map)
         self.primary = PagedLlama(model.primary, quantized=quantized_primary)
-        self.secondary = PagedLlama(model.secondary)
-        self.secondary.feature_at = cfg.feature_at   # where the feature input enters (TandemConfig.feature_at)
+        self.secondary = PagedLlama(model.secondary, feature_at=cfg.feature_at)
         self.drafter = PagedLlama(model.drafter) if model.drafter is not None else None
         self.refresh = TandemRefresh(model, self.secondary)
         pages, ps = page_manager.num_pages, page_manager.page_size
@@ -102,8 +101,8 @@ class ModelRunner:
         drafts) the verification of the block. Returns (logits, hidden) as
         ``PagedLlama.forward``, plus (accepted int32 ``[B]``, emitted int64 ``[B, G + 1]``) with
         ``verify``. ``logits_rows`` (int64 ``[R]``): the rows whose logits are computed, instead
-        of every row (or the last rows with ``last_rows_only``). ``feature_offset`` ``[T, d]``: added
-        to the embeddings (the secondary's feature input, ``steps.draft``)."""
+        of every row (or the last rows with ``last_rows_only``). ``feature_offset`` ``[T, d]``: the
+        secondary's feature input (``steps.draft``), added where ``model.feature_at`` says."""
         if logits_rows is None and last_rows_only:
             logits_rows = meta.last_rows
         logits, hidden = model.forward(ids, meta, cache.k, cache.v, logits_rows=logits_rows,

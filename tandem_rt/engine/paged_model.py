@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from tandem_rt._ext import _C
+from tandem_rt.config import FEATURE_AT
 from tandem_rt.models.llama import LlamaForCausalLM, scatter_vocab
 from tandem_rt.quantized import (QUANT_ROWS_MAX, QuantMatrix, cat_rows, embedding_rows, packs16, quant_mm,
                                  with_packed)
@@ -283,10 +284,12 @@ class PagedLlama:
             ``QUANT_ROWS_MAX`` rows, paged attention) in one C++ call (``_C.cpu.DecoderPlan``, the same
             ops in the same order: bit-identical) instead of ~8 op calls per layer from Python;
             default: with the CPU layout of ``linear_rows`` (bf16 / fp32 on the CPU).
+        feature_at: where ``forward`` adds a ``feature_offset``: ``"input"`` (the token embeddings) or
+            ``"output"`` (the last layer's output, before the final norm); ``TandemConfig.feature_at``.
     """
 
     def __init__(self, model: LlamaForCausalLM, cpu_layout: Optional[bool] = None,
-                 quantized: Optional[dict] = None, decoder_plan: Optional[bool] = None):
+                 quantized: Optional[dict] = None, decoder_plan: Optional[bool] = None, feature_at: str = "input"):
         self.model = model
         self.config = cfg = model.config
         self.scale = cfg.head_dim ** -0.5
@@ -339,7 +342,9 @@ class PagedLlama:
             self.lm_head = mat([model.output_weight])
         else:
             self.lm_head = dense([model.output_weight.detach().index_select(0, self.vocab_subset)])
-        self.feature_at = "input"   # where forward adds a feature_offset ("input" / "output": TandemConfig.feature_at)
+        if feature_at not in FEATURE_AT:
+            raise ValueError(f"feature_at must be one of {list(FEATURE_AT)}, got {feature_at!r}")
+        self.feature_at = feature_at
         if decoder_plan and not self.rows_layout:
             raise ValueError("decoder_plan needs the CPU engine in bfloat16 or float32 (cpu_layout)")
         self.decoder_plan = self._build_decoder_plan() if (self.rows_layout if decoder_plan is None
@@ -418,15 +423,15 @@ class PagedLlama:
         ops = _cpu if cpu_ops else torch.ops.tandem_rt   # CPU: the direct entry points (no dispatcher)
         rope_write, attend = ops.rope_cache_write, ops.paged_attention
         x = self.embed(input_ids)
-        at_output = feature_offset is not None and self.feature_at == "output"
-        if feature_offset is not None and not at_output:
+        out_offset = feature_offset if self.feature_at == "output" else None
+        if feature_offset is not None and out_offset is None:
             x = x + feature_offset
         T = x.shape[0]
         if step and self.decoder_plan is not None and not meta.dense and T <= QUANT_ROWS_MAX:
             x, *streams = self.decoder_plan.run(x, meta.positions, meta.slot_mapping, meta.block_tables,
                                                 meta.seq_lens, meta.query_start_loc, meta.max_q_len,
                                                 meta.max_seq_len, k_cache, v_cache, list(hidden_layers))
-            return self._logits(x + feature_offset if at_output else x, logits_rows), streams
+            return self._logits(x, out_offset, logits_rows, mm), streams
         wanted = set(hidden_layers)
         saved = {0: x} if 0 in wanted else {}
         attn = None if meta.dense else torch.empty((T, Hq, D), dtype=x.dtype, device=x.device)
@@ -446,14 +451,17 @@ class PagedLlama:
             x = mm(silu_and_mul(gu, cpu_ops), lw.w_down, x)
             if i + 1 in wanted:
                 saved[i + 1] = x
-        return self._logits(x + feature_offset if at_output else x, logits_rows, mm), [saved[l] for l in hidden_layers]
+        return self._logits(x, out_offset, logits_rows, mm), [saved[l] for l in hidden_layers]
 
-    def _logits(self, x: torch.Tensor, logits_rows: Optional[torch.Tensor], mm=None) -> torch.Tensor:
-        """Final norm and LM head of the rows ``logits_rows`` of ``x`` ``[T, d]`` (all rows when None)
-        -> ``[R, V]``; ``mm``: the product (default: the step's, ``step_mm``)."""
+    def _logits(self, x: torch.Tensor, offset: Optional[torch.Tensor], logits_rows: Optional[torch.Tensor],
+                mm) -> torch.Tensor:
+        """Final norm and LM head (product ``mm``) of ``x + offset`` (``[T, d]``, offset None = 0) at the
+        rows ``logits_rows`` (all rows when None) -> ``[R, V]``."""
+        if offset is not None:
+            x = x + offset
         if logits_rows is not None:
             x = x.index_select(0, logits_rows)
-        logits = (mm or self.step_mm)(rms_norm(x, self.final_norm, self.eps, self.cpu_ops), self.lm_head)
+        logits = mm(rms_norm(x, self.final_norm, self.eps, self.cpu_ops), self.lm_head)
         if self.vocab_subset is not None:
             logits = scatter_vocab(logits, self.vocab_subset, self.config.vocab_size)
         return logits

@@ -273,13 +273,9 @@ class TandemDraft(nn.Module):
         (e.g. a loaded checkpoint; its modules are shared, not copied). ``.layer_map`` is set to the
         model's, so :func:`tandem_rt.train.draft_eval.evaluate_drafts` reads those residual streams."""
         cfg = model.config
-        draft = cls.__new__(cls)
-        nn.Module.__init__(draft)
-        draft.secondary = model.secondary
-        draft.proj = model.tandem.proj
-        draft.feature_index = model.feature_index
-        draft.feature = model.feature
-        draft.feature_at = cfg.feature_at
+        draft = cls(model.secondary, cfg.primary.hidden_size, bias=cfg.projection_bias,
+                    feature_index=model.feature_index, feature_at=cfg.feature_at)
+        draft.proj, draft.feature = model.tandem.proj, model.feature   # the model's own modules
         draft.layer_map = list(cfg.layer_map)
         return draft
 

@@ -30,6 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from tandem_rt.config import FEATURE_AT
 from tandem_rt.primary_source import PrimarySource, describe, detect_kind, load_primary
 from tandem_rt.train.primary_cache import CacheError, PrimaryCache, build_primary_cache, make_fingerprint
 
@@ -126,10 +127,9 @@ class TrainPlan:
             raise TrainError(f"lr must be in (0, 1), got {self.lr!r}")
         for name in ("proj_lr_scale", "feature_lr_scale"):
             value = getattr(self, name)
-            if value is None and name == "feature_lr_scale":
-                continue
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1e3
-                    and math.isfinite(value)):
+            if (value is not None or name == "proj_lr_scale") and not (
+                    isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and 0 < value <= 1e3):
                 raise TrainError(f"{name} must be a positive number, got {value!r}")
         if not 0.0 <= float(self.router_threshold) <= 1.0:
             raise TrainError(f"router_threshold must be in [0, 1], got {self.router_threshold!r}")
@@ -138,8 +138,8 @@ class TrainPlan:
         if self.feature_hidden is not None and (not isinstance(self.feature_hidden, int)
                                                 or isinstance(self.feature_hidden, bool) or self.feature_hidden < 1):
             raise TrainError(f"feature_hidden must be None or a positive integer, got {self.feature_hidden!r}")
-        if self.feature_at not in ("input", "output"):
-            raise TrainError(f"feature_at must be 'input' or 'output', got {self.feature_at!r}")
+        if self.feature_at not in FEATURE_AT:
+            raise TrainError(f"feature_at must be one of {list(FEATURE_AT)}, got {self.feature_at!r}")
         if self.feature_layer is not None and (not isinstance(self.feature_layer, int)
                                                or isinstance(self.feature_layer, bool) or self.feature_layer < 0):
             raise TrainError(f"feature_layer must be None or a primary layer index, got {self.feature_layer!r}")
