@@ -11,14 +11,16 @@ from tandem_rt.models.random_init import make_agreeing_, randomize_
 
 
 def agreeing_tandem_model(seed=0, vocab_size=61, layer_scale=0.35, router=True, drafter=True,
-                          max_position_embeddings=256, head_dim=None, feature=False) -> TandemModel:
+                          max_position_embeddings=256, head_dim=None, feature=False,
+                          projection_embed=False) -> TandemModel:
     """All three models share the embedding (tied LM heads) and final norm; their layers add
     random updates scaled by ``layer_scale`` to a residual stream dominated by the embedding, so
     next-token predictions overlap but differ. The secondary reads the primary through random
     projections near the identity. ``head_dim`` (default 8) must be 32/64/128 for CUDA kernels.
     ``feature``: with the feature input on the primary's last layer (random ``W_f``): ``True`` or
     ``"input"`` adds it to the secondary's input embeddings, ``"output"`` to its last residual,
-    ``"mlp-output"``: a feature MLP (hidden 24) added to the last residual."""
+    ``"mlp-output"``: a feature MLP (hidden 24) added to the last residual. ``projection_embed``:
+    token-anchored projections (the primary-derived residuals add the token embeddings)."""
     kw = dict(max_position_embeddings=max_position_embeddings, head_dim=head_dim)
     primary = tiny_model_config(vocab_size, hidden_size=32, layers=3, heads=4, kv_heads=2,
                                 intermediate_size=64, tie=True, bias=True, **kw)
@@ -29,7 +31,8 @@ def agreeing_tandem_model(seed=0, vocab_size=61, layer_scale=0.35, router=True, 
     cfg = TandemConfig(primary=primary, secondary=secondary, drafter=drafter_cfg, router=router_cfg,
                        torch_dtype="float32", layer_map=[2, 3], feature_layer=3 if feature else None,
                        feature_at="output" if str(feature).endswith("output") else "input",
-                       feature_hidden=24 if str(feature).startswith("mlp") else None)
+                       feature_hidden=24 if str(feature).startswith("mlp") else None,
+                       projection_embed=projection_embed)
     torch.manual_seed(seed)
     model = TandemModel(cfg)
     randomize_(model, 0.3, norm_range=(0.8, 1.2), vector_std=0.1)

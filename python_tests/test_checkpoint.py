@@ -42,7 +42,7 @@ def test_roundtrip_same_logits_and_names(saved):
     assert (path / "model.safetensors").stat().st_mode & 0o044 == 0o044  # readable by others, like any file
 
 
-@pytest.mark.parametrize("extra", [{}, {"feature_at": "output", "feature_hidden": 16}])
+@pytest.mark.parametrize("extra", [{}, {"feature_at": "output", "feature_hidden": 16}, {"projection_embed": True}])
 def test_feature_input_roundtrip(tmp_path, extra):
     """A checkpoint with the feature input stores ``tandem.feature.*`` and ``feature_layer`` (and the
     MLP's ``up`` matrix, ``feature_at`` / ``feature_hidden``); the loaded secondary reads it (same
@@ -62,7 +62,7 @@ def test_feature_input_roundtrip(tmp_path, extra):
     save_checkpoint(model, tmp_path / "ckpt")
     names = set(load_file(tmp_path / "ckpt" / "model.safetensors"))
     assert {"tandem.feature.norm.weight", "tandem.feature.proj.weight"} <= names
-    assert ("tandem.feature.up.weight" in names) == bool(extra)
+    assert ("tandem.feature.up.weight" in names) == ("feature_hidden" in extra)
     written = json.loads((tmp_path / "ckpt" / "tandem_config.json").read_text())
     assert written["feature_layer"] == cfg.feature_layer and all(written[k] == v for k, v in extra.items())
     loaded = load_checkpoint(tmp_path / "ckpt")

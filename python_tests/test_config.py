@@ -78,6 +78,12 @@ def test_tandem_config_roundtrip_and_validation():
     for value in (0, -3, 2.5, True, "64"):
         with pytest.raises(ConfigError, match="feature_hidden"):
             TandemConfig.from_dict(dict(good, feature_hidden=value))
+    anchored = dict(cfg.to_dict(), projection_embed=True)
+    assert TandemConfig.from_dict(anchored).projection_embed and TandemConfig.from_dict(anchored).to_dict() == anchored
+    assert "projection_embed" not in cfg.to_dict()   # false, the default, is not written
+    for value in (1, "true", None):
+        with pytest.raises(ConfigError, match="projection_embed"):
+            TandemConfig.from_dict(dict(cfg.to_dict(), projection_embed=value))
 
 
 def test_router_config():

@@ -27,9 +27,13 @@ def random_prompts(seed, V, lens):
 
 @pytest.mark.parametrize("seed,page_size,scale,feature", [(0, 8, 0.25, False), (1, 16, 0.35, False),
                                                           (2, 32, 0.45, False), (1, 8, 0.35, True),
-                                                          (2, 16, 0.35, "output"), (3, 16, 0.35, "mlp-output")])
+                                                          (2, 16, 0.35, "output"), (3, 16, 0.35, "mlp-output"),
+                                                          (4, 8, 0.35, "embed")])
 def test_greedy_speculative_equals_primary(seed, page_size, scale, feature):
-    model = agreeing_tandem_model(seed=seed, layer_scale=scale, feature=feature)
+    """``feature="embed"``: token-anchored projections instead of a feature input."""
+    embed = feature == "embed"
+    model = agreeing_tandem_model(seed=seed, layer_scale=scale, feature=False if embed else feature,
+                                  projection_embed=embed)
     engine = Engine(model, num_pages=128, page_size=page_size, max_batch_size=3)
     prompts = random_prompts(seed, model.config.primary.vocab_size, [1, 7, 19, 40])
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)

@@ -48,10 +48,13 @@ def reference_tandem(model, prompt, gamma, max_new, free_token):
     return toks[len(prompt):]
 
 
-@pytest.mark.parametrize("feature", [False, True, "output", "mlp-output"])
+@pytest.mark.parametrize("feature", [False, True, "output", "mlp-output", "embed"])
 @pytest.mark.parametrize("free_token", [True, False])
 def test_tandem_mode_matches_reference(free_token, feature):
-    model = agreeing_tandem_model(seed=4, layer_scale=0.45, feature=feature)
+    """``feature="embed"``: token-anchored projections instead of a feature input."""
+    embed = feature == "embed"
+    model = agreeing_tandem_model(seed=4, layer_scale=0.45, feature=False if embed else feature,
+                                  projection_embed=embed)
     engine = Engine(model, num_pages=64, page_size=8, max_batch_size=4)
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (3, 10, 17)]
@@ -112,3 +115,23 @@ def test_feature_input_through_graph_plumbing(mode, feature):
     got = [o.token_ids for o in graphed.generate(prompts, params, mode=mode, gamma=3)]
     assert got == want
     assert any(key[-1] for key in graphed.runner.cuda_graphs.graphs)   # a graph with the input offset ran
+
+
+def test_token_anchored_projections_change_the_drafts_and_graph_plumbing():
+    """The engine's refresh adds the token embeddings (drafts differ from the same weights without
+    them), through the CUDA-graph static buffers (EagerCapture) too."""
+    from tandem_rt.engine.cuda_graphs import CudaGraphRunner, EagerCapture
+
+    model = agreeing_tandem_model(seed=6, layer_scale=0.45, projection_embed=True)
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (5, 9, 12, 16)]
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    eager = [o.token_ids for o in Engine(model, num_pages=64, page_size=8).generate(
+        prompts, params, mode="tandem", gamma=4)]
+    graphed = Engine(model, num_pages=64, page_size=8, max_batch_size=4)
+    graphed.runner.cuda_graphs = CudaGraphRunner(graphed.runner, EagerCapture())
+    assert [o.token_ids for o in graphed.generate(prompts, params, mode="tandem", gamma=4)] == eager
+    model.config.projection_embed = False
+    without = [o.token_ids for o in Engine(model, num_pages=64, page_size=8).generate(
+        prompts, params, mode="tandem", gamma=4)]
+    assert without != eager

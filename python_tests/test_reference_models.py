@@ -37,6 +37,8 @@ def naive_secondary_logits(model: TandemModel, ids: torch.Tensor, gamma: int) ->
         eps = layer.input_layernorm.eps
         w = layer.input_layernorm.weight
         y_hat = model.tandem.proj[j](hidden[j][0])
+        if model.config.projection_embed:   # token-anchored: the token's own embedding added
+            y_hat = y_hat + sec.model.embed_tokens.weight[ids]
         own_in, pri_in = _rms(y, w, eps), _rms(y_hat, w, eps)
 
         def kv(h, p):
@@ -58,9 +60,10 @@ def naive_secondary_logits(model: TandemModel, ids: torch.Tensor, gamma: int) ->
     return sec.logits(y)
 
 
+@pytest.mark.parametrize("projection_embed", [False, True])
 @pytest.mark.parametrize("gamma", [1, 2, 3])
-def test_tandem_forward_matches_per_query_eq2(gamma):
-    model = random_tandem_model(seed=gamma)
+def test_tandem_forward_matches_per_query_eq2(gamma, projection_embed):
+    model = random_tandem_model(seed=gamma, projection_embed=projection_embed)
     ids = torch.randint(0, 97, (2, 7))
     got = model(ids, block_length=gamma).secondary_logits.double()
     for b in range(2):
@@ -127,3 +130,21 @@ def test_latest_feature_matches_a_loop():
             for i in range(11):
                 want = hidden[s, bb[s, i] - 1] if bb[s, i] > 0 else torch.zeros(5, dtype=torch.float64)
                 assert torch.equal(got[s, i], want)
+
+
+def test_token_anchored_projections_start_as_the_own_keys_at_layer_0():
+    """With ``projection_embed`` and ``proj_0 = 0`` the primary-derived residual of layer 0 is the
+    secondary's own input, so where only layer 0 reads the primary the secondary is standalone."""
+    model = random_tandem_model(seed=7, projection_embed=True, layer_map=[4, 4])
+    sec = model.secondary
+    with torch.no_grad():
+        for p in model.tandem.proj[0].parameters():
+            p.zero_()
+        sec.model.layers[1].self_attn.k_proj.weight.zero_()   # layer 1 reads nothing from its keys...
+        sec.model.layers[1].self_attn.v_proj.weight.zero_()   # ...or values: only layer 0 matters
+        if sec.model.layers[1].self_attn.v_proj.bias is not None:
+            sec.model.layers[1].self_attn.v_proj.bias.zero_()
+    ids = torch.randint(0, 97, (2, 9))
+    torch.testing.assert_close(model(ids, block_length=3).secondary_logits, sec(ids), rtol=1e-5, atol=1e-5)
+    model.config.projection_embed = False    # Eq. (2) reads proj_0(x) = 0 instead: other logits
+    assert (model(ids, block_length=3).secondary_logits - sec(ids)).abs().max() > 1e-3

@@ -590,3 +590,32 @@ def test_probe_primary_features_tool_runs_on_a_run(tmp_path, tokenizer_file, one
         assert 0.0 <= r["relative_accuracy"] <= 1.0 and r["positions"] == n_pos
     with pytest.raises(SystemExit, match="unknown probe input"):
         tool.main(["--run", str(tmp_path / "run"), "--steps", "1", "--heldout-windows", "8", "--probes", "token+h9"])
+
+
+def test_token_anchored_projections_fit_the_residual_beyond_the_embedding(tmp_path, tokenizer_file):
+    """``projection_embed``: the ridge fit targets ``y^(j) - embed(x)`` (so layer 0's projection
+    fits zero: its primary-derived residual is the secondary's own input), and the exported
+    checkpoint carries the option; the plain fit targets ``y^(j)``."""
+    from tandem_rt.primary_source import load_primary
+    from tandem_rt.train.draft_training import own_residuals
+    from tandem_rt.train.pipeline import build_small_models, run_pipeline
+
+    plan = tiny_plan(tmp_path, tokenizer_file, projection_embed=True, tandem_init="init", num_layers=2,
+                     layer_map=[2, 4])
+    run_pipeline(plan, progress=False, stop_after="cache")
+    source = load_primary(plan.primary, dtype=torch.float32, progress=False)
+    cache = PrimaryCache(tmp_path / "run" / "cache")
+    draft = build_small_models(plan, source, [2, 4], cache, "tandem")
+    assert draft.projection_embed
+    assert draft.proj[0].weight.abs().max() < 1e-5 and draft.proj[0].bias.abs().max() < 1e-5
+    batch = cache.batch(np.arange(min(32, len(cache))))
+    with torch.no_grad():
+        ys = own_residuals(draft.secondary, batch.tokens)
+        target = (ys[1] - draft.secondary.model.embed_tokens(batch.tokens)).flatten(0, 1).double().numpy()
+        pred = draft.proj[1](batch.hidden[1].float()).flatten(0, 1).double().numpy()
+    x = batch.hidden[1].flatten(0, 1).double().numpy()
+    xa = np.concatenate([x, np.ones((len(x), 1))], 1)               # least squares with a bias column
+    best = xa @ np.linalg.lstsq(xa, target, rcond=None)[0]
+    err = lambda p: float(((p - target) ** 2).mean())   # noqa: E731
+    assert err(pred) <= err(best) * 1.02 + 1e-9      # the fit's target is y^(1) - embed(x) (a small ridge)
+    assert err(pred) < 0.5 * float(((target - target.mean(0)) ** 2).mean())

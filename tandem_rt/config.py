@@ -227,6 +227,10 @@ class TandemConfig:
     feature_at: str = "input"
     # optional, with feature_layer: the hidden width of a two-layer feature MLP (None: one matrix W_f)
     feature_hidden: Optional[int] = None
+    # optional: the primary-derived residual of secondary layer j also carries the token's own
+    # embedding, y_hat_p = proj_j(x^(layer_map[j])_p) + embed(t_p) (docs/DESIGN.md §2.2 "Token-anchored
+    # projections"); false: Eq. (2), y_hat_p = proj_j(x^(layer_map[j])_p)
+    projection_embed: bool = False
 
     def __post_init__(self) -> None:
         _require(self.format == FORMAT_NAME, f"format must be {FORMAT_NAME!r}, got {self.format!r}")
@@ -278,6 +282,8 @@ class TandemConfig:
         _require(self.feature_hidden is None or (isinstance(self.feature_hidden, int)
                                                  and not isinstance(self.feature_hidden, bool) and self.feature_hidden > 0),
                  f"feature_hidden must be null or a positive integer, got {self.feature_hidden!r}")
+        _require(isinstance(self.projection_embed, bool),
+                 f"projection_embed must be true or false, got {self.projection_embed!r}")
         for name in self.shared_embeddings:
             other = getattr(self, name)
             _require(other is not None and other.hidden_size == self.primary.hidden_size,
@@ -311,6 +317,7 @@ class TandemConfig:
             **({"feature_layer": self.feature_layer} if self.feature_layer is not None else {}),
             **({"feature_at": self.feature_at} if self.feature_at != "input" else {}),
             **({"feature_hidden": self.feature_hidden} if self.feature_hidden is not None else {}),
+            **({"projection_embed": True} if self.projection_embed else {}),
         }
 
     @classmethod
@@ -319,7 +326,7 @@ class TandemConfig:
         expected = {"format", "format_version", "primary", "secondary", "layer_map",
                     "train_block_length", "projection_bias", "drafter", "router", "torch_dtype"}
         optional = {"primary_source", "shared_embeddings", "train_boundary", "quantized", "feature_layer", "feature_at",
-                    "feature_hidden"}
+                    "feature_hidden", "projection_embed"}
         missing = sorted(expected - set(data))
         unknown = sorted(set(data) - expected - optional)
         _require(not missing, f"tandem_config.json: missing key(s) {missing}")

@@ -22,6 +22,7 @@ def run_train(args) -> int:
                      init_layers=_layer_map(args.init_layers, "--init-layers"),
                      proj_init=args.proj_init, tandem_init=args.tandem_init, feature_layer=args.feature_layer,
                      feature_at=args.feature_at, feature_hidden=args.feature_hidden,
+                     projection_embed=args.projection_embed,
                      proj_lr_scale=args.proj_lr_scale, feature_lr_scale=args.feature_lr_scale,
                      draft_vocab=args.draft_vocab or None, top_k=args.top_k, gamma_max=args.gamma_max,
                      distil_weight=args.distil_weight, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -72,6 +73,9 @@ def register(sub) -> None:
                         "residual before the final norm (default %(default)s)")
     p.add_argument("--feature-hidden", type=int, default=None, metavar="H",
                    help="the feature input as a two-layer MLP of hidden width H (default: one matrix)")
+    p.add_argument("--projection-embed", action="store_true",
+                   help="token-anchored projections: the primary-derived residual of each secondary layer adds "
+                        "the token's embedding (keys of earlier tokens keep their identity; default: Eq. (2))")
     p.add_argument("--proj-lr-scale", type=float, default=1.0, metavar="F",
                    help="learning rate of the Tandem projections relative to --lr (default %(default)s)")
     p.add_argument("--feature-lr-scale", type=float, default=None, metavar="F",

@@ -109,7 +109,7 @@ class ModelRunner:
                                        hidden_layers=hidden_layers, step=True, feature_offset=feature_offset)
         if refresh:
             self.refresh(hidden, meta.positions, meta.slot_mapping, self.secondary_cache.k, self.secondary_cache.v,
-                         step=True, features=self.feature_pool)
+                         step=True, features=self.feature_pool, input_ids=ids)
         if verify is None:
             return logits, hidden
         return (logits, hidden) + tuple(run_verify(ids, logits, meta, verify))
@@ -134,5 +134,5 @@ class ModelRunner:
                                        hidden_layers=self.layer_map if refresh else ())
         if refresh:
             self.refresh(hidden, meta.positions, meta.slot_mapping, self.secondary_cache.k, self.secondary_cache.v,
-                         features=self.feature_pool)
+                         features=self.feature_pool, input_ids=ids)
         return logits

@@ -3,7 +3,9 @@
 For positions the primary has processed, secondary layer ``j``'s K/V entry is computed from the
 primary's residual stream ``x^(layer_map[j])``: ``proj_j`` (d_L -> d_S) -> layer ``j``'s
 pre-attention RMSNorm -> its W_K / W_V (+ bias) -> RoPE at the position -> written into the
-secondary pool with ``rope_cache_write``, replacing whatever the secondary wrote there.
+secondary pool with ``rope_cache_write``, replacing whatever the secondary wrote there. With
+token-anchored projections (``TandemConfig.projection_embed``) the projected row adds the token's
+embedding in the secondary's table before the norm.
 
 With the feature input (``TandemConfig.feature_layer``) the refresh also writes, per row, the
 secondary's input offset ``W_f·RMSNorm(x^(feature_layer))`` into the feature pool (``[num_pages + 1,
@@ -38,6 +40,7 @@ class TandemRefresh:
         self.proj = [(layout(p.weight), None if p.bias is None else p.bias.detach()) for p in model.tandem.proj]
         self.secondary = secondary
         self.layer_map = list(model.layer_map)
+        self.projection_embed = bool(model.config.projection_embed)
         self.rope_write = _C.cpu.rope_cache_write if secondary.cpu_ops else torch.ops.tandem_rt.rope_cache_write
         f = model.feature
         # the feature input: (index into the layer-map streams, norm weight [d_L], W_f in the mm layout, eps,
@@ -58,7 +61,7 @@ class TandemRefresh:
     @torch.no_grad()
     def __call__(self, primary_hidden: Sequence[torch.Tensor], positions: torch.Tensor,
                  slot_mapping: torch.Tensor, k_cache: list, v_cache: list, step: bool = False,
-                 features: Optional[torch.Tensor] = None) -> None:
+                 features: Optional[torch.Tensor] = None, input_ids: Optional[torch.Tensor] = None) -> None:
         """Refresh the rows of ``primary_hidden``.
 
         Args:
@@ -70,14 +73,22 @@ class TandemRefresh:
                 invariant on the CPU, as ``PagedLlama.forward(step=True)``), else a prompt's.
             features: the feature pool ``[num_pages + 1, page_size, d_S]`` (with the feature
                 input), written at ``slot_mapping`` (slot -1 rows: into the last page).
+            input_ids: int64 ``[T]``, the rows' tokens; needed with token-anchored projections.
         """
         cfg = self.secondary.config
         T = positions.shape[0]
+        anchor = None   # [T, d_S]: the rows' token embeddings (token-anchored projections)
+        if self.projection_embed:
+            if input_ids is None or input_ids.shape != positions.shape:
+                raise ValueError("token-anchored projections need input_ids [T] with the rows' tokens")
+            anchor = self.secondary.embed(input_ids)
         Hkv, D = cfg.num_key_value_heads, cfg.head_dim
         theta = float(cfg.rope_theta)
         mm = self.secondary.step_mm if step else self.secondary.mm
         for j, (w_proj, b_proj) in enumerate(self.proj):
             y_hat = mm(primary_hidden[j].to(w_proj.dtype), w_proj, b_proj)
+            if anchor is not None:
+                y_hat = y_hat + anchor.to(y_hat.dtype)
             h = self.secondary.input_norm(j, y_hat)
             w_kv, b_kv = self.secondary.kv_weights(j)
             k, v = mm(h, w_kv, b_kv).view(T, 2 * Hkv, D).split(Hkv, 1)

@@ -11,6 +11,12 @@ drafter): the secondary's input at position ``i`` is ``embed(x_i) + W_f·RMSNorm
 the primary's representation at the last position it has processed before the block (nothing
 where ``b(i) = 0``). Every query of a block adds the same vector. With ``feature_at="output"`` the
 same vector is added to the secondary's last residual instead, before its final norm and LM head.
+
+Token-anchored projections (optional, ``TandemConfig.projection_embed``; beyond Eq. (2)): the
+primary-derived residual of layer ``j`` at ``p`` is ``proj_j(x^(l(j))_p) + embed(x_p)``, the token's
+own embedding plus what the projection adds. The secondary's own residual at layer 0 *is*
+``embed(x_p)``, so with ``proj_0 = 0`` its primary-derived K/V equal its own, and the keys of earlier
+tokens keep their identity (what copying an earlier phrase needs) whatever the projection learns.
 """
 from __future__ import annotations
 
@@ -86,18 +92,20 @@ def tandem_secondary_forward(secondary: LlamaForCausalLM, projections, input_ids
                              primary_hidden: list, boundary: torch.Tensor,
                              positions: Optional[torch.Tensor] = None, reduced: bool = False,
                              feature: Optional[FeatureInput] = None, feature_index: Optional[int] = None,
-                             feature_at: str = "input") -> torch.Tensor:
+                             feature_at: str = "input", projection_embed: bool = False) -> torch.Tensor:
     """Eq. (2) for a secondary and its projections (``projections[j]``: d_L -> d_S) without a primary
     module: the primary's residual streams come from the caller (a forward or the primary cache).
     Arguments and result as :meth:`TandemModel.secondary_forward`; ``reduced``: logits over the
     secondary's ``vocab_subset`` only (``[B, T, N]``); ``feature``: the feature input, reading
     ``primary_hidden[feature_index]``, added to the input embeddings (``feature_at="input"``) or to the
-    last layer's output before the final norm (``"output"``)."""
+    last layer's output before the final norm (``"output"``); ``projection_embed``: the primary-derived
+    residuals add the token embeddings (token-anchored projections)."""
     sec = secondary
     B, T = input_ids.shape
     if positions is None:
         positions = torch.arange(T, device=input_ids.device)
     y = sec.model.embed_tokens(input_ids)
+    anchor = y if projection_embed else None   # [B, T, d_S]
     offset = None
     if feature is not None:
         offset = feature(latest_feature(primary_hidden[feature_index], boundary).to(y.dtype)).to(y.dtype)
@@ -107,6 +115,8 @@ def tandem_secondary_forward(secondary: LlamaForCausalLM, projections, input_ids
     mask = tandem_mask(boundary.to(input_ids.device), T)
     for j, layer in enumerate(sec.model.layers):
         y_hat = projections[j](primary_hidden[j].to(y.dtype))
+        if anchor is not None:
+            y_hat = y_hat + anchor
         attn = layer.self_attn
         h = layer.input_layernorm(y)
         q = attn.query(h, cos, sin)
@@ -187,7 +197,8 @@ class TandemModel(nn.Module):
         """
         return tandem_secondary_forward(self.secondary, self.tandem.proj, input_ids, primary_hidden,
                                         boundary, positions, feature=self.feature, feature_index=self.feature_index,
-                                        feature_at=self.config.feature_at)
+                                        feature_at=self.config.feature_at,
+                                        projection_embed=self.config.projection_embed)
 
     def forward(self, input_ids: torch.Tensor, block_length: Optional[int] = None) -> TandemOutput:
         """Training-style forward: ``input_ids [B, T]`` -> logits of both models ``[B, T, V]``.

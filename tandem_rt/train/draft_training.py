@@ -252,14 +252,16 @@ class TandemDraft(nn.Module):
     ``feature_index``: with the feature input (``TandemConfig.feature_layer``), the index of its
     layer in the layer map (``self.feature``: :class:`FeatureInput`, zero-initialised); None: Eq. (2) only.
     ``feature_at``: ``"input"`` (added to the input embeddings) or ``"output"`` (to the last residual);
-    ``feature_hidden``: the feature MLP's hidden width (None: one matrix).
+    ``feature_hidden``: the feature MLP's hidden width (None: one matrix); ``projection_embed``: token-
+    anchored projections (the primary-derived residuals add the token embeddings).
     """
 
     def __init__(self, secondary: LlamaForCausalLM, d_primary: int, bias: bool = True,
                  feature_index: Optional[int] = None, eps: float = 1e-5, feature_at: str = "input",
-                 feature_hidden: Optional[int] = None):
+                 feature_hidden: Optional[int] = None, projection_embed: bool = False):
         super().__init__()
         self.feature_at = feature_at
+        self.projection_embed = bool(projection_embed)
         self.secondary = secondary
         self.proj = nn.ModuleList(nn.Linear(d_primary, secondary.config.hidden_size, bias=bias)
                                   for _ in range(secondary.config.num_hidden_layers))
@@ -274,7 +276,8 @@ class TandemDraft(nn.Module):
         model's, so :func:`tandem_rt.train.draft_eval.evaluate_drafts` reads those residual streams."""
         cfg = model.config
         draft = cls(model.secondary, cfg.primary.hidden_size, bias=cfg.projection_bias,
-                    feature_index=model.feature_index, feature_at=cfg.feature_at)
+                    feature_index=model.feature_index, feature_at=cfg.feature_at,
+                    projection_embed=cfg.projection_embed)
         draft.proj, draft.feature = model.tandem.proj, model.feature   # the model's own modules
         draft.layer_map = list(cfg.layer_map)
         return draft
@@ -284,7 +287,7 @@ class TandemDraft(nn.Module):
         ``[B, T, V]`` (``reduced``: ``[B, T, N]`` over the secondary's ``vocab_subset``)."""
         return tandem_secondary_forward(self.secondary, self.proj, input_ids, primary_hidden, boundary,
                                         reduced=reduced, feature=self.feature, feature_index=self.feature_index,
-                                        feature_at=self.feature_at)
+                                        feature_at=self.feature_at, projection_embed=self.projection_embed)
 
 
 class CachedDraftObjective(nn.Module):
@@ -324,10 +327,14 @@ def own_residuals(model: LlamaForCausalLM, input_ids: torch.Tensor) -> list:
 @torch.no_grad()
 def fit_projections(draft: TandemDraft, cache: PrimaryCache, num_windows: int = 32, ridge: float = 1e-3) -> list:
     """Ridge-regression init of every ``proj_j`` (weight and bias) so that
-    ``proj_j(x^(l(j))) ≈ y^(j)`` on ``num_windows`` cached windows. Returns the R² per layer."""
+    ``proj_j(x^(l(j))) ≈ y^(j)`` on ``num_windows`` cached windows (with token-anchored projections,
+    ``≈ y^(j) - embed(x)``: the embedding is added by the model). Returns the R² per layer."""
     n = min(num_windows, len(cache))
     batch = cache.batch(np.arange(n))
     ys = own_residuals(draft.secondary, batch.tokens)
+    if draft.projection_embed:
+        emb = draft.secondary.model.embed_tokens(batch.tokens)
+        ys = [y - emb.to(y.dtype) for y in ys]
     r2 = []
     for j, proj in enumerate(draft.proj):
         x = batch.hidden[j].double().flatten(0, 1)            # [N, d_L]

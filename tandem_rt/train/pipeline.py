@@ -71,6 +71,8 @@ class TrainPlan:
     feature_hidden: Optional[int] = None  # hidden width of a two-layer feature MLP (None: one matrix)
     feature_at: str = "input"           # "input": added to the input embeddings; "output": to the
                                         # secondary's last residual (before its final norm)
+    projection_embed: bool = False      # token-anchored projections: primary-derived residuals add the
+                                        # token embeddings (TandemConfig.projection_embed)
     proj_lr_scale: float = 1.0          # learning rate of the Tandem projections (and, with the
                                         # feature input, W_f and its norm) relative to --lr
     feature_lr_scale: Optional[float] = None  # the feature input's own factor (None: proj_lr_scale)
@@ -138,6 +140,8 @@ class TrainPlan:
         if self.feature_hidden is not None and (not isinstance(self.feature_hidden, int)
                                                 or isinstance(self.feature_hidden, bool) or self.feature_hidden < 1):
             raise TrainError(f"feature_hidden must be None or a positive integer, got {self.feature_hidden!r}")
+        if not isinstance(self.projection_embed, bool):
+            raise TrainError(f"projection_embed must be true or false, got {self.projection_embed!r}")
         if self.feature_at not in FEATURE_AT:
             raise TrainError(f"feature_at must be one of {list(FEATURE_AT)}, got {self.feature_at!r}")
         if self.feature_layer is not None and (not isinstance(self.feature_layer, int)
@@ -344,7 +348,7 @@ def build_small_models(plan: TrainPlan, source: PrimarySource, layer_map: list, 
     feature_index = None if plan.feature_layer is None else list(layer_map).index(plan.feature_layer)
     draft = TandemDraft(small, primary.config.hidden_size, feature_index=feature_index,
                         eps=primary.config.rms_norm_eps, feature_at=plan.feature_at,
-                        feature_hidden=plan.feature_hidden)
+                        feature_hidden=plan.feature_hidden, projection_embed=plan.projection_embed)
     if plan.proj_init == "lstsq":
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train_autocast(plan)):
             r2 = fit_projections(draft, cache)
@@ -466,7 +470,8 @@ def export_checkpoint(plan: TrainPlan, source: PrimarySource, layer_map: list, d
                        drafter=drafter.config, router=router.config, torch_dtype=plan.out_dtype,
                        feature_layer=plan.feature_layer,
                        feature_at=plan.feature_at if plan.feature_layer is not None else "input",
-                       feature_hidden=plan.feature_hidden if plan.feature_layer is not None else None)
+                       feature_hidden=plan.feature_hidden if plan.feature_layer is not None else None,
+                       projection_embed=plan.projection_embed)
     with torch.device("meta"), default_dtype(out_dtype):
         model = TandemModel(cfg)
     model = model.to_empty(device="cpu")
