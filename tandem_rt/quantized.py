@@ -164,15 +164,25 @@ def dequantize(qm: QuantMatrix, dtype: torch.dtype = torch.float32) -> torch.Ten
     return w.reshape(N, K).to(dtype)
 
 
+# few-row kernels of a quantized product (``rows_kernel``; the codes of ``_C.cpu.DecoderPlan``)
+ROWS_Q16, ROWS_Q = 1, 2
+
+
+def rows_kernel(w: QuantMatrix) -> tuple:
+    """The few-row kernel of ``w`` and its operand: ``(ROWS_Q16, w.packed)`` (``linear_rows_q16``)
+    when packed, else ``(ROWS_Q, w.block_rows())`` (``linear_rows_q``). The one place that chooses,
+    for :func:`quant_mm` and the decoder plan alike."""
+    return (ROWS_Q16, w.packed) if w.packed is not None else (ROWS_Q, w.block_rows())
+
+
 def quant_mm(x: torch.Tensor, w: QuantMatrix, add: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``add + x @ dequant(w)^T``: x ``[M, K]`` bf16 / fp32 CPU -> ``[M, N]``. Up to
-    ``QUANT_ROWS_MAX`` rows by ``linear_rows_q16`` on ``w.packed`` when present, else
-    ``linear_rows_q`` (both: each row's result independent of the others),
-    more (prompts) by torch's GEMM on a dequantised temporary."""
+    ``QUANT_ROWS_MAX`` rows by the kernel of :func:`rows_kernel` (each row's result independent of
+    the others), more (prompts) by torch's GEMM on a dequantised temporary."""
     if x.shape[0] <= QUANT_ROWS_MAX:
-        if w.packed is not None:
-            return _C.cpu.linear_rows_q16(x, w.packed, QUANT_TYPES[w.qtype][0], add)
-        return _C.cpu.linear_rows_q(x, w.block_rows(), QUANT_TYPES[w.qtype][0], add)
+        kernel, operand = rows_kernel(w)
+        op = _C.cpu.linear_rows_q16 if kernel == ROWS_Q16 else _C.cpu.linear_rows_q
+        return op(x, operand, QUANT_TYPES[w.qtype][0], add)
     dense = dequantize(w, x.dtype)
     return torch.mm(x, dense.t()) if add is None else torch.addmm(add, x, dense.t())
 

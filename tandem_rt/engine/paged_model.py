@@ -355,14 +355,16 @@ class PagedLlama:
     def _build_decoder_plan(self):
         """``_C.cpu.DecoderPlan`` over this model's layers: each product as (weight, kernel, qtype),
         kernel 0 = ``linear_rows`` on the dense ``[out, in]`` matrix, 1 = ``linear_rows_q16`` on the
-        packed blocks, 2 = ``linear_rows_q`` on the block rows (what ``quant_mm`` runs for a step)."""
+        packed blocks, 2 = ``linear_rows_q`` on the block rows (``quantized.rows_kernel``: what
+        ``quant_mm`` runs for a step)."""
         from tandem_rt.ops.layer_math import QUANT_TYPES
+        from tandem_rt.quantized import rows_kernel
 
         def product(w):
             if not isinstance(w, QuantMatrix):
                 return (w, 0, 0)
-            code = QUANT_TYPES[w.qtype][0]
-            return (w.packed, 1, code) if w.packed is not None else (w.blocks, 2, code)
+            kernel, operand = rows_kernel(w)
+            return (operand, kernel, QUANT_TYPES[w.qtype][0])
 
         cfg = self.config
         layers = [(lw.ln1, product(lw.w_qkv), lw.b_qkv, product(lw.w_o), lw.ln2, product(lw.w_gate_up),
