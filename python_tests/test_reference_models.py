@@ -23,8 +23,9 @@ def _rot(x, cos, sin):  # x [H, D], cos/sin [D]
     return x * cos + torch.cat([-x[..., h:], x[..., :h]], -1) * sin
 
 
-def naive_secondary_logits(model: TandemModel, ids: torch.Tensor, gamma: int) -> torch.Tensor:
-    """float64 per-query evaluation of Eq. (2) for one sequence ids [T] -> [T, V]."""
+def naive_secondary_logits(model: TandemModel, ids: torch.Tensor, gamma: int, own_context: bool = False) -> torch.Tensor:
+    """float64 per-query evaluation of Eq. (2) for one sequence ids [T] -> [T, V] (``own_context``:
+    every query also reads the secondary's own K/V of the positions before its block)."""
     model = model.double()
     sec, cfg = model.secondary, model.secondary.config
     T = ids.shape[0]
@@ -49,7 +50,8 @@ def naive_secondary_logits(model: TandemModel, ids: torch.Tensor, gamma: int) ->
         for i in range(T):
             b = (i + 1) // gamma * gamma
             q = _rot(a.q_proj(own_in[i]).view(Hq, D), cos[i], sin[i])
-            keys, vals = zip(*[kv(pri_in if p < b else own_in, p) for p in range(i + 1)])
+            own_from = 0 if own_context else b
+            keys, vals = zip(*([kv(pri_in, p) for p in range(b)] + [kv(own_in, p) for p in range(own_from, i + 1)]))
             K, V = torch.stack(keys, 1), torch.stack(vals, 1)  # [Hkv, i+1, D]
             K = K.repeat_interleave(Hq // Hkv, 0)
             V = V.repeat_interleave(Hq // Hkv, 0)
@@ -148,3 +150,22 @@ def test_token_anchored_projections_start_as_the_own_keys_at_layer_0():
     torch.testing.assert_close(model(ids, block_length=3).secondary_logits, sec(ids), rtol=1e-5, atol=1e-5)
     model.config.projection_embed = False    # Eq. (2) reads proj_0(x) = 0 instead: other logits
     assert (model(ids, block_length=3).secondary_logits - sec(ids)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("gamma", [2, 3])
+def test_own_context_matches_per_query_loop(gamma):
+    """``own_context`` (tools/pilot_own_context.py): primary-derived K/V before the block plus the
+    secondary's own K/V of every position up to the query, against the float64 loop."""
+    from tandem_rt.models.tandem import tandem_secondary_forward
+
+    model = random_tandem_model(seed=10 + gamma)
+    ids = torch.randint(0, 97, (2, 8))
+    _, hidden = model.primary(ids, hidden_layers=model.layer_map)
+    boundary = training_boundary(8, gamma).expand(2, 8)    # per-sequence boundaries, as in training
+    got = tandem_secondary_forward(model.secondary, model.tandem.proj, ids, hidden, boundary,
+                                   own_context=True).double()
+    plain = tandem_secondary_forward(model.secondary, model.tandem.proj, ids, hidden, boundary).double()
+    for b in range(2):
+        torch.testing.assert_close(got[b], naive_secondary_logits(model, ids[b], gamma, own_context=True),
+                                   rtol=1e-4, atol=1e-4)
+    assert (got - plain).abs().max() > 1e-3

@@ -38,17 +38,17 @@ def training_boundary(T: int, block_length: int, device=None) -> torch.Tensor:
     return torch.div(i + 1, block_length, rounding_mode="floor") * block_length
 
 
-def tandem_mask(boundary: torch.Tensor, T: int) -> torch.Tensor:
+def tandem_mask(boundary: torch.Tensor, T: int, own_context: bool = False) -> torch.Tensor:
     """bool ``[..., T, 2T]``: keys ``[primary-derived 0..T-1, own 0..T-1]``.
 
     ``boundary`` int64 ``[T]`` or ``[B, T]``: query i reads primary K/V for p < boundary[i]
-    and its own for boundary[i] <= p <= i.
+    and its own for boundary[i] <= p <= i (``own_context``: its own for every p <= i as well).
     """
     p = torch.arange(T, device=boundary.device)
     b = boundary.unsqueeze(-1)
     i = torch.arange(T, device=boundary.device).unsqueeze(-1)
     from_primary = p < b
-    own = (p >= b) & (p <= i)
+    own = (p <= i).expand_as(from_primary) if own_context else (p >= b) & (p <= i)
     mask = torch.cat([from_primary, own], dim=-1)
     return mask.unsqueeze(-3) if mask.dim() == 3 else mask  # [B, 1, T, 2T] broadcasts over heads
 
@@ -92,14 +92,19 @@ def tandem_secondary_forward(secondary: LlamaForCausalLM, projections, input_ids
                              primary_hidden: list, boundary: torch.Tensor,
                              positions: Optional[torch.Tensor] = None, reduced: bool = False,
                              feature: Optional[FeatureInput] = None, feature_index: Optional[int] = None,
-                             feature_at: str = "input", projection_embed: bool = False) -> torch.Tensor:
+                             feature_at: str = "input", projection_embed: bool = False,
+                             own_context: bool = False) -> torch.Tensor:
     """Eq. (2) for a secondary and its projections (``projections[j]``: d_L -> d_S) without a primary
     module: the primary's residual streams come from the caller (a forward or the primary cache).
     Arguments and result as :meth:`TandemModel.secondary_forward`; ``reduced``: logits over the
     secondary's ``vocab_subset`` only (``[B, T, N]``); ``feature``: the feature input, reading
     ``primary_hidden[feature_index]``, added to the input embeddings (``feature_at="input"``) or to the
     last layer's output before the final norm (``"output"``); ``projection_embed``: the primary-derived
-    residuals add the token embeddings (token-anchored projections)."""
+    residuals add the token embeddings (token-anchored projections); ``own_context``: every query
+    also reads the secondary's own K/V of all earlier positions beside the primary-derived ones (a
+    measured variant for the training tools only: the engine and the checkpoint format do not
+    serve it; tools/pilot_own_context.py). The own K/V at ``p`` are those computed with ``p``'s own
+    boundary, as when ``p`` was drafted."""
     sec = secondary
     B, T = input_ids.shape
     if positions is None:
@@ -112,7 +117,7 @@ def tandem_secondary_forward(secondary: LlamaForCausalLM, projections, input_ids
         if feature_at == "input":
             y, offset = y + offset, None
     cos, sin = sec.rope(positions.view(1, T), y.dtype)
-    mask = tandem_mask(boundary.to(input_ids.device), T)
+    mask = tandem_mask(boundary.to(input_ids.device), T, own_context)
     for j, layer in enumerate(sec.model.layers):
         y_hat = projections[j](primary_hidden[j].to(y.dtype))
         if anchor is not None:

@@ -262,6 +262,7 @@ class TandemDraft(nn.Module):
         super().__init__()
         self.feature_at = feature_at
         self.projection_embed = bool(projection_embed)
+        self.own_context = False   # tools/pilot_own_context.py sets it (models.tandem.tandem_secondary_forward)
         self.secondary = secondary
         self.proj = nn.ModuleList(nn.Linear(d_primary, secondary.config.hidden_size, bias=bias)
                                   for _ in range(secondary.config.num_hidden_layers))
@@ -287,7 +288,8 @@ class TandemDraft(nn.Module):
         ``[B, T, V]`` (``reduced``: ``[B, T, N]`` over the secondary's ``vocab_subset``)."""
         return tandem_secondary_forward(self.secondary, self.proj, input_ids, primary_hidden, boundary,
                                         reduced=reduced, feature=self.feature, feature_index=self.feature_index,
-                                        feature_at=self.feature_at, projection_embed=self.projection_embed)
+                                        feature_at=self.feature_at, projection_embed=self.projection_embed,
+                                        own_context=self.own_context)
 
 
 class CachedDraftObjective(nn.Module):
