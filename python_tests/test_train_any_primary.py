@@ -619,3 +619,38 @@ def test_token_anchored_projections_fit_the_residual_beyond_the_embedding(tmp_pa
     err = lambda p: float(((p - target) ** 2).mean())   # noqa: E731
     assert err(pred) <= err(best) * 1.02 + 1e-9      # the fit's target is y^(1) - embed(x) (a small ridge)
     assert err(pred) < 0.5 * float(((target - target.mean(0)) ** 2).mean())
+
+
+def test_pilot_own_context_tool_trains_and_evaluates_on_a_run(tmp_path, tokenizer_file, one_torch_thread):
+    """tools/pilot_own_context.py on a finished tiny run: trains the own-context secondary (its own
+    state directory, resumed when done), evaluates it beside the run's drafter and Tandem secondary
+    (their figures equal the run's eval.json), and on the primary's greedy continuations."""
+    import importlib.util
+    from pathlib import Path
+
+    from tandem_rt.train.pipeline import run_pipeline
+
+    plan = tiny_plan(tmp_path, tokenizer_file, num_layers=1)
+    run_pipeline(plan, progress=False)
+    spec = importlib.util.spec_from_file_location(
+        "pilot_own_context", Path(__file__).resolve().parents[1] / "tools" / "pilot_own_context.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "pilot.json"
+    argv = ["--run", str(tmp_path / "run"), "--json", str(out), "--quiet", "--greedy-prompts", "2",
+            "--prompt-tokens", "8", "--max-new-tokens", "8"]
+    assert tool.main(argv) == 0
+    res = json.loads(out.read_text())
+    run_eval = json.loads((tmp_path / "run" / "eval.json").read_text())
+    for name in ("drafter-Distil", "Tandem-Distil"):
+        assert res[name]["relative_accuracy"] == pytest.approx(run_eval[name]["relative_accuracy"])
+    own = res["Tandem-Distil, own context"]
+    assert 0.0 <= own["relative_accuracy"] <= 1.0 and own["positions"] == run_eval["Tandem-Distil"]["positions"]
+    assert (tmp_path / "run" / "own_context" / "done.json").is_file()
+    greedy = res["_greedy"]
+    assert greedy["_meta"]["prompts"] == 2 and greedy["primary"]["positions"] == 2 * 15
+    assert greedy["primary"]["relative_accuracy"] == 1.0
+    assert tool.main(argv) == 0    # resumes: the finished state is reloaded, same figures
+    assert json.loads(out.read_text())["Tandem-Distil, own context"] == own
+    with pytest.raises(SystemExit, match="not a finished"):
+        tool.main(["--run", str(tmp_path / "nothing")])
