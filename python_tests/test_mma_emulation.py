@@ -10,51 +10,20 @@ the GPU tests (test_op_paged_attention.py with TANDEM_RT_PA_KERNEL=mma) can.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-EMULATION_DIR = REPO_ROOT / "csrc" / "emulation"
-RUN_TIMEOUT_S = 150  # the emulator itself gives up after 120 s (deadlock guard)
-
-
-def _cuda_include_dir() -> Path | None:
-    """The CUDA toolkit's include directory (cuda_fp16.h / cuda_bf16.h / cuda_runtime.h), or None."""
-    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        roots.append(str(Path(nvcc).resolve().parents[1]))
-    for root in filter(None, roots):
-        inc = Path(root) / "include"
-        if all((inc / h).is_file() for h in ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h")):
-            return inc
-    return None
+from emulation_build import build_emulator, run_emulator
 
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory) -> Path:
     """Builds csrc/emulation/mma_emulator.cpp once per session; skips only without toolkit or compiler."""
-    include = _cuda_include_dir()
-    if include is None:
-        pytest.skip("no CUDA toolkit headers (set CUDA_HOME); the emulator needs cuda_fp16.h / cuda_bf16.h")
-    cxx = os.environ.get("CXX") or shutil.which("g++")
-    if not cxx:
-        pytest.skip("no host C++ compiler (g++ or $CXX) to build the emulator")
-    exe = tmp_path_factory.mktemp("mma_emulation") / "mma_emulator"
-    cmd = [cxx, "-std=c++20", "-O2", "-fno-strict-aliasing", "-pthread", f"-I{include}", f"-I{REPO_ROOT / 'csrc'}",
-           str(EMULATION_DIR / "mma_emulator.cpp"), "-o", str(exe)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, f"emulator build failed: {' '.join(cmd)}\n{res.stderr[-6000:]}"
-    return exe
+    return build_emulator("mma_emulator.cpp", tmp_path_factory.mktemp("mma_emulation") / "mma_emulator")
 
 
-def _run(exe: Path, **case) -> subprocess.CompletedProcess:
-    args = [f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in case.items()]
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+_run = run_emulator
 
 
 def _cases():

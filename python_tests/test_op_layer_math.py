@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import requires_cuda
 from tandem_rt.ops import linear_rows, rms_norm, silu_and_mul
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -336,6 +337,31 @@ def test_linear_rows_q_validation(args, match):
 def test_linear_rows_q_op_validation(args, match):
     with pytest.raises(ValueError, match=match):
         torch.ops.tandem_rt.linear_rows_q(*args())
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 17, 32])
+@pytest.mark.parametrize("k, n", [(576, 37), (1536, 12), (32, 5)])
+@pytest.mark.parametrize("add_kind", [None, "bias", "residual"])
+def test_linear_rows_q_cuda_matches_dequantized_reference(qtype, dtype, rows, k, n, add_kind):
+    """The CUDA kernel (kernels/linear_rows_q.cuh) against the float64 product with the gguf
+    package's dequantized weights; strided x rows."""
+    from tandem_rt.ops import linear_rows_q
+
+    g = torch.Generator().manual_seed(rows * 31 + k + n)
+    w = torch.randn(n, k, generator=g) * 0.05 + 0.01 * torch.randn(n, 1, generator=g)
+    blocks, w_ref = gguf_blocks(w, qtype)
+    x = torch.randn(rows, k + 8, generator=g).to(dtype)[:, :k]
+    add = {None: None, "bias": torch.randn(n, generator=g).to(dtype),
+           "residual": torch.randn(rows, n, generator=g).to(dtype)}[add_kind]
+    got = linear_rows_q(x.cuda(), blocks.cuda(), qtype, None if add is None else add.cuda())
+    exact = x.double() @ w_ref.t() + (add.double() if add is not None else 0)
+    assert got.device.type == "cuda" and got.dtype == dtype and got.shape == (rows, n)
+    tol = dict(rtol=2 ** -7, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.cpu().double(), exact.to(dtype).double(), **tol)
 
 
 # ---- linear_rows_q16: the same products on weights repacked 16 outputs at a time ----------------

@@ -91,7 +91,8 @@ def linear_rows_q(x: torch.Tensor, w: torch.Tensor, qtype: str, add: torch.Tenso
     independent of the other rows).
 
     Args:
-        x: CPU bf16 or fp32 ``[M, K]``, ``K % 32 == 0`` (rows may be strided).
+        x: bf16 or fp32 ``[M, K]``, ``K % 32 == 0`` (rows may be strided), on the CPU or a CUDA
+            device (kernels/linear_rows_q.cuh: SIMT, dequantized in registers, 8 rows a pass).
         w: uint8 ``[N, K / 32 * block_bytes]`` contiguous: row n holds the blocks of output n, as
             GGUF stores an ``[N, K]`` tensor (``gguf.GGUFReader`` tensor ``.data``).
         qtype: ``"Q8_0"``, ``"Q4_0"`` or ``"Q4_1"`` (:data:`QUANT_TYPES`).
