@@ -255,10 +255,15 @@ def bench_layer_math(ctx: Context):
 
 @benchmark
 def bench_linear_rows_q(ctx: Context):
-    """CPU only: linear_rows_q on GGUF Q4_1 / Q8_0 blocks of the default model's gate/up weight
+    """CPU: linear_rows_q on GGUF Q4_1 / Q8_0 blocks of the default model's gate/up weight
     shape (3072 x 576, 150 copies: larger than the caches) against linear_rows on the same weights
     in bf16 (the dequantised copy the engine streams otherwise), and linear_rows_q16 on the same
-    blocks repacked 16 outputs at a time against linear_rows_q. GB/s = the quantized bytes read."""
+    blocks repacked 16 outputs at a time against linear_rows_q. CUDA: linear_rows_q on an 8B-class
+    MLP weight (14336 x 4096, copies beyond the L2 cache) against torch.mm on the same weights in
+    bf16. GB/s = the quantized bytes read."""
+    if ctx.device.type == "cuda":
+        yield from _bench_linear_rows_q_cuda(ctx)
+        return
     if ctx.device.type != "cpu":
         return
     import numpy as np
@@ -288,6 +293,30 @@ def bench_linear_rows_q(ctx: Context):
             del packed
             yield add_row(ctx, f"linear_rows_q16 {qtype}", torch.bfloat16, dict(batch=rows, context=n * 10000 + k, q_len=0),
                           t16, copies * one.nbytes, tq, "linear_rows_q", t16_min, tq_min)
+
+
+def _bench_linear_rows_q_cuda(ctx: Context):
+    from tandem_rt.ops import linear_rows_q
+    from tandem_rt.quantized import QUANT_TYPES
+
+    n, k, copies = 14336, 4096, 6   # Q4_1: 37 MB a copy, bf16: 117 MB a copy; beyond a 50-60 MB L2
+    dense = (torch.randn(n, k, device=ctx.device) * 0.05).bfloat16()
+    for qtype in ("Q4_1", "Q8_0"):
+        block = QUANT_TYPES[qtype][1]
+        # random block bytes with sane fp16 scales: timing does not depend on the values
+        one = torch.randint(0, 256, (n, k // 32, block), dtype=torch.uint8, device=ctx.device)
+        one[..., 0:2] = torch.tensor([0x00, 0x20], dtype=torch.uint8, device=ctx.device)   # d = 2^-7
+        one = one.view(n, -1)
+        blocks = [one.clone() for _ in range(copies)]
+        weights = [dense.clone() for _ in range(2)]    # the reference streams 2 x 117 MB
+        for rows in ((1, 8, 32) if ctx.quick else (1, 2, 4, 8, 16, 32)):
+            x = torch.randn(rows, k, device=ctx.device).bfloat16()
+            tq = time_fn(lambda: [linear_rows_q(x, b, qtype) for b in blocks], ctx) / copies
+            tq_min = ctx.last_min / copies
+            r = time_fn(lambda: [torch.mm(x, w.t()) for w in weights], ctx) / 2
+            yield add_row(ctx, f"linear_rows_q {qtype}", torch.bfloat16, dict(batch=rows, context=n * 10000 + k, q_len=0),
+                          tq, one.nbytes, r, "torch.mm bf16", tq_min, ctx.last_min / 2)
+        del blocks
 
 
 VOCAB, GAMMA = 32000, 5
