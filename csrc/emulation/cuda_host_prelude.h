@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -60,6 +62,18 @@ inline thread_local ThreadState tls;
                tls.tid.x);
   std::fflush(stderr);
   std::abort();
+}
+
+// The emulators' command line: `key=value` arguments, each handed to set(key, value), which throws
+// std::invalid_argument for an unknown key.
+template <typename F>
+void for_each_arg(int argc, char** argv, F&& set) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    const size_t eq = arg.find('=');
+    if (eq == std::string::npos) throw std::invalid_argument("expected key=value: " + arg);
+    set(arg.substr(0, eq), arg.substr(eq + 1));
+  }
 }
 
 inline int lane() { return static_cast<int>(tls.tid.x) % kWarpSize; }

@@ -44,11 +44,7 @@ struct Case {
 
 Case parse_case(int argc, char** argv) {
   Case c;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    const size_t eq = arg.find('=');
-    if (eq == std::string::npos) throw std::invalid_argument("expected key=value: " + arg);
-    const std::string key = arg.substr(0, eq), val = arg.substr(eq + 1);
+  emu::for_each_arg(argc, argv, [&c](const std::string& key, const std::string& val) {
     if (key == "dtype") c.dtype = val;
     else if (key == "qtype") c.qtype = std::stoi(val);
     else if (key == "m") c.m = std::stoi(val);
@@ -59,7 +55,7 @@ Case parse_case(int argc, char** argv) {
     else if (key == "seed") c.seed = static_cast<unsigned>(std::stoul(val));
     else if (key == "fault") c.fault = val;
     else throw std::invalid_argument("unknown key: " + key);
-  }
+  });
   if ((c.dtype != "fp32" && c.dtype != "bf16") || c.qtype < 0 || c.qtype > 2 || c.m < 1 || c.n < 1 || c.k < 32 ||
       c.k % 32 != 0 || (c.add != "none" && c.add != "bias" && c.add != "rows") || c.x_extra < 0)
     throw std::invalid_argument("bad case");

@@ -67,11 +67,7 @@ std::vector<int> parse_list(const std::string& s) {
 
 Case parse_case(int argc, char** argv) {
   Case c;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    const size_t eq = arg.find('=');
-    if (eq == std::string::npos) throw std::invalid_argument("expected key=value: " + arg);
-    const std::string key = arg.substr(0, eq), val = arg.substr(eq + 1);
+  emu::for_each_arg(argc, argv, [&c](const std::string& key, const std::string& val) {
     if (key == "dtype") c.dtype = val;
     else if (key == "d") c.d = std::stoi(val);
     else if (key == "page") c.page = std::stoi(val);
@@ -86,7 +82,7 @@ Case parse_case(int argc, char** argv) {
     else if (key == "cp_async") c.cp_async = val;
     else if (key == "fault") c.fault = val;
     else throw std::invalid_argument("unknown key: " + key);
-  }
+  });
   const bool ok = (c.dtype == "bf16" || c.dtype == "fp16") && (c.d == 32 || c.d == 64 || c.d == 128) &&
                   c.page > 0 && c.hkv > 0 && c.hq % c.hkv == 0 && c.qlens.size() == c.seqs.size() &&
                   c.split % 64 == 0 && c.split >= 0 && c.q_extra % 8 == 0 && c.q_extra >= 0 &&
