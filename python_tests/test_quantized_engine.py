@@ -89,3 +89,41 @@ def test_quantized_primary_is_validated(gguf_tandem):
         Engine(model, num_pages=16, page_size=4, quantized_primary={name: torch.zeros(3)})
     with pytest.raises(ValueError, match="bfloat16 or float32"):
         Engine(copy.deepcopy(model), num_pages=16, page_size=4, dtype=torch.float16, quantized_primary=mats)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("graphs", [False, True])
+def test_quantized_primary_on_cuda(gguf_tandem, graphs):
+    """On a GPU the blocks move to the device and the decode / verify rows run the CUDA
+    ``linear_rows_q`` kernel (fp32: the same weights as the dense primary, dequantized exactly, so
+    the greedy tokens agree but for accumulation-order near-ties)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device (runs on the lent GPU machine)")
+    path, model = gguf_tandem
+    prompts = [[3, 9, 27, 81 % 96, 50, 7], [11, 5, 60]]
+    sp = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    dense = Engine(copy.deepcopy(model), device="cuda", num_pages=64, page_size=4)
+    ref = [r.token_ids for r in dense.generate(prompts, sp, mode="primary")]
+    quant = Engine(copy.deepcopy(model), device="cuda", num_pages=64, page_size=4, use_cuda_graphs=graphs,
+                   quantized_primary=read_gguf_matrices(path))
+    w = quant.primary.layers[0].w_qkv
+    assert isinstance(w, QuantMatrix) and w.blocks.is_cuda and w.packed is None
+    got = [r.token_ids for r in quant.generate(prompts, sp, mode="primary")]
+    agree = sum(a == b for x, y in zip(got, ref) for a, b in zip(x, y)) / sum(map(len, ref))
+    assert agree > 0.9, (got, ref)
+    spec = [r.token_ids for r in quant.generate(prompts, sp, mode="tandem-speed", gamma=3)]
+    agree = sum(a == b for x, y in zip(spec, got) for a, b in zip(x, y)) / sum(map(len, got))
+    assert agree > 0.9, (spec, got)
+
+
+def test_quant_matrix_to_a_device_keeps_the_block_rows(gguf_tandem):
+    """``QuantMatrix.to``: the block rows (unpacked from the 16-output layout when the blocks were
+    dropped) on the device, without the CPU-only packed layout; already there: the same object."""
+    from tandem_rt.quantized import pack_rows16
+
+    path, _ = gguf_tandem
+    qm = next(m for m in read_gguf_matrices(path).values() if m.qtype == "Q4_1" and m.out_features % 16 == 0)
+    assert qm.to("cpu") is qm
+    packed_only = QuantMatrix(None, qm.qtype, qm.in_features, pack_rows16(qm.blocks, qm.qtype))
+    moved = packed_only.to("cpu")
+    assert moved.packed is None and torch.equal(moved.blocks, qm.blocks)

@@ -53,6 +53,13 @@ class QuantMatrix(NamedTuple):
             return self.blocks
         return unpack_rows16(self.packed, self.qtype)
 
+    def to(self, device) -> "QuantMatrix":
+        """The block rows on ``device`` (not packed: the packed layout is for the CPU kernels)."""
+        rows = self.block_rows()
+        if rows.device == torch.device(device) and self.packed is None:
+            return self
+        return QuantMatrix(rows.to(device), self.qtype, self.in_features)
+
     def rows(self, start: int, end: Optional[int] = None) -> "QuantMatrix":
         """Outputs ``start:end`` (block rows; not packed)."""
         return QuantMatrix(self.block_rows()[start:end], self.qtype, self.in_features)
@@ -176,10 +183,13 @@ def rows_kernel(w: QuantMatrix) -> tuple:
 
 
 def quant_mm(x: torch.Tensor, w: QuantMatrix, add: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``add + x @ dequant(w)^T``: x ``[M, K]`` bf16 / fp32 CPU -> ``[M, N]``. Up to
-    ``QUANT_ROWS_MAX`` rows by the kernel of :func:`rows_kernel` (each row's result independent of
-    the others), more (prompts) by torch's GEMM on a dequantised temporary."""
+    """``add + x @ dequant(w)^T``: x ``[M, K]`` bf16 / fp32 on the CPU or a CUDA device (``w`` on
+    the same) -> ``[M, N]``. Up to ``QUANT_ROWS_MAX`` rows by the kernel of :func:`rows_kernel` on
+    the CPU (each row's result independent of the others) or the ``linear_rows_q`` op's CUDA kernel;
+    more (prompts) by torch's GEMM on a dequantised temporary."""
     if x.shape[0] <= QUANT_ROWS_MAX:
+        if x.device.type == "cuda":
+            return torch.ops.tandem_rt.linear_rows_q(x, w.block_rows(), QUANT_TYPES[w.qtype][0], add)
         kernel, operand = rows_kernel(w)
         op = _C.cpu.linear_rows_q16 if kernel == ROWS_Q16 else _C.cpu.linear_rows_q
         return op(x, operand, QUANT_TYPES[w.qtype][0], add)

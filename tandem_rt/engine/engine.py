@@ -95,8 +95,8 @@ def check_quantized_primary(quantized: dict, primary, device, dtype) -> None:
     """ValueError unless ``quantized`` maps parameter names of ``primary`` to QuantMatrix of their shapes."""
     from tandem_rt.quantized import QuantMatrix
 
-    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"quantized_primary needs the CPU engine in bfloat16 or float32, got {device} {dtype}")
+    if device.type not in ("cpu", "cuda") or dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"quantized_primary needs bfloat16 or float32 on the CPU or CUDA, got {device} {dtype}")
     if not isinstance(quantized, dict):
         raise ValueError(f"quantized_primary must be a dict of parameter name -> QuantMatrix, got {type(quantized).__name__}")
     params = dict(primary.named_parameters())
@@ -142,8 +142,9 @@ class Engine:
             SDPA over the prompt's own rows; their K/V are still written to the pools).
         use_cuda_graphs: capture and replay the decode / verify steps on CUDA (see ``cuda_graphs.py``).
         quantized_primary: ``{parameter name: QuantMatrix}`` of the primary's weights kept in their
-            GGUF blocks (``tandem_rt.quantized.read_gguf_matrices``; CPU, bf16 / fp32): the
-            primary's products read those blocks (``linear_rows_q``) instead of its dense weights.
+            GGUF blocks (``tandem_rt.quantized.read_gguf_matrices``; bf16 / fp32, CPU or CUDA, moved
+            to the engine's device): the primary's products read those blocks (``linear_rows_q``)
+            instead of its dense weights.
         max_queued_requests: :meth:`submit` raises :class:`EngineOverloaded` while this many
             requests wait for admission (None: unbounded). ``generate`` / ``stream`` are not limited.
         step_prompt_rows: prompt rows a speculative step carries at most (chunked prefill of the
@@ -280,7 +281,7 @@ class Engine:
         """Load a checkpoint directory (default: the bundled model) and its ``tokenizer.json``.
 
         ``quantized``: the primary's products read Q8_0 / Q4_0 / Q4_1 blocks instead of the
-        dequantised weights (CPU, bf16 / fp32): those the checkpoint stores (``quantized`` in its
+        dequantised weights (bf16 / fp32, CPU or CUDA): those the checkpoint stores (``quantized`` in its
         config, ``save_checkpoint(quantize=...)`` / ``--quantize`` at import), else those of the
         GGUF file it references (``primary_source`` of kind ``gguf``). Those matrices are not
         loaded dense (``load_checkpoint(skip_values=...)``) and their placeholders are released

@@ -307,13 +307,16 @@ class PagedLlama:
         cpu = cpu_layout and not self.rows_layout
         dense = (lambda params: fuse_rows(params)) if self.rows_layout else (lambda params: input_major(params, cpu))
         quantized = dict(quantized or {})
+        device = model.output_weight.device
         if quantized:
-            if not self.rows_layout:
-                raise ValueError("quantized weights need the CPU engine in bfloat16 or float32")
+            if not (self.rows_layout or (device.type == "cuda" and model.output_weight.dtype in ROWS_LAYOUT_DTYPES)):
+                raise ValueError("quantized weights need bfloat16 or float32 on the CPU engine (cpu_layout) or on CUDA, "
+                                 f"got {device} {model.output_weight.dtype}")
             self.mm, self.step_mm = with_quantized(self.mm), with_quantized(self.step_mm)
+            quantized = {name: qm.to(device) for name, qm in quantized.items()}
         names = {id(p): n for n, p in model.named_parameters()}
 
-        pack = bool(quantized) and packs16()
+        pack = bool(quantized) and self.rows_layout and packs16()
 
         def mat(params):   # a fused group: quantized when every member is (one qtype), else dense
             qs = [quantized.get(names.get(id(p))) for p in params]
