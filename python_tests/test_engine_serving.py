@@ -355,3 +355,15 @@ def test_who_runs_the_loop(model, monkeypatch):
     engine.close()
     runner.join(timeout=30)
     assert not runner.is_alive()
+
+
+def test_attention_options_are_checked_and_reach_every_model(model):
+    """Engine(attention_kernel=..., attention_waves=...): bad values raise ValueError naming the option
+    before any work; good ones reach every paged model's op options (used by the CUDA op)."""
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        Engine(model, num_pages=64, attention_kernel="tensor")
+    with pytest.raises(ValueError, match="waves must be"):
+        Engine(model, num_pages=64, attention_waves=-1)
+    engine = Engine(model, num_pages=64, attention_kernel="mma", attention_waves=4)
+    for paged in (engine.runner.primary, engine.runner.secondary, engine.runner.drafter):
+        assert paged.attention_options == {"kernel": 1, "waves": 4}

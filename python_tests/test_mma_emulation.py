@@ -6,7 +6,7 @@ written from the PTX ISA, NaN-poisoned memory and bounds / alignment traps, and 
 (see csrc/emulation/mma_emulator.cpp). This checks the kernel's indexing, fragment layouts, swizzle,
 masking, online softmax, pipeline synchronisation (copies landing at the wait or at issue) and split
 partials; it does not check hardware timing, the GPU memory model or compiler reordering, which only
-the GPU tests (test_op_paged_attention.py with TANDEM_RT_PA_KERNEL=mma) can.
+the GPU tests (test_op_paged_attention.py, the mma cases) can.
 """
 from __future__ import annotations
 

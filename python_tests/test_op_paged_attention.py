@@ -268,18 +268,21 @@ def test_cpu_result_independent_of_thread_count(dtype):
     tol = TOL[dtype]
     torch.testing.assert_close(outs[0].double(), ref, rtol=tol, atol=tol * (ref.abs().max().item() + 1e-6))
 
-# ---- tensor-core kernel (TANDEM_RT_PA_KERNEL=mma), CUDA only --------------------------------------
-# The glue reads TANDEM_RT_PA_KERNEL on every call: "mma" selects the mma.sync / cp.async kernel of
+# ---- tensor-core kernel (kernel="mma"), CUDA only ------------------------------------------------
+# paged_attention(kernel="mma") selects the mma.sync / cp.async kernel of
 # csrc/kernels/paged_attention_mma.cu for fp16 / bf16 (fp32 keeps the SIMT kernel). The cases below
-# rerun the reference comparisons above with it; tools/device_check.sh also reruns this whole file
-# with the variable set.
+# rerun the reference comparisons above with it: the fixture makes this module's helpers call
+# paged_attention with kernel="mma".
 MMA_DTYPES = (torch.bfloat16, torch.float16)
 mma_case = pytest.mark.usefixtures("mma_kernel")
 
 
 @pytest.fixture
 def mma_kernel(monkeypatch):
-    monkeypatch.setenv("TANDEM_RT_PA_KERNEL", "mma")
+    import functools
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "paged_attention", functools.partial(paged_attention, kernel="mma"))
 
 
 def _mma_params():
@@ -351,23 +354,38 @@ def test_paged_attention_mma_strided_q_and_scale(dtype):
 @requires_cuda
 @mma_case
 def test_paged_attention_mma_fp32_uses_simt():
-    """fp32 has no tensor-core kernel: with TANDEM_RT_PA_KERNEL=mma it keeps the SIMT kernel."""
+    """fp32 has no tensor-core kernel: with kernel="mma" it keeps the SIMT kernel."""
     run_and_check([40, 9], [3, 1], 4, 2, 64, 8, torch.float32, "cuda")
 
 
-@pytest.mark.cuda
-@requires_cuda
-def test_paged_attention_kernel_env_variable(monkeypatch):
-    """Read on every call: simt / mma / unset are accepted, anything else raises ValueError naming it."""
-    for value in ("simt", "mma", ""):
-        monkeypatch.setenv("TANDEM_RT_PA_KERNEL", value)
-        run_and_check([20, 9], [4, 1], 8, 2, 64, 16, torch.bfloat16, "cuda")
-    monkeypatch.setenv("TANDEM_RT_PA_KERNEL", "tensor")
-    args = _valid("cuda")
-    with pytest.raises(ValueError, match="TANDEM_RT_PA_KERNEL"):
-        paged_attention(**args)
-    monkeypatch.delenv("TANDEM_RT_PA_KERNEL")
-    paged_attention(**args)
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_attention_kernel_and_waves_options(device, monkeypatch):
+    """kernel / waves are explicit arguments, checked on every device (used on CUDA): the accepted
+    values give the reference result (on CUDA several waves change the KV split), others raise
+    ValueError naming the option, at the wrapper and at the op."""
+    import functools
+    import sys
+
+    module = sys.modules[__name__]
+    for kernel in ("simt", "mma"):
+        for waves in (0, 1, 64):
+            monkeypatch.setattr(module, "paged_attention",
+                                functools.partial(paged_attention, kernel=kernel, waves=waves))
+            run_and_check([300, 9], [4, 1], 8, 2, 64, 16, torch.bfloat16, device)
+    monkeypatch.undo()
+    args = _valid(device)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        paged_attention(**args, kernel="tensor")
+    for bad in (-1, 1025, 2.0, True):
+        with pytest.raises(ValueError, match="waves must be"):
+            paged_attention(**args, waves=bad)
+    out = torch.empty_like(args["q"])
+    pos = [out, args["q"], args["k_cache"], args["v_cache"], args["block_tables"], args["seq_lens"],
+           args["query_start_loc"], 0.1, 3, 20, False]
+    with pytest.raises(ValueError, match="kernel must be 0"):
+        torch.ops.tandem_rt.paged_attention(*pos, 2, 0)
+    with pytest.raises(ValueError, match="waves must be in"):
+        torch.ops.tandem_rt.paged_attention(*pos, 0, -3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -45,6 +45,8 @@ class Context:
     copy_gbps: float = 0.0
     last_min: float = 0.0
     quick: bool = False
+    pa_kernel: str = "simt"      # paged_attention(kernel=...) on CUDA
+    pa_waves: int = 0            # paged_attention(waves=...) on CUDA (0: the default)
     rows: list = field(default_factory=list)
 
 
@@ -156,7 +158,8 @@ def bench_paged_attention(ctx: Context):
                     q, kc, vc, bt, sl, qsl = make_paged(batch, context, dtype, ctx.device, q_len, gen)
                     out = torch.empty_like(q)
                     scale = HEAD_DIM ** -0.5
-                    t = time_fn(lambda: paged_attention(q, kc, vc, bt, sl, qsl, scale, q_len, context, out=out), ctx)
+                    t = time_fn(lambda: paged_attention(q, kc, vc, bt, sl, qsl, scale, q_len, context, out=out,
+                                                        kernel=ctx.pa_kernel, waves=ctx.pa_waves), ctx)
                     t_min = ctx.last_min
                     kv_bytes = 2 * batch * context * HKV * HEAD_DIM * kc.element_size()
                     nbytes = kv_bytes + 2 * q.numel() * q.element_size() + bt.numel() * 4
@@ -168,7 +171,8 @@ def bench_paged_attention(ctx: Context):
                         mask = torch.arange(context, device=ctx.device)[None, :] <= pos[:, None]
                     t_ref = time_fn(lambda: F.scaled_dot_product_attention(q_ref, k_ref, v_ref, attn_mask=mask,
                                                                            scale=scale, enable_gqa=True), ctx)
-                    yield add_row(ctx, "paged_attention", dtype, dict(batch=batch, context=context, q_len=q_len),
+                    op = "paged_attention" if ctx.pa_kernel == "simt" else f"paged_attention {ctx.pa_kernel}"
+                    yield add_row(ctx, op, dtype, dict(batch=batch, context=context, q_len=q_len),
                                   t, nbytes, t_ref, "sdpa_contiguous", t_min, ctx.last_min)
                     del q, kc, vc, k_ref, v_ref, q_ref
 
@@ -387,6 +391,10 @@ def main(argv=None):
     ap.add_argument("--only", nargs="*", help="benchmark names to run (e.g. paged_attention copy_pages)")
     ap.add_argument("--out", help="JSON path (default runs/bench_kernels-<device>.json)")
     ap.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads) for the op and the reference")
+    ap.add_argument("--pa-kernel", default="simt", choices=["simt", "mma"],
+                    help="CUDA paged-attention kernel (paged_attention(kernel=...); default %(default)s)")
+    ap.add_argument("--pa-waves", type=int, default=0,
+                    help="CTA waves per SM the CUDA KV split aims for (paged_attention(waves=...); 0: default)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -403,6 +411,7 @@ def main(argv=None):
         min_time = 0.1 if args.quick else 0.3
     ctx = Context(device, dtypes, batches, contexts, [1, 8], min_time)
     ctx.quick = args.quick
+    ctx.pa_kernel, ctx.pa_waves = args.pa_kernel, args.pa_waves
     ctx.copy_gbps = measure_copy_bandwidth(ctx)
     read_gbps = measure_read_bandwidth(device)
     print(f"device: {device_name(device)}; torch {torch.__version__}; copy bandwidth {ctx.copy_gbps:.1f} GB/s; "

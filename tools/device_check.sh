@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything to run on a lent GPU machine in ONE call (~7 minutes at most), most important first:
 #   1. rebuild the extension there (Python 3.12, torch 2.11+cu130, no network; plain CMake, so
-#      setuptools is not needed);  2. the CUDA tests (ops and engine), then the paged-attention ones
-#      again with TANDEM_RT_PA_KERNEL=mma;  3. kernel benchmarks (paged attention also with mma);
+#      setuptools is not needed);  2. the CUDA tests (ops, engine, the tensor-core attention kernel's
+#      own cases, the quantized products);  3. kernel benchmarks (paged attention also with
+#      --pa-kernel mma and --pa-waves $PA_WAVES_AB);
 #   4. the whole test suite;  5. the kernel tests under compute-sanitizer memcheck;
 #   6. the end-to-end benchmark.  Each step is time-boxed; logs and JSON go under $OUT.
 # Usage on the device machine:  bash tools/device_check.sh
@@ -42,30 +43,20 @@ timeout 150 "$PY" -m pytest python_tests -q -p no:cacheprovider -k cuda > "$OUT/
 grep -E "FAILED|Error" "$OUT/pytest_cuda.log" | head -20
 tail -3 "$OUT/pytest_cuda.log" | tee -a "$OUT/summary.txt"
 
-# The paged-attention CUDA tests again with the tensor-core kernel (csrc/kernels/paged_attention_mma.cu),
-# appended to the same log (keeps $OUT at 8 files).
-stamp "paged-attention CUDA tests with TANDEM_RT_PA_KERNEL=mma"
-echo "== TANDEM_RT_PA_KERNEL=mma: python_tests/test_op_paged_attention.py -k cuda" >> "$OUT/pytest_cuda.log"
-n=$(wc -l < "$OUT/pytest_cuda.log")
-TANDEM_RT_PA_KERNEL=mma timeout 60 "$PY" -m pytest python_tests/test_op_paged_attention.py -q -p no:cacheprovider -k cuda \
-  >> "$OUT/pytest_cuda.log" 2>&1 || status=1
-tail -n +$((n + 1)) "$OUT/pytest_cuda.log" | grep -E "FAILED|Error" | head -20
-tail -1 "$OUT/pytest_cuda.log" | sed 's/^/mma: /' | tee -a "$OUT/summary.txt"
-
 stamp "kernel benchmarks"
 timeout 120 "$PY" tools/bench_kernels.py --device cuda --out "$OUT/bench_kernels.json" ${BENCH_ARGS:-} \
   > "$OUT/bench_kernels.txt" 2>&1 || status=1
 cat "$OUT/bench_kernels.txt"
 # A/B of the KV-split heuristic (CTA waves aimed for), same run, same card; appended to the table.
 for waves in ${PA_WAVES_AB:-2}; do
-  echo "-- TANDEM_RT_PA_WAVES=$waves" >> "$OUT/bench_kernels.txt"
-  TANDEM_RT_PA_WAVES=$waves timeout 60 "$PY" tools/bench_kernels.py --device cuda --only paged_attention \
+  echo "-- --pa-waves $waves" >> "$OUT/bench_kernels.txt"
+  timeout 60 "$PY" tools/bench_kernels.py --device cuda --only paged_attention --pa-waves "$waves" \
     --out "$OUT/.pa_waves.json" >> "$OUT/bench_kernels.txt" 2>&1 || status=1
 done
 rm -f "$OUT/.pa_waves.json"
 # The tensor-core paged-attention kernel, same run, same card (fp32 rows still use the SIMT kernel).
-echo "-- TANDEM_RT_PA_KERNEL=mma" >> "$OUT/bench_kernels.txt"
-TANDEM_RT_PA_KERNEL=mma timeout 60 "$PY" tools/bench_kernels.py --device cuda --only paged_attention \
+echo "-- --pa-kernel mma" >> "$OUT/bench_kernels.txt"
+timeout 60 "$PY" tools/bench_kernels.py --device cuda --only paged_attention --pa-kernel mma \
   --out "${TMPDIR:-/tmp}/tandem_rt_pa_mma.json" >> "$OUT/bench_kernels.txt" 2>&1 || status=1
 
 if [ "${SKIP_SUITE:-0}" != 1 ]; then

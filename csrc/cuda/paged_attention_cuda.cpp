@@ -2,14 +2,11 @@
 // and kernels/paged_attention_mma.cu).
 // Chooses the KV split from max_seq_len and the SM count, allocates the fp32 partial-result
 // workspace through the caching allocator (graph-capture safe) and launches; no host sync.
-// The attention kernel comes from the environment variable TANDEM_RT_PA_KERNEL, read on every call:
-// unset, empty or "simt" -> SIMT kernel (default); "mma" -> tensor-core kernel for fp16/bf16 (fp32
-// keeps the SIMT kernel); anything else -> ValueError.
+// The attention kernel is the op's `kernel` argument: 0 -> SIMT kernel (default); 1 -> tensor-core
+// kernel for fp16/bf16 (fp32 keeps the SIMT kernel). `waves` (0: the default) sets the KV split.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 
 #include "common/check.h"
@@ -20,26 +17,20 @@
 namespace tandem_rt {
 namespace {
 
-// Not cached, so that tests and benchmarks can switch kernels within one process.
-kernels::PagedAttentionKernel kernel_from_env() {
-  const char* env = std::getenv("TANDEM_RT_PA_KERNEL");
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "simt") == 0) return kernels::kPagedAttentionSimt;
-  TORCH_CHECK_VALUE(std::strcmp(env, "mma") == 0, "TANDEM_RT_PA_KERNEL must be 'simt' or 'mma' (or unset), got '",
-                    env, "'");
-  return kernels::kPagedAttentionMma;
-}
-
 void paged_attention_cuda(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
                           const at::Tensor& query_start_loc, double scale, int64_t max_q_len, int64_t max_seq_len,
                           bool /*row_invariant: CPU only (the CUDA kernels' per-row arithmetic follows the
-                                 launch shape)*/) {
+                                 launch shape)*/,
+                          int64_t kernel_option, int64_t waves) {
   validate_paged_attention(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_q_len,
                            max_seq_len);
+  validate_paged_attention_options(kernel_option, waves);
   const int64_t d = q.size(2);
   TORCH_CHECK_VALUE(kernels::paged_attention_head_dim_supported(static_cast<int>(d)), "head_dim ", d,
                     " is not supported by the CUDA paged_attention kernel (supported: 32, 64, 128)");
-  const kernels::PagedAttentionKernel kernel = kernel_from_env();
+  const kernels::PagedAttentionKernel kernel =
+      kernel_option == 1 ? kernels::kPagedAttentionMma : kernels::kPagedAttentionSimt;
   const int64_t elem = q.element_size();
   TORCH_CHECK_VALUE(aligned16(q.data_ptr()) && (q.stride(0) * elem) % 16 == 0,
                     "q rows must start at 16-byte aligned addresses");
@@ -77,7 +68,8 @@ void paged_attention_cuda(const at::Tensor& out, const at::Tensor& q, const at::
   p.dtype = to_kv_dtype(q.scalar_type());
   p.kernel = p.dtype == kernels::KvDType::kFloat32 ? kernels::kPagedAttentionSimt : kernel;
   p.num_splits = kernels::paged_attention_splits(q.get_device(), p.num_seqs, p.hq, p.hkv, p.max_q_len,
-                                                 static_cast<int>(max_seq_len), &p.split_len);
+                                                 static_cast<int>(max_seq_len), static_cast<int>(waves),
+                                                 &p.split_len);
   at::Tensor part_out, part_ml;
   if (p.num_splits > 1) {
     const auto opts = q.options().dtype(at::kFloat);
@@ -89,7 +81,7 @@ void paged_attention_cuda(const at::Tensor& out, const at::Tensor& q, const at::
   const auto err = kernels::launch_paged_attention(p, c10::cuda::getCurrentCUDAStream());
   // The tensor-core launcher refuses devices below sm_80 before launching anything.
   TORCH_CHECK_VALUE(!(err == cudaErrorNotSupported && p.kernel == kernels::kPagedAttentionMma),
-                    "TANDEM_RT_PA_KERNEL=mma needs a GPU of compute capability 8.0 or newer");
+                    "kernel=1 (tensor cores) needs a GPU of compute capability 8.0 or newer");
   TORCH_CHECK(err == cudaSuccess, "paged_attention kernel launch failed: ", cudaGetErrorString(err));
 }
 

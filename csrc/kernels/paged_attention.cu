@@ -364,27 +364,19 @@ int sm_count(int device) {
   return n;
 }
 
-// CTA waves the KV split aims for (each CTA keeps only a few loads in flight, so the chip needs
-// many CTAs resident to cover memory latency). TANDEM_RT_PA_WAVES overrides it, for tuning.
-int target_waves() {
-  static const int waves = [] {
-    const char* env = std::getenv("TANDEM_RT_PA_WAVES");
-    const int v = env ? std::atoi(env) : 0;
-    return v > 0 ? v : 8;
-  }();
-  return waves;
-}
 
 }  // namespace
 
 bool paged_attention_head_dim_supported(int head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128; }
 
-int paged_attention_splits(int device, int num_seqs, int hq, int hkv, int max_q_len, int max_seq_len,
+// The split aims for `waves` CTA waves (each CTA keeps only a few loads in flight, so the chip needs
+// many CTAs resident to cover memory latency).
+int paged_attention_splits(int device, int num_seqs, int hq, int hkv, int max_q_len, int max_seq_len, int waves,
                            int* split_len) {
   const int group = hq / hkv;
   const int row_tiles = std::max(1, (max_q_len * group + kRows - 1) / kRows);
   const int64_t ctas = std::max<int64_t>(1, static_cast<int64_t>(num_seqs) * hkv * row_tiles);
-  const int target = target_waves() * sm_count(device);
+  const int target = (waves > 0 ? waves : kPagedAttentionDefaultWaves) * sm_count(device);
   int splits = 1;
   if (ctas < target) splits = static_cast<int>((target + ctas - 1) / ctas);
   splits = std::min({splits, std::max(1, (max_seq_len + 255) / 256), kMaxSplits});  // >= 256 keys per split

@@ -38,9 +38,13 @@ struct PagedAttentionParams {
 // Head dims with a compiled kernel.
 bool paged_attention_head_dim_supported(int head_dim);
 
+// CTA waves the KV split aims for when the caller gives none (paged_attention_splits, waves <= 0).
+constexpr int kPagedAttentionDefaultWaves = 8;
+
 // Chooses the number of KV splits (and keys per split, written to *split_len) for a launch, from
-// the CTA count without splitting, max_seq_len and the SM count of `device` (queried once, cached).
-int paged_attention_splits(int device, int num_seqs, int hq, int hkv, int max_q_len, int max_seq_len,
+// the CTA count without splitting, max_seq_len and the SM count of `device` (queried once, cached):
+// enough splits for `waves` CTAs per SM (<= 0: kPagedAttentionDefaultWaves; a tuning option).
+int paged_attention_splits(int device, int num_seqs, int hq, int hkv, int max_q_len, int max_seq_len, int waves,
                            int* split_len);
 
 // Launches the attention kernel chosen by p.kernel and, when num_splits > 1, the reduction over

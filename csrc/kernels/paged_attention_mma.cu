@@ -1,7 +1,7 @@
 // Host side of the tensor-core paged-attention kernel (the kernel itself, its design and its
 // fragment layouts are in paged_attention_mma.cuh): per-device shared-memory setup, grid and the
 // dtype / head_dim / row-tile dispatch. Selected with PagedAttentionParams::kernel ==
-// kPagedAttentionMma (env TANDEM_RT_PA_KERNEL=mma in the glue).
+// kPagedAttentionMma (the op's kernel=1, tandem_rt.ops.paged_attention(kernel="mma")).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

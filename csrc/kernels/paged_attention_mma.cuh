@@ -1,7 +1,7 @@
 // Paged attention on tensor cores (mma.sync m16n8k16, fp16/bf16 in, fp32 accumulate) with cp.async
 // double buffering of the K/V tiles. Same semantics, grid, KV split and partial-result layout as the
 // SIMT kernel in paged_attention.cu (whose combine kernel merges our split partials); selected with
-// PagedAttentionParams::kernel == kPagedAttentionMma (env TANDEM_RT_PA_KERNEL=mma in the glue).
+// PagedAttentionParams::kernel == kPagedAttentionMma (the op's kernel=1: paged_attention(kernel="mma")).
 //
 // Work decomposition. One CTA of 128 threads (4 warps) per (KV head, row tile, sequence, KV split),
 // grid (hkv * row_tiles, num_seqs, num_splits) exactly like the SIMT kernel. The CTA's rows are the

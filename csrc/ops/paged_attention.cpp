@@ -30,6 +30,11 @@
 
 namespace tandem_rt {
 
+void validate_paged_attention_options(int64_t kernel, int64_t waves) {
+  TORCH_CHECK_VALUE(kernel == 0 || kernel == 1, "kernel must be 0 (SIMT) or 1 (tensor cores), got ", kernel);
+  TORCH_CHECK_VALUE(waves >= 0 && waves <= 1024, "waves must be in 0..1024 (0: the default), got ", waves);
+}
+
 void validate_paged_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                               const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
                               const at::Tensor& query_start_loc, double scale, int64_t max_q_len,
@@ -332,9 +337,10 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
 void paged_attention_cpu(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
                          const at::Tensor& query_start_loc, double scale, int64_t max_q_len, int64_t max_seq_len,
-                         bool row_invariant) {
+                         bool row_invariant, int64_t kernel, int64_t waves) {
   validate_paged_attention(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_q_len,
                            max_seq_len);
+  validate_paged_attention_options(kernel, waves);  // CUDA options: checked, not used on the CPU
   validate_paged_attention_indices(q, k_cache, block_tables, seq_lens, query_start_loc, max_q_len, max_seq_len);
   if (q.size(0) == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "paged_attention_cpu", [&] {
@@ -350,14 +356,14 @@ void paged_attention(const at::Tensor& out, const at::Tensor& q, const at::Tenso
                      const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
                      double scale, int64_t max_q_len, int64_t max_seq_len, bool row_invariant) {
   paged_attention_cpu(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_q_len,
-                      max_seq_len, row_invariant);
+                      max_seq_len, row_invariant, 0, 0);
 }
 }  // namespace direct
 
 TORCH_LIBRARY_FRAGMENT(tandem_rt, m) {
   m.def("paged_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor seq_lens, Tensor query_start_loc, float scale, int max_q_len, int max_seq_len, "
-        "bool row_invariant=False) -> ()");
+        "bool row_invariant=False, int kernel=0, int waves=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tandem_rt, CPU, m) {

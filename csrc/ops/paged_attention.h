@@ -15,6 +15,11 @@ void validate_paged_attention(const at::Tensor& out, const at::Tensor& q, const 
                               const at::Tensor& query_start_loc, double scale, int64_t max_q_len,
                               int64_t max_seq_len);
 
+// The CUDA launch options of the op (explicit arguments, checked on every device): kernel 0 = the
+// SIMT kernel, 1 = the tensor-core kernel (fp16 / bf16, sm_80+; fp32 keeps SIMT); waves = CTA waves
+// the KV split aims for, 0 = the default (kernels::kPagedAttentionDefaultWaves).
+void validate_paged_attention_options(int64_t kernel, int64_t waves);
+
 // Checks the index tensors' values (CPU tensors only): query_start_loc starts at 0, is
 // non-decreasing and ends at Ntok; q_len <= max_q_len; q_len <= seq_len <= max_seq_len; the
 // pages each sequence uses fit in block_tables and lie in [0, num_pages).

@@ -46,6 +46,7 @@ from tandem_rt.engine.requests import EngineOverloaded, RequestHandle
 from tandem_rt.engine.results import StreamEvent
 from tandem_rt.engine.scheduler import Request, Scheduler, admission_pages
 from tandem_rt.models.tandem import TandemModel
+from tandem_rt.ops.attention import attention_kernel_code, check_waves
 from tandem_rt.paths import default_model_path
 DEFAULT_KV_CACHE_MEMORY = 256 << 20  # bytes of K/V pools when neither num_pages nor kv_cache_memory is given
 MAX_GAMMA = 31          # a verify block holds gamma + 1 <= 32 queries per sequence (paged_attention)
@@ -157,6 +158,9 @@ class Engine:
             expected accepted tokens bring, from the engine's measured step times; greedy outputs
             stay exact, seeded sampled auto requests are then not reproducible across batches;
             see ``draft_policy.py``).
+        attention_kernel: the CUDA paged-attention kernel of every model: ``"simt"`` (CUDA cores,
+            default) or ``"mma"`` (tensor cores for fp16 / bf16, sm_80+); not used on the CPU.
+        attention_waves: CTA waves per SM the CUDA KV split aims for (0: the default, 8).
     """
 
     def __init__(self, model: TandemModel, tokenizer=None, *, device=None, dtype=None, max_batch_size: int = 8,
@@ -164,7 +168,7 @@ class Engine:
                  prefill_chunk: int = 32, use_cuda_graphs: bool = False, dense_prefill: bool = True,
                  quantized_primary: Optional[dict] = None,
                  max_queued_requests: Optional[int] = None, step_prompt_rows: int = 32,
-                 draft_policy: str = "router"):
+                 draft_policy: str = "router", attention_kernel: str = "simt", attention_waves: int = 0):
         from tandem_rt.paged import KVCache, PageManager, pages_for_memory
 
         if not isinstance(model, TandemModel):
@@ -182,6 +186,8 @@ class Engine:
             raise ValueError("give num_pages or kv_cache_memory, not both")
         if draft_policy not in POLICIES:
             raise ValueError(f"draft_policy must be one of {', '.join(POLICIES)}, got {draft_policy!r}")
+        attention_kernel_code(attention_kernel)   # ValueError naming the option, before any work
+        check_waves(attention_waves)
         if max_queued_requests is not None and (isinstance(max_queued_requests, bool) or not isinstance(
                 max_queued_requests, int) or max_queued_requests < 1):
             raise ValueError(f"max_queued_requests must be None or a positive integer, got {max_queued_requests!r}")
@@ -248,7 +254,8 @@ class Engine:
         if use_cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"use_cuda_graphs needs a CUDA device, the engine runs on {self.device}")
         self.page_manager = PageManager(num_pages, page_size)
-        self.runner = ModelRunner(model, self.page_manager, self.device, self.dtype, quantized_primary, max_batch_size)
+        self.runner = ModelRunner(model, self.page_manager, self.device, self.dtype, quantized_primary, max_batch_size,
+                                  attention_kernel, attention_waves)
         r = self.runner     # the models and pools, also reachable from the engine
         self.primary, self.secondary, self.drafter, self.refresh = r.primary, r.secondary, r.drafter, r.refresh
         self.primary_cache, self.secondary_cache, self.drafter_cache = r.primary_cache, r.secondary_cache, r.drafter_cache

@@ -28,10 +28,13 @@ class ModelRunner:
         device, dtype: where and in what the pools live (the model already converted).
         quantized_primary: ``{parameter name: QuantMatrix}`` served as GGUF blocks, or None.
         max_batch_size: the largest batch a step runs (the CUDA graph buckets).
+        attention_kernel, attention_waves: the CUDA paged-attention options of every model
+            (``PagedLlama``).
     """
 
     def __init__(self, model: TandemModel, page_manager, device: torch.device, dtype: torch.dtype,
-                 quantized_primary: Optional[dict] = None, max_batch_size: int = 8):
+                 quantized_primary: Optional[dict] = None, max_batch_size: int = 8,
+                 attention_kernel: str = "simt", attention_waves: int = 0):
         from tandem_rt.paged import KVCache
 
         cfg = model.config
@@ -42,9 +45,10 @@ class ModelRunner:
         self.max_batch_size = max_batch_size
         self.vocab_size = cfg.primary.vocab_size
         self.layer_map = list(model.layer_map)
-        self.primary = PagedLlama(model.primary, quantized=quantized_primary)
-        self.secondary = PagedLlama(model.secondary, feature_at=cfg.feature_at)
-        self.drafter = PagedLlama(model.drafter) if model.drafter is not None else None
+        attn = {"attention_kernel": attention_kernel, "attention_waves": attention_waves}
+        self.primary = PagedLlama(model.primary, quantized=quantized_primary, **attn)
+        self.secondary = PagedLlama(model.secondary, feature_at=cfg.feature_at, **attn)
+        self.drafter = PagedLlama(model.drafter, **attn) if model.drafter is not None else None
         self.refresh = TandemRefresh(model, self.secondary)
         pages, ps = page_manager.num_pages, page_manager.page_size
         mk = lambda c: KVCache(c.num_hidden_layers, pages, ps, c.num_key_value_heads, c.head_dim,  # noqa: E731

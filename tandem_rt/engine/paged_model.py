@@ -21,6 +21,7 @@ of chunks of at most 32 rows (``paged_attention``'s query limit).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from tandem_rt._ext import _C
 from tandem_rt.config import FEATURE_AT
 from tandem_rt.models.llama import LlamaForCausalLM, scatter_vocab
+from tandem_rt.ops.attention import attention_kernel_code, check_waves
 from tandem_rt.quantized import (QUANT_ROWS_MAX, QuantMatrix, cat_rows, embedding_rows, packs16, quant_mm,
                                  with_packed)
 
@@ -286,10 +288,14 @@ class PagedLlama:
             default: with the CPU layout of ``linear_rows`` (bf16 / fp32 on the CPU).
         feature_at: where ``forward`` adds a ``feature_offset``: ``"input"`` (the token embeddings) or
             ``"output"`` (the last layer's output, before the final norm); ``TandemConfig.feature_at``.
+        attention_kernel: the CUDA paged-attention kernel, ``"simt"`` or ``"mma"``
+            (``ops.ATTENTION_KERNELS``; not used on the CPU).
+        attention_waves: CTA waves per SM the CUDA KV split aims for (0: the default).
     """
 
     def __init__(self, model: LlamaForCausalLM, cpu_layout: Optional[bool] = None,
-                 quantized: Optional[dict] = None, decoder_plan: Optional[bool] = None, feature_at: str = "input"):
+                 quantized: Optional[dict] = None, decoder_plan: Optional[bool] = None, feature_at: str = "input",
+                 attention_kernel: str = "simt", attention_waves: int = 0):
         self.model = model
         self.config = cfg = model.config
         self.scale = cfg.head_dim ** -0.5
@@ -348,6 +354,9 @@ class PagedLlama:
         if feature_at not in FEATURE_AT:
             raise ValueError(f"feature_at must be one of {list(FEATURE_AT)}, got {feature_at!r}")
         self.feature_at = feature_at
+        # the dispatcher op's CUDA launch options, checked once here (the CPU path calls the direct op)
+        self.attention_options = {"kernel": attention_kernel_code(attention_kernel),
+                                  "waves": check_waves(attention_waves)}
         if decoder_plan and not self.rows_layout:
             raise ValueError("decoder_plan needs the CPU engine in bfloat16 or float32 (cpu_layout)")
         self.decoder_plan = self._build_decoder_plan() if (self.rows_layout if decoder_plan is None
@@ -426,7 +435,9 @@ class PagedLlama:
         theta = float(cfg.rope_theta)
         mm = self.step_mm if step else self.mm
         ops = _cpu if cpu_ops else torch.ops.tandem_rt   # CPU: the direct entry points (no dispatcher)
-        rope_write, attend = ops.rope_cache_write, ops.paged_attention
+        rope_write = ops.rope_cache_write
+        attend = _cpu.paged_attention if cpu_ops else functools.partial(torch.ops.tandem_rt.paged_attention,
+                                                                       **self.attention_options)
         x = self.embed(input_ids)
         out_offset = feature_offset if self.feature_at == "output" else None
         if feature_offset is not None and out_offset is None:

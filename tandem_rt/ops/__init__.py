@@ -17,21 +17,21 @@ Ops:
 
 * ``rope_cache_write(k, v, positions, slot_mapping, k_cache, v_cache, rope_theta, q=None)``
 * ``paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-  max_q_len, max_seq_len, out=None) -> out``
+  max_q_len, max_seq_len, out=None, row_invariant=False, kernel="simt", waves=0) -> out``
 * ``sample(logits, temperature, top_k, top_p, rng_state, probs_out=None) -> tokens``
 * ``verify(draft_tokens, draft_lens, draft_probs, target_logits, temperature, top_k, top_p,
   rng_state) -> (accepted, emitted)``
 * ``copy_pages(caches, src_pages, dst_pages)``
 * CPU only, fused layer math for the engine: ``rms_norm(x, weight, eps)``, ``silu_and_mul(gate_up)``,
-  ``linear_rows(x, w, add=None)`` (bf16 / fp32), ``linear_rows_q(x, w_blocks, qtype, add=None)``
-  (GGUF Q8_0 / Q4_0 / Q4_1 weights kept quantized)
+  ``linear_rows(x, w, add=None)`` (bf16 / fp32); CPU and CUDA: ``linear_rows_q(x, w_blocks, qtype,
+  add=None)`` (GGUF Q8_0 / Q4_0 / Q4_1 weights kept quantized)
 
 Helpers: ``make_rng_state(seed, device)``, ``sampling_params(batch_size, temperature, top_k,
 top_p, device)`` (per-row parameter tensors), ``rng_uniform(rng_state, num_subsequences,
 num_draws)`` (the uniforms the sampling ops draw, for tests).
 """
 
-from tandem_rt.ops.attention import paged_attention  # noqa: E402,F401
+from tandem_rt.ops.attention import ATTENTION_KERNELS, paged_attention  # noqa: E402,F401
 from tandem_rt.ops.rope import rope_cache_write  # noqa: E402,F401
 from tandem_rt.ops.sampling import make_rng_state, rng_uniform, sample, sampling_params, verify  # noqa: E402,F401
 from tandem_rt.ops.pages import copy_pages  # noqa: E402,F401

@@ -10,11 +10,29 @@ from tandem_rt import _ext  # noqa: F401  (loads tandem_rt._C, which registers t
 from tandem_rt.ops._checks import FLOAT_DTYPES, check_heads_packed, check_shape, check_tensor
 
 CUDA_HEAD_DIMS = (32, 64, 128)
+# the CUDA attention kernels (the op's ``kernel`` argument): CUDA cores, every dtype; tensor cores
+# (mma.sync + cp.async, fp16 / bf16, sm_80+; fp32 keeps the SIMT kernel)
+ATTENTION_KERNELS = {"simt": 0, "mma": 1}
+
+
+def attention_kernel_code(kernel: str) -> int:
+    """The op's ``kernel`` integer for a name of :data:`ATTENTION_KERNELS` (ValueError otherwise)."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"kernel must be one of {sorted(ATTENTION_KERNELS)}, got {kernel!r}")
+    return ATTENTION_KERNELS[kernel]
+
+
+def check_waves(waves: int) -> int:
+    """``waves`` (CTA waves the CUDA KV split aims for; 0 = the default, 8) checked: an int in 0..1024."""
+    if isinstance(waves, bool) or not isinstance(waves, int) or not 0 <= waves <= 1024:
+        raise ValueError(f"waves must be an int in 0..1024 (0: the default), got {waves!r}")
+    return waves
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, max_q_len: int,
-                    max_seq_len: int, out: Optional[torch.Tensor] = None, row_invariant: bool = False) -> torch.Tensor:
+                    max_seq_len: int, out: Optional[torch.Tensor] = None, row_invariant: bool = False,
+                    kernel: str = "simt", waves: int = 0) -> torch.Tensor:
     """Causal attention of ragged query blocks over the paged KV cache (decode is ``q_len == 1``).
 
     Sequence ``b`` owns query rows ``query_start_loc[b] .. query_start_loc[b+1]-1`` (``q_len_b``,
@@ -38,6 +56,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             only on its own position and cache, not on the other rows of its block (a verify row
             equals its decode); off, blocks of many rows use faster kernels (rows in vector lanes,
             GEMM over long contexts) whose rounding differs. Ignored on CUDA.
+        kernel: CUDA: ``"simt"`` (CUDA cores, default) or ``"mma"`` (tensor cores for fp16 / bf16 on
+            sm_80+; fp32 keeps SIMT); :data:`ATTENTION_KERNELS`. Checked, not used, on the CPU.
+        waves: CUDA: CTA waves per SM the KV split aims for (0: the default, 8); a tuning option.
     Returns:
         ``out`` ``[Ntok, Hq, D]``.
 
@@ -80,6 +101,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if not isinstance(row_invariant, bool):
         raise ValueError(f"row_invariant must be True or False, got {row_invariant!r}")
     torch.ops.tandem_rt.paged_attention(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                                        float(scale), int(max_q_len), int(max_seq_len), row_invariant)
+                                        float(scale), int(max_q_len), int(max_seq_len), row_invariant,
+                                        attention_kernel_code(kernel), check_waves(waves))
     return out
 
