@@ -80,21 +80,25 @@ def test_secondary_mode_matches_plain_secondary():
         assert o.token_ids == toks[len(p):]
 
 
+def drafts_of(model, seed: int, engine=None) -> list:
+    """``tandem``-mode tokens (γ = 4, 16 new) of four random prompts (lengths 5, 9, 12, 16) of seed
+    ``seed``, by ``engine`` or a fresh one."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (5, 9, 12, 16)]
+    engine = engine or Engine(model, num_pages=64, page_size=8)
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    return [o.token_ids for o in engine.generate(prompts, params, mode="tandem", gamma=4)]
+
+
 @pytest.mark.parametrize("feature", [True, "output", "mlp-output"])
 def test_feature_input_changes_the_drafts(feature):
     """The feature input is read by the engine's drafts: with W_f zeroed the secondary drafts
     differently (so the reference comparison above cannot pass by ignoring it)."""
     model = agreeing_tandem_model(seed=4, layer_scale=0.45, feature=feature)
-    g = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (5, 9, 12, 16)]
-    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
-    with_f = [o.token_ids for o in Engine(model, num_pages=64, page_size=8).generate(
-        prompts, params, mode="tandem", gamma=4)]
+    with_f = drafts_of(model, 7)
     with torch.no_grad():
         model.tandem.feature.proj.weight.zero_()
-    without = [o.token_ids for o in Engine(model, num_pages=64, page_size=8).generate(
-        prompts, params, mode="tandem", gamma=4)]
-    assert with_f != without
+    assert with_f != drafts_of(model, 7)
 
 
 @pytest.mark.parametrize("mode,feature", [("tandem-speed", True), ("tandem", True), ("tandem", "output"),
@@ -123,15 +127,9 @@ def test_token_anchored_projections_change_the_drafts_and_graph_plumbing():
     from tandem_rt.engine.cuda_graphs import CudaGraphRunner, EagerCapture
 
     model = agreeing_tandem_model(seed=6, layer_scale=0.45, projection_embed=True)
-    g = torch.Generator().manual_seed(9)
-    prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (5, 9, 12, 16)]
-    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
-    eager = [o.token_ids for o in Engine(model, num_pages=64, page_size=8).generate(
-        prompts, params, mode="tandem", gamma=4)]
+    eager = drafts_of(model, 9)
     graphed = Engine(model, num_pages=64, page_size=8, max_batch_size=4)
     graphed.runner.cuda_graphs = CudaGraphRunner(graphed.runner, EagerCapture())
-    assert [o.token_ids for o in graphed.generate(prompts, params, mode="tandem", gamma=4)] == eager
+    assert drafts_of(model, 9, graphed) == eager
     model.config.projection_embed = False
-    without = [o.token_ids for o in Engine(model, num_pages=64, page_size=8).generate(
-        prompts, params, mode="tandem", gamma=4)]
-    assert without != eager
+    assert drafts_of(model, 9) != eager
