@@ -66,7 +66,11 @@ class CMakeBuild(build_ext):
         if built is None:
             raise SystemExit(f"CMake produced no _C*.so in {build_dir}")
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(built, out_path)
+        # a new file renamed over the old one: a process that has the old library mapped keeps it
+        # (copying over it in place changes the code under a running process, which then crashes)
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        shutil.copy2(built, tmp)
+        os.replace(tmp, out_path)
         # Sidecar read at import time: lets tandem_rt refuse a mismatched torch with a clear message.
         shutil.copy2(build_dir / "_C_build.json", out_path.parent / "_C_build.json")
         if getattr(self, "editable_mode", False) or self.inplace:
