@@ -69,15 +69,14 @@ def main(argv=None) -> int:
     from tandem_rt.train.draft_eval import evaluate_drafts, format_eval_table
     from tandem_rt.train.draft_training import CacheWindowSampler, CachedDraftObjective
     from tandem_rt.train.loop import load_run_state, train
-    from tandem_rt.train.pipeline import (TrainError, TrainPlan, _eos_id, _json_write, _train_config,
-                                          build_small_models, corpus_files, to_windows, tokenize_corpus, train_small)
+    from tandem_rt.train.pipeline import (TrainError, _eos_id, _json_write, _train_config, build_small_models,
+                                          corpus_files, run_plan, to_windows, tokenize_corpus, train_small)
     from tandem_rt.train.primary_cache import PrimaryCache
 
     run = Path(args.run)
     if not (run / "plan.json").is_file() or not (run / "eval.json").is_file():
         raise SystemExit(f"--run {str(run)!r} is not a finished `tandem-rt train` run (plan.json and eval.json)")
-    plan = TrainPlan(**json.loads((run / "plan.json").read_text()))
-    plan.run_dir = str(run)
+    plan = run_plan(run)
     if plan.tandem_init != "drafter-half":
         raise TrainError(f"the pilot trains from the drafter's half-way state; the run has tandem_init={plan.tandem_init!r}")
     if args.threads:
@@ -106,9 +105,9 @@ def main(argv=None) -> int:
             return 1
         _json_write(out / "done.json", result)
 
-    _, heldout_file = corpus_files(plan.corpus)
+    train_file, heldout_file = corpus_files(plan.corpus)   # the run's held-out tokens are reused when present
     eos = _eos_id(source.tokenizer, source.model.config)
-    held = tokenize_corpus(source.tokenizer, heldout_file or corpus_files(plan.corpus)[0], run / "tokens" / "heldout.bin",
+    held = tokenize_corpus(source.tokenizer, heldout_file or train_file, run / "tokens" / "heldout.bin",
                            plan.heldout_tokens, eos, progress=False)
     held_w = to_windows(held, plan.seq_len, "held-out")
     models = {"drafter-Distil": drafter.eval(), "Tandem-Distil": tandem.eval(),

@@ -114,7 +114,7 @@ def load_drafter(plan, source, cache):
 def main(argv=None) -> int:
     from tandem_rt.primary_source import load_primary
     from tandem_rt.train.draft_training import subset_index
-    from tandem_rt.train.pipeline import TrainPlan, draft_vocabulary
+    from tandem_rt.train.pipeline import draft_vocabulary, run_plan
     from tandem_rt.train.primary_cache import PrimaryCache
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Path(args.run)
-    plan = TrainPlan(**{**json.loads((run / "plan.json").read_text()), "run_dir": str(run)})
+    plan = run_plan(run)
     cache = PrimaryCache(run / "cache")
     if len(cache) <= args.heldout_windows + args.batch_windows:
         raise SystemExit(f"the cache has {len(cache)} windows: too few for {args.heldout_windows} held out")

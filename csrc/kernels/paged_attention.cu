@@ -22,7 +22,6 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <cstdlib>
 #include <type_traits>
 
 #include "kernels/paged_attention.h"
@@ -363,7 +362,6 @@ int sm_count(int device) {
   }
   return n;
 }
-
 
 }  // namespace
 

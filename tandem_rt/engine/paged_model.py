@@ -357,6 +357,8 @@ class PagedLlama:
         # the dispatcher op's CUDA launch options, checked once here (the CPU path calls the direct op)
         self.attention_options = {"kernel": attention_kernel_code(attention_kernel),
                                   "waves": check_waves(attention_waves)}
+        self._attend = _cpu.paged_attention if self.cpu_ops else functools.partial(
+            torch.ops.tandem_rt.paged_attention, **self.attention_options)   # built once, called per layer
         if decoder_plan and not self.rows_layout:
             raise ValueError("decoder_plan needs the CPU engine in bfloat16 or float32 (cpu_layout)")
         self.decoder_plan = self._build_decoder_plan() if (self.rows_layout if decoder_plan is None
@@ -435,9 +437,7 @@ class PagedLlama:
         theta = float(cfg.rope_theta)
         mm = self.step_mm if step else self.mm
         ops = _cpu if cpu_ops else torch.ops.tandem_rt   # CPU: the direct entry points (no dispatcher)
-        rope_write = ops.rope_cache_write
-        attend = _cpu.paged_attention if cpu_ops else functools.partial(torch.ops.tandem_rt.paged_attention,
-                                                                       **self.attention_options)
+        rope_write, attend = ops.rope_cache_write, self._attend
         x = self.embed(input_ids)
         out_offset = feature_offset if self.feature_at == "output" else None
         if feature_offset is not None and out_offset is None:

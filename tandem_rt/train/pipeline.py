@@ -262,6 +262,13 @@ def _json_write(file: Path, obj) -> None:
     atomic_write_text(file, json.dumps(obj, indent=1))
 
 
+def run_plan(run_dir) -> TrainPlan:
+    """The plan a run directory was started with (``<run>/plan.json``), its ``run_dir`` set to that
+    directory (the tools that read a finished run: probes, pilots)."""
+    run = Path(run_dir)
+    return TrainPlan(**{**json.loads((run / "plan.json").read_text()), "run_dir": str(run)})
+
+
 def _check_plan(run: Path, plan: TrainPlan) -> None:
     """A run directory belongs to one plan; options that change results must not change on resume."""
     file = run / "plan.json"
