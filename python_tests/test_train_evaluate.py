@@ -73,6 +73,58 @@ def test_evaluate_models_drafting_boundaries_match_the_table1_path():
         evaluate_models(tandem.primary, tokens, tandems={"tandem": tandem}, seq_len=20, boundary="causal")
 
 
+def test_evaluate_drafts_per_window_and_paired_comparison():
+    """The per-window sums add up to the table's figures, recomputed here from the models' logits
+    (argmax agreement and accepted prefixes in plain loops); the paired comparison's estimates are
+    the differences of those figures, and a model compared with itself differs by exactly 0."""
+    from tandem_rt.train.draft_eval import evaluate_drafts, format_comparison, paired_comparison
+    from tandem_rt.train.draft_training import TandemDraft
+
+    tandem = random_tandem_model(seed=6)
+    freeze(tandem.primary)
+    windows = np.random.default_rng(2).integers(0, 97, (6, 20)).astype(np.int64)
+    draft = TandemDraft(tandem.secondary, tandem.config.primary.hidden_size)
+    draft.proj = tandem.tandem.proj
+    models = {"drafter": tandem.drafter.eval(), "tandem": draft, "oracle": tandem.primary}  # oracle: always accepted
+    res = evaluate_drafts(tandem.primary, windows, models, list(tandem.layer_map), gammas=(2, 3), table_gamma=3,
+                          batch_size=4)
+    with torch.no_grad():
+        p_arg = tandem.primary(torch.from_numpy(windows)).argmax(-1)
+        d_arg = tandem.drafter(torch.from_numpy(windows)).argmax(-1)
+    for w in range(6):
+        agree = [bool(d_arg[w, i] == p_arg[w, i]) for i in range(20)]
+        assert res["drafter"]["per_window"]["agree"][w] == sum(agree[:19])
+        for g in (2, 3):
+            total = 0
+            for q in range(g, 20 - g, g):
+                k = 0
+                while k < g and agree[q + k]:
+                    k += 1
+                total += k
+            assert res["drafter"]["per_window"][f"accepted_g{g}"][w] == total
+    for name in ("drafter", "tandem"):
+        pw = res[name]["per_window"]
+        assert sum(pw["agree"]) / sum(pw["positions"]) == pytest.approx(res[name]["relative_accuracy"])
+        assert sum(pw["tv"]) / sum(pw["positions"]) == pytest.approx(res[name]["relative_tv"], rel=1e-5)
+        assert sum(pw["accepted_g3"]) / sum(pw["blocks_g3"]) == pytest.approx(res[name]["accepted_g3"])
+    assert res["oracle"]["accepted_g3"] == 3 and res["oracle"]["relative_accuracy"] == 1
+    cmp = paired_comparison(res, "oracle", "tandem", resamples=200)
+    o, t = res["oracle"], res["tandem"]
+    assert cmp["relative_accuracy_points"]["estimate"] == pytest.approx(100 * (t["relative_accuracy"] - 1))
+    assert cmp["accepted_g2_gain"]["estimate"] == pytest.approx(t["accepted_g2"] / 2 - 1)
+    assert cmp["relative_accuracy_points"]["low"] <= cmp["relative_accuracy_points"]["estimate"] \
+        <= cmp["relative_accuracy_points"]["high"]
+    cmp = paired_comparison(res, "drafter", "tandem", resamples=200)
+    d = res["drafter"]
+    assert cmp["relative_tv_change"]["estimate"] == pytest.approx(t["relative_tv"] / d["relative_tv"] - 1, rel=1e-5)
+    if d["accepted_g2"] == 0:
+        assert cmp["accepted_g2_gain"] is None and "undefined" in format_comparison(cmp)
+    same = paired_comparison(res, "oracle", "oracle", resamples=200)
+    assert same["relative_tv_change"] is None                        # the oracle's TV is 0
+    assert all(r["low"] == r["high"] == r["estimate"] == 0 for r in same.values() if r is not None)
+    assert "relative_accuracy_points" in format_comparison(cmp)
+
+
 def test_train_boundary_config_field():
     import dataclasses
 

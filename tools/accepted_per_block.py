@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Mean accepted drafts per block through the engine: `speed` (standalone drafter) vs
 `tandem-speed` (Tandem secondary), greedy and sampled, on prompts from a data split (paper Table 2 column).
+The Tandem gain comes with a 95% paired bootstrap interval over the prompts (tandem_rt.stats).
 
     python tools/accepted_per_block.py --split test --gammas 3,5,7 --temperatures 0,1 --prompts 24 \
         --json docs/benchmarks/<date>-cpu-<model>-accepted.json
@@ -16,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tandem_rt  # noqa: E402
 from tandem_rt.paths import default_data_dir  # noqa: E402
+from tandem_rt.stats import paired_ratio_gain  # noqa: E402
 
 
 def split_prompts(split: str, count: int, tokens: int, tokenizer) -> list:
@@ -49,7 +51,8 @@ def main(argv=None) -> int:
                                               max_batch_size=args.prompts)
     prompts = split_prompts(args.split, args.prompts, args.prompt_tokens, engine.tokenizer)
     rows = []
-    print(f"{'temp':>5} {'gamma':>5} {'speed':>8} {'tandem-speed':>13} {'gain':>7}   (mean accepted drafts per block)")
+    print(f"{'temp':>5} {'gamma':>5} {'speed':>8} {'tandem-speed':>13} {'gain':>7} {'95% interval':>17}"
+          "   (mean accepted drafts per block)")
     for temperature in (float(t) for t in args.temperatures.split(",")):
         params = tandem_rt.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=temperature,
                                           seed=0 if temperature > 0 else None, ignore_eos=True)
@@ -59,16 +62,20 @@ def main(argv=None) -> int:
         for gamma in (int(g) for g in args.gammas.split(",")):
             row = {"temperature": temperature, "gamma": gamma}
             for mode in ("speed", "tandem-speed"):
-                results = engine.generate(prompts, params, mode=mode, gamma=gamma)
+                results = sorted(engine.generate(prompts, params, mode=mode, gamma=gamma),
+                                 key=lambda r: r.prompt_index)
                 if reference is not None and [r.token_ids for r in results] != reference:
                     raise SystemExit(f"{mode} gamma={gamma} did not reproduce the primary's greedy tokens")
-                accepted = sum(r.stats["accepted_tokens"] for r in results)
-                blocks = sum(r.stats["blocks"] for r in results)
-                row[mode] = accepted / blocks
-            row["gain_pct"] = 100.0 * (row["tandem-speed"] / row["speed"] - 1.0)
+                row[f"{mode}_accepted_per_prompt"] = [r.stats["accepted_tokens"] for r in results]
+                row[f"{mode}_blocks_per_prompt"] = [r.stats["blocks"] for r in results]
+                row[mode] = sum(row[f"{mode}_accepted_per_prompt"]) / sum(row[f"{mode}_blocks_per_prompt"])
+            ci = paired_ratio_gain(row["speed_accepted_per_prompt"], row["speed_blocks_per_prompt"],
+                                   row["tandem-speed_accepted_per_prompt"], row["tandem-speed_blocks_per_prompt"])
+            row["gain_pct"] = 100.0 * ci["estimate"]
+            row["gain_pct_95"] = [100.0 * ci["low"], 100.0 * ci["high"]]
             rows.append(row)
             print(f"{temperature:5.2f} {gamma:5d} {row['speed']:8.3f} {row['tandem-speed']:13.3f} "
-                  f"{row['gain_pct']:+6.1f}%", flush=True)
+                  f"{row['gain_pct']:+6.1f}% [{row['gain_pct_95'][0]:+6.1f}, {row['gain_pct_95'][1]:+6.1f}]%", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"split": args.split, "prompts": len(prompts),
                                                "dtype": str(engine.dtype).replace("torch.", ""),

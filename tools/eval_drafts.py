@@ -6,7 +6,8 @@ secondary, plus the greedy accepted drafts per block (teacher-forced with the dr
     python tools/eval_drafts.py --model runs/smollm2/ckpt --split test --tokens 32768 --json out.json
 
 Several checkpoints of the same primary (ablation variants) can be given with --model A --model B;
-the primary runs once per window for all of them.
+the primary runs once per window for all of them. Each checkpoint's Tandem secondary is compared with
+its drafter on the same windows, with 95% paired bootstrap intervals (JSON key ``_compare``).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def draft_models(ckpt, name: str) -> dict:
 def main(argv=None) -> int:
     from tandem_rt.checkpoint import load_checkpoint
     from tandem_rt.paths import default_data_dir
-    from tandem_rt.train.draft_eval import evaluate_drafts, format_eval_table
+    from tandem_rt.train.draft_eval import evaluate_drafts, format_comparison, format_eval_table, paired_comparison
     from tandem_rt.train.pipeline import _eos_id, to_windows, tokenize_corpus
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -75,6 +76,14 @@ def main(argv=None) -> int:
         models.update(draft_models(c, f"{Path(p).name}: " if len(paths) > 1 else ""))
     res = evaluate_drafts(primary, windows, models, layers, progress=True)
     print(format_eval_table(res))
+    res["_compare"] = {}
+    for p in paths:
+        prefix = f"{Path(p).name}: " if len(paths) > 1 else ""
+        if f"{prefix}drafter-Distil" in res:
+            cmp = paired_comparison(res, f"{prefix}drafter-Distil", f"{prefix}Tandem-Distil")
+            res["_compare"][f"{prefix}Tandem-Distil vs drafter-Distil"] = cmp
+            print(f"{prefix}Tandem-Distil vs drafter-Distil (95% paired bootstrap over windows):\n"
+                  f"{format_comparison(cmp)}")
     print(f"{len(windows)} windows of {args.seq_len} tokens from {args.split}; {time.time() - t0:.0f}s")
     if args.json:
         res["_meta"] = {"models": paths, "split": args.split, "windows": int(len(windows)), "seq_len": args.seq_len,

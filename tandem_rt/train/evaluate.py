@@ -34,7 +34,8 @@ class _Acc:
         self.tv = 0.0
         self.covered = 0
 
-    def add(self, logits, targets, primary_logits, primary_argmax):
+    def add(self, logits, targets, primary_logits, primary_argmax, tv=None):
+        """``tv``: the per-position TV distance to the primary where the caller has it already."""
         logits = logits.float()
         self.n += targets.numel()
         self.correct += int((logits.argmax(-1) == targets).sum())
@@ -43,7 +44,7 @@ class _Acc:
         self.ce += float(ce[finite].sum())
         self.covered += int(finite.sum())
         self.agree += int((logits.argmax(-1) == primary_argmax).sum())
-        self.tv += float(tv_distance(logits, primary_logits).sum())
+        self.tv += float((tv_distance(logits, primary_logits) if tv is None else tv).sum())
 
     def result(self) -> dict:
         n = max(self.n, 1)

@@ -514,7 +514,7 @@ def run_pipeline(plan: TrainPlan, progress: bool = True, stop_after: Optional[st
         TrainError / CacheError naming a bad corpus, option or run directory.
     """
     from tandem_rt.dtypes import resolve_dtype
-    from tandem_rt.train.draft_eval import evaluate_drafts, format_eval_table
+    from tandem_rt.train.draft_eval import evaluate_drafts, format_comparison, format_eval_table, paired_comparison
 
     if stop_after is not None and stop_after not in STAGES:
         raise TrainError(f"stop_after must be one of {STAGES}, got {stop_after!r}")
@@ -576,9 +576,12 @@ def run_pipeline(plan: TrainPlan, progress: bool = True, stop_after: Optional[st
     ckpt = export_checkpoint(plan, source, layer_map, draft, drafter, router)
     report = evaluate_drafts(source.model, held_w, {"drafter-Distil": drafter.eval(), "Tandem-Distil": draft.eval()},
                              layer_map, progress=progress)
+    report["_compare"] = {"Tandem-Distil vs drafter-Distil": paired_comparison(report, "drafter-Distil", "Tandem-Distil")}
     report["_meta"] = {"checkpoint": str(ckpt), "heldout_windows": int(len(held_w)), "train_windows": int(len(train_w)),
                        "layer_map": layer_map, "wall_s": time.time() - t0, "plan": plan.to_dict()}
     _json_write(run / "eval.json", report)
-    print(format_eval_table({k: v for k, v in report.items() if k != "_meta"}), flush=True)
+    print(format_eval_table(report), flush=True)
+    print("Tandem-Distil vs drafter-Distil (95% paired bootstrap over held-out windows):\n"
+          + format_comparison(report["_compare"]["Tandem-Distil vs drafter-Distil"]), flush=True)
     print(f"wrote {ckpt}", flush=True)
     return report
