@@ -4,7 +4,7 @@
 # ../shared/data/gutenberg_kids. Every stage is resumable: rerun the script after an interruption.
 #
 #   bash tools/train_smollm2.sh            # main run -> runs/smollm2/main, checkpoint runs/smollm2/ckpt
-#   VARIANTS="feature plr feature_plr late_plr late_f1 mlp_plr plr_e4 embed_plr kd_plr big_kd big_embed huge_kd init random_proj layers4 map30 vocab4096 vocab_full" bash tools/train_smollm2.sh   # + ablations
+#   VARIANTS="feature plr feature_plr late_plr late_f1 mlp_plr plr_e4 embed_plr kd_plr big_kd big_embed huge_kd greedy_kd init random_proj layers4 map30 vocab4096 vocab_full" bash tools/train_smollm2.sh   # + ablations
 #
 # The variants share the main run's token files and primary cache (symlinks, or PART@RUN to share
 # another variant's); those with the main run's drafter options share its drafter too, so only
@@ -58,6 +58,12 @@ for v in ${VARIANTS:-}; do
     kd_plr)       variant kd_plr "tokens cache draft_vocab.pt" --distil-weight 1.0 --proj-lr-scale 0.1 ;;
     big_kd)       variant big_kd "" --train-tokens 900000 --distil-weight 1.0 --proj-lr-scale 0.1 ;;
     huge_kd)      variant huge_kd "" --train-tokens 1800000 --distil-weight 1.0 --proj-lr-scale 0.1 ;;
+    greedy_kd)    # as kd_plr on a corpus of train paragraphs each followed by the primary's greedy continuation
+                  [ -f "$RUNS/greedy_corpus/train.txt" ] || $PY tools/greedy_corpus.py \
+                      --corpus ../shared/data/gutenberg_kids --prompts 1500 --new-tokens 96 --batch 250 \
+                      --threads "$THREADS" --out "$RUNS/greedy_corpus"
+                  variant greedy_kd "draft_vocab.pt" --corpus "$RUNS/greedy_corpus" --distil-weight 1.0 \
+                      --proj-lr-scale 0.1 ;;
     big_embed)    variant big_embed "tokens@big_kd cache@big_kd drafter@big_kd draft_vocab.pt@big_kd" --train-tokens 900000 \
                       --distil-weight 1.0 --proj-lr-scale 0.1 --projection-embed ;;
     map30)        variant map30 "tokens cache drafter draft_vocab.pt" --layer-map 30,30 ;;
