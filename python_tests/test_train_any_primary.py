@@ -392,14 +392,19 @@ def test_pipeline_end_to_end_resumes_and_exports(tmp_path, one_torch_thread, tok
     ref = engine.generate(["The little girl"], sp, mode="primary")[0].token_ids
     for mode in ("speed", "tandem-speed"):
         assert engine.generate(["The little girl"], sp, mode=mode, gamma=3)[0].token_ids == ref
-    # a second run reuses every stage: nothing is trained again
+    # a second run reuses every stage: nothing is trained again, no projection is fitted again
+    from tandem_rt.train import draft_training
+
     calls.clear()
+    real_fit, fits = draft_training.fit_projections, []
     loop_mod.train = counting_train
+    draft_training.fit_projections = lambda *a, **k: fits.append(1) or real_fit(*a, **k)
     try:
-        run_pipeline(plan, progress=False)
+        again = run_pipeline(plan, progress=False)
     finally:
-        loop_mod.train = real_train
-    assert calls == []
+        loop_mod.train, draft_training.fit_projections = real_train, real_fit
+    assert calls == [] and fits == []
+    assert again["Tandem-Distil"]["relative_tv"] == report["Tandem-Distil"]["relative_tv"]
 
 
 def test_pipeline_refuses_bad_corpora_and_changed_options(tmp_path, tokenizer_file):

@@ -253,22 +253,25 @@ class TandemDraft(nn.Module):
     layer in the layer map (``self.feature``: :class:`FeatureInput`, zero-initialised); None: Eq. (2) only.
     ``feature_at``: ``"input"`` (added to the input embeddings) or ``"output"`` (to the last residual);
     ``feature_hidden``: the feature MLP's hidden width (None: one matrix); ``projection_embed``: token-
-    anchored projections (the primary-derived residuals add the token embeddings).
+    anchored projections (the primary-derived residuals add the token embeddings). ``proj`` /
+    ``feature``: existing modules to share instead of new ones (:meth:`from_tandem_model`).
     """
 
     def __init__(self, secondary: LlamaForCausalLM, d_primary: int, bias: bool = True,
                  feature_index: Optional[int] = None, eps: float = 1e-5, feature_at: str = "input",
-                 feature_hidden: Optional[int] = None, projection_embed: bool = False):
+                 feature_hidden: Optional[int] = None, projection_embed: bool = False,
+                 proj: Optional[nn.ModuleList] = None, feature: Optional[nn.Module] = None):
         super().__init__()
         self.feature_at = feature_at
         self.projection_embed = bool(projection_embed)
         self.own_context = False   # tools/pilot_own_context.py sets it (models.tandem.tandem_secondary_forward)
         self.secondary = secondary
-        self.proj = nn.ModuleList(nn.Linear(d_primary, secondary.config.hidden_size, bias=bias)
-                                  for _ in range(secondary.config.num_hidden_layers))
+        self.proj = proj if proj is not None else nn.ModuleList(
+            nn.Linear(d_primary, secondary.config.hidden_size, bias=bias) for _ in range(secondary.config.num_hidden_layers))
         self.feature_index = feature_index
-        self.feature = None if feature_index is None else FeatureInput(d_primary, secondary.config.hidden_size, eps,
-                                                                       hidden=feature_hidden)
+        if feature is None and feature_index is not None:
+            feature = FeatureInput(d_primary, secondary.config.hidden_size, eps, hidden=feature_hidden)
+        self.feature = feature
 
     @classmethod
     def from_tandem_model(cls, model) -> "TandemDraft":
@@ -278,8 +281,7 @@ class TandemDraft(nn.Module):
         cfg = model.config
         draft = cls(model.secondary, cfg.primary.hidden_size, bias=cfg.projection_bias,
                     feature_index=model.feature_index, feature_at=cfg.feature_at,
-                    projection_embed=cfg.projection_embed)
-        draft.proj, draft.feature = model.tandem.proj, model.feature   # the model's own modules
+                    projection_embed=cfg.projection_embed, proj=model.tandem.proj, feature=model.feature)
         draft.layer_map = list(cfg.layer_map)
         return draft
 

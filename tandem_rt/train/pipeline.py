@@ -331,8 +331,9 @@ def draft_vocabulary(plan: TrainPlan, source: PrimarySource, cache: PrimaryCache
 
 
 def build_small_models(plan: TrainPlan, source: PrimarySource, layer_map: list, cache: PrimaryCache,
-                       which: str):
-    """The untrained drafter (``which="drafter"``) or Tandem draft model (``"tandem"``)."""
+                       which: str, restoring: bool = False):
+    """The untrained drafter (``which="drafter"``) or Tandem draft model (``"tandem"``).
+    ``restoring``: a saved state will replace the weights, so the projections are not fitted."""
     from tandem_rt.train.draft_training import (TandemDraft, fit_projections, init_projections_identity,
                                                 init_projections_random, init_small_model, small_model_config)
 
@@ -356,7 +357,9 @@ def build_small_models(plan: TrainPlan, source: PrimarySource, layer_map: list, 
     draft = TandemDraft(small, primary.config.hidden_size, feature_index=feature_index,
                         eps=primary.config.rms_norm_eps, feature_at=plan.feature_at,
                         feature_hidden=plan.feature_hidden, projection_embed=plan.projection_embed)
-    if plan.proj_init == "lstsq":
+    if restoring:
+        pass
+    elif plan.proj_init == "lstsq":
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train_autocast(plan)):
             r2 = fit_projections(draft, cache)
         print(f"projections fitted by ridge regression: R^2 per layer {[round(x, 3) for x in r2]}", flush=True)
@@ -390,13 +393,13 @@ def train_small(plan: TrainPlan, source: PrimarySource, layer_map: list, cache: 
 
     import shutil
 
-    model = build_small_models(plan, source, layer_map, cache, which)
+    out = run / which
+    done_file = out / "done.json"
+    model = build_small_models(plan, source, layer_map, cache, which, restoring=(out / "ckpt.pt").is_file())
     objective = CachedDraftObjective(model, cache, plan.distil_weight)
     half = which == "tandem" and plan.tandem_init == "drafter-half"
     cfg = _train_config(plan, len(cache), 0.5 if half else 1.0)
     sampler = CacheWindowSampler(len(cache), plan.gamma_max if which == "tandem" else 1, seed=plan.seed + 1)
-    out = run / which
-    done_file = out / "done.json"
     if done_file.is_file():
         state = load_run_state(out)
         objective.load_state_dict(state["model"])
