@@ -195,3 +195,30 @@ def test_save_replaces_stale_shards(tmp_path):
     assert not list(tmp_path.glob("model-*-of-*.safetensors"))
     assert not (tmp_path / "model.safetensors.index.json").exists()
     load_checkpoint(tmp_path)
+
+
+def test_skip_param_init_restores_the_initialisers():
+    from tandem_rt.checkpoint import skip_param_init
+
+    original = torch.nn.init.normal_
+    with pytest.raises(RuntimeError, match="inside"):
+        with skip_param_init():
+            t = torch.zeros(3)
+            assert torch.nn.init.normal_(t) is t and torch.equal(t, torch.zeros(3))   # a no-op inside
+            raise RuntimeError("inside")
+    assert torch.nn.init.normal_ is original
+    t = torch.zeros(1000)
+    torch.nn.init.normal_(t)
+    assert t.std() > 0.5                                                                 # a real one after
+
+
+def test_loading_does_not_import_dynamo(saved):
+    """Building the model on the meta device skips parameter initialisation: ``normal_`` on a meta
+    tensor would import torch._dynamo (seconds of a cold start)."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; import tandem_rt; tandem_rt.load_checkpoint({str(saved[1])!r}); "
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]

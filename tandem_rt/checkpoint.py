@@ -7,6 +7,7 @@ half-written file under a final name.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -141,6 +142,25 @@ def not_stored(cfg: TandemConfig, names) -> set:
     return skip
 
 
+_PARAM_INITS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                "xavier_normal_", "trunc_normal_", "zeros_", "ones_", "constant_")
+
+
+@contextlib.contextmanager
+def skip_param_init():
+    """``torch.nn.init``'s initialisers as no-ops while a model whose weights come from a checkpoint
+    is built on the meta device (``normal_`` on a meta tensor imports ``torch._dynamo``, 1–2 s of a
+    cold start). Not for concurrent use with code that initialises parameters in another thread."""
+    saved = {name: getattr(torch.nn.init, name) for name in _PARAM_INITS}
+    try:
+        for name in _PARAM_INITS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
                     dtype: Optional[Union[str, torch.dtype]] = None,
                     derived_cache: Optional[PathLike] = None, skip_values: Optional[set] = None) -> TandemModel:
@@ -166,7 +186,7 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
     files = weight_files(path)
     headers = {f: read_safetensors_header(f) for f in sorted(set(files.values()))}
 
-    with torch.device("meta"), default_dtype(dtype):
+    with torch.device("meta"), default_dtype(dtype), skip_param_init():
         model = TandemModel(cfg)
     state = model.state_dict()
     skip = not_stored(cfg, state)

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 
-from tandem_rt.checkpoint import save_checkpoint
+from tandem_rt.checkpoint import save_checkpoint, skip_param_init
 from tandem_rt.config import ModelConfig, TandemConfig
 from tandem_rt.dtypes import default_dtype, dtype_name, resolve_dtype  # noqa: F401 (re-exported)
 from tandem_rt.models.llama import LlamaForCausalLM
@@ -27,7 +27,7 @@ INHERITED_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "max_position_
 
 def meta_model(cfg: ModelConfig, dtype: torch.dtype) -> LlamaForCausalLM:
     """A decoder with allocated but uninitialised ``dtype`` parameters on the CPU."""
-    with torch.device("meta"), default_dtype(dtype):
+    with torch.device("meta"), default_dtype(dtype), skip_param_init():
         model = LlamaForCausalLM(cfg)
     return model.to_empty(device="cpu")
 
@@ -145,7 +145,7 @@ def build_tandem(primary: ModelConfig, secondary, drafter: Optional[ModelConfig]
         layer_map = [int(x) for x in layer_map]
     cfg = TandemConfig(primary=primary, secondary=secondary, layer_map=layer_map, drafter=drafter,
                        torch_dtype=dtype_name(dtype))
-    with torch.device("meta"), default_dtype(dtype):
+    with torch.device("meta"), default_dtype(dtype), skip_param_init():
         model = TandemModel(cfg)
     model = model.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(seed)

@@ -468,7 +468,7 @@ def topk_tv(logits: torch.Tensor, topk_ids: torch.Tensor, topk_probs: torch.Tens
 
 def export_checkpoint(plan: TrainPlan, source: PrimarySource, layer_map: list, draft, drafter, router) -> Path:
     """Assemble and save the tandem checkpoint (see docs/CHECKPOINT.md for a referenced primary)."""
-    from tandem_rt.checkpoint import save_checkpoint
+    from tandem_rt.checkpoint import save_checkpoint, skip_param_init
     from tandem_rt.config import TandemConfig
     from tandem_rt.dtypes import default_dtype, resolve_dtype
     from tandem_rt.models.tandem import TandemModel
@@ -482,7 +482,7 @@ def export_checkpoint(plan: TrainPlan, source: PrimarySource, layer_map: list, d
                        feature_at=plan.feature_at if plan.feature_layer is not None else "input",
                        feature_hidden=plan.feature_hidden if plan.feature_layer is not None else None,
                        projection_embed=plan.projection_embed)
-    with torch.device("meta"), default_dtype(out_dtype):
+    with torch.device("meta"), default_dtype(out_dtype), skip_param_init():
         model = TandemModel(cfg)
     model = model.to_empty(device="cpu")
     with torch.no_grad():
