@@ -149,3 +149,59 @@ def test_tied_infinite_logits_share_the_mass():
     torch.testing.assert_close(probs[0], torch.tensor([0.5, 0.0, 0.5, 0.0]))
     frac = (tok == 0).float().mean().item()
     assert set(tok.tolist()) == {0, 2} and 0.45 < frac < 0.55
+
+
+def _greedy_ref(row: list) -> int:
+    """Lowest index of the largest logit after the clamping rule (NaN / -inf lowest, +inf largest),
+    -0.0 below +0.0: a plain-Python scan."""
+    def key(x):
+        if x != x or x == float("-inf"):
+            return (-1, 0.0, 0)
+        if x == float("inf"):
+            return (1, 0.0, 0)
+        return (0, x, 0 if (x == 0.0 and str(x).startswith("-")) else 1)
+    best = 0
+    for j in range(1, len(row)):
+        if key(row[j]) > key(row[best]):
+            best = j
+    return best
+
+
+def _adversarial_rows(gen, V: int, n: int) -> torch.Tensor:
+    """fp32 ``[n, V]`` rows of few distinct values (ties) mixed with NaN, +-inf and +-0.0; some
+    rows entirely non-positive (the maximum is a zero of either sign) or non-finite."""
+    special = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0, 0.0])
+    rows = []
+    for i in range(n):
+        vals = torch.randint(-3, 3, (V,), generator=gen).float()
+        if i % 4 == 1:
+            vals = -vals.abs()
+        pick = torch.rand(V, generator=gen) < 0.15
+        vals[pick] = special[torch.randint(0, 5, (int(pick.sum()),), generator=gen)]
+        if i % 4 == 2:
+            vals = special[torch.randint(0, 5, (V,), generator=gen)]
+            vals[vals > 0] = 0.0
+        if i % 4 == 3:
+            vals[vals > 0] = -0.0
+        rows.append(vals)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("V", [1, 15, 16, 17, 100, 8192 + 5])
+def test_greedy_argmax_on_adversarial_rows(V):
+    # the ops' greedy choice (sample at temperature 0 and every row of a greedy verify) against a
+    # plain-Python scan, on ties, non-finite logits and signed zeros at every position modulo 16
+    from tandem_rt import ops
+
+    gen = torch.Generator().manual_seed(V)
+    logits = _adversarial_rows(gen, V, 64)
+    want = [_greedy_ref(r) for r in logits.tolist()]
+    tok, _ = _sample(logits, 0.0)
+    assert tok.tolist() == want
+    B, G = 16, 3   # verify: 16 sequences x 4 rows, every draft equal to the reference's choice
+    draft = torch.tensor(want, dtype=torch.int64).view(B, G + 1)[:, :G].contiguous()
+    accepted, emitted = ops.verify(draft, torch.full((B,), G, dtype=torch.int32), None, logits.view(B, G + 1, V),
+                                   torch.zeros(B), torch.zeros(B, dtype=torch.int32), torch.ones(B),
+                                   torch.tensor([0, 0]))
+    assert accepted.tolist() == [G] * B
+    assert emitted.flatten().tolist() == want

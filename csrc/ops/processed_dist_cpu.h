@@ -20,8 +20,11 @@
 
 namespace tandem_rt::cpu {
 
-// Lowest index of the largest logit. logits: [V].
-inline int64_t argmax_lowest(const float* logits, int64_t V) {
+// Lowest index of the largest logit (float_order_key order). logits: [V].
+// Two passes that the compiler vectorises: the largest sanitised logit over 16 independent lanes,
+// then the first index holding it. Equal sanitised floats have equal keys except -0.0 / +0.0, so a
+// maximum of zero takes the key loop (its keys order -0.0 below +0.0).
+inline int64_t argmax_lowest_keys(const float* logits, int64_t V) {
   int64_t best = 0;
   uint32_t best_key = float_order_key(logits[0]);
   for (int64_t j = 1; j < V; ++j) {
@@ -29,6 +32,28 @@ inline int64_t argmax_lowest(const float* logits, int64_t V) {
     if (k > best_key) best_key = k, best = j;
   }
   return best;
+}
+
+inline int64_t argmax_lowest(const float* logits, int64_t V) {
+  constexpr int kLanes = 16;
+  float lane_max[kLanes];
+  for (int l = 0; l < kLanes; ++l) lane_max[l] = sanitize_logit(logits[0]);
+  int64_t j = 0;
+  for (; j + kLanes <= V; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float v = sanitize_logit(logits[j + l]);
+      lane_max[l] = v > lane_max[l] ? v : lane_max[l];
+    }
+  float m = lane_max[0];
+  for (int l = 1; l < kLanes; ++l) m = lane_max[l] > m ? lane_max[l] : m;
+  for (; j < V; ++j) {
+    const float v = sanitize_logit(logits[j]);
+    m = v > m ? v : m;
+  }
+  if (m == 0.0f) return argmax_lowest_keys(logits, V);
+  for (int64_t i = 0; i < V; ++i)
+    if (sanitize_logit(logits[i]) == m) return i;
+  return 0;  // unreachable: m is one of the sanitised logits
 }
 
 // Writes the processed distribution of one row into probs (zeros outside the kept set).
