@@ -60,6 +60,32 @@ def test_sampled_requests_are_independent_of_what_shares_the_batch(model):
         assert all_free(engine)
 
 
+def test_pages_are_free_when_a_request_ends(model, monkeypatch):
+    # a caller that sees its final event finds its sequence gone from the batch and its pages free
+    # (a server reports capacity from the free pages right after answering), in every mode
+    from tandem_rt.engine.requests import RequestHandle
+
+    engine = Engine(model, num_pages=256, page_size=8, max_batch_size=len(JOBS))
+    seen = []
+    real = RequestHandle._deliver
+
+    def deliver(handle, ev):
+        if ev.finished:
+            running = engine.scheduler.running
+            seen.append((ev.result.finish_reason, [s.finished for s in running],
+                         [engine.page_manager.has_sequence(s.sid) for s in running if s.finished]))
+        real(handle, ev)
+
+    monkeypatch.setattr(RequestHandle, "_deliver", deliver)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    handles = [engine.submit(p, params, mode=m, gamma=g) for p, m, g in JOBS]
+    for h in handles:
+        h.result(timeout=60)
+    assert len(seen) == len(JOBS)
+    assert all(not any(done) and not held for _, done, held in seen), seen
+    assert all_free(engine)
+
+
 def test_submit_from_many_threads(model):
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     want = {i: alone(model, *JOBS[i % len(JOBS)][:1], params, *JOBS[i % len(JOBS)][1:]) for i in range(len(JOBS))}

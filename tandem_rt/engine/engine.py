@@ -737,8 +737,8 @@ class Engine:
             for s, t in zip(seqs, toks):
                 events.append((r, sch.commit(s, steps.Commit([t], plen=s.plen, dlen=s.dlen))))
         self._count(events)
+        sch.retire()              # pages freed before the final events reach their callers
         self._deliver(events)
-        sch.retire()
         router = None
         if self.model.router is not None:
             rc = self.model.router.config
@@ -773,8 +773,8 @@ class Engine:
                     self._counters["accepted_tokens"] += c.accepted
                     self._counters["blocks"] += 1
             self._count(events)
-            self._deliver(events)
             sch.retire()
+            self._deliver(events)
 
     def _prompts_done(self, plan, prompt_logits) -> None:
         """Record the prompt rows a speculative step processed; a finished prompt's logits let its
