@@ -61,7 +61,11 @@ class QuantMatrix(NamedTuple):
         return QuantMatrix(rows.to(device), self.qtype, self.in_features)
 
     def rows(self, start: int, end: Optional[int] = None) -> "QuantMatrix":
-        """Outputs ``start:end`` (block rows; not packed)."""
+        """Outputs ``start:end``: a slice of the packed layout when it has dropped its block rows and
+        both ends fall on groups of 16 outputs (no copy), else the block rows (not packed)."""
+        stop = self.out_features if end is None else end
+        if self.blocks is None and start % 16 == 0 and stop % 16 == 0:
+            return QuantMatrix(None, self.qtype, self.in_features, self.packed[start // 16:stop // 16])
         return QuantMatrix(self.block_rows()[start:end], self.qtype, self.in_features)
 
 
@@ -195,6 +199,42 @@ def quant_mm(x: torch.Tensor, w: QuantMatrix, add: Optional[torch.Tensor] = None
         return op(x, operand, QUANT_TYPES[w.qtype][0], add)
     dense = dequantize(w, x.dtype)
     return torch.mm(x, dense.t()) if add is None else torch.addmm(add, x, dense.t())
+
+
+DRAFT_QUANT_TYPES = ("Q8_0", "Q4_1")   # what a drafting model's matrices may be quantized to at load
+
+
+def quantize_drafting_model(model, qtype: str) -> tuple:
+    """Weight-only block quantization of a drafting model (the Tandem secondary or the standalone
+    drafter, a ``LlamaForCausalLM``) for :class:`PagedLlama`'s ``quantized`` / ``quantized_head``.
+
+    Args:
+        model: the drafting model (its weights bf16 / fp32, any device).
+        qtype: ``"Q8_0"`` or ``"Q4_1"`` (``DRAFT_QUANT_TYPES``).
+    Returns:
+        ``(layers, head)``: ``{parameter name: QuantMatrix}`` of every decoder-layer matrix with a
+        multiple of 32 inputs (attention and MLP projections, ``[out, in]``), and the LM head's rows
+        as a QuantMatrix (``[N, d]``: the rows of ``vocab_subset`` for a reduced vocabulary, else
+        ``[V, d]``; None when ``d`` is not a multiple of 32). Token embeddings stay dense (their
+        lookups read one row). Blocks by the ``gguf`` package's reference quantizer
+        (``checkpoint.quantize_blocks``, bit-exact with ggml's); on the CPU.
+    """
+    from tandem_rt.checkpoint import quantize_blocks
+
+    if qtype not in DRAFT_QUANT_TYPES:
+        raise ValueError(f"qtype must be one of {list(DRAFT_QUANT_TYPES)}, got {qtype!r}")
+    layers = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and name.startswith("model.layers.") and p.shape[1] % 32 == 0:
+                layers[name] = make_quant_matrix(quantize_blocks(p.float().cpu(), qtype), qtype, p.shape[1])
+        w = model.output_weight.detach()
+        subset = getattr(model, "vocab_subset", None)
+        if subset is not None:
+            w = w.index_select(0, subset.to(w.device))
+        head = None if w.shape[1] % 32 else make_quant_matrix(quantize_blocks(w.float().cpu(), qtype), qtype,
+                                                              w.shape[1])
+    return layers, head
 
 
 def embedding_rows(w: QuantMatrix, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -10,7 +10,8 @@ forward runs per 100 generated tokens (paper Tables 2, 4, 5), and whether the to
 ``primary``'s (lossless modes); writes JSON and, with ``--plot``, a bar chart (matplotlib).
 ``--peer hf`` adds Hugging Face assisted generation (``model.generate(..., assistant_model=...)``)
 with the same primary and standalone drafter, exported to Hugging Face format in a temporary
-directory, measured in the same run (batch 1).
+directory, measured in the same run (batch 1). ``--compare-draft-quantization Q8_0,Q4_1`` runs the
+drafting modes again on engines whose drafting models are quantized (``Engine(draft_quantization=)``).
 
     python tools/bench_e2e.py --model DIR [--device cpu] [--gammas 2,4,6] [--peer hf] [--json out.json]
     python tools/bench_e2e.py --random-checkpoint /tmp/rand_ckpt ...   # builds a random-weights model first
@@ -72,6 +73,8 @@ def add_model_args(ap) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--quantized", action="store_true",
                     help="the primary reads the blocks of the GGUF file the checkpoint references (linear_rows_q)")
+    ap.add_argument("--draft-quantization", default=None, choices=["Q8_0", "Q4_1"],
+                    help="the secondary and drafter read their matrices as blocks of this type (quantized at load)")
 
 
 def engine_from_args(args, **engine_kw):
@@ -92,6 +95,8 @@ def engine_from_args(args, **engine_kw):
             print(f"no --model and no bundled model: using a random-weights checkpoint at {path}")
     if getattr(args, "quantized", False):
         engine_kw["quantized"] = True
+    if getattr(args, "draft_quantization", None):
+        engine_kw["draft_quantization"] = args.draft_quantization
     return path, Engine.from_pretrained(path, device=args.device, dtype=args.dtype, **engine_kw)
 
 
@@ -276,12 +281,23 @@ def main(argv=None) -> int:
                          "and assisted generation with the same drafter; llama.cpp = llama-cpp-python on --gguf")
     ap.add_argument("--gguf", help="GGUF file of the primary for --peer llama.cpp (default: the checkpoint's "
                                    "referenced GGUF source)")
+    ap.add_argument("--compare-draft-quantization", default="",
+                    help="comma-separated Q8_0 / Q4_1: also run the speculative modes with the drafting models "
+                         "quantized to each (a second engine per type; rows carry draft_quantization)")
     ap.add_argument("--json", "--out", dest="json", default="bench_e2e.json", help="JSON report path")
     ap.add_argument("--plot", help="also draw the speed-ups (matplotlib) into this image file (.png, .svg, ...)")
     args = ap.parse_args(argv)
     from tandem_rt.engine import SamplingParams
 
     path, engine = engine_from_args(args, max_batch_size=16, use_cuda_graphs=args.cuda_graphs)
+    compare_q = [q for q in args.compare_draft_quantization.split(",") if q]
+    bad = [q for q in compare_q if q not in ("Q8_0", "Q4_1")]
+    if bad:
+        raise SystemExit(f"--compare-draft-quantization takes Q8_0 / Q4_1, got {bad}")
+    extra_engines = []
+    for q in compare_q:   # built before any timing (each holds its own copy of the models)
+        ns = argparse.Namespace(**{**vars(args), "draft_quantization": q, "threads": None})
+        extra_engines.append((q, engine_from_args(ns, max_batch_size=16, use_cuda_graphs=args.cuda_graphs)[1]))
     V = engine.vocab_size
     if args.prompts_file:
         lines = [l.strip() for l in open(args.prompts_file) if l.strip()]
@@ -311,12 +327,22 @@ def main(argv=None) -> int:
         if args.background_loop:
             runs.insert(1, ("primary", "background"))
         rows = []
+        dq = getattr(args, "draft_quantization", None)
         for mode, gamma in runs:
             bg = gamma == "background"
             r = run_engine(engine, groups, params, mode, 1 if bg else gamma, args.repeats, background=bg)
-            r.update(mode="primary (loop off the main thread)" if bg else mode, gamma=None if bg else gamma)
+            r.update(mode="primary (loop off the main thread)" if bg else mode, gamma=None if bg else gamma,
+                     draft_quantization=dq if mode != "primary" else None)
             rows.append(r)
             print(f"  B={B} n={n} {mode:13s} γ={gamma!s:4s} {r['wall_s']:.3f}s", flush=True)
+        for q, eq in extra_engines:   # the drafting modes again, drafting models quantized to q
+            for mode, gamma in runs:
+                if mode in ("primary", "secondary") or gamma == "background":
+                    continue
+                r = run_engine(eq, groups, params, mode, gamma, args.repeats)
+                r.update(mode=mode, gamma=gamma, draft_quantization=q)
+                rows.append(r)
+                print(f"  B={B} n={n} {mode:13s} γ={gamma!s:4s} [{q} drafts] {r['wall_s']:.3f}s", flush=True)
         if B == 1 and n == 1:
             peers = []
             if "hf" in args.peer:
@@ -326,7 +352,7 @@ def main(argv=None) -> int:
                                              args.max_new_tokens, args.repeats, args.threads))
             for r in peers:
                 r.update(mode=r.pop("name"), gamma=None, mean_accepted=None, primary_runs_per_100=None,
-                         secondary_runs_per_100=None, batch=1)
+                         secondary_runs_per_100=None, batch=1, draft_quantization=None)
                 rows.append(r)
         ref = rows[0]
         # latency per token of one sequence: groups run one after another, B sequences each
@@ -344,11 +370,12 @@ def main(argv=None) -> int:
         print(f"\nbatch {B}, num-samples {n}, {args.max_new_tokens} new tokens, {len(base)} prompts "
               f"({min(map(len, base))}-{max(map(len, base))} tokens) in {len(groups)} group(s), "
               f"{args.device} ({report['cpu'] if args.device == 'cpu' else args.device})")
-        print(f"{'mode':14s} {'γ':>5s} {'ms/token':>9s} {'tok/s':>8s} {'speedup':>8s} {'acc/block':>9s} "
+        label = lambda r: r["mode"] + (f" [{r['draft_quantization']}]" if r.get("draft_quantization") else "")  # noqa: E731
+        print(f"{'mode':21s} {'γ':>5s} {'ms/token':>9s} {'tok/s':>8s} {'speedup':>8s} {'acc/block':>9s} "
               f"{'P runs/100':>10s} {'S runs/100':>10s} {'=primary':>8s}")
         fmt = lambda v, f: (format(v, f) if v is not None else "-")  # noqa: E731
         for r in rows:
-            print(f"{r['mode']:14s} {str(r['gamma'] if r['gamma'] is not None else '-'):>5s} "
+            print(f"{label(r):21s} {str(r['gamma'] if r['gamma'] is not None else '-'):>5s} "
                   f"{r['ms_per_token']:9.2f} {r['tokens_per_s']:8.1f} {r['speedup']:8.2f} "
                   f"{fmt(r['mean_accepted'], '.2f'):>9s} {fmt(r['primary_runs_per_100'], '.1f'):>10s} "
                   f"{fmt(r['secondary_runs_per_100'], '.1f'):>10s} {fmt(r['equals_primary'], ''):>8s}")
@@ -373,7 +400,8 @@ def plot_report(report: dict, path: str) -> None:
     fig, axes = plt.subplots(len(configs), 1, figsize=(10, 3.2 * len(configs)), squeeze=False)
     for ax, cfg in zip(axes[:, 0], configs):
         rows = cfg["rows"]
-        labels = [r["mode"] if r["gamma"] in (None, 1) else f"{r['mode']} γ={r['gamma']}" for r in rows]
+        labels = [(r["mode"] if r["gamma"] in (None, 1) else f"{r['mode']} γ={r['gamma']}")
+                  + (f" [{r['draft_quantization']}]" if r.get("draft_quantization") else "") for r in rows]
         speed = [r["speedup"] for r in rows]
         colours = ["tab:blue" if r["equals_primary"] else "tab:grey" for r in rows]
         bars = ax.bar(range(len(rows)), speed, color=colours)

@@ -16,7 +16,8 @@ def run(args) -> int:
     path = args.model if args.model is not None else _default_model_path()
     engine = Engine.from_pretrained(path, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
                                     use_cuda_graphs=args.cuda_graphs, quantized=args.quantized,
-                                    max_queued_requests=args.max_queued_requests, draft_policy=args.draft_policy)
+                                    max_queued_requests=args.max_queued_requests, draft_policy=args.draft_policy,
+                                    draft_quantization=args.draft_quantization)
     template = load_chat_template(path) if path is not None else None
     name = args.served_model_name or "tandem-rt"
     print(f"tandem-rt serve: {name} ({path}) on http://{args.host}:{args.port} "
@@ -44,5 +45,7 @@ def register(sub) -> None:
     p.add_argument("--cuda-graphs", action="store_true", help="capture decode/verify steps in CUDA graphs")
     p.add_argument("--quantized", action="store_true",
                    help="the primary reads the GGUF blocks of the file the checkpoint references (CPU)")
+    p.add_argument("--draft-quantization", default=None, choices=["Q8_0", "Q4_1"],
+                   help="the drafting models (secondary, drafter) read their matrices as blocks of this type, quantized at load (lossless modes unchanged)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)

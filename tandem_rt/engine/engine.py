@@ -161,6 +161,11 @@ class Engine:
         attention_kernel: the CUDA paged-attention kernel of every model: ``"simt"`` (CUDA cores,
             default) or ``"mma"`` (tensor cores for fp16 / bf16, sm_80+); not used on the CPU.
         attention_waves: CTA waves per SM the CUDA KV split aims for (0: the default, 8).
+        draft_quantization: ``"Q8_0"`` or ``"Q4_1"``: the drafting models (the Tandem secondary and
+            the standalone drafter) read their layer matrices and LM heads as GGUF blocks of that
+            type, quantized when the engine is built (``quantized.quantize_drafting_model``; bf16 /
+            fp32, CPU or CUDA): a draft step reads 2-3.5x fewer bytes. The drafts change slightly,
+            the lossless modes' outputs do not (the primary verifies). None: dense.
     """
 
     def __init__(self, model: TandemModel, tokenizer=None, *, device=None, dtype=None, max_batch_size: int = 8,
@@ -168,7 +173,8 @@ class Engine:
                  prefill_chunk: int = 32, use_cuda_graphs: bool = False, dense_prefill: bool = True,
                  quantized_primary: Optional[dict] = None,
                  max_queued_requests: Optional[int] = None, step_prompt_rows: int = 32,
-                 draft_policy: str = "router", attention_kernel: str = "simt", attention_waves: int = 0):
+                 draft_policy: str = "router", attention_kernel: str = "simt", attention_waves: int = 0,
+                 draft_quantization: Optional[str] = None):
         from tandem_rt.paged import KVCache, PageManager, pages_for_memory
 
         if not isinstance(model, TandemModel):
@@ -226,6 +232,13 @@ class Engine:
         self.router_top_k = cfg.router.top_k if cfg.router is not None else None
         if quantized_primary is not None:
             check_quantized_primary(quantized_primary, model.primary, self.device, self.dtype)
+        if draft_quantization is not None:
+            from tandem_rt.quantized import DRAFT_QUANT_TYPES
+            if draft_quantization not in DRAFT_QUANT_TYPES:
+                raise ValueError(f"draft_quantization must be None or one of {list(DRAFT_QUANT_TYPES)}, "
+                                 f"got {draft_quantization!r}")
+            if self.dtype not in (torch.float32, torch.bfloat16):
+                raise ValueError(f"draft_quantization needs bfloat16 or float32, got {self.dtype}")
         cfgs = [cfg.primary, cfg.secondary] + ([cfg.drafter] if cfg.drafter is not None else [])
         # the feature pool (feature input only): one [d_S] entry per position
         extra = 0 if cfg.feature_layer is None else (
@@ -255,7 +268,7 @@ class Engine:
             raise ValueError(f"use_cuda_graphs needs a CUDA device, the engine runs on {self.device}")
         self.page_manager = PageManager(num_pages, page_size)
         self.runner = ModelRunner(model, self.page_manager, self.device, self.dtype, quantized_primary, max_batch_size,
-                                  attention_kernel, attention_waves)
+                                  attention_kernel, attention_waves, draft_quantization)
         r = self.runner     # the models and pools, also reachable from the engine
         self.primary, self.secondary, self.drafter, self.refresh = r.primary, r.secondary, r.drafter, r.refresh
         self.primary_cache, self.secondary_cache, self.drafter_cache = r.primary_cache, r.secondary_cache, r.drafter_cache

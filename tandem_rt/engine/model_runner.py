@@ -30,12 +30,16 @@ class ModelRunner:
         max_batch_size: the largest batch a step runs (the CUDA graph buckets).
         attention_kernel, attention_waves: the CUDA paged-attention options of every model
             (``PagedLlama``).
+        draft_quantization: ``"Q8_0"`` / ``"Q4_1"``: the secondary's and the drafter's layer matrices
+            and LM heads served as blocks of that type (``quantized.quantize_drafting_model``), or None.
     """
 
     def __init__(self, model: TandemModel, page_manager, device: torch.device, dtype: torch.dtype,
                  quantized_primary: Optional[dict] = None, max_batch_size: int = 8,
-                 attention_kernel: str = "simt", attention_waves: int = 0):
+                 attention_kernel: str = "simt", attention_waves: int = 0,
+                 draft_quantization: Optional[str] = None):
         from tandem_rt.paged import KVCache
+        from tandem_rt.quantized import quantize_drafting_model
 
         cfg = model.config
         self.model = model
@@ -47,8 +51,15 @@ class ModelRunner:
         self.layer_map = list(model.layer_map)
         attn = {"attention_kernel": attention_kernel, "attention_waves": attention_waves}
         self.primary = PagedLlama(model.primary, quantized=quantized_primary, **attn)
-        self.secondary = PagedLlama(model.secondary, feature_at=cfg.feature_at, **attn)
-        self.drafter = PagedLlama(model.drafter, **attn) if model.drafter is not None else None
+
+        def drafting(m, **kw):   # a drafting model, its matrices quantized when asked
+            if draft_quantization is None:
+                return PagedLlama(m, **kw, **attn)
+            layers, head = quantize_drafting_model(m, draft_quantization)
+            return PagedLlama(m, quantized=layers, quantized_head=head, **kw, **attn)
+
+        self.secondary = drafting(model.secondary, feature_at=cfg.feature_at)
+        self.drafter = drafting(model.drafter) if model.drafter is not None else None
         self.refresh = TandemRefresh(model, self.secondary)
         pages, ps = page_manager.num_pages, page_manager.page_size
         mk = lambda c: KVCache(c.num_hidden_layers, pages, ps, c.num_key_value_heads, c.head_dim,  # noqa: E731

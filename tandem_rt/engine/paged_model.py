@@ -258,6 +258,12 @@ def with_quantized(base):
     return mm_any
 
 
+def _shape_of(q) -> str:
+    if isinstance(q, QuantMatrix):
+        return f"a QuantMatrix [{q.out_features}, {q.in_features}]"
+    return type(q).__name__
+
+
 class PagedLlama:
     """Paged forward of one :class:`LlamaForCausalLM` over its K/V pool.
 
@@ -282,6 +288,9 @@ class PagedLlama:
             Q4_1 matrices are repacked 16 outputs at a time (``linear_rows_q16``) and their block
             rows dropped (a quantized embedding keeps its own for the lookups; products of more
             than 64 rows unpack them per call).
+        quantized_head: optional QuantMatrix of the LM head's rows (``[N, d]``: the ``vocab_subset``
+            rows for a reduced vocabulary, else ``[V, d]``; ``quantized.quantize_drafting_model``),
+            used instead of the dense head while the token embeddings stay dense.
         decoder_plan: run the decoder layers of a step (``forward(step=True)``, at most
             ``QUANT_ROWS_MAX`` rows, paged attention) in one C++ call (``_C.cpu.DecoderPlan``, the same
             ops in the same order: bit-identical) instead of ~8 op calls per layer from Python;
@@ -295,6 +304,7 @@ class PagedLlama:
 
     def __init__(self, model: LlamaForCausalLM, cpu_layout: Optional[bool] = None,
                  quantized: Optional[dict] = None, decoder_plan: Optional[bool] = None, feature_at: str = "input",
+                 quantized_head: Optional[QuantMatrix] = None,
                  attention_kernel: str = "simt", attention_waves: int = 0):
         self.model = model
         self.config = cfg = model.config
@@ -314,7 +324,7 @@ class PagedLlama:
         dense = (lambda params: fuse_rows(params)) if self.rows_layout else (lambda params: input_major(params, cpu))
         quantized = dict(quantized or {})
         device = model.output_weight.device
-        if quantized:
+        if quantized or quantized_head is not None:
             if not (self.rows_layout or (device.type == "cuda" and model.output_weight.dtype in ROWS_LAYOUT_DTYPES)):
                 raise ValueError("quantized weights need bfloat16 or float32 on the CPU engine (cpu_layout) or on CUDA, "
                                  f"got {device} {model.output_weight.dtype}")
@@ -322,7 +332,7 @@ class PagedLlama:
             quantized = {name: qm.to(device) for name, qm in quantized.items()}
         names = {id(p): n for n, p in model.named_parameters()}
 
-        pack = bool(quantized) and self.rows_layout and packs16()
+        pack = (bool(quantized) or quantized_head is not None) and self.rows_layout and packs16()
 
         def mat(params):   # a fused group: quantized when every member is (one qtype), else dense
             qs = [quantized.get(names.get(id(p))) for p in params]
@@ -347,7 +357,15 @@ class PagedLlama:
         # [d, V] (rows layout: [V, d]); when tied, the embedding becomes a view of it. A reduced
         # output vocabulary keeps only its rows ([d, N] / [N, d], a copy) and scatters the logits.
         self.vocab_subset = getattr(model, "vocab_subset", None)
-        if self.vocab_subset is None:
+        if quantized_head is not None:
+            rows = model.config.vocab_size if self.vocab_subset is None else self.vocab_subset.numel()
+            if not isinstance(quantized_head, QuantMatrix) or (quantized_head.out_features, quantized_head.in_features) \
+                    != (rows, cfg.hidden_size):
+                raise ValueError(f"quantized_head must be a QuantMatrix [{rows}, {cfg.hidden_size}] (the LM head's "
+                                 f"rows), got {_shape_of(quantized_head)}")
+            head = quantized_head.to(device)
+            self.lm_head = with_packed(head, keep_blocks=False) if pack else head
+        elif self.vocab_subset is None:
             self.lm_head = mat([model.output_weight])
         else:
             self.lm_head = dense([model.output_weight.detach().index_select(0, self.vocab_subset)])
