@@ -419,8 +419,8 @@ def test_pack_rows16_and_linear_rows_q16_validation():
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
 def test_packed_only_matrix_serves_every_path(qtype):
     """A QuantMatrix that keeps only its packed layout: few-row products by linear_rows_q16, more
-    rows (dequantised from the unpacked blocks), row slices and embedding lookups all equal those
-    of the block rows."""
+    rows (dequantised from the unpacked blocks), row slices (packed on groups of 16, else block rows)
+    and embedding lookups all equal those of the block rows."""
     from tandem_rt.quantized import QUANT_ROWS_MAX, embedding_rows, make_quant_matrix, quant_mm, with_packed
 
     g = torch.Generator().manual_seed(3)
@@ -432,6 +432,8 @@ def test_packed_only_matrix_serves_every_path(qtype):
     assert torch.equal(quant_mm(many, packed), quant_mm(many, full))
     few = many[:3]
     assert torch.equal(quant_mm(few, packed), torch.ops.tandem_rt.linear_rows_q16(few, packed.packed, {"Q8_0": 0, "Q4_1": 2}[qtype], None))
-    assert torch.equal(packed.rows(16, 32).blocks, blocks[16:32])
+    part = packed.rows(16, 32)     # on groups of 16: a slice of the packed layout
+    assert part.blocks is None and torch.equal(part.block_rows(), blocks[16:32])
+    assert torch.equal(packed.rows(8, 24).blocks, blocks[8:24])
     ids = torch.tensor([0, 47, 5])
     assert torch.equal(embedding_rows(packed, ids, torch.float32), embedding_rows(full, ids, torch.float32))
