@@ -200,6 +200,11 @@ def test_bad_draft_quantization_is_refused():
         Engine(copy.deepcopy(model), num_pages=8, page_size=8, dtype=torch.float16, draft_quantization="Q8_0")
     with pytest.raises(ValueError, match="qtype must be one of"):
         quantize_drafting_model(model.drafter, "Q5_K")
+    odd = tiny_model_config(V, hidden_size=24, layers=1, heads=2, kv_heads=1, intermediate_size=40, tie=True)
+    small = TandemModel(TandemConfig(primary=model.config.primary, secondary=odd, drafter=odd, torch_dtype="float32",
+                                     layer_map=[3]))
+    with pytest.raises(ValueError, match="no matrix with a multiple of 32 inputs"):
+        Engine(small, num_pages=8, page_size=8, draft_quantization="Q8_0")
     layers, head = quantize_drafting_model(model.drafter, "Q8_0")
     with pytest.raises(ValueError, match=r"quantized_head must be a QuantMatrix \[32, 32\]"):
         PagedLlama(model.drafter, quantized=layers, quantized_head=head.rows(0, 16))

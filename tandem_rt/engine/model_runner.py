@@ -56,6 +56,9 @@ class ModelRunner:
             if draft_quantization is None:
                 return PagedLlama(m, **kw, **attn)
             layers, head = quantize_drafting_model(m, draft_quantization)
+            if not layers and head is None:
+                raise ValueError(f"draft_quantization={draft_quantization!r}: the drafting model has no matrix with a "
+                                 f"multiple of 32 inputs to quantize (hidden size {m.config.hidden_size})")
             return PagedLlama(m, quantized=layers, quantized_head=head, **kw, **attn)
 
         self.secondary = drafting(model.secondary, feature_at=cfg.feature_at)
