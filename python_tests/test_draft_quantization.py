@@ -232,3 +232,36 @@ def test_generate_cli_quantizes_the_drafts(tmp_path, capsys):
     # the flag reached the engine: the quantized drafts' acceptance, which differs from the dense drafts'
     assert want.stats["accepted_tokens"] != dense.stats["accepted_tokens"]
     assert out["stats"]["accepted_tokens"] == want.stats["accepted_tokens"]
+
+
+def test_auto_means_q8_0_drafts_on_the_cpu(tmp_path, monkeypatch):
+    from tandem_rt.checkpoint import save_checkpoint
+    from tandem_rt.cli import main
+    from tandem_rt.engine.engine import auto_draft_quantization
+
+    model = reduced_vocab_model(seed=2)
+    assert auto_draft_quantization(model, "cpu", torch.float32) == "Q8_0"
+    assert auto_draft_quantization(model, "cpu", torch.bfloat16) == "Q8_0"
+    assert auto_draft_quantization(model, "cpu", None) == "Q8_0"          # the model's dtype (fp32)
+    assert auto_draft_quantization(model, "cpu", torch.float16) is None
+    assert auto_draft_quantization(model, "cuda", torch.bfloat16) is None
+    narrow = tiny_model_config(V, hidden_size=24, layers=1, heads=2, kv_heads=1, intermediate_size=40, tie=True)
+    assert auto_draft_quantization(TandemModel(TandemConfig(primary=model.config.primary, secondary=narrow,
+                                                            torch_dtype="float32", layer_map=[3])),
+                                   "cpu", torch.float32) is None
+    save_checkpoint(model, tmp_path / "ckpt")
+    assert Engine.from_pretrained(str(tmp_path / "ckpt"), num_pages=16).runner.draft_quantization == "Q8_0"
+    e = Engine.from_pretrained(str(tmp_path / "ckpt"), num_pages=16, draft_quantization=None)
+    assert e.runner.draft_quantization is None and not isinstance(e.drafter.lm_head, QuantMatrix)
+    # the CLI: auto by default, "none" for dense drafting models
+    seen = []
+    real = Engine.from_pretrained.__func__
+
+    def spy(cls, *a, **kw):
+        seen.append(kw.get("draft_quantization", "auto"))
+        return real(cls, *a, **kw)
+
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(spy))
+    base = ["generate", "--model", str(tmp_path / "ckpt"), "--prompt-ids", "4,5,6", "--max-new-tokens", "2"]
+    assert main(base) == 0 and main(base + ["--draft-quantization", "none"]) == 0
+    assert seen == ["auto", None]

@@ -45,12 +45,14 @@ def main(argv=None) -> int:
                     help="engine dtype (default: the checkpoint's)")
     ap.add_argument("--temperatures", default="0", help="comma-separated; 0 = greedy (checked equal to "
                     "primary), > 0 = speculative sampling (lossless by construction; seeded)")
-    ap.add_argument("--draft-quantization", default=None, choices=["Q8_0", "Q4_1"],
+    ap.add_argument("--draft-quantization", default="none", choices=["none", "Q8_0", "Q4_1"],
                     help="the drafting models read their matrices as blocks of this type (quantized at load)")
     ap.add_argument("--json", help="write the table as JSON here")
     args = ap.parse_args(argv)
     engine = tandem_rt.Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                              max_batch_size=args.prompts, draft_quantization=args.draft_quantization)
+                                              max_batch_size=args.prompts,
+                                              draft_quantization=None if args.draft_quantization == "none"
+                                              else args.draft_quantization)
     prompts = split_prompts(args.split, args.prompts, args.prompt_tokens, engine.tokenizer)
     rows = []
     print(f"{'temp':>5} {'gamma':>5} {'speed':>8} {'tandem-speed':>13} {'gain':>7} {'95% interval':>17}"
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"split": args.split, "prompts": len(prompts),
                                                "dtype": str(engine.dtype).replace("torch.", ""),
-                                               "draft_quantization": args.draft_quantization,
+                                               "draft_quantization": engine.runner.draft_quantization,
                                                "prompt_tokens": args.prompt_tokens,
                                                "max_new_tokens": args.max_new_tokens, "rows": rows}, indent=1))
     return 0

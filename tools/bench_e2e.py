@@ -73,8 +73,9 @@ def add_model_args(ap) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--quantized", action="store_true",
                     help="the primary reads the blocks of the GGUF file the checkpoint references (linear_rows_q)")
-    ap.add_argument("--draft-quantization", default=None, choices=["Q8_0", "Q4_1"],
-                    help="the secondary and drafter read their matrices as blocks of this type (quantized at load)")
+    ap.add_argument("--draft-quantization", default="none", choices=["none", "auto", "Q8_0", "Q4_1"],
+                    help="the secondary and drafter read their matrices as blocks of this type (quantized at load; "
+                         "auto: Engine.from_pretrained's default)")
 
 
 def engine_from_args(args, **engine_kw):
@@ -95,8 +96,8 @@ def engine_from_args(args, **engine_kw):
             print(f"no --model and no bundled model: using a random-weights checkpoint at {path}")
     if getattr(args, "quantized", False):
         engine_kw["quantized"] = True
-    if getattr(args, "draft_quantization", None):
-        engine_kw["draft_quantization"] = args.draft_quantization
+    dq = getattr(args, "draft_quantization", "none")
+    engine_kw["draft_quantization"] = None if dq in (None, "none") else dq
     return path, Engine.from_pretrained(path, device=args.device, dtype=args.dtype, **engine_kw)
 
 
@@ -327,7 +328,7 @@ def main(argv=None) -> int:
         if args.background_loop:
             runs.insert(1, ("primary", "background"))
         rows = []
-        dq = getattr(args, "draft_quantization", None)
+        dq = engine.runner.draft_quantization
         for mode, gamma in runs:
             bg = gamma == "background"
             r = run_engine(engine, groups, params, mode, 1 if bg else gamma, args.repeats, background=bg)

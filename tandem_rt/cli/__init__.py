@@ -16,6 +16,19 @@ class CLIError(Exception):
     """An error to print as one line (exit code 2)."""
 
 
+def add_draft_quantization(p: argparse.ArgumentParser) -> None:
+    """``--draft-quantization {auto,none,Q8_0,Q4_1}`` (``args.draft_quantization``: "auto", None or
+    the block type, as ``Engine.from_pretrained`` takes it)."""
+    p.add_argument("--draft-quantization", default="auto", choices=["auto", "none", "Q8_0", "Q4_1"],
+                   help="the drafting models (secondary, drafter) read their matrices as blocks of this type, "
+                        "quantized at load (lossless modes unchanged); auto: Q8_0 on the CPU in bf16 / fp32")
+
+
+def draft_quantization(args):
+    """``args.draft_quantization`` for ``Engine.from_pretrained`` ("none" -> None)."""
+    return None if args.draft_quantization == "none" else args.draft_quantization
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem-rt", description="Tandem Transformers inference runtime")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")

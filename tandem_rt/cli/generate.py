@@ -39,6 +39,7 @@ def _read_prompts(args) -> list:
 
 
 def run(args) -> int:
+    from tandem_rt.cli import draft_quantization as cli_draft_quantization
     from tandem_rt.engine import Engine, SamplingParams
 
     prompts = _read_prompts(args)
@@ -46,7 +47,7 @@ def run(args) -> int:
                             top_p=args.top_p, seed=args.seed, n=args.num_samples, ignore_eos=args.ignore_eos)
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                     max_batch_size=args.max_batch_size, use_cuda_graphs=args.cuda_graphs,
-                                    quantized=args.quantized, draft_quantization=args.draft_quantization)
+                                    quantized=args.quantized, draft_quantization=cli_draft_quantization(args))
     gamma = _gamma(args.gamma)
     # validate everything before the first token
     engine.check_request(prompts, params, args.mode, gamma, not args.no_free_token)
@@ -84,6 +85,7 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
+    from tandem_rt.cli import add_draft_quantization
     from tandem_rt.engine import MODES
 
     p = sub.add_parser("generate", help="generate text with a Tandem checkpoint")
@@ -108,8 +110,7 @@ def register(sub) -> None:
     p.add_argument("--cuda-graphs", action="store_true", help="capture decode/verify steps in CUDA graphs")
     p.add_argument("--quantized", action="store_true",
                    help="the primary reads the Q8_0/Q4_0/Q4_1 blocks of the GGUF file the checkpoint references (CPU)")
-    p.add_argument("--draft-quantization", default=None, choices=["Q8_0", "Q4_1"],
-                   help="the drafting models (secondary, drafter) read their matrices as blocks of this type, quantized at load (lossless modes unchanged)")
+    add_draft_quantization(p)
     p.add_argument("--stats", action="store_true", help="print acceptance and speed figures")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)

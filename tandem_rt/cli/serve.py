@@ -5,6 +5,7 @@ import sys
 
 
 def run(args) -> int:
+    from tandem_rt.cli import draft_quantization as cli_draft_quantization
     from tandem_rt.chat import load_chat_template
     from tandem_rt.cli import CLIError
     from tandem_rt.engine import Engine
@@ -17,7 +18,7 @@ def run(args) -> int:
     engine = Engine.from_pretrained(path, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
                                     use_cuda_graphs=args.cuda_graphs, quantized=args.quantized,
                                     max_queued_requests=args.max_queued_requests, draft_policy=args.draft_policy,
-                                    draft_quantization=args.draft_quantization)
+                                    draft_quantization=cli_draft_quantization(args))
     template = load_chat_template(path) if path is not None else None
     name = args.served_model_name or "tandem-rt"
     print(f"tandem-rt serve: {name} ({path}) on http://{args.host}:{args.port} "
@@ -28,6 +29,7 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
+    from tandem_rt.cli import add_draft_quantization
     p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
     p.add_argument("--host", default="127.0.0.1")
@@ -45,7 +47,6 @@ def register(sub) -> None:
     p.add_argument("--cuda-graphs", action="store_true", help="capture decode/verify steps in CUDA graphs")
     p.add_argument("--quantized", action="store_true",
                    help="the primary reads the GGUF blocks of the file the checkpoint references (CPU)")
-    p.add_argument("--draft-quantization", default=None, choices=["Q8_0", "Q4_1"],
-                   help="the drafting models (secondary, drafter) read their matrices as blocks of this type, quantized at load (lossless modes unchanged)")
+    add_draft_quantization(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)

@@ -92,6 +92,20 @@ def _referenced_gguf_matrices(path, cfg) -> dict:
     return read_gguf_matrices(resolve_reference(ref, Path(path)), cfg.primary)
 
 
+def auto_draft_quantization(model: TandemModel, device, dtype) -> Optional[str]:
+    """What ``Engine.from_pretrained(draft_quantization="auto")`` serves the drafting models in:
+    ``"Q8_0"`` on the CPU in bf16 / fp32 (``dtype`` None: the model's) when the secondary and the
+    drafter are a multiple of 32 wide (their products then read half the bytes: as many drafts
+    accepted as with dense weights, draft steps about a third cheaper, docs/RESULTS.md "Quantized
+    drafting models"), else None (on CUDA the block kernel is not yet measured against the dense
+    products)."""
+    dtype = dtype if dtype is not None else next(model.parameters()).dtype
+    parts = [model.config.secondary] + ([model.config.drafter] if model.config.drafter is not None else [])
+    if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return "Q8_0" if all(c.hidden_size % 32 == 0 for c in parts) else None
+
+
 def check_quantized_primary(quantized: dict, primary, device, dtype) -> None:
     """ValueError unless ``quantized`` maps parameter names of ``primary`` to QuantMatrix of their shapes."""
     from tandem_rt.quantized import QuantMatrix
@@ -297,8 +311,13 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path=None, device="cpu", dtype=None, max_batch_size: int = 8,
                         kv_cache_memory: Optional[int] = None, num_pages: Optional[int] = None,
-                        page_size: int = 16, quantized: bool = False, **kwargs) -> "Engine":
+                        page_size: int = 16, quantized: bool = False, draft_quantization: Optional[str] = "auto",
+                        **kwargs) -> "Engine":
         """Load a checkpoint directory (default: the bundled model) and its ``tokenizer.json``.
+
+        ``draft_quantization``: as :class:`Engine`'s, or ``"auto"`` (the default here):
+        :func:`auto_draft_quantization` of the loaded model, device and dtype (Q8_0 drafting models
+        on the CPU).
 
         ``quantized``: the primary's products read Q8_0 / Q4_0 / Q4_1 blocks instead of the
         dequantised weights (bf16 / fp32, CPU or CUDA): those the checkpoint stores (``quantized`` in its
@@ -329,6 +348,9 @@ class Engine:
             if cfg.shared_embeddings:
                 skip.discard("primary.model.embed_tokens.weight")
         model = load_checkpoint(path, device=device, dtype=dtype, skip_values=skip)
+        if draft_quantization == "auto":
+            draft_quantization = auto_draft_quantization(model, device, dtype)
+        kwargs["draft_quantization"] = draft_quantization
         tokenizer = None
         tok_file = Path(path) / TOKENIZER_NAME
         if tok_file.is_file():

@@ -49,6 +49,7 @@ class ModelRunner:
         self.max_batch_size = max_batch_size
         self.vocab_size = cfg.primary.vocab_size
         self.layer_map = list(model.layer_map)
+        self.draft_quantization = draft_quantization
         attn = {"attention_kernel": attention_kernel, "attention_waves": attention_waves}
         self.primary = PagedLlama(model.primary, quantized=quantized_primary, **attn)
 
