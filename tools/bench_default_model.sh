@@ -26,7 +26,8 @@ coverage() { $PY tools/draft_vocab_coverage.py --run "$RUNS/main" --threads 2 --
 e2e()      { for dt in ${E2E_DTYPES:-bfloat16 float32}; do
                $PY tools/bench_e2e.py --threads 1 --dtype $dt --prompts-file tools/prompts.txt \
                    --max-new-tokens 128 --batch-sizes 1 --num-samples 1 --gammas 3,5,7 --repeats 2 \
-                   --peer hf --peer llama.cpp --json "$OUT-smollm2-e2e-$dt.json"; done; }
+                   --peer hf --peer llama.cpp --compare-draft-quantization Q8_0 \
+                   --json "$OUT-smollm2-e2e-$dt.json"; done; }   # dense drafts, then Q8_0 (the CPU default)
 for step in ${@:-table1 accepted cost coverage e2e}; do
   echo "== $step"; $step
 done
