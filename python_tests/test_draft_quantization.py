@@ -265,3 +265,50 @@ def test_auto_means_q8_0_drafts_on_the_cpu(tmp_path, monkeypatch):
     base = ["generate", "--model", str(tmp_path / "ckpt"), "--prompt-ids", "4,5,6", "--max-new-tokens", "2"]
     assert main(base) == 0 and main(base + ["--draft-quantization", "none"]) == 0
     assert seen == ["auto", None]
+
+
+@pytest.mark.parametrize("draft_quantization", [None, "Q8_0"])
+def test_reduced_vocabulary_greedy_drafts_equal_the_scattered_argmax(monkeypatch, draft_quantization):
+    # steps.draft's greedy drafts from the subset's logits (mapped to token ids) against the argmax
+    # of the scattered full-vocabulary row: the same drafts, so the same blocks and acceptance
+    from tandem_rt.engine import steps
+
+    import dataclasses
+
+    from engine_models import agreeing_tandem_model
+
+    # drafting models that agree with the primary, given a reduced vocabulary holding the primary's
+    # greedy tokens on these prompts (so that drafts are accepted and a wrong mapping would show)
+    base = agreeing_tandem_model(seed=21, vocab_size=64, layer_scale=0.4)
+    prompts = [[3, 9, 27, 50, 7], [11, 5, 60], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    sp = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    seen = {t for r in Engine(copy.deepcopy(base), num_pages=64, page_size=8).generate(prompts, sp, mode="primary")
+            for t in r.token_ids}
+    keep = sorted(seen)[:32]
+    keep = sorted(keep + [t for t in range(63, -1, -1) if t not in seen][:32 - len(keep)])
+    cfg = base.config
+    cfg = dataclasses.replace(cfg, secondary=dataclasses.replace(cfg.secondary, output_vocab_size=32),
+                              drafter=dataclasses.replace(cfg.drafter, output_vocab_size=32))
+    model = TandemModel(cfg)
+    model.load_state_dict(base.state_dict(), strict=False)
+    for part in (model.secondary, model.drafter):
+        part.vocab_subset.copy_(torch.tensor(keep))
+    model.eval()
+    calls = []
+    real = steps.reduced_greedy_drafts
+    monkeypatch.setattr(steps, "reduced_greedy_drafts", lambda *a: calls.append(real(*a)) or calls[-1])
+
+    def run():
+        e = Engine(copy.deepcopy(model), num_pages=64, page_size=8, max_batch_size=4,
+                   draft_quantization=draft_quantization)
+        out = []
+        for mode, gamma in (("speed", 3), ("tandem-speed", 4)):
+            out += [(r.token_ids, r.stats["accepted_tokens"], r.stats["drafted_tokens"], r.stats["blocks"])
+                    for r in e.generate(prompts, sp, mode=mode, gamma=gamma)]
+        return out
+
+    fast = run()
+    assert calls and all(calls)
+    monkeypatch.setattr(steps, "reduced_greedy_drafts", lambda *a: False)
+    assert run() == fast
+    assert sum(x[1] for x in fast) > 0

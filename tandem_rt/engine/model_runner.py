@@ -113,7 +113,7 @@ class ModelRunner:
     def forward_step(self, model: PagedLlama, cache, ids: torch.Tensor, meta: ForwardMeta,
                      last_rows_only: bool = False, hidden_layers=(), refresh: bool = False,
                      verify: Optional[VerifyInputs] = None, logits_rows: Optional[torch.Tensor] = None,
-                     feature_offset: Optional[torch.Tensor] = None):
+                     feature_offset: Optional[torch.Tensor] = None, reduced: bool = False):
         """One decode / verify step: the paged forward of ``ids`` (int64 ``[T]``) over ``meta``;
         with ``refresh`` the Tandem refresh of the same rows into the secondary pool
         (``hidden_layers`` = the layer map); with ``verify`` (rows ``1..`` of each sequence are its
@@ -121,11 +121,13 @@ class ModelRunner:
         ``PagedLlama.forward``, plus (accepted int32 ``[B]``, emitted int64 ``[B, G + 1]``) with
         ``verify``. ``logits_rows`` (int64 ``[R]``): the rows whose logits are computed, instead
         of every row (or the last rows with ``last_rows_only``). ``feature_offset`` ``[T, d]``: the
-        secondary's feature input (``steps.draft``), added where ``model.feature_at`` says."""
+        secondary's feature input (``steps.draft``), added where ``model.feature_at`` says.
+        ``reduced``: logits over the model's reduced vocabulary (``PagedLlama.forward``)."""
         if logits_rows is None and last_rows_only:
             logits_rows = meta.last_rows
         logits, hidden = model.forward(ids, meta, cache.k, cache.v, logits_rows=logits_rows,
-                                       hidden_layers=hidden_layers, step=True, feature_offset=feature_offset)
+                                       hidden_layers=hidden_layers, step=True, feature_offset=feature_offset,
+                                       reduced=reduced)
         if refresh:
             self.refresh(hidden, meta.positions, meta.slot_mapping, self.secondary_cache.k, self.secondary_cache.v,
                          step=True, features=self.feature_pool, input_ids=ids)
@@ -135,16 +137,17 @@ class ModelRunner:
 
     def run(self, model: PagedLlama, cache, ids: torch.Tensor, meta: ForwardMeta, last_rows_only: bool = False,
             hidden_layers=(), refresh: bool = False, verify: Optional[VerifyInputs] = None,
-            logits_rows: Optional[torch.Tensor] = None, feature_offset: Optional[torch.Tensor] = None):
+            logits_rows: Optional[torch.Tensor] = None, feature_offset: Optional[torch.Tensor] = None,
+            reduced: bool = False):
         """:meth:`forward_step`, replayed from a captured CUDA graph when one applies (uniform rows
-        per sequence, no prompt rows), else eager. Same results either way."""
-        if self.cuda_graphs is not None and meta.uniform_q_len and logits_rows is None:
+        per sequence, no prompt rows, full-vocabulary logits), else eager. Same results either way."""
+        if self.cuda_graphs is not None and meta.uniform_q_len and logits_rows is None and not reduced:
             out = self.cuda_graphs.run(model, cache, ids, meta, last_rows_only, tuple(hidden_layers), refresh, verify,
                                        feature_offset)
             if out is not None:
                 return out
         return self.forward_step(model, cache, ids, meta, last_rows_only, hidden_layers, refresh, verify, logits_rows,
-                                 feature_offset)
+                                 feature_offset, reduced)
 
     def prompt_forward(self, model: PagedLlama, cache, ids: torch.Tensor, meta: ForwardMeta, refresh: bool):
         """A prefill forward (prompt products, ``step=False``) -> last-row logits ``[B, V]``; writes

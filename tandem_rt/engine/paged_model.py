@@ -428,7 +428,7 @@ class PagedLlama:
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, meta: ForwardMeta, k_cache: list, v_cache: list,
                 logits_rows: Optional[torch.Tensor] = None, hidden_layers: Sequence[int] = (),
-                step: bool = False, feature_offset: Optional[torch.Tensor] = None):
+                step: bool = False, feature_offset: Optional[torch.Tensor] = None, reduced: bool = False):
         """Run the rows of ``meta``.
 
         Args:
@@ -446,8 +446,11 @@ class PagedLlama:
             feature_offset: ``[T, d]`` (model dtype), the Tandem secondary's feature input: added to
                 the token embeddings, or to the last layer's output before the final norm when
                 ``self.feature_at == "output"``; or None.
+            reduced: with a reduced output vocabulary, return its logits ``[R, N]`` (column ``j`` =
+                token ``vocab_subset[j]``) instead of scattering them over the full vocabulary.
         Returns:
-            logits ``[R, V]`` (model dtype) and the list of ``[T, d]`` residual streams.
+            logits ``[R, V]`` (``[R, N]`` when ``reduced``; model dtype) and the list of ``[T, d]``
+            residual streams.
         """
         cfg = self.config
         Hq, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -465,7 +468,7 @@ class PagedLlama:
             x, *streams = self.decoder_plan.run(x, meta.positions, meta.slot_mapping, meta.block_tables,
                                                 meta.seq_lens, meta.query_start_loc, meta.max_q_len,
                                                 meta.max_seq_len, k_cache, v_cache, list(hidden_layers))
-            return self._logits(x, out_offset, logits_rows, mm), streams
+            return self._logits(x, out_offset, logits_rows, mm, reduced), streams
         wanted = set(hidden_layers)
         saved = {0: x} if 0 in wanted else {}
         attn = None if meta.dense else torch.empty((T, Hq, D), dtype=x.dtype, device=x.device)
@@ -485,10 +488,10 @@ class PagedLlama:
             x = mm(silu_and_mul(gu, cpu_ops), lw.w_down, x)
             if i + 1 in wanted:
                 saved[i + 1] = x
-        return self._logits(x, out_offset, logits_rows, mm), [saved[l] for l in hidden_layers]
+        return self._logits(x, out_offset, logits_rows, mm, reduced), [saved[l] for l in hidden_layers]
 
     def _logits(self, x: torch.Tensor, offset: Optional[torch.Tensor], logits_rows: Optional[torch.Tensor],
-                mm) -> torch.Tensor:
+                mm, reduced: bool = False) -> torch.Tensor:
         """Final norm and LM head (product ``mm``) of ``x + offset`` (``[T, d]``, offset None = 0) at the
         rows ``logits_rows`` (all rows when None) -> ``[R, V]``."""
         if offset is not None:
@@ -496,6 +499,6 @@ class PagedLlama:
         if logits_rows is not None:
             x = x.index_select(0, logits_rows)
         logits = mm(rms_norm(x, self.final_norm, self.eps, self.cpu_ops), self.lm_head)
-        if self.vocab_subset is not None:
+        if self.vocab_subset is not None and not reduced:
             logits = scatter_vocab(logits, self.vocab_subset, self.config.vocab_size)
         return logits

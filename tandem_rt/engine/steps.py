@@ -125,6 +125,16 @@ def decode_step(runner, seqs: Sequence) -> list:
 
 
 # ---------------------------------------------------------------------------------------- draft
+def reduced_greedy_drafts(model, seqs: Sequence, want_probs: bool, router, device) -> bool:
+    """Whether :func:`draft` takes its greedy drafts from the reduced vocabulary's logits: a model
+    with a reduced draft vocabulary on the CPU, every sequence greedy, no draft probabilities and
+    no router decision to make. The argmax over the ``N`` logits of the subset (its ids sorted: the
+    same lowest-id tie-break as over the scattered full row) mapped to its token id is the full
+    row's argmax, without scattering ``[B, V]`` logits and scanning them."""
+    return (model.vocab_subset is not None and not want_probs and torch.device(device).type == "cpu"
+            and all_greedy(seqs) and not (router is not None and any(s.auto for s in seqs)))
+
+
 def draft(runner, pool: str, seqs: Sequence, limits: Sequence[int], block_tables: torch.Tensor,
           want_probs: bool, router=None, router_lag: bool = False):
     """Up to ``limits[b]`` drafting-model decode steps per sequence on ``pool`` (``"secondary"`` or
@@ -152,6 +162,8 @@ def draft(runner, pool: str, seqs: Sequence, limits: Sequence[int], block_tables
     if pool == "secondary" and runner.feature_pool is not None:
         features = feature_rows(runner.feature_pool, pm, seqs, dev)
     G = max(limits)
+    subset = model.vocab_subset
+    reduced = reduced_greedy_drafts(model, seqs, want_probs, router, dev)
     drafts = torch.zeros(B, G, dtype=torch.int64, device=dev)
     probs = torch.zeros(B, G, runner.vocab_size, dtype=torch.float32, device=dev) if want_probs else None
     lens = [0] * B
@@ -184,8 +196,10 @@ def draft(runner, pool: str, seqs: Sequence, limits: Sequence[int], block_tables
             offset = features if full else features.index_select(0, idx)
             if k == 0 and q_rows > 1:
                 offset = offset.repeat_interleave(h2d([e - a for a, e in zip(starts, ends)], torch.int64, dev), 0)
-        logits, _ = runner.run(model, cache, ids, meta, last_rows_only=True, feature_offset=offset)
+        logits, _ = runner.run(model, cache, ids, meta, last_rows_only=True, feature_offset=offset, reduced=reduced)
         tok, pr = sample_rows(logits, sub, [s.n + k for s in sub], RNG_DRAFT, want_probs)
+        if reduced:
+            tok = subset.index_select(0, tok)
         if full:
             drafts[:, k] = tok
             if pr is not None:
