@@ -403,6 +403,27 @@ def test_linear_rows_q16_matches_the_block_scheme(qtype, dtype, rows, k, n, add_
     assert torch.equal(one, got[-1:])
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_linear_rows_q16_non_finite_rows_reach_the_output(qtype, bad, rows_variant):
+    """A NaN or inf in one row of x makes that row's outputs non-finite (the int8 kernels must not
+    quantize it away) and leaves the other rows as they are computed alone."""
+    from tandem_rt.quantized import pack_rows16
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(48, 96, generator=g) * 0.05
+    blocks, _ = gguf_blocks(w, qtype)
+    packed = pack_rows16(blocks, qtype)
+    code = {"Q8_0": 0, "Q4_1": 2}[qtype]
+    x = torch.randn(3, 96, generator=g)
+    x[1, 40] = bad
+    got = torch.ops.tandem_rt.linear_rows_q16(x, packed, code, None)
+    assert not torch.isfinite(got[1]).any()
+    for r in (0, 2):
+        assert torch.equal(got[r], torch.ops.tandem_rt.linear_rows_q16(x[r:r + 1], packed, code, None)[0])
+        assert torch.isfinite(got[r]).all()
+
+
 def test_pack_rows16_and_linear_rows_q16_validation():
     from tandem_rt.quantized import pack_rows16
 

@@ -9,7 +9,7 @@
 //           q[4t .. 4t+3] + 128 (uint8).
 // Scheme (the one of linear_rows_q's VNNI kernel, the llama.cpp scheme): each row of x is quantized
 // per block of 32 to int8, dx_j = max|x| / 127, xq = round-half-even(x / dx_j), sx_j = sum of the
-// block's x (fp32); per block, with exact integer dot products (vpdpbusd: 4 u8 x s8 products per
+// block's x (fp32, in the order of quantize_block32; a NaN in the block makes dx_j NaN); per block, with exact integer dot products (vpdpbusd: 4 u8 x s8 products per
 // lane, the x quad broadcast to all 16 lanes):
 //   Q4_1: y += d_j dx_j sum(q xq) + m_j sx_j       Q8_0: y += d_j dx_j (sum((q+128) xq) - 128 sum(xq))
 // accumulated in fp32 per output in block order, rounded once to the output dtype. Compared with
@@ -26,8 +26,10 @@
 #include "ops/quant_blocks.h"
 #include "ops/rows_args.h"
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -95,7 +97,7 @@ void q16_loops(const float* xf, int64_t K, int rows, const uint8_t* w, const E* 
 }
 
 // Rows of x quantized per block: xq [rows, nb, 32] int8, dx [rows, nb], sx [rows, nb] (Q4_1: the
-// fp32 sum of x; Q8_0: 128 * the integer sum of xq).
+// fp32 sum of x; Q8_0: 128 * the integer sum of xq, in sq).
 struct QuantRows16 {
   std::vector<int8_t> xq;
   std::vector<float> dx;
@@ -103,35 +105,71 @@ struct QuantRows16 {
   std::vector<int32_t> sq;
 };
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+// One block of 32 fp32 x -> 32 int8 xq (AVX2; every int8 kernel runs where AVX2 does):
+//   dx = max|x| / 127 (NaN when the block holds a NaN, so that it reaches the output),
+//   xq = round-half-even(x * (1 / dx)) clamped to [-127, 127] (0 when dx = 0),
+//   sx = the fp32 sum of x in a fixed order: lane sums w[l] = (x[l] + x[16+l]) + (x[8+l] + x[24+l])
+//        for l < 8, then w[0..3] + w[4..7], then the two halves, then the last pair,
+//   isum = the integer sum of xq.
+__attribute__((always_inline)) inline void quantize_block32(const float* xb, int8_t* dst, float& dx_out,
+                                                            float& sx_out, int32_t& isum_out) {
+  const __m256 y0 = _mm256_loadu_ps(xb), y1 = _mm256_loadu_ps(xb + 8);
+  const __m256 y2 = _mm256_loadu_ps(xb + 16), y3 = _mm256_loadu_ps(xb + 24);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256 am = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, y0), _mm256_andnot_ps(sign, y1)),
+                                  _mm256_max_ps(_mm256_andnot_ps(sign, y2), _mm256_andnot_ps(sign, y3)));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(am), _mm256_extractf128_ps(am, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+  const float amax = _mm_cvtss_f32(m4);
+  const __m256 w = _mm256_add_ps(_mm256_add_ps(y0, y2), _mm256_add_ps(y1, y3));
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(w), _mm256_extractf128_ps(w, 1));
+  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  s4 = _mm_add_ss(s4, _mm_shuffle_ps(s4, s4, 1));
+  const float sum = _mm_cvtss_f32(s4);
+  float dx = amax / 127.f;
+  const float inv = dx > 0.f ? 1.f / dx : 0.f;
+  if (std::isnan(sum)) dx = std::numeric_limits<float>::quiet_NaN();
+  const __m256 vi = _mm256_set1_ps(inv);
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  auto q = [&](__m256 y) {  // round-half-even (the default MXCSR rounding), clamped
+    return _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(y, vi)), lo), hi);
+  };
+  const __m256i q0 = q(y0), q1 = q(y1), q2 = q(y2), q3 = q(y3);
+  // int32 -> int8 (values in [-127, 127]): the packs interleave 128-bit lanes, the permute restores order
+  const __m256i p01 = _mm256_packs_epi32(q0, q1), p23 = _mm256_packs_epi32(q2, q3);
+  const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), b);
+  const __m256i t = _mm256_add_epi32(_mm256_add_epi32(q0, q1), _mm256_add_epi32(q2, q3));
+  __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+  t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4e));
+  t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xb1));
+  dx_out = dx;
+  sx_out = sum;
+  isum_out = _mm_cvtsi128_si32(t4);
+}
+
 template <int64_t Q>
 void quantize_rows16(const float* xf, int64_t K, int64_t rows, QuantRows16& out) {
   const int64_t nb = K / kBlock;
-  out.xq.assign(rows * nb * kBlock, 0);
-  out.dx.assign(rows * nb, 0.f);
-  out.sx.assign(rows * nb, 0.f);
-  out.sq.assign(rows * nb, 0);
+  out.xq.resize(rows * nb * kBlock);
+  out.dx.resize(rows * nb);
+  out.sx.resize(rows * nb);
+  out.sq.resize(rows * nb);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < nb; ++j) {
-      const float* xb = xf + r * K + j * kBlock;
-      float amax = 0.f, sum = 0.f;
-      for (int k = 0; k < kBlock; ++k) {
-        amax = std::max(amax, std::fabs(xb[k]));
-        sum += xb[k];
-      }
-      const float dx = amax / 127.f;
-      const float inv = dx > 0.f ? 1.f / dx : 0.f;
-      int32_t isum = 0;
-      int8_t* dst = out.xq.data() + (r * nb + j) * kBlock;
-      for (int k = 0; k < kBlock; ++k) {
-        const int q = std::min(127, std::max(-127, static_cast<int>(std::nearbyint(xb[k] * inv))));
-        dst[k] = static_cast<int8_t>(q);
-        isum += q;
-      }
-      out.dx[r * nb + j] = dx;
-      out.sx[r * nb + j] = sum;
-      out.sq[r * nb + j] = 128 * isum;
+      const int64_t at = r * nb + j;
+      int32_t isum;
+      quantize_block32(xf + r * K + j * kBlock, out.xq.data() + at * kBlock, out.dx[at], out.sx[at], isum);
+      out.sq[at] = 128 * isum;
     }
 }
+#pragma GCC pop_options
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC push_options
