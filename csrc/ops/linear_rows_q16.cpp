@@ -213,15 +213,11 @@ __attribute__((always_inline)) inline void q16_group(const QuantRows16& xr, int6
     for (int r = 0; r < R; ++r) {
       const int64_t at = (row0 + r) * nb + j;
       const int8_t* xb = xr.xq.data() + at * kBlock;
-      // two independent dot chains (inputs 0-15 and 16-31), summed at the end
-      __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
-#pragma GCC unroll 4
-      for (int t = 0; t < 4; ++t) {
-        d0 = _mm512_dpbusd_epi32(d0, wv[t], bcast4(xb + 4 * t));
-        d1 = _mm512_dpbusd_epi32(d1, wv[t + 4], bcast4(xb + 16 + 4 * t));
-      }
-      __m512i dot = _mm512_add_epi32(d0, d1);
-      if constexpr (Q == kQ8_0) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(xr.sq[at]));
+      // one dot chain over the 8 quads (register t: inputs 4t .. 4t+3); Q8_0 starts it at
+      // -128 * sum(xq), so that it ends at sum(q * xq) (exact int32 arithmetic in any order)
+      __m512i dot = Q == kQ8_0 ? _mm512_set1_epi32(-xr.sq[at]) : _mm512_setzero_si512();
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) dot = _mm512_dpbusd_epi32(dot, wv[t], bcast4(xb + 4 * t));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(xr.dx[at])), acc[r]);
       if constexpr (Q == kQ4_1) acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(xr.sx[at]), acc[r]);
     }
