@@ -72,6 +72,32 @@ def test_bench_forward_breakdown_restores_the_ops(tmp_path, capsys):
     assert "without any op" in capsys.readouterr().out
 
 
+def test_profile_block_phases_add_up_and_restore_the_engine(tmp_path, capsys):
+    """profile_block times each phase of the speculative steps of real generations: the verify
+    forward, the drafts and the refresh fit inside the whole step, every block is counted, and
+    the engine's functions are put back afterwards."""
+    from tandem_rt.engine import model_runner, steps
+
+    profile_block = import_tool("profile_block")
+    real = (steps.draft, steps.speculative_step, model_runner.run_verify)
+    out = tmp_path / "block.json"
+    rc = profile_block.main(["--random-checkpoint", str(tmp_path / "ckpt"), "--threads", "1", "--gamma", "2",
+                             "--prompt-len", "6", "--max-new-tokens", "9", "--json", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    ph = r["phases"]
+    assert r["tokens"] == 4 * 9 and r["blocks"] == ph["speculative step (whole)"]["calls"] > 0
+    def rows(label):   # "primary forward, 3 row(s)" -> 3
+        return int(label.split(", ")[1].split()[0])
+    verify = sum(v["total_ms"] for k, v in ph.items() if k.startswith("primary forward") and rows(k) <= 3)
+    inner = verify + ph["draft (whole)"]["total_ms"] + ph["verify op"]["total_ms"]   # (refresh: prefills too)
+    assert 0 < inner <= ph["speculative step (whole)"]["total_ms"]   # (the prompts' 6-row prefills run outside)
+    assert ph["refresh"]["calls"] >= r["blocks"]
+    assert ph["secondary forward, 1 row(s)"]["total_ms"] <= ph["draft (whole)"]["total_ms"]
+    assert (steps.draft, steps.speculative_step, model_runner.run_verify) == real
+    assert "tokens/block" in capsys.readouterr().out
+
+
 def test_bench_draft_cost_table(tmp_path):
     bench_draft_cost = import_tool("bench_draft_cost")
     out = tmp_path / "cost.json"

@@ -4,7 +4,7 @@
 # draft-step cost of candidate architectures, the draft vocabulary's coverage, and the end-to-end
 # speed against transformers and llama.cpp. Records go to docs/benchmarks/<date>-cpu-*.json.
 # TABLE1_VARIANTS: checkpoints under runs/smollm2 evaluated beside the default model (default:
-# ckpt_big_embed ckpt_kd_plr ckpt, where present).
+# ckpt_big_kd ckpt_big_embed ckpt_kd_plr ckpt, where present).
 #   bash tools/bench_default_model.sh [table1|accepted|cost|coverage|e2e ...]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ RUNS=${RUNS:-runs/smollm2}
 OUT=${OUT:-docs/benchmarks/$(date +%Y-%m-%d)-cpu}
 BUNDLED=$($PY -c "from tandem_rt.paths import default_model_path; print(default_model_path())")
 CKPTS=(--model "$BUNDLED")   # the default model, then the variants trained here (docs/RESULTS.md)
-for c in ${TABLE1_VARIANTS:-ckpt_big_embed ckpt_kd_plr ckpt}; do
+for c in ${TABLE1_VARIANTS:-ckpt_big_kd ckpt_big_embed ckpt_kd_plr ckpt}; do
   [ -f "$RUNS/$c/model.safetensors" ] && CKPTS+=(--model "$RUNS/$c")
 done
 table1()   { $PY tools/eval_drafts.py "${CKPTS[@]}" --split test --tokens 32768 --threads 2 --json "$OUT-smollm2-table1.json"; }
