@@ -212,7 +212,7 @@ def test_bad_draft_quantization_is_refused():
         PagedLlama(model.drafter, quantized_head=torch.zeros(32, 32))
 
 
-def test_generate_cli_quantizes_the_drafts(tmp_path, capsys):
+def test_generate_cli_quantizes_the_drafts(tmp_path, capsys, monkeypatch):
     import json
 
     from tandem_rt.checkpoint import save_checkpoint
@@ -226,11 +226,16 @@ def test_generate_cli_quantizes_the_drafts(tmp_path, capsys):
     dense = Engine(copy.deepcopy(model), num_pages=64).generate([[4, 5, 6]], sp, mode="tandem-speed", gamma=3)[0]
     args = ["generate", "--model", str(tmp_path / "ckpt"), "--prompt-ids", "4,5,6", "--mode", "tandem-speed",
             "--gamma", "3", "--max-new-tokens", "8", "--ignore-eos", "--dtype", "float32", "--json", "--stats"]
+    import tandem_rt.quantized as quantized
+
+    seen = []
+    real = quantized.quantize_drafting_model
+    monkeypatch.setattr(quantized, "quantize_drafting_model", lambda m, q: seen.append(q) or real(m, q))
     assert main(args + ["--draft-quantization", "Q4_1"]) == 0
     out = json.loads(capsys.readouterr().out)[0]
     assert out["token_ids"] == want.token_ids == dense.token_ids            # lossless
-    # the flag reached the engine: the quantized drafts' acceptance, which differs from the dense drafts'
-    assert want.stats["accepted_tokens"] != dense.stats["accepted_tokens"]
+    # the flag reached the engine: both drafting models quantized to Q4_1, the run as the Q4_1 engine's
+    assert seen == ["Q4_1", "Q4_1"]
     assert out["stats"]["accepted_tokens"] == want.stats["accepted_tokens"]
 
 
