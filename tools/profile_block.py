@@ -20,44 +20,16 @@ import argparse
 import json
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import add_model_args, cpu_model, engine_from_args  # noqa: E402
+from profile_step import HostTimer  # noqa: E402
 
 
-class PhaseTimer:
-    """Accumulates (calls, seconds) per label of wrapped callables; :meth:`undo` restores them."""
-
-    def __init__(self):
-        self.acc = defaultdict(lambda: [0, 0.0])
-        self._restore = []
-
-    def wrap(self, owner, name: str, label) -> None:
-        """Time ``owner.name``; ``label``: a string, or a function of the call's arguments."""
-        fn = getattr(owner, name)
-
-        def timed(*a, **k):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                entry = self.acc[label(*a, **k) if callable(label) else label]
-                entry[0] += 1
-                entry[1] += time.perf_counter() - t
-        setattr(owner, name, timed)
-        self._restore.append((owner, name, fn))
-
-    def undo(self) -> None:
-        for owner, name, fn in reversed(self._restore):
-            setattr(owner, name, fn)
-        self._restore.clear()
-
-
-def instrument(engine, timer: PhaseTimer) -> None:
+def instrument(engine, timer: HostTimer) -> None:
     """Wrap the phases of a speculative step: each model's ``forward`` (labelled with its pool and
     row count), ``steps.draft``, ``steps.speculative_step``, the runner's Tandem refresh and
     ``run_verify``."""
@@ -97,7 +69,7 @@ def main(argv=None) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     engine.generate(prompts[:1], SamplingParams(max_new_tokens=8, ignore_eos=True), mode=args.mode,
                     gamma=args.gamma)                                     # warm-up
-    timer = PhaseTimer()
+    timer = HostTimer()
     instrument(engine, timer)
     tokens, accepted = 0, []
     t0 = time.perf_counter()
@@ -109,8 +81,8 @@ def main(argv=None) -> int:
     finally:
         timer.undo()
     wall = time.perf_counter() - t0
-    blocks = timer.acc["speculative step (whole)"][0]
-    rows = sorted(timer.acc.items(), key=lambda kv: -kv[1][1])
+    blocks = timer.calls["speculative step (whole)"]
+    rows = sorted(((k, (timer.calls[k], s)) for k, s in timer.total.items()), key=lambda kv: -kv[1][1])
     print(f"{path}: {args.device} ({cpu_model() if args.device == 'cpu' else args.device}), {args.dtype}, "
           f"{torch.get_num_threads()} thread(s), quantized primary: {args.quantized}, drafts: "
           f"{args.draft_quantization}; {args.mode} γ={args.gamma}, {len(prompts)} prompts x {args.max_new_tokens} "

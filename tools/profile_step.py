@@ -24,10 +24,13 @@ from bench_e2e import add_model_args, engine_from_args  # noqa: E402
 
 
 class HostTimer:
-    """Wraps host-side functions and accumulates their wall time."""
+    """Wraps functions and accumulates their wall time (``total``, seconds) and call count
+    (``calls``) per label; :meth:`undo` restores them. ``label``: a string, or a function of the
+    call's arguments that returns one."""
 
     def __init__(self):
         self.total = defaultdict(float)
+        self.calls = defaultdict(int)
         self.restore = []
 
     def wrap(self, owner, name, label):
@@ -38,13 +41,16 @@ class HostTimer:
             try:
                 return fn(*a, **k)
             finally:
-                self.total[label] += time.perf_counter() - t
+                key = label(*a, **k) if callable(label) else label
+                self.total[key] += time.perf_counter() - t
+                self.calls[key] += 1
         setattr(owner, name, timed)
         self.restore.append((owner, name, fn))
 
     def undo(self):
         for owner, name, fn in reversed(self.restore):
             setattr(owner, name, fn)
+        self.restore.clear()
 
 
 class StepProbe:
