@@ -97,3 +97,21 @@ def test_string_prompts_text_and_stream_deltas():
     events = list(e.stream("w5 w6 w7", params, mode="tandem-speed", gamma=3))
     assert "".join(ev.text for ev in events) == r.text
     assert sum((ev.token_ids for ev in events), []) == r.token_ids
+
+
+def test_default_gamma_drafts_at_most_default_gamma_per_block(engine):
+    """A request that names no γ drafts blocks of DEFAULT_GAMMA (3) tokens: the agreeing model's
+    drafts are all accepted, so every full block brings DEFAULT_GAMMA accepted drafts; the CLI and
+    the server default to the same value."""
+    import inspect
+
+    from tandem_rt.cli import build_parser
+    from tandem_rt.engine.params import DEFAULT_GAMMA
+
+    assert DEFAULT_GAMMA == 3
+    r = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=13, ignore_eos=True), mode="tandem-speed")[0]
+    per_block = r.stats["accepted_per_block"]
+    assert len(per_block) == DEFAULT_GAMMA + 1 and per_block[DEFAULT_GAMMA] >= 2   # full blocks of 3 drafts
+    for fn in (Engine.generate, Engine.submit, Engine.stream):
+        assert inspect.signature(fn).parameters["gamma"].default == DEFAULT_GAMMA
+    assert build_parser().parse_args(["generate", "--prompt", "x"]).gamma in (DEFAULT_GAMMA, str(DEFAULT_GAMMA))

@@ -24,6 +24,7 @@ from typing import Optional
 
 from tandem_rt.engine import AsyncEngine, Engine, EngineOverloaded, SamplingParams
 from tandem_rt.engine.modes import MODES
+from tandem_rt.engine.params import DEFAULT_GAMMA
 
 DEFAULT_MAX_TOKENS = 16          # OpenAI's default for /v1/completions
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias", "response_format")
@@ -93,7 +94,7 @@ def parse_sampling(body: dict, default_max_tokens: int) -> tuple:
     mode = body.get("mode", "tandem-speed")
     if mode not in MODES:
         raise RequestError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", "mode")
-    gamma = body.get("gamma", 5)
+    gamma = body.get("gamma", DEFAULT_GAMMA)
     if gamma != "auto" and (isinstance(gamma, bool) or not isinstance(gamma, int)):
         raise RequestError(f"gamma must be an integer or 'auto', got {gamma!r}", "gamma")
     try:

@@ -87,6 +87,7 @@ def run(args) -> int:
 def register(sub) -> None:
     from tandem_rt.cli import add_draft_quantization
     from tandem_rt.engine import MODES
+    from tandem_rt.engine.params import DEFAULT_GAMMA
 
     p = sub.add_parser("generate", help="generate text with a Tandem checkpoint")
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
@@ -94,7 +95,8 @@ def register(sub) -> None:
     p.add_argument("--prompts-file", help="file with one prompt per line")
     p.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
     p.add_argument("--mode", default="tandem-speed", choices=MODES)
-    p.add_argument("--gamma", default="5", help="drafted tokens per block, or 'auto' (router)")
+    p.add_argument("--gamma", default=str(DEFAULT_GAMMA),
+                   help=f"drafted tokens per block, or 'auto' (router); default {DEFAULT_GAMMA}")
     p.add_argument("--no-free-token", action="store_true", help="tandem mode: no primary token after a block")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)

@@ -5,7 +5,7 @@ import asyncio
 from typing import AsyncIterator, Optional, Union
 
 from tandem_rt.engine.engine import Engine
-from tandem_rt.engine.params import SamplingParams
+from tandem_rt.engine.params import DEFAULT_GAMMA, SamplingParams
 from tandem_rt.engine.results import Result, StreamEvent
 
 
@@ -27,7 +27,7 @@ class AsyncEngine:
         return cls(Engine.from_pretrained(path, **kwargs))
 
     async def generate(self, prompt, params: Optional[SamplingParams] = None, mode: str = "tandem-speed",
-                       gamma: Union[int, str] = 5, free_token: bool = True,
+                       gamma: Union[int, str] = DEFAULT_GAMMA, free_token: bool = True,
                        request_id: Optional[str] = None) -> AsyncIterator[StreamEvent]:
         """Submit one request (as :meth:`Engine.submit`) and yield its :class:`StreamEvent` s as the
         engine commits tokens, ending after every sample's final event. Cancelling the awaiting
@@ -70,7 +70,7 @@ class AsyncEngine:
                 handle.cancel()
 
     async def generate_results(self, prompt, params: Optional[SamplingParams] = None, mode: str = "tandem-speed",
-                               gamma: Union[int, str] = 5, free_token: bool = True,
+                               gamma: Union[int, str] = DEFAULT_GAMMA, free_token: bool = True,
                                request_id: Optional[str] = None) -> list:
         """Await every sample's :class:`Result` of one request (``params.n`` of them)."""
         out: list = []

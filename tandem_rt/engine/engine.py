@@ -41,7 +41,7 @@ from tandem_rt.engine import steps
 from tandem_rt.engine.draft_policy import POLICIES, StepCostModel
 from tandem_rt.engine.model_runner import ModelRunner
 from tandem_rt.engine.modes import MODE_TABLE, MODES
-from tandem_rt.engine.params import SamplingParams
+from tandem_rt.engine.params import DEFAULT_GAMMA, SamplingParams
 from tandem_rt.engine.requests import EngineOverloaded, RequestHandle
 from tandem_rt.engine.results import StreamEvent
 from tandem_rt.engine.scheduler import Request, Scheduler, admission_pages
@@ -472,7 +472,7 @@ class Engine:
 
     # ------------------------------------------------------------------ public API
     def submit(self, prompt, params: Optional[SamplingParams] = None, mode: str = "tandem-speed",
-               gamma: Union[int, str] = 5, free_token: bool = True, request_id: Optional[str] = None) -> RequestHandle:
+               gamma: Union[int, str] = DEFAULT_GAMMA, free_token: bool = True, request_id: Optional[str] = None) -> RequestHandle:
         """Queue one request (callable from any thread) -> its :class:`RequestHandle`.
 
         Args:
@@ -489,7 +489,7 @@ class Engine:
         return self._submit(ids[0], params, mode, gamma, free_token, request_id, wants_text=True, bounded=True)
 
     def generate(self, prompts, params: Optional[SamplingParams] = None, mode: str = "tandem-speed",
-                 gamma: Union[int, str] = 5, free_token: bool = True) -> list:
+                 gamma: Union[int, str] = DEFAULT_GAMMA, free_token: bool = True) -> list:
         """Generate continuations (every prompt a request of the continuous batch; blocks until all end).
 
         Args:
@@ -527,7 +527,7 @@ class Engine:
             raise
 
     def stream(self, prompt, params: Optional[SamplingParams] = None, mode: str = "tandem-speed",
-               gamma: Union[int, str] = 5, free_token: bool = True) -> Iterator[StreamEvent]:
+               gamma: Union[int, str] = DEFAULT_GAMMA, free_token: bool = True) -> Iterator[StreamEvent]:
         """Like :meth:`generate` for one prompt (``params.n`` samples), yielding a
         :class:`StreamEvent` per sequence and iteration as tokens are committed. The request is
         queued at once and served in the background; closing the iterator early cancels it and
