@@ -76,6 +76,24 @@ def test_quantized_primary_logits_and_lossless_modes(gguf_tandem):
         assert spec == got, (mode, gamma)
 
 
+def test_quantized_steps_of_more_than_64_rows_stay_lossless(gguf_tandem):
+    """A step of more than QUANT_ROWS_MAX rows (12 sequences x 7-row verify blocks, prompts riding
+    in the first steps) computes every row with the few-row kernel as a decode row is, so the
+    speculative modes still reproduce the quantized primary's greedy tokens."""
+    from tandem_rt.quantized import QUANT_ROWS_MAX
+
+    path, model = gguf_tandem
+    quant = Engine(model, num_pages=256, page_size=4, max_batch_size=12, quantized_primary=read_gguf_matrices(path))
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, 96, (10,), generator=g).tolist() for _ in range(12)]
+    sp = SamplingParams(max_new_tokens=14, ignore_eos=True)
+    want = [r.token_ids for r in sorted(quant.generate(prompts, sp, mode="primary"), key=lambda r: r.prompt_index)]
+    assert 12 * 7 > QUANT_ROWS_MAX
+    for mode in ("speed", "tandem-speed"):
+        got = [r.token_ids for r in sorted(quant.generate(prompts, sp, mode=mode, gamma=6), key=lambda r: r.prompt_index)]
+        assert got == want, mode
+
+
 def test_quantized_primary_is_validated(gguf_tandem):
     path, model = gguf_tandem
     mats = read_gguf_matrices(path)

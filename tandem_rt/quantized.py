@@ -186,12 +186,16 @@ def rows_kernel(w: QuantMatrix) -> tuple:
     return (ROWS_Q16, w.packed) if w.packed is not None else (ROWS_Q, w.block_rows())
 
 
-def quant_mm(x: torch.Tensor, w: QuantMatrix, add: Optional[torch.Tensor] = None) -> torch.Tensor:
+def quant_mm(x: torch.Tensor, w: QuantMatrix, add: Optional[torch.Tensor] = None,
+             any_rows: bool = False) -> torch.Tensor:
     """``add + x @ dequant(w)^T``: x ``[M, K]`` bf16 / fp32 on the CPU or a CUDA device (``w`` on
-    the same) -> ``[M, N]``. Up to ``QUANT_ROWS_MAX`` rows by the kernel of :func:`rows_kernel` on
-    the CPU (each row's result independent of the others) or the ``linear_rows_q`` op's CUDA kernel;
-    more (prompts) by torch's GEMM on a dequantised temporary."""
-    if x.shape[0] <= QUANT_ROWS_MAX:
+    the same) -> ``[M, N]``. Up to ``QUANT_ROWS_MAX`` rows, or any number with ``any_rows``, by the
+    kernel of :func:`rows_kernel` on the CPU (each row's result independent of the others: the
+    int8-activation scheme) or the ``linear_rows_q`` op's CUDA kernel; more rows otherwise (prompts)
+    by torch's GEMM on a dequantised temporary, whose results differ from the kernel's. Decode,
+    draft and verify steps pass ``any_rows`` (``PagedLlama.step_mm``), so that a verify row equals
+    its decode row whatever else rides in the step."""
+    if any_rows or x.shape[0] <= QUANT_ROWS_MAX:
         if x.device.type == "cuda":
             return torch.ops.tandem_rt.linear_rows_q(x, w.block_rows(), QUANT_TYPES[w.qtype][0], add)
         kernel, operand = rows_kernel(w)

@@ -47,10 +47,16 @@ def main(argv=None) -> int:
                     "primary), > 0 = speculative sampling (lossless by construction; seeded)")
     ap.add_argument("--draft-quantization", default="none", choices=["none", "Q8_0", "Q4_1"],
                     help="the drafting models read their matrices as blocks of this type (quantized at load)")
+    ap.add_argument("--quantized", action="store_true",
+                    help="the primary reads the GGUF blocks its checkpoint references (Engine quantized=True)")
+    ap.add_argument("--max-batch-size", type=int, default=None,
+                    help="sequences per engine step (default: every prompt at once); with --quantized keep "
+                         "batch x (gamma + 1) <= 64 rows, the quantized products' few-row kernel")
     ap.add_argument("--json", help="write the table as JSON here")
     args = ap.parse_args(argv)
     engine = tandem_rt.Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                              max_batch_size=args.prompts,
+                                              max_batch_size=args.max_batch_size or args.prompts,
+                                              quantized=args.quantized,
                                               draft_quantization=None if args.draft_quantization == "none"
                                               else args.draft_quantization)
     prompts = split_prompts(args.split, args.prompts, args.prompt_tokens, engine.tokenizer)
@@ -84,6 +90,8 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps({"split": args.split, "prompts": len(prompts),
                                                "dtype": str(engine.dtype).replace("torch.", ""),
                                                "draft_quantization": engine.runner.draft_quantization,
+                                               "quantized_primary": args.quantized,
+                                               "max_batch_size": engine.max_batch_size,
                                                "prompt_tokens": args.prompt_tokens,
                                                "max_new_tokens": args.max_new_tokens, "rows": rows}, indent=1))
     return 0

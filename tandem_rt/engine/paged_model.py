@@ -251,10 +251,11 @@ def linear_rows_any(x: torch.Tensor, w: torch.Tensor, add: Optional[torch.Tensor
     return _cpu.linear_rows(x, w, add)
 
 
-def with_quantized(base):
-    """``base(x, w, add)`` for dense weights, :func:`tandem_rt.quantized.quant_mm` for a QuantMatrix."""
+def with_quantized(base, any_rows: bool = False):
+    """``base(x, w, add)`` for dense weights, :func:`tandem_rt.quantized.quant_mm` for a QuantMatrix
+    (``any_rows``: its few-row kernel for any row count, as a step's products need)."""
     def mm_any(x, w, add=None):
-        return quant_mm(x, w, add) if isinstance(w, QuantMatrix) else base(x, w, add)
+        return quant_mm(x, w, add, any_rows) if isinstance(w, QuantMatrix) else base(x, w, add)
     return mm_any
 
 
@@ -328,7 +329,7 @@ class PagedLlama:
             if not (self.rows_layout or (device.type == "cuda" and model.output_weight.dtype in ROWS_LAYOUT_DTYPES)):
                 raise ValueError("quantized weights need bfloat16 or float32 on the CPU engine (cpu_layout) or on CUDA, "
                                  f"got {device} {model.output_weight.dtype}")
-            self.mm, self.step_mm = with_quantized(self.mm), with_quantized(self.step_mm)
+            self.mm, self.step_mm = with_quantized(self.mm), with_quantized(self.step_mm, any_rows=True)
             quantized = {name: qm.to(device) for name, qm in quantized.items()}
         names = {id(p): n for n, p in model.named_parameters()}
 
