@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tandem_rt  # noqa: E402
+from tandem_rt.cli import draft_quantization as cli_draft_quantization  # noqa: E402
 from tandem_rt.paths import default_data_dir  # noqa: E402
 from tandem_rt.stats import paired_ratio_gain  # noqa: E402
 
@@ -50,15 +51,13 @@ def main(argv=None) -> int:
     ap.add_argument("--quantized", action="store_true",
                     help="the primary reads the GGUF blocks its checkpoint references (Engine quantized=True)")
     ap.add_argument("--max-batch-size", type=int, default=None,
-                    help="sequences per engine step (default: every prompt at once); with --quantized keep "
-                         "batch x (gamma + 1) <= 64 rows, the quantized products' few-row kernel")
+                    help="sequences per engine step (default: every prompt at once)")
     ap.add_argument("--json", help="write the table as JSON here")
     args = ap.parse_args(argv)
     engine = tandem_rt.Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                               max_batch_size=args.max_batch_size or args.prompts,
                                               quantized=args.quantized,
-                                              draft_quantization=None if args.draft_quantization == "none"
-                                              else args.draft_quantization)
+                                              draft_quantization=cli_draft_quantization(args))
     prompts = split_prompts(args.split, args.prompts, args.prompt_tokens, engine.tokenizer)
     rows = []
     print(f"{'temp':>5} {'gamma':>5} {'speed':>8} {'tandem-speed':>13} {'gain':>7} {'95% interval':>17}"

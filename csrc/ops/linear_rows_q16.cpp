@@ -153,7 +153,6 @@ __attribute__((always_inline)) inline void quantize_block32(const float* xb, int
   isum_out = _mm_cvtsi128_si32(t4);
 }
 
-template <int64_t Q>
 void quantize_rows16(const float* xf, int64_t K, int64_t rows, QuantRows16& out) {
   const int64_t nb = K / kBlock;
   out.xq.resize(rows * nb * kBlock);
@@ -364,7 +363,7 @@ void q16_typed(const E* xp, int64_t xs, int64_t M, int64_t K, const uint8_t* w, 
   const bool vnni = cpu_isa::int8_dot_products();
   if (vnni || cpu_isa::best() != cpu_isa::Isa::kBase) {
     QuantRows16 xr;  // every row quantized once
-    quantize_rows16<Q>(xf.data(), K, M, xr);
+    quantize_rows16(xf.data(), K, M, xr);
     for_row_passes(M, G, grain, vnni ? kMaxRows : kMaxRowsAvx2, [&](int64_t m0, int rows, int64_t g0, int64_t g1) {
       const E* a = ap != nullptr ? ap + m0 * ars : nullptr;
       if (vnni)

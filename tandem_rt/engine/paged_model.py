@@ -259,12 +259,6 @@ def with_quantized(base, any_rows: bool = False):
     return mm_any
 
 
-def _shape_of(q) -> str:
-    if isinstance(q, QuantMatrix):
-        return f"a QuantMatrix [{q.out_features}, {q.in_features}]"
-    return type(q).__name__
-
-
 class PagedLlama:
     """Paged forward of one :class:`LlamaForCausalLM` over its K/V pool.
 
@@ -325,7 +319,8 @@ class PagedLlama:
         dense = (lambda params: fuse_rows(params)) if self.rows_layout else (lambda params: input_major(params, cpu))
         quantized = dict(quantized or {})
         device = model.output_weight.device
-        if quantized or quantized_head is not None:
+        any_quantized = bool(quantized) or quantized_head is not None
+        if any_quantized:
             if not (self.rows_layout or (device.type == "cuda" and model.output_weight.dtype in ROWS_LAYOUT_DTYPES)):
                 raise ValueError("quantized weights need bfloat16 or float32 on the CPU engine (cpu_layout) or on CUDA, "
                                  f"got {device} {model.output_weight.dtype}")
@@ -333,7 +328,7 @@ class PagedLlama:
             quantized = {name: qm.to(device) for name, qm in quantized.items()}
         names = {id(p): n for n, p in model.named_parameters()}
 
-        pack = (bool(quantized) or quantized_head is not None) and self.rows_layout and packs16()
+        pack = any_quantized and self.rows_layout and packs16()
 
         def mat(params):   # a fused group: quantized when every member is (one qtype), else dense
             qs = [quantized.get(names.get(id(p))) for p in params]
@@ -362,8 +357,10 @@ class PagedLlama:
             rows = model.config.vocab_size if self.vocab_subset is None else self.vocab_subset.numel()
             if not isinstance(quantized_head, QuantMatrix) or (quantized_head.out_features, quantized_head.in_features) \
                     != (rows, cfg.hidden_size):
+                got = (f"a QuantMatrix [{quantized_head.out_features}, {quantized_head.in_features}]"
+                       if isinstance(quantized_head, QuantMatrix) else type(quantized_head).__name__)
                 raise ValueError(f"quantized_head must be a QuantMatrix [{rows}, {cfg.hidden_size}] (the LM head's "
-                                 f"rows), got {_shape_of(quantized_head)}")
+                                 f"rows), got {got}")
             head = quantized_head.to(device)
             self.lm_head = with_packed(head, keep_blocks=False) if pack else head
         elif self.vocab_subset is None:
