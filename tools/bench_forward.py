@@ -100,7 +100,8 @@ class _NullOps:
 
 def time_breakdown(engine, model, cache, context: int, calls: int) -> dict:
     """Median ms of a 1-row forward as it runs (``full``: with the model's ``DecoderPlan`` when it has
-    one), as the Python loop over the ops (``python_loop``), and as that loop with the weight
+    one; with several threads it runs the step as one team, and ``plan_op_by_op`` times the same plan
+    forking the threads per op), as the Python loop over the ops (``python_loop``), and as that loop with the weight
     products replaced by stand-ins that only allocate their outputs (``without_products``) and with
     every op replaced (``without_all``: the host's Python and allocation work): the share of a
     decode step outside the weight stream."""
@@ -114,8 +115,11 @@ def time_breakdown(engine, model, cache, context: int, calls: int) -> dict:
 
     plan = model.decoder_plan
     out = {"full": time_forward(engine, model, cache, context, 1, calls)}
-    model.decoder_plan = None   # the Python loop over the ops, which the stand-ins replace
     try:
+        if plan is not None and plan.team and torch.get_num_threads() > 1:
+            model.decoder_plan = model._build_decoder_plan(team=False)   # threads forked per op
+            out["plan_op_by_op"] = time_forward(engine, model, cache, context, 1, calls)
+        model.decoder_plan = None   # the Python loop over the ops, which the stand-ins replace
         out["python_loop"] = time_forward(engine, model, cache, context, 1, calls)
         for skip in ("products", "all"):
             pmod._cpu, pmod.quant_mm = _NullOps(real_cpu, skip), null_qmm
@@ -165,6 +169,8 @@ def main(argv=None) -> int:
               f"the loop without the weight products {nop:.3f} ms (attention, norms, RoPE, host), without any op "
               f"{host:.3f} ms (host Python and allocations); products {loop - nop:.3f} ms = "
               f"{sizes['primary'] / (loop - nop) / 1e6:.1f} GB/s of weights")
+        if "plan_op_by_op" in breakdown:
+            print(f"decoder plan with the threads forked per op instead of one team: {breakdown['plan_op_by_op']:.3f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(breakdown_ms=breakdown,
             model=str(path), device=args.device, device_name=cpu_model() if args.device == "cpu" else args.device,

@@ -21,6 +21,16 @@ at::Tensor silu_and_mul(const at::Tensor& x);
 void rope_cache_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
                       const at::Tensor& slot_mapping, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       double rope_theta, const std::optional<at::Tensor>& q);
+// _out forms: the same op into a caller's contiguous output y of the op's result shape and x's
+// dtype (checked); the decoder plan's team (ops/team.h) writes every op's result into buffers it
+// allocates once per step.
+void linear_rows_out(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& add);
+void linear_rows_q_out(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, int64_t qtype,
+                       const std::optional<at::Tensor>& add);
+void linear_rows_q16_out(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, int64_t qtype,
+                         const std::optional<at::Tensor>& add);
+void rms_norm_out(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight, double eps);
+void silu_and_mul_out(at::Tensor& y, const at::Tensor& x);
 void paged_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
                      double scale, int64_t max_q_len, int64_t max_seq_len, bool row_invariant);

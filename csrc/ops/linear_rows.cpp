@@ -238,25 +238,28 @@ void linear_rows_fp32_rows(const E* xp, int64_t xs, int64_t M, int64_t K, const 
   });
 }
 
-at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& add) {
+void check_linear_rows(const at::Tensor& x, const at::Tensor& w) {
   check_rows_x(x);
   check_device(w, "w", x.device());
   check_dtype(w, "w", x.scalar_type());
   check_rank(w, "w", 2);
   check_contiguous(w, "w");
   check_size(w, "w", 1, x.size(1));
+}
+
+// y = add + x @ w^T into y [M, N] (checked by the callers).
+void linear_rows_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& add) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const int64_t ars = check_rows_add(add, x, M, N);
   cpu_isa::check_variant();
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
+  if (M == 0 || N == 0) return;
   const int64_t grain = std::max<int64_t>(8, 32768 / std::max<int64_t>(K, 1));  // >= 64 KB of weights a task
   const int64_t xs = M > 1 ? x.stride(0) : K;
   if (x.scalar_type() == at::kFloat) {
     linear_rows_fp32_rows<float>(x.data_ptr<float>(), xs, M, K, w.data_ptr<float>(),
                                  add.has_value() ? add->data_ptr<float>() : nullptr, ars, y.data_ptr<float>(), N,
                                  grain);
-    return y;
+    return;
   }
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const auto* ap = add.has_value() ? reinterpret_cast<const uint16_t*>(add->data_ptr<at::BFloat16>()) : nullptr;
@@ -264,13 +267,19 @@ at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& w, const std::
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
 #if defined(__x86_64__) && defined(__GNUC__)
   if (cpu_isa::bf16_dot_products()) {  // the bf16 rows as they are
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    team::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
       linear_rows_bf16dp(xp, xs, K, M, wp, ap, ars, yp, N, n0, n1);
     });
-    return y;
+    return;
   }
 #endif
   linear_rows_fp32_rows<uint16_t>(xp, xs, M, K, wp, ap, ars, yp, N, grain);
+}
+
+at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& add) {
+  check_linear_rows(x, w);
+  at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+  linear_rows_into(y, x, w, add);
   return y;
 }
 
@@ -279,6 +288,11 @@ at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& w, const std::
 namespace direct {
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& add) {
   return linear_rows_cpu(x, w, add);
+}
+void linear_rows_out(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& add) {
+  check_linear_rows(x, w);
+  check_rows_out(y, x, x.size(0), w.size(0));
+  linear_rows_into(y, x, w, add);
 }
 }  // namespace direct
 

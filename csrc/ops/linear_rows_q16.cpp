@@ -387,20 +387,30 @@ void dispatch16(int64_t qtype, const E* xp, int64_t xs, int64_t M, int64_t K, co
   return q16_typed<kQ4_1, E>(xp, xs, M, K, w, ap, ars, yp, N);
 }
 
-at::Tensor linear_rows_q16_cpu(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
-                               const std::optional<at::Tensor>& add) {
+void check_linear_rows_q16(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
   TORCH_CHECK_VALUE(qtype == kQ8_0 || qtype == kQ4_1, "qtype must be 0 (Q8_0) or 2 (Q4_1), got ", qtype);
   check_rows_quant(x, w, group_bytes(qtype));
+}
+
+// y = add + x @ dequant(w)^T into y [M, N] (checked by the callers).
+void linear_rows_q16_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, int64_t qtype,
+                          const std::optional<at::Tensor>& add) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * kGroup;
   const int64_t ars = check_rows_add(add, x, M, N);
   cpu_isa::check_variant();
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
+  if (M == 0 || N == 0) return;
   const int64_t xs = M > 1 ? x.stride(0) : K;
   with_rows_dtype(x, add, y, [&](const auto* xp, const auto* ap, auto* yp) {
     using E = std::remove_cv_t<std::remove_pointer_t<decltype(xp)>>;
     dispatch16<E>(qtype, xp, xs, M, K, w.data_ptr<uint8_t>(), ap, ars, yp, N);
   });
+}
+
+at::Tensor linear_rows_q16_cpu(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
+                               const std::optional<at::Tensor>& add) {
+  check_linear_rows_q16(x, w, qtype);
+  at::Tensor y = at::empty({x.size(0), w.size(0) * kGroup}, x.options());
+  linear_rows_q16_into(y, x, w, qtype, add);
   return y;
 }
 
@@ -410,6 +420,12 @@ namespace direct {
 at::Tensor linear_rows_q16(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
                            const std::optional<at::Tensor>& add) {
   return linear_rows_q16_cpu(x, w, qtype, add);
+}
+void linear_rows_q16_out(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, int64_t qtype,
+                         const std::optional<at::Tensor>& add) {
+  check_linear_rows_q16(x, w, qtype);
+  check_rows_out(y, x, x.size(0), w.size(0) * kGroup);
+  linear_rows_q16_into(y, x, w, qtype, add);
 }
 }  // namespace direct
 

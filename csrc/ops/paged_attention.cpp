@@ -11,14 +11,15 @@
 // softmax (inner kernels: ops/attention_chunk_cpu.h). With AVX-512, items with many rows (verify
 // blocks x GQA group) use the rows-in-lanes kernel (16 query rows per vector); without it, verify
 // blocks over long contexts use torch's GEMM on gathered K/V (attend_gemm). Items run in parallel
-// with at::parallel_for (needs -fopenmp, see CMakeLists.txt).
+// with team::parallel_for (at::parallel_for outside a decoder plan's team; needs -fopenmp, see
+// CMakeLists.txt).
 #include "ops/direct.h"
 #include "common/check.h"
 #include "ops/paged_attention.h"
 #include "ops/rope_cache.h"
 #include "ops/attention_chunk_cpu.h"
 
-#include <ATen/Parallel.h>
+#include "ops/team.h"
 
 #include <algorithm>
 #include <bit>
@@ -154,7 +155,7 @@ void attend_gemm(const float* qf, int M, int64_t d, int64_t seq, const int* limi
 // KV heads per work item: all of a sequence's heads when there are enough sequences to occupy the
 // threads, else fewer, so that B x groups >= 2 x threads where the head count allows.
 int64_t heads_per_item(int64_t nseq, int64_t hkv) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t threads = std::max<int64_t>(1, team::num_threads());
   const int64_t groups = std::clamp<int64_t>((2 * threads + nseq - 1) / nseq, 1, hkv);
   return (hkv + groups - 1) / groups;
 }
@@ -190,7 +191,7 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
   // Work item = (sequence, group of KV heads). Chunks of keys are the outer loop and the heads the
   // inner one, so a chunk's K/V slots (hkv x d contiguous elements each) are read in address order,
   // which the hardware prefetchers follow; per-head loops would stride hkv x d between keys.
-  at::parallel_for(0, nseq * groups, 1, [&](int64_t begin, int64_t end) {
+  team::parallel_for(0, nseq * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf, qt, s, mrow, lrow, acc, kbuf, vbuf;
     std::vector<uint16_t> qh;   // [nh, M, d] bf16 query rows (bf16dp only)
     std::vector<const float*> kptr(kChunk), vptr(kChunk);

@@ -8,6 +8,7 @@
 #include "ops/direct.h"
 #include "common/check.h"
 #include "ops/layer_math_cpu.h"
+#include "ops/team.h"
 
 #include <cmath>
 
@@ -19,12 +20,12 @@ namespace {
 template <typename E>
 void rms_norm_impl(const E* x, int64_t x_stride, const E* w, E* y, int64_t rows, int64_t d, float eps) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  team::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     layer_math::rms_norm_rows(x, x_stride, w, y, begin, end, d, eps);
   });
 }
 
-at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
+void check_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rank(x, "x", 2);
   TORCH_CHECK_VALUE(is_float_kv_dtype(x.scalar_type()), "x must be float32, float16 or bfloat16, got ",
                     x.scalar_type());
@@ -35,8 +36,11 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
   check_contiguous(weight, "weight");
   check_size(weight, "weight", 0, x.size(1));
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps must be finite and >= 0, got ", eps);
-  at::Tensor y = at::empty(x.sizes(), x.options());
-  if (x.numel() == 0) return y;
+}
+
+// y [rows, d] (contiguous, checked by the callers) = the RMSNorm of x.
+void rms_norm_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  if (x.numel() == 0) return;
   const float feps = static_cast<float>(eps);
   cpu_isa::check_variant();
   layer_math::dispatch_elem(x.scalar_type(), [&](auto tag) {
@@ -44,6 +48,12 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
     rms_norm_impl(layer_math::elems<const E>(x), x.stride(0), layer_math::elems<const E>(weight),
                   layer_math::elems<E>(y), x.size(0), x.size(1), feps);
   });
+}
+
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rms_norm(x, weight, eps);
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  rms_norm_into(y, x, weight, eps);
   return y;
 }
 
@@ -52,6 +62,16 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
 namespace direct {
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return rms_norm_cpu(x, weight, eps);
+}
+void rms_norm_out(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rms_norm(x, weight, eps);
+  check_device(y, "y", x.device());
+  check_dtype(y, "y", x.scalar_type());
+  check_rank(y, "y", 2);
+  check_size(y, "y", 0, x.size(0));
+  check_size(y, "y", 1, x.size(1));
+  check_contiguous(y, "y");
+  rms_norm_into(y, x, weight, eps);
 }
 }  // namespace direct
 

@@ -7,7 +7,7 @@
 #include "common/check.h"
 #include "ops/rope_cache.h"
 
-#include <ATen/Parallel.h>
+#include "ops/team.h"
 
 #include <cmath>
 #include <vector>
@@ -104,7 +104,7 @@ void rope_cache_write_impl(const at::Tensor& k, const at::Tensor& v, const at::T
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   const auto inv = inv_freq_table(d, rope_theta);
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+  team::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> cs(d / 2), sn(d / 2);
     for (int64_t r = begin; r < end; ++r) {
       const float p = static_cast<float>(pos[r]);

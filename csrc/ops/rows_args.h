@@ -4,8 +4,7 @@
 
 #include "common/check.h"
 #include "ops/layer_math_cpu.h"
-
-#include <ATen/Parallel.h>
+#include "ops/team.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -35,6 +34,16 @@ inline int64_t check_rows_add(const std::optional<at::Tensor>& add, const at::Te
   if (add->dim() == 1) return 0;
   check_size(*add, "add", 0, M);
   return add->stride(0);
+}
+
+// y: the output of a product op's _out form, [M, N] of x's dtype and device, contiguous.
+inline void check_rows_out(const at::Tensor& y, const at::Tensor& x, int64_t M, int64_t N) {
+  check_device(y, "y", x.device());
+  check_dtype(y, "y", x.scalar_type());
+  check_rank(y, "y", 2);
+  check_size(y, "y", 0, M);
+  check_size(y, "y", 1, N);
+  check_contiguous(y, "y");
 }
 
 // The checks the quantized few-row ops share: x as check_rows_x with K a multiple of the block
@@ -86,12 +95,13 @@ inline void with_row_count(int rows, F&& f) {
 }
 
 // Passes of up to max_rows rows over the weight (each pass reads it once), the outputs [0, N) of a
-// pass split between threads: f(m0, rows, n0, n1) computes rows [m0, m0 + rows) x outputs [n0, n1).
+// pass split between threads (team::parallel_for): f(m0, rows, n0, n1) computes rows [m0, m0 + rows) x
+// outputs [n0, n1).
 template <typename F>
 inline void for_row_passes(int64_t M, int64_t N, int64_t grain, int max_rows, F&& f) {
   for (int64_t m0 = 0; m0 < M; m0 += max_rows) {
     const int rows = static_cast<int>(std::min<int64_t>(max_rows, M - m0));
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { f(m0, rows, n0, n1); });
+    team::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { f(m0, rows, n0, n1); });
   }
 }
 

@@ -5,6 +5,7 @@
 #include "ops/direct.h"
 #include "common/check.h"
 #include "ops/layer_math_cpu.h"
+#include "ops/team.h"
 
 namespace tandem_rt {
 namespace {
@@ -14,25 +15,34 @@ namespace {
 template <typename E>
 void silu_and_mul_impl(const E* x, int64_t x_stride, E* y, int64_t rows, int64_t inter) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(inter, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  team::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     layer_math::silu_mul_rows(x, x_stride, y, begin, end, inter);
   });
 }
 
-at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
+void check_silu_and_mul(const at::Tensor& x) {
   check_rank(x, "x", 2);
   TORCH_CHECK_VALUE(is_float_kv_dtype(x.scalar_type()), "x must be float32, float16 or bfloat16, got ",
                     x.scalar_type());
   TORCH_CHECK_VALUE(x.size(1) % 2 == 0, "x.shape[1] must be even (gate columns, then up columns), got ", x.size(1));
   TORCH_CHECK_VALUE(x.size(1) == 0 || x.stride(1) == 1, "x must have a contiguous last dim");
+}
+
+// y [rows, inter] (contiguous, checked by the callers) = silu(gate) * up of x.
+void silu_and_mul_into(at::Tensor& y, const at::Tensor& x) {
   const int64_t inter = x.size(1) / 2;
-  at::Tensor y = at::empty({x.size(0), inter}, x.options());
-  if (y.numel() == 0) return y;
+  if (y.numel() == 0) return;
   cpu_isa::check_variant();
   layer_math::dispatch_elem(x.scalar_type(), [&](auto tag) {
     using E = decltype(tag);
     silu_and_mul_impl(layer_math::elems<const E>(x), x.stride(0), layer_math::elems<E>(y), x.size(0), inter);
   });
+}
+
+at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
+  check_silu_and_mul(x);
+  at::Tensor y = at::empty({x.size(0), x.size(1) / 2}, x.options());
+  silu_and_mul_into(y, x);
   return y;
 }
 
@@ -40,6 +50,16 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
 
 namespace direct {
 at::Tensor silu_and_mul(const at::Tensor& x) { return silu_and_mul_cpu(x); }
+void silu_and_mul_out(at::Tensor& y, const at::Tensor& x) {
+  check_silu_and_mul(x);
+  check_device(y, "y", x.device());
+  check_dtype(y, "y", x.scalar_type());
+  check_rank(y, "y", 2);
+  check_size(y, "y", 0, x.size(0));
+  check_size(y, "y", 1, x.size(1) / 2);
+  check_contiguous(y, "y");
+  silu_and_mul_into(y, x);
+}
 }  // namespace direct
 
 TORCH_LIBRARY_FRAGMENT(tandem_rt, m) {

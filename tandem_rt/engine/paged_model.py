@@ -32,7 +32,7 @@ from tandem_rt._ext import _C
 from tandem_rt.config import FEATURE_AT
 from tandem_rt.models.llama import LlamaForCausalLM, scatter_vocab
 from tandem_rt.ops.attention import attention_kernel_code, check_waves
-from tandem_rt.quantized import (QUANT_ROWS_MAX, QuantMatrix, cat_rows, embedding_rows, packs16, quant_mm,
+from tandem_rt.quantized import (QuantMatrix, cat_rows, embedding_rows, packs16, quant_mm,
                                  with_packed)
 
 # the CPU step ops without the torch dispatcher (csrc/ops/direct.h): same checks, no dispatcher host work
@@ -286,10 +286,11 @@ class PagedLlama:
         quantized_head: optional QuantMatrix of the LM head's rows (``[N, d]``: the ``vocab_subset``
             rows for a reduced vocabulary, else ``[V, d]``; ``quantized.quantize_drafting_model``),
             used instead of the dense head while the token embeddings stay dense.
-        decoder_plan: run the decoder layers of a step (``forward(step=True)``, at most
-            ``QUANT_ROWS_MAX`` rows, paged attention) in one C++ call (``_C.cpu.DecoderPlan``, the same
-            ops in the same order: bit-identical) instead of ~8 op calls per layer from Python;
-            default: with the CPU layout of ``linear_rows`` (bf16 / fp32 on the CPU).
+        decoder_plan: run the decoder layers of a step (``forward(step=True)``, any row count, paged
+            attention) in one C++ call (``_C.cpu.DecoderPlan``, the same ops in the same order:
+            bit-identical) instead of ~8 op calls per layer from Python; with several torch threads
+            the call runs the step's layers as one team of threads (``csrc/ops/team.h``); default:
+            with the CPU layout of ``linear_rows`` (bf16 / fp32 on the CPU).
         feature_at: where ``forward`` adds a ``feature_offset``: ``"input"`` (the token embeddings) or
             ``"output"`` (the last layer's output, before the final norm); ``TandemConfig.feature_at``.
         attention_kernel: the CUDA paged-attention kernel, ``"simt"`` or ``"mma"``
@@ -382,11 +383,13 @@ class PagedLlama:
         self.quantized_bytes = sum(w.nbytes for lw in self.layers for w in lw if isinstance(w, QuantMatrix)) + (
             self.lm_head.nbytes if isinstance(self.lm_head, QuantMatrix) else 0)
 
-    def _build_decoder_plan(self):
+    def _build_decoder_plan(self, team: bool = True):
         """``_C.cpu.DecoderPlan`` over this model's layers: each product as (weight, kernel, qtype),
         kernel 0 = ``linear_rows`` on the dense ``[out, in]`` matrix, 1 = ``linear_rows_q16`` on the
         packed blocks, 2 = ``linear_rows_q`` on the block rows (``quantized.rows_kernel``: what
-        ``quant_mm`` runs for a step)."""
+        ``quant_mm`` runs for a step). ``team``: with several torch threads, run a step's layers in
+        one parallel region (barriers between the ops) instead of forking the threads per op;
+        the results are the same either way."""
         from tandem_rt.ops.layer_math import QUANT_TYPES
         from tandem_rt.quantized import rows_kernel
 
@@ -400,7 +403,7 @@ class PagedLlama:
         layers = [(lw.ln1, product(lw.w_qkv), lw.b_qkv, product(lw.w_o), lw.ln2, product(lw.w_gate_up),
                    product(lw.w_down)) for lw in self.layers]
         return _cpu.DecoderPlan(layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                                self.eps, float(cfg.rope_theta), self.scale)
+                                self.eps, float(cfg.rope_theta), self.scale, team)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows of ``input_ids`` (int64 ``[T]``) -> ``[T, d]``."""
@@ -462,7 +465,7 @@ class PagedLlama:
         if feature_offset is not None and out_offset is None:
             x = x + feature_offset
         T = x.shape[0]
-        if step and self.decoder_plan is not None and not meta.dense and T <= QUANT_ROWS_MAX:
+        if step and self.decoder_plan is not None and not meta.dense:
             x, *streams = self.decoder_plan.run(x, meta.positions, meta.slot_mapping, meta.block_tables,
                                                 meta.seq_lens, meta.query_start_loc, meta.max_q_len,
                                                 meta.max_seq_len, k_cache, v_cache, list(hidden_layers))
