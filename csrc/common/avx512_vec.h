@@ -1,7 +1,7 @@
 // GCC vector types of 16 fp32 lanes and their helpers for the AVX-512 code of the CPU kernels.
 // Include it inside a `#pragma GCC target("avx512f,...")` region and inside the includer's namespace
 // (attention_chunk_cpu.h, mm_rows.cpp): the functions are then compiled for that target, in a
-// nested namespace `avx512`. <cstdint> and <cstring> must be included before.
+// nested namespace `avx512`. <cstdint>, <cstring> and <immintrin.h> must be included before.
 #pragma once
 
 namespace avx512 {
@@ -17,14 +17,11 @@ __attribute__((always_inline)) inline v16f ld16(const float* p) {
 __attribute__((always_inline)) inline void st16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
 typedef uint16_t v16h __attribute__((vector_size(32)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
-// 16 bf16 (raw bits) -> 16 fp32: zero-extend and shift into the high half.
+// 16 bf16 (raw bits) -> 16 fp32: zero-extend and shift into the high half. One 512-bit vpmovzxwd
+// from memory (GCC lowers __builtin_convertvector of this shape to two 256-bit halves and an insert).
 __attribute__((always_inline)) inline v16f ld16(const uint16_t* p) {
-  v16h h;
-  std::memcpy(&h, p, sizeof(h));
-  const v16u w = __builtin_convertvector(h, v16u) << 16;
-  v16f f;
-  std::memcpy(&f, &w, sizeof(f));
-  return f;
+  const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  return (v16f)_mm512_castsi512_ps(w);
 }
 
 // r[k] = sum of the 16 lanes of p[k], k = 0..15 (a shuffle-add tree: 45 vector ops for 16 sums).

@@ -27,6 +27,7 @@ namespace tandem_rt {
 namespace {
 
 constexpr int kChunk = 128;  // keys per online-softmax step
+constexpr int kPrefetchRows = 16;  // the fp32 / bf16 chunk kernels prefetch K and V rows this many keys ahead
 // One chunk of keys for the M query rows of a work item (fp32 rows; the bf16 AVX-512 kernel reads
 // kh / vh instead of k / v).
 struct ChunkArgs {
@@ -59,9 +60,21 @@ __attribute__((always_inline)) inline void softmax_update(const ChunkArgs& a) {
       for (int j = 0; j < n; ++j) row[j] = 0.f;
       continue;
     }
+    // The running max over 16 lanes (GCC leaves an `omp simd reduction(max)` with std::max as a
+    // scalar chain). max is exact, and ignores NaN scores as std::max(mx, s) does; only the sign of
+    // a zero maximum may depend on the order, and exp(s - mx) and the rescaling are the same for
+    // both signs, so the outputs do not.
     float mx = a.mrow[m];
-#pragma omp simd reduction(max : mx)
-    for (int j = 0; j < nv; ++j) mx = std::max(mx, row[j]);
+    {
+      float lane[16];
+      for (int k = 0; k < 16; ++k) lane[k] = mx;
+      int j = 0;
+      for (; j + 16 <= nv; j += 16)
+#pragma omp simd
+        for (int k = 0; k < 16; ++k) lane[k] = lane[k] < row[j + k] ? row[j + k] : lane[k];
+      for (; j < nv; ++j) mx = mx < row[j] ? row[j] : mx;
+      for (int k = 0; k < 16; ++k) mx = mx < lane[k] ? lane[k] : mx;
+    }
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
     for (int j = 0; j < nv; ++j) {
@@ -168,6 +181,10 @@ __attribute__((always_inline)) inline void pv_block(const ChunkArgs& a, const E*
     for (int v = 0; v < VB; ++v) acc[r][v] = ld16(a.acc + (m0 + r) * a.D + d0 + 16 * v);
   for (int j = 0; j < a.n; ++j) {
     const E* vr = vrows[j] + d0;
+    if (j + kPrefetchRows < a.n) {  // the row kPrefetchRows keys ahead (paged rows defeat the prefetchers)
+      const char* ahead = reinterpret_cast<const char*>(vrows[j + kPrefetchRows] + d0);
+      for (int o = 0; o < VB * 16 * static_cast<int>(sizeof(E)); o += 64) __builtin_prefetch(ahead + o);
+    }
     v16f vv[VB];
 #pragma GCC unroll 4
     for (int v = 0; v < VB; ++v) vv[v] = ld16(vr + 16 * v);
@@ -202,6 +219,10 @@ __attribute__((always_inline)) inline void scores_v16(const ChunkArgs& a, const 
 #pragma GCC unroll 8
     for (int t = 0; t < 8; ++t) kr[t] = krows[std::min(j0 + t, n - 1)];
     const int cnt = std::min(8, n - j0);
+    for (int t = j0 + kPrefetchRows; t < std::min(n, j0 + kPrefetchRows + 8); ++t) {  // 8 keys, kPrefetchRows ahead
+      const char* ahead = reinterpret_cast<const char*>(krows[t]);
+      for (int o = 0; o < D * static_cast<int>(sizeof(E)); o += 64) __builtin_prefetch(ahead + o);
+    }
     for (int m = 0; m < M; m += 2) {
       const int m1 = std::min(m + 1, M - 1);
       const float* q0 = a.q + m * D;
