@@ -47,6 +47,7 @@ class Context:
     quick: bool = False
     pa_kernel: str = "simt"      # paged_attention(kernel=...) on CUDA
     pa_waves: int = 0            # paged_attention(waves=...) on CUDA (0: the default)
+    row_invariant: bool = False  # paged_attention(row_invariant=...)
     rows: list = field(default_factory=list)
 
 
@@ -159,7 +160,8 @@ def bench_paged_attention(ctx: Context):
                     out = torch.empty_like(q)
                     scale = HEAD_DIM ** -0.5
                     t = time_fn(lambda: paged_attention(q, kc, vc, bt, sl, qsl, scale, q_len, context, out=out,
-                                                        kernel=ctx.pa_kernel, waves=ctx.pa_waves), ctx)
+                                                        row_invariant=ctx.row_invariant, kernel=ctx.pa_kernel,
+                                                        waves=ctx.pa_waves), ctx)
                     t_min = ctx.last_min
                     kv_bytes = 2 * batch * context * HKV * HEAD_DIM * kc.element_size()
                     nbytes = kv_bytes + 2 * q.numel() * q.element_size() + bt.numel() * 4
@@ -172,6 +174,7 @@ def bench_paged_attention(ctx: Context):
                     t_ref = time_fn(lambda: F.scaled_dot_product_attention(q_ref, k_ref, v_ref, attn_mask=mask,
                                                                            scale=scale, enable_gqa=True), ctx)
                     op = "paged_attention" if ctx.pa_kernel == "simt" else f"paged_attention {ctx.pa_kernel}"
+                    op += " row_invariant" if ctx.row_invariant else ""
                     yield add_row(ctx, op, dtype, dict(batch=batch, context=context, q_len=q_len),
                                   t, nbytes, t_ref, "sdpa_contiguous", t_min, ctx.last_min)
                     del q, kc, vc, k_ref, v_ref, q_ref
@@ -384,6 +387,18 @@ def print_row(row):
           f"{fmt(row.get('min_ratio_vs_ref'), '>6.2f'):>6}", flush=True)
 
 
+def set_heads(spec: str) -> None:
+    """Sets the module's head shape (HQ, HKV, HEAD_DIM) from "hq,hkv,d"."""
+    global HQ, HKV, HEAD_DIM
+    try:
+        hq, hkv, d = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise SystemExit(f"--heads must be three integers hq,hkv,d, got {spec!r}") from None
+    if min(hq, hkv, d) <= 0 or hq % hkv or d % 2:
+        raise SystemExit(f"--heads: need hq, hkv, d > 0, hq a multiple of hkv and d even, got {spec!r}")
+    HQ, HKV, HEAD_DIM = hq, hkv, d
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -395,7 +410,14 @@ def main(argv=None):
                     help="CUDA paged-attention kernel (paged_attention(kernel=...); default %(default)s)")
     ap.add_argument("--pa-waves", type=int, default=0,
                     help="CTA waves per SM the CUDA KV split aims for (paged_attention(waves=...); 0: default)")
+    ap.add_argument("--row-invariant", action="store_true",
+                    help="paged_attention(row_invariant=True), the CPU engine's call (every query row by the "
+                         "per-row chunk kernels)")
+    ap.add_argument("--heads", default=f"{HQ},{HKV},{HEAD_DIM}",
+                    help="query heads, KV heads, head dim of the attention / RoPE / copy shapes (default "
+                         "%(default)s; SmolLM2-135M: 9,3,64)")
     args = ap.parse_args(argv)
+    set_heads(args.heads)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -412,6 +434,7 @@ def main(argv=None):
     ctx = Context(device, dtypes, batches, contexts, [1, 8], min_time)
     ctx.quick = args.quick
     ctx.pa_kernel, ctx.pa_waves = args.pa_kernel, args.pa_waves
+    ctx.row_invariant = args.row_invariant
     ctx.copy_gbps = measure_copy_bandwidth(ctx)
     read_gbps = measure_read_bandwidth(device)
     print(f"device: {device_name(device)}; torch {torch.__version__}; copy bandwidth {ctx.copy_gbps:.1f} GB/s; "
@@ -428,6 +451,7 @@ def main(argv=None):
     out = Path(args.out or f"runs/bench_kernels-{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(device=device_name(device), torch=torch.__version__, quick=args.quick,
+                                   heads=dict(num_heads=HQ, num_kv_heads=HKV, head_dim=HEAD_DIM),
                                    copy_gbps=ctx.copy_gbps, read_gbps=read_gbps, ratio="op time / reference time", rows=ctx.rows),
                               indent=1))
     print(f"wrote {out}")

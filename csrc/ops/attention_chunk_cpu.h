@@ -172,7 +172,8 @@ using namespace avx512;
 
 // acc[R rows, VB*16 dims] += P[R, n] V[n, VB*16 dims], accumulators in registers. P is a.s, row-major
 // [M, kChunk] or, with kKeyMajor, [n, Mp] (the rows-in-lanes kernel's layout).
-template <typename E, int R, int VB, bool kKeyMajor = false>
+// kPrefetch: also prefetch the V rows kPrefetchRows keys ahead (on the first pass over a chunk's V).
+template <typename E, int R, int VB, bool kKeyMajor = false, bool kPrefetch = false>
 __attribute__((always_inline)) inline void pv_block(const ChunkArgs& a, const E* const* vrows, int m0, int d0) {
   v16f acc[R][VB];
 #pragma GCC unroll 4
@@ -181,7 +182,7 @@ __attribute__((always_inline)) inline void pv_block(const ChunkArgs& a, const E*
     for (int v = 0; v < VB; ++v) acc[r][v] = ld16(a.acc + (m0 + r) * a.D + d0 + 16 * v);
   for (int j = 0; j < a.n; ++j) {
     const E* vr = vrows[j] + d0;
-    if (j + kPrefetchRows < a.n) {  // the row kPrefetchRows keys ahead (paged rows defeat the prefetchers)
+    if (kPrefetch && j + kPrefetchRows < a.n) {  // paged rows defeat the hardware prefetchers
       const char* ahead = reinterpret_cast<const char*>(vrows[j + kPrefetchRows] + d0);
       for (int o = 0; o < VB * 16 * static_cast<int>(sizeof(E)); o += 64) __builtin_prefetch(ahead + o);
     }
@@ -201,19 +202,56 @@ __attribute__((always_inline)) inline void pv_block(const ChunkArgs& a, const E*
     for (int v = 0; v < VB; ++v) st16(a.acc + (m0 + r) * a.D + d0 + 16 * v, acc[r][v]);
 }
 
-template <typename E, int R, bool kKeyMajor = false>
+template <typename E, int R, bool kKeyMajor = false, bool kPrefetch = false>
 __attribute__((always_inline)) inline void pv_rows(const ChunkArgs& a, const E* const* vrows, int m0) {
   int d0 = 0;
-  for (; d0 + 64 <= a.D; d0 += 64) pv_block<E, R, 4, kKeyMajor>(a, vrows, m0, d0);
-  for (; d0 < a.D; d0 += 16) pv_block<E, R, 1, kKeyMajor>(a, vrows, m0, d0);
+  for (; d0 + 64 <= a.D; d0 += 64) pv_block<E, R, 4, kKeyMajor, kPrefetch>(a, vrows, m0, d0);
+  for (; d0 < a.D; d0 += 16) pv_block<E, R, 1, kKeyMajor, kPrefetch>(a, vrows, m0, d0);
 }
 
-// Scores s[m][j] = q_m . k_j for E = float rows or uint16_t (bf16) rows converted on load: 8 keys x
-// 2 rows at a time (each K vector load feeds two FMAs); one shuffle-add tree turns the 16 partial
-// vectors into the 16 scores. An odd last row is paired with itself; keys past n are scored, not stored.
+// Scores of R = 1, 2 or 3 query rows (from m) for the 8 keys kr (cnt of them stored): each K
+// vector load feeds R FMAs into 8 partial vectors per row; shuffle-add trees (hsum16) turn 16
+// partial vectors into 16 sums. Every row's partials sit in 8 consecutive vectors, and the tree sums
+// every vector the same way, so a row's score does not depend on R or on its place in the pass.
+template <typename E, int R>
+__attribute__((always_inline)) inline void scores_rows(const ChunkArgs& a, const E* const* kr, int j0, int cnt, int m) {
+  constexpr int P = (8 * R + 15) / 16 * 16;  // partial vectors, padded to whole trees
+  const int D = a.D;
+  v16f part[P];
+#pragma GCC unroll 32
+  for (int t = 0; t < P; ++t) part[t] = v16f{};
+  for (int v = 0; v < D; v += 16) {
+    v16f qv[R];
+#pragma GCC unroll 3
+    for (int r = 0; r < R; ++r) qv[r] = ld16(a.q + (m + r) * D + v);
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t) {
+      const v16f kv = ld16(kr[t] + v);
+#pragma GCC unroll 3
+      for (int r = 0; r < R; ++r) part[8 * r + t] += qv[r] * kv;
+    }
+  }
+#pragma GCC unroll 2
+  for (int b = 0; b < P / 16; ++b) {
+    v16f tree[16];
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; ++t) tree[t] = part[16 * b + t];
+    float sums[16];
+    st16(sums, hsum16(tree));
+#pragma GCC unroll 2
+    for (int h = 0; h < 2 && 2 * b + h < R; ++h)
+      for (int t = 0; t < cnt; ++t) a.s[(m + 2 * b + h) * kChunk + j0 + t] = sums[8 * h + t];
+  }
+}
+
+// Scores s[m][j] = q_m . k_j for E = float rows or uint16_t (bf16) rows converted on load, 8 keys
+// at a time: query rows in pairs, an odd count ending with a triple (a GQA group of 3: one pass
+// over K instead of two) or, for one row, a single; keys past n are scored, not stored. K rows
+// are prefetched kPrefetchRows keys ahead.
 template <typename E>
 __attribute__((always_inline)) inline void scores_v16(const ChunkArgs& a, const E* const* krows) {
   const int M = a.M, D = a.D, n = a.n;
+  const int pairs_end = M % 2 == 0 ? M : (M >= 3 ? M - 3 : 0);
   for (int j0 = 0; j0 < n; j0 += 8) {
     const E* kr[8];
 #pragma GCC unroll 8
@@ -223,36 +261,29 @@ __attribute__((always_inline)) inline void scores_v16(const ChunkArgs& a, const 
       const char* ahead = reinterpret_cast<const char*>(krows[t]);
       for (int o = 0; o < D * static_cast<int>(sizeof(E)); o += 64) __builtin_prefetch(ahead + o);
     }
-    for (int m = 0; m < M; m += 2) {
-      const int m1 = std::min(m + 1, M - 1);
-      const float* q0 = a.q + m * D;
-      const float* q1 = a.q + m1 * D;
-      v16f part[16];
-#pragma GCC unroll 16
-      for (int t = 0; t < 16; ++t) part[t] = v16f{};
-      for (int v = 0; v < D; v += 16) {
-        const v16f qa = ld16(q0 + v), qb = ld16(q1 + v);
-#pragma GCC unroll 8
-        for (int t = 0; t < 8; ++t) {
-          const v16f kv = ld16(kr[t] + v);
-          part[t] += qa * kv;
-          part[8 + t] += qb * kv;
-        }
-      }
-      float sums[16];
-      st16(sums, hsum16(part));
-      for (int t = 0; t < cnt; ++t) a.s[m * kChunk + j0 + t] = sums[t];
-      if (m1 != m)
-        for (int t = 0; t < cnt; ++t) a.s[m1 * kChunk + j0 + t] = sums[8 + t];
-    }
+    int m = 0;
+    for (; m < pairs_end; m += 2) scores_rows<E, 2>(a, kr, j0, cnt, m);
+    if (M - m == 3)
+      scores_rows<E, 3>(a, kr, j0, cnt, m);
+    else if (M - m == 1)
+      scores_rows<E, 1>(a, kr, j0, cnt, m);
   }
 }
 
-// acc += P V with register-resident accumulators (4 rows x 64 dims per pass).
+// acc += P V with register-resident accumulators (4 rows x 64 dims per pass). The first pass
+// prefetches V rows ahead, except for key-major rows (the chunk's converted copy, in cache).
 template <typename E, bool kKeyMajor = false>
 __attribute__((always_inline)) inline void pv_v16(const ChunkArgs& a, const E* const* vrows) {
+  constexpr bool kPf = !kKeyMajor;
   const int M = a.M;
-  int m0 = 0;
+  int m0 = std::min(M, 4);
+  switch (m0) {
+    case 4: pv_rows<E, 4, kKeyMajor, kPf>(a, vrows, 0); break;
+    case 3: pv_rows<E, 3, kKeyMajor, kPf>(a, vrows, 0); break;
+    case 2: pv_rows<E, 2, kKeyMajor, kPf>(a, vrows, 0); break;
+    case 1: pv_rows<E, 1, kKeyMajor, kPf>(a, vrows, 0); break;
+    default: break;
+  }
   for (; m0 + 4 <= M; m0 += 4) pv_rows<E, 4, kKeyMajor>(a, vrows, m0);
   switch (M - m0) {
     case 3: pv_rows<E, 3, kKeyMajor>(a, vrows, m0); break;
