@@ -289,6 +289,25 @@ def test_linear_rows_q_matches_dequantized_reference(qtype, dtype, rows, k, n, a
     assert torch.equal(linear_rows_q(x[-1:], blocks, qtype, add[-1:] if add_kind == "residual" else add), got[-1:])
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_linear_rows_q_non_finite_rows_reach_the_output(qtype, bad, rows_variant):
+    """A NaN or inf in one row of x makes that row's outputs non-finite in every variant (the int8
+    activations must not quantize it away) and leaves the other rows as they are computed alone."""
+    from tandem_rt.ops import linear_rows_q
+
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(24, 96, generator=g) * 0.05
+    blocks, _ = gguf_blocks(w, qtype)
+    x = torch.randn(3, 96, generator=g)
+    x[1, 40] = bad
+    got = linear_rows_q(x, blocks, qtype)
+    assert not torch.isfinite(got[1]).any()
+    for r in (0, 2):
+        assert torch.equal(got[r], linear_rows_q(x[r:r + 1], blocks, qtype)[0])
+        assert torch.isfinite(got[r]).all()
+
+
 def test_linear_rows_q_fp16_scales_subnormal_and_extreme(rows_variant):
     """Block scales that are fp16 subnormals, zeros and large values decode exactly as gguf does."""
     import numpy as np

@@ -12,6 +12,7 @@
 #include "common/check.h"
 #include "ops/layer_math_cpu.h"
 #include "ops/quant_blocks.h"
+#include "ops/quantize_x.h"
 #include "ops/rows_args.h"
 
 #include <cstdint>
@@ -169,8 +170,9 @@ void linear_rows_q_avx512(const float* xf, int64_t K, int rows, const uint8_t* w
 #endif
 
 // ---- AVX-512 VNNI: int8 activations (the llama.cpp scheme), integer block dot products -------------
-// Each row of x is quantized per block of 32: dx_j = max|x| / 127 (fp32), xq = round-to-nearest-even
-// (x / dx_j) in int8, and sx_j = sum of the block's x in fp32. Then per block
+// Each row of x is quantized per block of 32 (quant_x::quantize_block32, shared with
+// linear_rows_q16): dx_j = max|x| / 127 (fp32; NaN when the block holds a NaN), xq =
+// round-to-nearest-even (x / dx_j) in int8, and sx_j = sum of the block's x in fp32. Then per block
 //   Q8_0: d_j * dx_j * sum(q * xq)               Q4_0: d_j * dx_j * sum(q * xq) - 8 d_j * sx_j
 //   Q4_1: d_j * dx_j * sum(q * xq) + m_j * sx_j   (q: the stored int8 / nibble values)
 // with the integer sums exact (vpdpbusd: u8 x s8 products summed in int32). Blocks go in pairs (64
@@ -192,7 +194,12 @@ inline int lane_block(int lane) {  // 0: block a, 1: block b of a pair, for int3
   else return (lane / 4) % 2;
 }
 
-// x rows (fp32 [rows, K]) -> the pair layout of qtype Q (odd block counts: a zero last block b).
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+// x rows (fp32 [rows, K]) -> the pair layout of qtype Q (odd block counts: a zero last block b),
+// each block quantized by quant_x::quantize_block32 (as linear_rows_q16: a NaN in the block makes
+// its dx NaN, so that it reaches the outputs).
 template <int64_t Q>
 void quantize_rows(const float* xf, int64_t K, int64_t rows, QuantRows& out) {
   const int64_t nb = K / kBlock, pairs = (nb + 1) / 2;
@@ -200,25 +207,19 @@ void quantize_rows(const float* xf, int64_t K, int64_t rows, QuantRows& out) {
   out.xq.assign(rows * pairs * 64, Q == kQ8_0 ? 128 : 0);
   out.dxl.assign(rows * pairs * 16, 0.f);
   out.sxl.assign(rows * pairs * 16, 0.f);
+  int8_t q[kBlock];
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < nb; ++j) {
-      const float* xb = xf + r * K + j * kBlock;
-      float amax = 0.f, sum = 0.f;
-      for (int k = 0; k < kBlock; ++k) {
-        amax = std::max(amax, std::fabs(xb[k]));
-        sum += xb[k];
-      }
-      const float dx = amax / 127.f;
-      const float inv = dx > 0.f ? 1.f / dx : 0.f;
+      float dx, sum;
+      int32_t isum;
+      quant_x::quantize_block32(xf + r * K + j * kBlock, q, dx, sum, isum);
       const int64_t p = j / 2, half = j % 2;
       uint8_t* dst = out.xq.data() + (r * pairs + p) * 64;
       for (int k = 0; k < kBlock; ++k) {
-        const int v = static_cast<int>(std::nearbyint(xb[k] * inv));
-        const int q = std::min(127, std::max(-127, v));
         int pos;
         if constexpr (Q == kQ8_0) pos = static_cast<int>(half) * 32 + k;
         else pos = (k < 16 ? 0 : 32) + static_cast<int>(half) * 16 + (k % 16);
-        dst[pos] = static_cast<uint8_t>(Q == kQ8_0 ? q + 128 : static_cast<int8_t>(q));
+        dst[pos] = static_cast<uint8_t>(Q == kQ8_0 ? q[k] + 128 : q[k]);
       }
       for (int l = 0; l < 16; ++l)
         if (lane_block<Q>(l) == half) {
@@ -228,6 +229,8 @@ void quantize_rows(const float* xf, int64_t K, int64_t rows, QuantRows& out) {
     }
   }
 }
+#pragma GCC pop_options
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC push_options
