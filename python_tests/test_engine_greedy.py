@@ -88,6 +88,18 @@ def test_prefill_paths_equal_reference(dense_prefill, chunk, step_rows):
     assert engine.num_free_pages == engine.page_manager.num_pages
 
 
+def test_dense_prefill_default_follows_device_and_dtype():
+    """dense_prefill=None: chunked prefill on the CPU in bf16 (or with a quantized primary), one
+    dense forward in fp32; an explicit value is kept."""
+    from tandem_rt.engine.engine import default_dense_prefill
+
+    assert Engine(agreeing_tandem_model(seed=0), num_pages=8, dtype="bfloat16").dense_prefill is False
+    assert Engine(agreeing_tandem_model(seed=0), num_pages=8, dtype="float32").dense_prefill is True
+    assert Engine(agreeing_tandem_model(seed=0), num_pages=8, dtype="bfloat16", dense_prefill=True).dense_prefill
+    assert default_dense_prefill(torch.device("cpu"), torch.float32, quantized=True) is False
+    assert default_dense_prefill(torch.device("cuda"), torch.bfloat16, quantized=True) is True
+
+
 @pytest.mark.parametrize("kwargs, match", [({"dense_prefill": "yes"}, "dense_prefill"),
                                            ({"step_prompt_rows": 0}, "step_prompt_rows")])
 def test_prefill_options_validated(kwargs, match):

@@ -126,6 +126,16 @@ def check_quantized_primary(quantized: dict, primary, device, dtype) -> None:
                              f"the primary's parameter is {list(shape)}")
 
 
+def default_dense_prefill(device: torch.device, dtype: torch.dtype, quantized: bool) -> bool:
+    """``Engine(dense_prefill=None)``: whole prompts in one dense forward, except on the CPU in
+    bfloat16 or with a quantized primary, where chunks through the step kernels are faster (torch's
+    bf16 SDPA and GEMM on a CPU without AVX-512 BF16, and the dequantised prompt products; Intel Xeon,
+    the default model, ``tandem`` mode, 1,536-token prompt: 21.3 s dense against 5.6 s in chunks
+    quantized, 12.0 against 6.4 s for a 1,024-token prompt in bf16, 6.0 against 6.6 s in fp32;
+    docs/ENGINE.md)."""
+    return not (device.type == "cpu" and (dtype == torch.bfloat16 or quantized))
+
+
 def release_dense_copies(primary, quantized: dict) -> None:
     """Replace the primary's parameters that the engine serves as blocks by empty tensors (their
     dequantised copies are never read again: ``PagedLlama`` holds the blocks and, for a quantized
@@ -154,7 +164,8 @@ class Engine:
         prefill_chunk: prompt rows per sequence per prefill forward (1..32) when ``dense_prefill``
             is off (prompts then go through ``paged_attention`` in chunks).
         dense_prefill: process whole prompts in one forward with dense causal attention (torch
-            SDPA over the prompt's own rows; their K/V are still written to the pools).
+            SDPA over the prompt's own rows; their K/V are still written to the pools); None:
+            :func:`default_dense_prefill` (chunks on the CPU in bf16 or with a quantized primary).
         use_cuda_graphs: capture and replay the decode / verify steps on CUDA (see ``cuda_graphs.py``).
         quantized_primary: ``{parameter name: QuantMatrix}`` of the primary's weights kept in their
             GGUF blocks (``tandem_rt.quantized.read_gguf_matrices``; bf16 / fp32, CPU or CUDA, moved
@@ -184,7 +195,7 @@ class Engine:
 
     def __init__(self, model: TandemModel, tokenizer=None, *, device=None, dtype=None, max_batch_size: int = 8,
                  kv_cache_memory: Optional[int] = None, num_pages: Optional[int] = None, page_size: int = 16,
-                 prefill_chunk: int = 32, use_cuda_graphs: bool = False, dense_prefill: bool = True,
+                 prefill_chunk: int = 32, use_cuda_graphs: bool = False, dense_prefill: Optional[bool] = None,
                  quantized_primary: Optional[dict] = None,
                  max_queued_requests: Optional[int] = None, step_prompt_rows: int = 32,
                  draft_policy: str = "router", attention_kernel: str = "simt", attention_waves: int = 0,
@@ -200,8 +211,8 @@ class Engine:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if prefill_chunk > 32:
             raise ValueError(f"prefill_chunk must be at most 32 (paged_attention's query rows), got {prefill_chunk}")
-        if not isinstance(dense_prefill, bool):
-            raise ValueError(f"dense_prefill must be True or False, got {dense_prefill!r}")
+        if dense_prefill is not None and not isinstance(dense_prefill, bool):
+            raise ValueError(f"dense_prefill must be None, True or False, got {dense_prefill!r}")
         if num_pages is not None and kv_cache_memory is not None:
             raise ValueError("give num_pages or kv_cache_memory, not both")
         if draft_policy not in POLICIES:
@@ -238,7 +249,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk
-        self.dense_prefill = dense_prefill
+        self.dense_prefill = (default_dense_prefill(self.device, self.dtype, quantized_primary is not None)
+                              if dense_prefill is None else dense_prefill)
         self.router_lag = None    # gamma="auto" reads router decisions a step late: None = on CUDA only
         cfg = model.config
         self.vocab_size = cfg.primary.vocab_size
