@@ -26,13 +26,13 @@ SMALL_STEPS = ([1, 1], [4, 2], [1, 3])   # decode rows, then ragged verify block
 LARGE_STEPS = ([1, 1], [40, 30], [9, 1])  # a step of 70 rows, then 10 (several row passes per product)
 
 
-def run_steps(paged: PagedLlama, model, hidden_layers, steps=SMALL_STEPS, num_pages=16):
+def run_steps(paged: PagedLlama, model, hidden_layers, steps=SMALL_STEPS, num_pages=16, prompt_lens=(9, 5)):
     """Prompts of two sequences (Python path), then the steps (step=True) of ``steps`` rows per
     sequence -> (list of (logits, streams) per step, final K/V pools)."""
     torch.manual_seed(0)
     pm = PageManager(num_pages=num_pages, page_size=4)
     k, v = pools(model, num_pages=num_pages)
-    seqs = {"a": torch.randint(0, 97, (9,)).tolist(), "b": torch.randint(0, 97, (5,)).tolist()}
+    seqs = {"a": torch.randint(0, 97, (prompt_lens[0],)).tolist(), "b": torch.randint(0, 97, (prompt_lens[1],)).tolist()}
     for sid, toks in seqs.items():
         pm.add_sequence(sid)
         pm.prepare_write(sid, 0, len(toks))
@@ -120,6 +120,23 @@ def test_team_equals_the_python_loop(dtype, num_threads, threads):
         for (gl, gs), (rl, rs) in zip(got, ref):
             assert torch.equal(gl, rl) and all(torch.equal(a, b) for a, b in zip(gs, rs))
         assert all(torch.equal(a, b) for a, b in zip(gk + gv, rk + rv))
+
+
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+def test_long_contexts_equal_the_python_loop(num_threads, threads):
+    """Sequences longer than one attention key segment (512 keys): the plan shares one scratch for
+    the segments' partial states across its layers and its team; the Python loop lets each
+    attention call allocate its own; the same bits, whatever the thread count."""
+    threads(num_threads)
+    model = random_tandem_model(seed=6).primary.to(torch.bfloat16)
+    plan = PagedLlama(copy.deepcopy(model))
+    loop = PagedLlama(copy.deepcopy(model), decoder_plan=False)
+    kw = dict(num_pages=420, prompt_lens=(1030, 530))
+    got, (gk, gv) = run_steps(plan, model, [1], **kw)
+    ref, (rk, rv) = run_steps(loop, model, [1], **kw)
+    for (gl, gs), (rl, rs) in zip(got, ref):
+        assert torch.equal(gl, rl) and all(torch.equal(a, b) for a, b in zip(gs, rs))
+    assert all(torch.equal(a, b) for a, b in zip(gk + gv, rk + rv))
 
 
 @pytest.mark.parametrize("team", [True, False])

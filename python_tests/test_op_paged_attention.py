@@ -268,6 +268,39 @@ def test_cpu_result_independent_of_thread_count(dtype):
     tol = TOL[dtype]
     torch.testing.assert_close(outs[0].double(), ref, rtol=tol, atol=tol * (ref.abs().max().item() + 1e-6))
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_invariant_key_segments(dtype):
+    """row_invariant=True splits sequences longer than 512 keys into 512-key segments merged in
+    order: against the float64 reference (NaN pages beyond each length, a sequence of exactly one
+    segment, one of 513 keys, decode and verify rows, an empty row block), bitwise the same on 1, 2
+    and 3 threads, and each verify row equal to its decode."""
+    from tandem_rt import ops
+
+    seq_lens, q_lens = [1100, 512, 513, 2000, 700], [1, 4, 2, 6, 0]
+    q, k_cache, v_cache, bt, sl, qsl = make_batch(seq_lens, q_lens, 9, 3, 64, 16, dtype, "cpu",
+                                                  gen=torch.Generator().manual_seed(3))
+    outs, old = [], torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(ops.paged_attention(q, k_cache, v_cache, bt, sl, qsl, 0.125, 6, 2000, row_invariant=True))
+    finally:
+        torch.set_num_threads(old)
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+    assert torch.isfinite(outs[0]).all()
+    ref = reference_attention(q, k_cache, v_cache, bt, sl, qsl, 0.125)
+    tol = TOL[dtype]
+    torch.testing.assert_close(outs[0].double(), ref, rtol=tol, atol=tol * (ref.abs().max().item() + 1e-6))
+    b, first = 3, int(qsl[3])   # the 2000-key sequence's verify rows, each decoded alone
+    for t in range(q_lens[b]):
+        pos = seq_lens[b] - q_lens[b] + t
+        one = ops.paged_attention(q[first + t:first + t + 1].contiguous(), k_cache, v_cache, bt[b:b + 1],
+                                  torch.tensor([pos + 1], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32),
+                                  0.125, 1, pos + 1, row_invariant=True)
+        assert torch.equal(one[0], outs[0][first + t]), t
+
+
 # ---- tensor-core kernel (kernel="mma"), CUDA only ------------------------------------------------
 # paged_attention(kernel="mma") selects the mma.sync / cp.async kernel of
 # csrc/kernels/paged_attention_mma.cu for fp16 / bf16 (fp32 keeps the SIMT kernel). The cases below

@@ -144,6 +144,7 @@ class DecoderPlan {
     at::Tensor x = x_in;
     if (wanted[0]) saved[0] = x;
     at::Tensor attn = at::empty({T, hq_, d_}, x.options());   // one output buffer for every layer
+    const std::optional<at::Tensor> pa_scratch = attention_scratch(T, seq_lens.size(0), max_seq_len);
     for (int64_t i = 0; i < L; ++i) {
       const Layer& l = layers_[i];
       at::Tensor qkv = l.qkv(direct::rms_norm(x, l.ln1, eps_), l.b_qkv).view({T, hq_ + 2 * hkv_, d_});
@@ -152,7 +153,7 @@ class DecoderPlan {
       at::Tensor v = qkv.narrow(1, hq_ + hkv_, hkv_);
       direct::rope_cache_write(k, v, positions, slot_mapping, k_cache[i], v_cache[i], theta_, q);
       direct::paged_attention(attn, q, k_cache[i], v_cache[i], block_tables, seq_lens, query_start_loc, scale_,
-                              max_q_len, max_seq_len, /*row_invariant=*/true);
+                              max_q_len, max_seq_len, /*row_invariant=*/true, pa_scratch);
       x = l.o(attn.view({T, qs}), x);                                      // residual + o_proj
       at::Tensor gu = l.gate_up(direct::rms_norm(x, l.ln2, eps_), std::nullopt);
       x = l.down(direct::silu_and_mul(gu), x);                             // residual + down_proj
@@ -164,6 +165,16 @@ class DecoderPlan {
   }
 
  private:
+  // Scratch for paged attention's key segments when a sequence may have more than one (fp32, the
+  // completion counts at its tail zero), shared by every layer of a step and a team's threads.
+  std::optional<at::Tensor> attention_scratch(int64_t T, int64_t nseq, int64_t max_seq_len) const {
+    if (max_seq_len <= direct::kAttentionSegmentKeys) return std::nullopt;
+    const int64_t n = direct::paged_attention_scratch_floats(T, nseq, hq_, d_, max_seq_len);
+    at::Tensor s = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+    s.narrow(0, n - nseq * hq_, nseq * hq_).zero_();
+    return s;
+  }
+
 #ifdef _OPENMP
   // run() on a team of `threads` threads: one parallel region for the whole step.
   std::vector<at::Tensor> run_team(int threads, const std::vector<bool>& wanted, const at::Tensor& x_in,
@@ -183,6 +194,7 @@ class DecoderPlan {
     at::Tensor qkv2 = qkv.view({T, (hq_ + 2 * hkv_) * d_});
     at::Tensor attn = at::empty({T, hq_, d_}, opts);              // [T, Hq, D]
     at::Tensor attn2 = attn.view({T, qs});
+    const std::optional<at::Tensor> pa_scratch = attention_scratch(T, seq_lens.size(0), max_seq_len);  // shared
     at::Tensor mid = at::empty({T, dm}, opts);                    // [T, d] the residual after attention
     at::Tensor gu_flat = at::empty({T * n_gu}, opts);             // [T, 2 I] gate/up outputs
     // ... and private to each thread: the normalised residual [T, d] and SiLU(gate) * up [T, I]
@@ -236,7 +248,7 @@ class DecoderPlan {
 #pragma omp barrier
         phase([&] {
           direct::paged_attention(attn, q, k_cache[i], v_cache[i], block_tables, seq_lens, query_start_loc, scale_,
-                                  max_q_len, max_seq_len, /*row_invariant=*/true);
+                                  max_q_len, max_seq_len, /*row_invariant=*/true, pa_scratch);
         });
 #pragma omp barrier
         phase([&] { l.o.into(mid, attn2, xi); });                    // residual + o_proj

@@ -22,11 +22,13 @@
 #include "ops/team.h"
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace tandem_rt {
@@ -152,6 +154,43 @@ void attend_gemm(const float* qf, int M, int64_t d, int64_t seq, const int* limi
   for (int m = 0; m < M; ++m) lrow[m] = 1.f;
 }
 
+// Keys per segment of a long sequence (row_invariant only; a multiple of kChunk).
+constexpr int64_t kSegmentKeys = direct::kAttentionSegmentKeys;
+static_assert(kSegmentKeys % kChunk == 0, "segments hold whole chunks");
+
+int64_t num_segments(int64_t seq) { return std::max<int64_t>(1, (seq + kSegmentKeys - 1) / kSegmentKeys); }
+
+// The output rows of KV heads [h0, h1) of one sequence from its ns segments' partial states
+// (part: [hkv, ns, M, d + 2] of (running max, sum, unnormalised acc[d]), M = q_len x group rows),
+// combined in segment order: out = sum_s acc_s e^(m_s - m) / sum_s l_s e^(m_s - m), m = max_s m_s.
+template <typename T>
+void merge_segments(const float* part, int64_t ns, int M, int64_t d, int64_t h0, int64_t h1, int64_t q0,
+                    int64_t q_len, int64_t group, int64_t hq, T* op) {
+  std::vector<float> a(d);
+  for (int64_t h = h0; h < h1; ++h)
+    for (int64_t t = 0; t < q_len; ++t)
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t row = t * group + g;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t s = 0; s < ns; ++s) {
+          const float* p = part + ((h * ns + s) * M + row) * (d + 2);
+          if (p[1] > 0.f) mx = std::max(mx, p[0]);
+        }
+        float l = 0.f;
+        std::fill(a.begin(), a.end(), 0.f);
+        for (int64_t s = 0; s < ns && mx != -std::numeric_limits<float>::infinity(); ++s) {
+          const float* p = part + ((h * ns + s) * M + row) * (d + 2);
+          if (!(p[1] > 0.f)) continue;
+          const float w = std::exp(p[0] - mx);
+          l += p[1] * w;
+          for (int64_t e = 0; e < d; ++e) a[e] += p[2 + e] * w;
+        }
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        T* dst = op + ((q0 + t) * hq + h * group + g) * d;
+        for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<T>(a[e] * inv);
+      }
+}
+
 // KV heads per work item: all of a sequence's heads when there are enough sequences to occupy the
 // threads, else fewer, so that B x groups >= 2 x threads where the head count allows.
 int64_t heads_per_item(int64_t nseq, int64_t hkv) {
@@ -163,7 +202,8 @@ int64_t heads_per_item(int64_t nseq, int64_t hkv) {
 template <typename T>
 void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                          const at::Tensor& query_start_loc, double scale, bool row_invariant) {
+                          const at::Tensor& query_start_loc, double scale, bool row_invariant,
+                          const std::optional<at::Tensor>& scratch) {
   cpu_isa::check_variant();  // ValueError for a bad TANDEM_RT_CPU_KERNELS
   const CpuKernels kern = pick_cpu_kernels();
   const int64_t nseq = seq_lens.size(0), hq = q.size(1), d = q.size(2);
@@ -188,10 +228,40 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
   const int64_t hg = heads_per_item(nseq, hkv);
   const int64_t groups = (hkv + hg - 1) / hg;
 
+  // row_invariant: sequences longer than kSegmentKeys are split into segments of keys fixed by
+  // key index, one work item per (segment, group), so that one long sequence keeps every thread
+  // busy; the partial softmax states go to `scratch` and the item that completes a (sequence,
+  // group) last merges them in segment order (a row's arithmetic depends only on its own keys).
+  std::vector<int64_t> seg_seq, seg_first(nseq + 1, 0), part_base(nseq + 1, 0);  // seg_seq[s]: its sequence
+  for (int64_t b = 0; b < nseq; ++b) {
+    const int64_t ns = row_invariant ? num_segments(sl[b]) : 1;
+    for (int64_t s = 0; s < ns; ++s) seg_seq.push_back(b);
+    seg_first[b + 1] = seg_first[b] + ns;
+    const int64_t rows_b = (int64_t(qsl[b + 1]) - qsl[b]) * group;
+    part_base[b + 1] = part_base[b] + (ns > 1 ? hkv * ns * rows_b * (d + 2) : 0);
+  }
+  const int64_t nseg = seg_first[nseq];
+  at::Tensor parts, counts;   // [part_base[nseq]] fp32 partial states (m, l, acc[d]); int32 [nseq * groups]
+  if (part_base[nseq] > 0) {
+    if (scratch.has_value()) {
+      TORCH_CHECK(scratch->numel() >= part_base[nseq] + nseq * groups,
+                  "paged_attention: scratch holds ", scratch->numel(), " floats, needs ", part_base[nseq] + nseq * groups);
+      parts = scratch->narrow(0, 0, part_base[nseq]);
+      counts = scratch->narrow(0, scratch->numel() - nseq * groups, nseq * groups);   // the zeroed tail
+    } else {
+      TORCH_CHECK(team::current().mode != team::Mode::kSplit,
+                  "paged_attention: a team of threads must pass the shared scratch");
+      parts = at::empty({part_base[nseq]}, at::TensorOptions().dtype(at::kFloat));
+      counts = at::empty({nseq * groups}, at::TensorOptions().dtype(at::kFloat)).zero_();
+    }
+  }
+  float* pp = parts.defined() ? parts.data_ptr<float>() : nullptr;                                   // partial states
+  int32_t* cp = counts.defined() ? reinterpret_cast<int32_t*>(counts.data_ptr<float>()) : nullptr;  // completed segments
+
   // Work item = (sequence, group of KV heads). Chunks of keys are the outer loop and the heads the
   // inner one, so a chunk's K/V slots (hkv x d contiguous elements each) are read in address order,
   // which the hardware prefetchers follow; per-head loops would stride hkv x d between keys.
-  team::parallel_for(0, nseq * groups, 1, [&](int64_t begin, int64_t end) {
+  team::parallel_for(0, nseg * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf, qt, s, mrow, lrow, acc, kbuf, vbuf;
     std::vector<uint16_t> qh;   // [nh, M, d] bf16 query rows (bf16dp only)
     std::vector<const float*> kptr(kChunk), vptr(kChunk);
@@ -203,9 +273,12 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
       vbuf.resize(kChunk * d);
     }
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / groups;
-      const int64_t h0 = (item % groups) * hg, h1 = std::min(hkv, h0 + hg), nh = h1 - h0;
+      const int64_t sg = item / groups, b = seg_seq[sg], seg = sg - seg_first[b];
+      const int64_t ns = seg_first[b + 1] - seg_first[b];
+      const int64_t gi = item % groups;
+      const int64_t h0 = gi * hg, h1 = std::min(hkv, h0 + hg), nh = h1 - h0;
       const int64_t q0 = qsl[b], q_len = int64_t(qsl[b + 1]) - q0, seq = sl[b];
+      const int64_t k0 = seg * kSegmentKeys, k1 = ns > 1 ? std::min(seq, k0 + kSegmentKeys) : seq;  // its keys
       if (q_len <= 0) continue;
       const int M = static_cast<int>(q_len * group);
       // Many rows: the rows-in-lanes kernel (per-row arrays padded to 16 rows). It pays once a vector
@@ -254,8 +327,8 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
         attend_gemm<T>(qf.data() + i * Ms * d, M, d, seq, limit.data(), kc, vc, bt + b * max_pages, page_size, hkv,
                        h0 + i, acc.data() + i * Ms * d, lrow.data() + i * Ms);
       }
-      for (int64_t c0 = 0; !gemm && c0 < seq; c0 += kChunk) {
-        const int n = static_cast<int>(std::min<int64_t>(kChunk, seq - c0));
+      for (int64_t c0 = k0; !gemm && c0 < k1; c0 += kChunk) {
+        const int n = static_cast<int>(std::min<int64_t>(kChunk, k1 - c0));
         for (int j = 0; j < n; ++j) {
           const int64_t key = c0 + j;
           slot[j] = (int64_t(bt[b * max_pages + key / page_size]) * page_size + key % page_size) * hkv * d;
@@ -319,6 +392,21 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
           chunk_fn(args);
         }
       }
+      if (ns > 1) {  // a segment: its partial states, and the merge by the item that completes (b, group)
+        for (int64_t i = 0; i < nh; ++i)
+          for (int m = 0; m < M; ++m) {
+            float* dst = pp + part_base[b] + (((h0 + i) * ns + seg) * M + m) * (d + 2);
+            dst[0] = mrow[i * Ms + m];
+            dst[1] = lrow[i * Ms + m];
+            std::memcpy(dst + 2, acc.data() + (i * Ms + m) * d, d * sizeof(float));
+          }
+        std::atomic_ref<int32_t> done(cp[b * groups + gi]);
+        if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == ns) {
+          merge_segments<T>(pp + part_base[b], ns, M, d, h0, h1, q0, q_len, group, hq, op);
+          done.store(0, std::memory_order_relaxed);   // ready for the next call
+        }
+        continue;
+      }
       for (int64_t i = 0; i < nh; ++i) {
         for (int64_t t = 0; t < q_len; ++t) {
           for (int64_t g = 0; g < group; ++g) {
@@ -335,10 +423,11 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
   });
 }
 
-void paged_attention_cpu(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+void paged_attention_run(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
                          const at::Tensor& query_start_loc, double scale, int64_t max_q_len, int64_t max_seq_len,
-                         bool row_invariant, int64_t kernel, int64_t waves) {
+                         bool row_invariant, int64_t kernel, int64_t waves,
+                         const std::optional<at::Tensor>& scratch) {
   validate_paged_attention(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_q_len,
                            max_seq_len);
   validate_paged_attention_options(kernel, waves);  // CUDA options: checked, not used on the CPU
@@ -346,8 +435,17 @@ void paged_attention_cpu(const at::Tensor& out, const at::Tensor& q, const at::T
   if (q.size(0) == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "paged_attention_cpu", [&] {
     paged_attention_impl<scalar_t>(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                                   row_invariant);
+                                   row_invariant, scratch);
   });
+}
+
+// The dispatcher's CPU kernel (torch.ops.tandem_rt.paged_attention): the op allocates its scratch.
+void paged_attention_cpu(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                         const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                         const at::Tensor& query_start_loc, double scale, int64_t max_q_len, int64_t max_seq_len,
+                         bool row_invariant, int64_t kernel, int64_t waves) {
+  paged_attention_run(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_q_len,
+                      max_seq_len, row_invariant, kernel, waves, std::nullopt);
 }
 
 }  // namespace
@@ -355,9 +453,15 @@ void paged_attention_cpu(const at::Tensor& out, const at::Tensor& q, const at::T
 namespace direct {
 void paged_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
-                     double scale, int64_t max_q_len, int64_t max_seq_len, bool row_invariant) {
-  paged_attention_cpu(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_q_len,
-                      max_seq_len, row_invariant, 0, 0);
+                     double scale, int64_t max_q_len, int64_t max_seq_len, bool row_invariant,
+                     const std::optional<at::Tensor>& scratch) {
+  paged_attention_run(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_q_len,
+                      max_seq_len, row_invariant, 0, 0, scratch);
+}
+
+int64_t paged_attention_scratch_floats(int64_t num_tokens, int64_t num_seqs, int64_t num_heads, int64_t head_dim,
+                                       int64_t max_seq_len) {
+  return num_segments(max_seq_len) * num_tokens * num_heads * (head_dim + 2) + num_seqs * num_heads;
 }
 }  // namespace direct
 
