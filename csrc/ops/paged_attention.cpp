@@ -232,17 +232,23 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
   // key index, one work item per (segment, group), so that one long sequence keeps every thread
   // busy; the partial softmax states go to `scratch` and the item that completes a (sequence,
   // group) last merges them in segment order (a row's arithmetic depends only on its own keys).
-  std::vector<int64_t> seg_seq, seg_first(nseq + 1, 0), part_base(nseq + 1, 0);  // seg_seq[s]: its sequence
-  for (int64_t b = 0; b < nseq; ++b) {
-    const int64_t ns = row_invariant ? num_segments(sl[b]) : 1;
-    for (int64_t s = 0; s < ns; ++s) seg_seq.push_back(b);
-    seg_first[b + 1] = seg_first[b] + ns;
-    const int64_t rows_b = (int64_t(qsl[b + 1]) - qsl[b]) * group;
-    part_base[b + 1] = part_base[b] + (ns > 1 ? hkv * ns * rows_b * (d + 2) : 0);
+  bool any_long = false;
+  for (int64_t b = 0; row_invariant && b < nseq; ++b) any_long = any_long || num_segments(sl[b]) > 1;
+  std::vector<int64_t> seg_seq, seg_first, part_base;  // per segment its sequence; per sequence its first segment, scratch offset
+  if (any_long) {
+    seg_first.assign(nseq + 1, 0);
+    part_base.assign(nseq + 1, 0);
+    for (int64_t b = 0; b < nseq; ++b) {
+      const int64_t ns = num_segments(sl[b]);
+      for (int64_t s = 0; s < ns; ++s) seg_seq.push_back(b);
+      seg_first[b + 1] = seg_first[b] + ns;
+      const int64_t rows_b = (int64_t(qsl[b + 1]) - qsl[b]) * group;
+      part_base[b + 1] = part_base[b] + (ns > 1 ? hkv * ns * rows_b * (d + 2) : 0);
+    }
   }
-  const int64_t nseg = seg_first[nseq];
+  const int64_t nseg = any_long ? seg_first[nseq] : nseq;
   at::Tensor parts, counts;   // [part_base[nseq]] fp32 partial states (m, l, acc[d]); int32 [nseq * groups]
-  if (part_base[nseq] > 0) {
+  if (any_long && part_base[nseq] > 0) {
     if (scratch.has_value()) {
       TORCH_CHECK(scratch->numel() >= part_base[nseq] + nseq * groups,
                   "paged_attention: scratch holds ", scratch->numel(), " floats, needs ", part_base[nseq] + nseq * groups);
@@ -273,8 +279,8 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
       vbuf.resize(kChunk * d);
     }
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t sg = item / groups, b = seg_seq[sg], seg = sg - seg_first[b];
-      const int64_t ns = seg_first[b + 1] - seg_first[b];
+      const int64_t sg = item / groups, b = any_long ? seg_seq[sg] : sg;
+      const int64_t seg = any_long ? sg - seg_first[b] : 0, ns = any_long ? seg_first[b + 1] - seg_first[b] : 1;
       const int64_t gi = item % groups;
       const int64_t h0 = gi * hg, h1 = std::min(hkv, h0 + hg), nh = h1 - h0;
       const int64_t q0 = qsl[b], q_len = int64_t(qsl[b + 1]) - q0, seq = sl[b];
