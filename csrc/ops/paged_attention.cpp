@@ -123,7 +123,12 @@ namespace {
 // of one KV head into contiguous fp32 matrices and let torch's GEMM do Q K^T and P V (one pass of
 // softmax in between). Beats the per-key chunk kernels once rows x keys is large.
 constexpr int64_t kGemmMinWork = 4096;  // rows x keys from which the GEMM path is used (q_len > 1 only)
-constexpr int kDirectBf16MaxRows = 8;   // rows per item up to which bf16 rows are converted on load
+// Rows per item up to which bf16 K/V rows are converted as they are loaded, instead of once per
+// chunk into fp32 copies: 32 for the AVX-512F kernels (a verify block of 4 rows x a GQA group of 3,
+// context 2048, 1 thread, SmolLM2's shape: ~500 against ~750 us; 8 rows x 3: ~880 against ~1,280),
+// 8 with the AVX-512 BF16 kernel (not measured here).
+constexpr int kDirectBf16MaxRows = 32;
+constexpr int kDirectBf16MaxRowsDp = 8;
 
 
 template <typename T>
@@ -327,8 +332,8 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
       // Verify blocks over long contexts go through torch's GEMM (faster than the chunk kernels
       // with 2 threads, measured on a quiet machine).
       const bool gemm = !row_invariant && !lanes && q_len > 1 && static_cast<int64_t>(M) * seq >= kGemmMinWork;
-      // Few rows: convert bf16 K/V while scoring; many rows re-read each key, so convert it once.
-      const bool bf16_direct = v16_bf16 && M <= kDirectBf16MaxRows;
+      // Up to kDirectBf16MaxRows rows: convert bf16 K/V while scoring; more rows: once per chunk.
+      const bool bf16_direct = v16_bf16 && M <= (bf16dp ? kDirectBf16MaxRowsDp : kDirectBf16MaxRows);
       for (int64_t i = 0; gemm && i < nh; ++i) {
         attend_gemm<T>(qf.data() + i * Ms * d, M, d, seq, limit.data(), kc, vc, bt + b * max_pages, page_size, hkv,
                        h0 + i, acc.data() + i * Ms * d, lrow.data() + i * Ms);
