@@ -29,6 +29,16 @@ inline void check_size(const at::Tensor& t, const char* name, int64_t dim, int64
                     t.size(dim), " (shape ", t.sizes(), ")");
 }
 
+// y: the output of an op's _out form, a contiguous [rows, cols] tensor of x's dtype and device.
+inline void check_out(const at::Tensor& y, const at::Tensor& x, int64_t rows, int64_t cols) {
+  check_device(y, "y", x.device());
+  check_dtype(y, "y", x.scalar_type());
+  check_rank(y, "y", 2);
+  check_size(y, "y", 0, rows);
+  check_size(y, "y", 1, cols);
+  check_contiguous(y, "y");
+}
+
 inline bool is_float_kv_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }

@@ -270,27 +270,25 @@ __attribute__((always_inline)) inline void scores_v16(const ChunkArgs& a, const 
   }
 }
 
+// One pass of acc += P V over rows [m0, m0 + rows), rows <= 4.
+template <typename E, bool kKeyMajor, bool kPrefetch>
+__attribute__((always_inline)) inline void pv_pass(const ChunkArgs& a, const E* const* vrows, int m0, int rows) {
+  switch (rows) {
+    case 4: return pv_rows<E, 4, kKeyMajor, kPrefetch>(a, vrows, m0);
+    case 3: return pv_rows<E, 3, kKeyMajor, kPrefetch>(a, vrows, m0);
+    case 2: return pv_rows<E, 2, kKeyMajor, kPrefetch>(a, vrows, m0);
+    case 1: return pv_rows<E, 1, kKeyMajor, kPrefetch>(a, vrows, m0);
+    default: return;
+  }
+}
+
 // acc += P V with register-resident accumulators (4 rows x 64 dims per pass). The first pass
 // prefetches V rows ahead, except for key-major rows (the chunk's converted copy, in cache).
 template <typename E, bool kKeyMajor = false>
 __attribute__((always_inline)) inline void pv_v16(const ChunkArgs& a, const E* const* vrows) {
-  constexpr bool kPf = !kKeyMajor;
   const int M = a.M;
-  int m0 = std::min(M, 4);
-  switch (m0) {
-    case 4: pv_rows<E, 4, kKeyMajor, kPf>(a, vrows, 0); break;
-    case 3: pv_rows<E, 3, kKeyMajor, kPf>(a, vrows, 0); break;
-    case 2: pv_rows<E, 2, kKeyMajor, kPf>(a, vrows, 0); break;
-    case 1: pv_rows<E, 1, kKeyMajor, kPf>(a, vrows, 0); break;
-    default: break;
-  }
-  for (; m0 + 4 <= M; m0 += 4) pv_rows<E, 4, kKeyMajor>(a, vrows, m0);
-  switch (M - m0) {
-    case 3: pv_rows<E, 3, kKeyMajor>(a, vrows, m0); break;
-    case 2: pv_rows<E, 2, kKeyMajor>(a, vrows, m0); break;
-    case 1: pv_rows<E, 1, kKeyMajor>(a, vrows, m0); break;
-    default: break;
-  }
+  pv_pass<E, kKeyMajor, !kKeyMajor>(a, vrows, 0, std::min(M, 4));
+  for (int m0 = 4; m0 < M; m0 += 4) pv_pass<E, kKeyMajor, false>(a, vrows, m0, std::min(M - m0, 4));
 }
 
 // ---- rows in lanes (many query rows: verify blocks x GQA group) -----------------------------------

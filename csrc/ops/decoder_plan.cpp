@@ -103,6 +103,9 @@ class DecoderPlan {
               product_of(t[3].cast<pybind11::tuple>(), "o", li), t[4].cast<at::Tensor>(),
               product_of(t[5].cast<pybind11::tuple>(), "gate_up", li),
               product_of(t[6].cast<pybind11::tuple>(), "down", li)};
+      TORCH_CHECK_VALUE(layers_.empty() || l.gate_up.out_features() == layers_[0].gate_up.out_features(),
+                        "DecoderPlan: layer ", li, " has ", l.gate_up.out_features(), " gate/up outputs, layer 0 ",
+                        layers_[0].gate_up.out_features());
       layers_.push_back(std::move(l));
     }
   }
@@ -132,151 +135,122 @@ class DecoderPlan {
       TORCH_CHECK_VALUE(h >= 0 && h <= L, "DecoderPlan.run: hidden_layers entries must be in 0..", L, ", got ", h);
       wanted[h] = true;
     }
-    const int64_t T = x_in.size(0);
+    const int64_t T = x_in.size(0), dm = x_in.size(1);
+    int threads = 1;
 #ifdef _OPENMP
-    const int threads = team_ ? at::get_num_threads() : 1;
-    if (threads > 1 && T > 0 && L > 0)
-      return run_team(threads, wanted, x_in, positions, slot_mapping, block_tables, seq_lens, query_start_loc,
-                      max_q_len, max_seq_len, k_cache, v_cache, hidden_layers);
+    if (team_ && T > 0 && L > 0) threads = at::get_num_threads();
 #endif
-    const int64_t qs = hq_ * d_;
-    std::vector<at::Tensor> saved(L + 1);
-    at::Tensor x = x_in;
-    if (wanted[0]) saved[0] = x;
-    at::Tensor attn = at::empty({T, hq_, d_}, x.options());   // one output buffer for every layer
-    const std::optional<at::Tensor> pa_scratch = attention_scratch(T, seq_lens.size(0), max_seq_len);
-    for (int64_t i = 0; i < L; ++i) {
-      const Layer& l = layers_[i];
-      at::Tensor qkv = l.qkv(direct::rms_norm(x, l.ln1, eps_), l.b_qkv).view({T, hq_ + 2 * hkv_, d_});
-      at::Tensor q = qkv.narrow(1, 0, hq_);
-      at::Tensor k = qkv.narrow(1, hq_, hkv_);
-      at::Tensor v = qkv.narrow(1, hq_ + hkv_, hkv_);
-      direct::rope_cache_write(k, v, positions, slot_mapping, k_cache[i], v_cache[i], theta_, q);
-      direct::paged_attention(attn, q, k_cache[i], v_cache[i], block_tables, seq_lens, query_start_loc, scale_,
-                              max_q_len, max_seq_len, /*row_invariant=*/true, pa_scratch);
-      x = l.o(attn.view({T, qs}), x);                                      // residual + o_proj
-      at::Tensor gu = l.gate_up(direct::rms_norm(x, l.ln2, eps_), std::nullopt);
-      x = l.down(direct::silu_and_mul(gu), x);                             // residual + down_proj
-      if (wanted[i + 1]) saved[i + 1] = x;
+    const auto opts = x_in.options();
+    const int64_t n_gu = L > 0 ? layers_[0].gate_up.out_features() : 0;   // every layer's (checked)
+    Buffers buf;   // allocated once per step; shared between a team's threads, except xn / act
+    buf.qkv = at::empty({T, hq_ + 2 * hkv_, d_}, opts);
+    buf.attn = at::empty({T, hq_, d_}, opts);
+    buf.mid = at::empty({T, dm}, opts);
+    buf.gu = at::empty({T, n_gu}, opts);
+    for (int t = 0; t < threads; ++t) {
+      buf.xn.push_back(at::empty({T, dm}, opts));
+      buf.act.push_back(at::empty({T, n_gu / 2}, opts));
     }
-    std::vector<at::Tensor> out{x};
-    for (auto h : hidden_layers) out.push_back(saved[h]);
+    buf.pa_scratch = direct::paged_attention_scratch(T, seq_lens.size(0), hq_, d_, max_seq_len);
+    // the residual stream after layer i: its own tensor where returned, else two alternating buffers
+    buf.xs.resize(L + 1);
+    buf.xs[0] = x_in;
+    at::Tensor alt[2] = {at::empty({T, dm}, opts), at::empty({T, dm}, opts)};
+    for (int64_t i = 1; i <= L; ++i) buf.xs[i] = wanted[i] ? at::empty({T, dm}, opts) : alt[i % 2];
+    const StepArgs args{positions, slot_mapping, block_tables, seq_lens, query_start_loc, max_q_len, max_seq_len,
+                        k_cache, v_cache};
+    Errors err;
+#ifdef _OPENMP
+    if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+      {
+        team::Scope split(team::Mode::kSplit, omp_get_thread_num(), omp_get_num_threads());
+        run_layers(args, buf, omp_get_thread_num(), /*in_team=*/true, err);
+      }
+    } else
+#endif
+      run_layers(args, buf, 0, /*in_team=*/false, err);
+    if (err.error) std::rethrow_exception(err.error);
+    std::vector<at::Tensor> out{buf.xs[L]};
+    for (auto h : hidden_layers) out.push_back(buf.xs[h]);
     return out;
   }
 
  private:
-  // Scratch for paged attention's key segments when a sequence may have more than one (fp32, the
-  // completion counts at its tail zero), shared by every layer of a step and a team's threads.
-  std::optional<at::Tensor> attention_scratch(int64_t T, int64_t nseq, int64_t max_seq_len) const {
-    if (max_seq_len <= direct::kAttentionSegmentKeys) return std::nullopt;
-    const int64_t n = direct::paged_attention_scratch_floats(T, nseq, hq_, d_, max_seq_len);
-    at::Tensor s = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
-    s.narrow(0, n - nseq * hq_, nseq * hq_).zero_();
-    return s;
-  }
-
-#ifdef _OPENMP
-  // run() on a team of `threads` threads: one parallel region for the whole step.
-  std::vector<at::Tensor> run_team(int threads, const std::vector<bool>& wanted, const at::Tensor& x_in,
-                                   const at::Tensor& positions, const at::Tensor& slot_mapping,
-                                   const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                                   const at::Tensor& query_start_loc, int64_t max_q_len, int64_t max_seq_len,
-                                   const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache,
-                                   const std::vector<int64_t>& hidden_layers) const {
-    const auto L = num_layers();
-    const int64_t T = x_in.size(0), dm = x_in.size(1), qs = hq_ * d_;
-    const auto opts = x_in.options();
-    int64_t n_gu = 0;  // the widest gate/up product (every Llama layer has the same)
-    for (const auto& l : layers_) n_gu = std::max(n_gu, l.gate_up.out_features());
-    // buffers, allocated once per step: shared between the threads ...
-    at::Tensor qkv = at::empty({T, hq_ + 2 * hkv_, d_}, opts);   // [T, Hq + 2 Hkv, D]
-    at::Tensor q = qkv.narrow(1, 0, hq_), k = qkv.narrow(1, hq_, hkv_), v = qkv.narrow(1, hq_ + hkv_, hkv_);
-    at::Tensor qkv2 = qkv.view({T, (hq_ + 2 * hkv_) * d_});
-    at::Tensor attn = at::empty({T, hq_, d_}, opts);              // [T, Hq, D]
-    at::Tensor attn2 = attn.view({T, qs});
-    const std::optional<at::Tensor> pa_scratch = attention_scratch(T, seq_lens.size(0), max_seq_len);  // shared
-    at::Tensor mid = at::empty({T, dm}, opts);                    // [T, d] the residual after attention
-    at::Tensor gu_flat = at::empty({T * n_gu}, opts);             // [T, 2 I] gate/up outputs
-    // ... and private to each thread: the normalised residual [T, d] and SiLU(gate) * up [T, I]
-    std::vector<at::Tensor> xn(threads), act_flat(threads);
-    for (int t = 0; t < threads; ++t) {
-      xn[t] = at::empty({T, dm}, opts);
-      act_flat[t] = at::empty({T * (n_gu / 2)}, opts);
-    }
-    // the residual stream after layer i: its own tensor where returned, else two alternating buffers
-    std::vector<at::Tensor> xs(L + 1);
-    xs[0] = x_in;
-    at::Tensor alt[2] = {at::empty({T, dm}, opts), at::empty({T, dm}, opts)};
-    for (int64_t i = 1; i <= L; ++i) xs[i] = wanted[i] ? at::empty({T, dm}, opts) : alt[i % 2];
-
+  struct StepArgs {   // run()'s per-step arguments, as documented there
+    const at::Tensor &positions, &slot_mapping, &block_tables, &seq_lens, &query_start_loc;
+    int64_t max_q_len, max_seq_len;
+    const std::vector<at::Tensor>&k_cache, &v_cache;
+  };
+  struct Buffers {
+    at::Tensor qkv;                     // [T, Hq + 2 Hkv, D]
+    at::Tensor attn;                    // [T, Hq, D]
+    at::Tensor mid;                     // [T, d] the residual after attention
+    at::Tensor gu;                      // [T, 2 I] gate/up outputs
+    std::vector<at::Tensor> xn, act;    // per thread: the normalised residual [T, d], SiLU(gate) * up [T, I]
+    std::vector<at::Tensor> xs;         // [L + 1] the residual stream after each layer (0: the input)
+    std::optional<at::Tensor> pa_scratch;   // paged attention's key-segment scratch, or none
+  };
+  struct Errors {   // the first error a thread met; the threads stop after the next barrier
     std::atomic<bool> failed{false};
     std::exception_ptr error;
-    std::mutex error_mutex;
-#pragma omp parallel num_threads(threads)
-    {
-      const int tid = omp_get_thread_num(), size = omp_get_num_threads();
-      team::Scope split(team::Mode::kSplit, tid, size);
-      // Runs one phase of the step on this thread; a phase that throws records the first error
-      // and the threads stop after the next barrier (every thread passes every barrier).
-      auto phase = [&](auto&& f) {
-        if (failed.load(std::memory_order_relaxed)) return;
-        try {
-          f();
-        } catch (...) {
-          std::lock_guard<std::mutex> lock(error_mutex);
-          if (!error) error = std::current_exception();
-          failed.store(true, std::memory_order_relaxed);
-        }
-      };
-      at::Tensor& my_xn = xn[tid];
-      for (int64_t i = 0; i < L && !failed.load(std::memory_order_relaxed); ++i) {
-        const Layer& l = layers_[i];
-        const at::Tensor& xi = xs[i];
-        at::Tensor& xo = xs[i + 1];
-        const int64_t ngu = l.gate_up.out_features();
-        at::Tensor gu = gu_flat.narrow(0, 0, T * ngu).view({T, ngu});
-        at::Tensor act = act_flat[tid].narrow(0, 0, T * (ngu / 2)).view({T, ngu / 2});
-        phase([&] {
-          {
-            team::Scope whole(team::Mode::kWhole);
-            direct::rms_norm_out(my_xn, xi, l.ln1, eps_);
-          }
-          l.qkv.into(qkv2, my_xn, l.b_qkv);
-        });
-#pragma omp barrier
-        phase([&] { direct::rope_cache_write(k, v, positions, slot_mapping, k_cache[i], v_cache[i], theta_, q); });
-#pragma omp barrier
-        phase([&] {
-          direct::paged_attention(attn, q, k_cache[i], v_cache[i], block_tables, seq_lens, query_start_loc, scale_,
-                                  max_q_len, max_seq_len, /*row_invariant=*/true, pa_scratch);
-        });
-#pragma omp barrier
-        phase([&] { l.o.into(mid, attn2, xi); });                    // residual + o_proj
-#pragma omp barrier
-        phase([&] {
-          {
-            team::Scope whole(team::Mode::kWhole);
-            direct::rms_norm_out(my_xn, mid, l.ln2, eps_);
-          }
-          l.gate_up.into(gu, my_xn, std::nullopt);
-        });
-#pragma omp barrier
-        phase([&] {
-          {
-            team::Scope whole(team::Mode::kWhole);
-            direct::silu_and_mul_out(act, gu);
-          }
-          l.down.into(xo, act, mid);                                  // residual + down_proj
-        });
-#pragma omp barrier
+    std::mutex mutex;
+  };
+
+  // Every layer of a step on thread `tid`: alone (in_team false: each op's loop forks the threads
+  // itself), or as one of a team (each op runs this thread's share; the barriers wait for the
+  // others wherever a thread reads what another one wrote; outside a parallel region they are
+  // no-ops). A phase that throws records its error, and every thread still passes every barrier.
+  void run_layers(const StepArgs& a, Buffers& buf, int tid, bool in_team, Errors& err) const {
+    auto phase = [&](auto&& f) {
+      if (err.failed.load(std::memory_order_relaxed)) return;
+      try {
+        f();
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(err.mutex);
+        if (!err.error) err.error = std::current_exception();
+        err.failed.store(true, std::memory_order_relaxed);
       }
+    };
+    auto own = [&](auto&& f) {   // an op into this thread's own buffer: its whole range here
+      if (!in_team) return f();
+      team::Scope whole(team::Mode::kWhole);
+      f();
+    };
+    const int64_t T = buf.qkv.size(0);
+    at::Tensor q = buf.qkv.narrow(1, 0, hq_), k = buf.qkv.narrow(1, hq_, hkv_), v = buf.qkv.narrow(1, hq_ + hkv_, hkv_);
+    at::Tensor qkv2 = buf.qkv.view({T, (hq_ + 2 * hkv_) * d_}), attn2 = buf.attn.view({T, hq_ * d_});
+    at::Tensor &xn = buf.xn[tid], &act = buf.act[tid];
+    for (int64_t i = 0; i < num_layers() && !err.failed.load(std::memory_order_relaxed); ++i) {
+      const Layer& l = layers_[i];
+      const at::Tensor& xi = buf.xs[i];
+      phase([&] {
+        own([&] { direct::rms_norm_out(xn, xi, l.ln1, eps_); });
+        l.qkv.into(qkv2, xn, l.b_qkv);
+      });
+#pragma omp barrier
+      phase([&] { direct::rope_cache_write(k, v, a.positions, a.slot_mapping, a.k_cache[i], a.v_cache[i], theta_, q); });
+#pragma omp barrier
+      phase([&] {
+        direct::paged_attention(buf.attn, q, a.k_cache[i], a.v_cache[i], a.block_tables, a.seq_lens,
+                                a.query_start_loc, scale_, a.max_q_len, a.max_seq_len, /*row_invariant=*/true,
+                                buf.pa_scratch);
+      });
+#pragma omp barrier
+      phase([&] { l.o.into(buf.mid, attn2, xi); });                                   // residual + o_proj
+#pragma omp barrier
+      phase([&] {
+        own([&] { direct::rms_norm_out(xn, buf.mid, l.ln2, eps_); });
+        l.gate_up.into(buf.gu, xn, std::nullopt);
+      });
+#pragma omp barrier
+      phase([&] {
+        own([&] { direct::silu_and_mul_out(act, buf.gu); });
+        l.down.into(buf.xs[i + 1], act, buf.mid);                                     // residual + down_proj
+      });
+#pragma omp barrier
     }
-    if (error) std::rethrow_exception(error);
-    std::vector<at::Tensor> out{xs[L]};
-    for (auto h : hidden_layers) out.push_back(xs[h]);
-    return out;
   }
-#endif
 
   std::vector<Layer> layers_;
   int64_t hq_, hkv_, d_;

@@ -31,17 +31,18 @@ void linear_rows_q16_out(at::Tensor& y, const at::Tensor& x, const at::Tensor& w
                          const std::optional<at::Tensor>& add);
 void rms_norm_out(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight, double eps);
 void silu_and_mul_out(at::Tensor& y, const at::Tensor& x);
-// scratch: fp32, at least paged_attention_scratch_floats(...) elements, its last num_seqs * num_heads
-// zero (the partial states of long sequences' key segments and their completion counts,
-// row_invariant only; a decoder plan's team shares one, the op allocates its own otherwise; the op
-// leaves the tail zero). Only sequences longer than kAttentionSegmentKeys use it.
+// scratch: paged_attention_scratch(...) for the step's rows (the partial states of long sequences'
+// key segments and their completion counts, row_invariant only; a decoder plan shares one between
+// its layers and its team, the op allocates its own otherwise; the op leaves its counts zero).
+// Only sequences longer than kAttentionSegmentKeys use it.
 constexpr int64_t kAttentionSegmentKeys = 512;
 void paged_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
                      double scale, int64_t max_q_len, int64_t max_seq_len, bool row_invariant,
                      const std::optional<at::Tensor>& scratch = std::nullopt);
-int64_t paged_attention_scratch_floats(int64_t num_tokens, int64_t num_seqs, int64_t num_heads, int64_t head_dim,
-                                       int64_t max_seq_len);
+// None when no sequence can be longer than one segment (max_seq_len <= kAttentionSegmentKeys).
+std::optional<at::Tensor> paged_attention_scratch(int64_t num_tokens, int64_t num_seqs, int64_t num_heads,
+                                                  int64_t head_dim, int64_t max_seq_len);
 
 }  // namespace direct
 }  // namespace tandem_rt

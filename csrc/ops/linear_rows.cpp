@@ -291,7 +291,7 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const std::opti
 }
 void linear_rows_out(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& add) {
   check_linear_rows(x, w);
-  check_rows_out(y, x, x.size(0), w.size(0));
+  check_out(y, x, x.size(0), w.size(0));
   linear_rows_into(y, x, w, add);
 }
 }  // namespace direct

@@ -415,7 +415,7 @@ at::Tensor linear_rows_q(const at::Tensor& x, const at::Tensor& w, int64_t qtype
 void linear_rows_q_out(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, int64_t qtype,
                        const std::optional<at::Tensor>& add) {
   check_linear_rows_q(x, w, qtype);
-  check_rows_out(y, x, x.size(0), w.size(0));
+  check_out(y, x, x.size(0), w.size(0));
   linear_rows_q_into(y, x, w, qtype, add);
 }
 }  // namespace direct

@@ -381,7 +381,7 @@ at::Tensor linear_rows_q16(const at::Tensor& x, const at::Tensor& w, int64_t qty
 void linear_rows_q16_out(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, int64_t qtype,
                          const std::optional<at::Tensor>& add) {
   check_linear_rows_q16(x, w, qtype);
-  check_rows_out(y, x, x.size(0), w.size(0) * kGroup);
+  check_out(y, x, x.size(0), w.size(0) * kGroup);
   linear_rows_q16_into(y, x, w, qtype, add);
 }
 }  // namespace direct

@@ -254,17 +254,10 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
   const int64_t nseg = any_long ? seg_first[nseq] : nseq;
   at::Tensor parts, counts;   // [part_base[nseq]] fp32 partial states (m, l, acc[d]); int32 [nseq * groups]
   if (any_long && part_base[nseq] > 0) {
-    if (scratch.has_value()) {
-      TORCH_CHECK(scratch->numel() >= part_base[nseq] + nseq * groups,
-                  "paged_attention: scratch holds ", scratch->numel(), " floats, needs ", part_base[nseq] + nseq * groups);
-      parts = scratch->narrow(0, 0, part_base[nseq]);
-      counts = scratch->narrow(0, scratch->numel() - nseq * groups, nseq * groups);   // the zeroed tail
-    } else {
-      TORCH_CHECK(team::current().mode != team::Mode::kSplit,
-                  "paged_attention: a team of threads must pass the shared scratch");
-      parts = at::empty({part_base[nseq]}, at::TensorOptions().dtype(at::kFloat));
-      counts = at::empty({nseq * groups}, at::TensorOptions().dtype(at::kFloat)).zero_();
-    }
+    TORCH_CHECK(scratch.has_value() && scratch->numel() >= part_base[nseq] + nseq * groups,
+                "paged_attention: no scratch, or too small, for ", part_base[nseq] + nseq * groups, " floats");
+    parts = scratch->narrow(0, 0, part_base[nseq]);
+    counts = scratch->narrow(0, scratch->numel() - nseq * groups, nseq * groups);   // the zeroed tail
   }
   float* pp = parts.defined() ? parts.data_ptr<float>() : nullptr;                                   // partial states
   int32_t* cp = counts.defined() ? reinterpret_cast<int32_t*>(counts.data_ptr<float>()) : nullptr;  // completed segments
@@ -444,9 +437,15 @@ void paged_attention_run(const at::Tensor& out, const at::Tensor& q, const at::T
   validate_paged_attention_options(kernel, waves);  // CUDA options: checked, not used on the CPU
   validate_paged_attention_indices(q, k_cache, block_tables, seq_lens, query_start_loc, max_q_len, max_seq_len);
   if (q.size(0) == 0) return;
+  std::optional<at::Tensor> own;   // a call outside a team allocates its own key-segment scratch
+  if (row_invariant && !scratch.has_value()) {
+    own = direct::paged_attention_scratch(q.size(0), seq_lens.size(0), q.size(1), q.size(2), max_seq_len);
+    TORCH_CHECK(!own.has_value() || team::current().mode != team::Mode::kSplit,
+                "paged_attention: a team of threads must pass the shared scratch");
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "paged_attention_cpu", [&] {
     paged_attention_impl<scalar_t>(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                                   row_invariant, scratch);
+                                   row_invariant, scratch.has_value() ? scratch : own);
   });
 }
 
@@ -470,9 +469,16 @@ void paged_attention(const at::Tensor& out, const at::Tensor& q, const at::Tenso
                       max_seq_len, row_invariant, 0, 0, scratch);
 }
 
-int64_t paged_attention_scratch_floats(int64_t num_tokens, int64_t num_seqs, int64_t num_heads, int64_t head_dim,
-                                       int64_t max_seq_len) {
-  return num_segments(max_seq_len) * num_tokens * num_heads * (head_dim + 2) + num_seqs * num_heads;
+std::optional<at::Tensor> paged_attention_scratch(int64_t num_tokens, int64_t num_seqs, int64_t num_heads,
+                                                  int64_t head_dim, int64_t max_seq_len) {
+  if (num_segments(max_seq_len) <= 1) return std::nullopt;
+  // partial states (max, sum, acc[head_dim]) of every row, head and segment, then one count per
+  // (sequence, head) at the tail, zero
+  const int64_t counts = num_seqs * num_heads;
+  const int64_t n = num_segments(max_seq_len) * num_tokens * num_heads * (head_dim + 2) + counts;
+  at::Tensor s = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+  s.narrow(0, n - counts, counts).zero_();
+  return s;
 }
 }  // namespace direct
 

@@ -65,12 +65,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 }
 void rms_norm_out(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rms_norm(x, weight, eps);
-  check_device(y, "y", x.device());
-  check_dtype(y, "y", x.scalar_type());
-  check_rank(y, "y", 2);
-  check_size(y, "y", 0, x.size(0));
-  check_size(y, "y", 1, x.size(1));
-  check_contiguous(y, "y");
+  check_out(y, x, x.size(0), x.size(1));
   rms_norm_into(y, x, weight, eps);
 }
 }  // namespace direct

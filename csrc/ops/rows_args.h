@@ -36,16 +36,6 @@ inline int64_t check_rows_add(const std::optional<at::Tensor>& add, const at::Te
   return add->stride(0);
 }
 
-// y: the output of a product op's _out form, [M, N] of x's dtype and device, contiguous.
-inline void check_rows_out(const at::Tensor& y, const at::Tensor& x, int64_t M, int64_t N) {
-  check_device(y, "y", x.device());
-  check_dtype(y, "y", x.scalar_type());
-  check_rank(y, "y", 2);
-  check_size(y, "y", 0, M);
-  check_size(y, "y", 1, N);
-  check_contiguous(y, "y");
-}
-
 // The checks the quantized few-row ops share: x as check_rows_x with K a multiple of the block
 // size 32; w uint8 [rows, K / 32 * bytes_per_block] on x's device, contiguous.
 inline void check_rows_quant(const at::Tensor& x, const at::Tensor& w, int64_t bytes_per_block) {

@@ -52,12 +52,7 @@ namespace direct {
 at::Tensor silu_and_mul(const at::Tensor& x) { return silu_and_mul_cpu(x); }
 void silu_and_mul_out(at::Tensor& y, const at::Tensor& x) {
   check_silu_and_mul(x);
-  check_device(y, "y", x.device());
-  check_dtype(y, "y", x.scalar_type());
-  check_rank(y, "y", 2);
-  check_size(y, "y", 0, x.size(0));
-  check_size(y, "y", 1, x.size(1) / 2);
-  check_contiguous(y, "y");
+  check_out(y, x, x.size(0), x.size(1) / 2);
   silu_and_mul_into(y, x);
 }
 }  // namespace direct
