@@ -96,6 +96,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   cpu.def("linear_rows_q", &d::linear_rows_q, arg("x"), arg("w"), arg("qtype"), arg("add") = pybind11::none(), nogil);
   cpu.def("linear_rows_q16", &d::linear_rows_q16, arg("x"), arg("w"), arg("qtype"), arg("add") = pybind11::none(),
           nogil);
+  cpu.def("embedding_rows_q", &d::embedding_rows_q, arg("table"), arg("ids"), arg("qtype"), arg("dtype"), nogil);
   cpu.def("rms_norm", &d::rms_norm, arg("x"), arg("weight"), arg("eps"), nogil);
   cpu.def("silu_and_mul", &d::silu_and_mul, arg("x"), nogil);
   cpu.def("rope_cache_write", &d::rope_cache_write, arg("k"), arg("v"), arg("positions"), arg("slot_mapping"),

@@ -477,3 +477,47 @@ def test_packed_only_matrix_serves_every_path(qtype):
     assert torch.equal(packed.rows(8, 24).blocks, blocks[8:24])
     ids = torch.tensor([0, 47, 5])
     assert torch.equal(embedding_rows(packed, ids, torch.float32), embedding_rows(full, ids, torch.float32))
+
+
+# ---- embedding_rows_q: rows of a quantized embedding table (CPU) ----------------------------------
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [32, 96, 576])
+def test_embedding_rows_q_matches_gguf_dequantize(qtype, dtype, k):
+    """The op's rows equal the gguf package's dequantisation (numpy fp32, Q4_1 as d * q + m) of the
+    selected rows, rounded once to the dtype; the engine's embedding_rows calls it on the CPU."""
+    from tandem_rt.ops.layer_math import QUANT_TYPES
+    from tandem_rt.quantized import QuantMatrix, embedding_rows
+
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(41, k, generator=g) * torch.logspace(-3, 1, 41).unsqueeze(1)
+    blocks, ref = gguf_blocks(w, qtype)
+    ids = torch.tensor([0, 40, 7, 7, 13, 0, 39], dtype=torch.int64)
+    want = ref.index_select(0, ids).float().to(dtype)
+    got = torch.ops.tandem_rt.embedding_rows_q(blocks, ids, QUANT_TYPES[qtype][0], dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(embedding_rows(QuantMatrix(blocks, qtype, k), ids, dtype), want)
+    empty = torch.ops.tandem_rt.embedding_rows_q(blocks, ids[:0], QUANT_TYPES[qtype][0], dtype)
+    assert empty.shape == (0, k)
+
+
+def test_embedding_rows_q_validation():
+    from tandem_rt._ext import _C
+
+    blocks = torch.zeros(4, 68, dtype=torch.uint8)   # 4 rows of 2 Q8_0 blocks (64 weights)
+    ids = torch.tensor([0, 3])
+    assert _C.cpu.embedding_rows_q(blocks, ids, 0, torch.float32).shape == (2, 64)
+    for args, match in [((blocks, torch.tensor([4]), 0, torch.float32), r"ids\[0\] = 4"),
+                        ((blocks, torch.tensor([-1]), 0, torch.float32), r"ids\[0\] = -1"),
+                        ((blocks, ids.int(), 0, torch.float32), "ids"),
+                        ((blocks, ids.view(2, 1), 0, torch.float32), "ids"),
+                        ((blocks, ids, 3, torch.float32), "qtype"),
+                        ((blocks, ids, 2, torch.float32), "blocks"),     # 68 bytes is not whole Q4_1 blocks
+                        ((blocks.to(torch.int8), ids, 0, torch.float32), "table"),
+                        ((blocks[:, :67], ids, 0, torch.float32), "table"),
+                        ((blocks, ids, 0, torch.int32), "dtype")]:
+        with pytest.raises(ValueError, match=match):
+            _C.cpu.embedding_rows_q(*args)
+        with pytest.raises(ValueError, match=match):
+            torch.ops.tandem_rt.embedding_rows_q(*args)

@@ -257,3 +257,83 @@ def test_sampling_params_and_make_rng_state():
         ops.make_rng_state(2**63)
     with pytest.raises(ValueError, match="seed"):
         ops.make_rng_state(1.5)
+
+
+# ---------------------------------------------------------------- greedy argmax (CPU variants)
+
+
+def ref_greedy_token(row: torch.Tensor) -> int:
+    """Lowest index of the largest logit after sanitising (NaN -> lowest float, +-inf -> +-largest
+    float), -0.0 below +0.0: plain-Python loop over the row."""
+    import math
+    import struct
+
+    big = 3.4028234663852886e38
+
+    def key(v):
+        v = -big if math.isnan(v) else max(-big, min(big, v))
+        return (v, math.copysign(1.0, v) if v == 0 else 0.0)
+
+    vals = [struct.unpack("f", struct.pack("f", v))[0] for v in row.tolist()]
+    best = 0
+    for j, v in enumerate(vals):
+        if key(v) > key(vals[best]):
+            best = j
+    return best
+
+
+def greedy_rows(V: int, seed: int) -> torch.Tensor:
+    """Rows that exercise the argmax: random, ties of the maximum, maxima in the tail and the first
+    lane, NaN / +-inf, all-NaN, all -inf, a maximum of +-0.0."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randn(V, generator=g) for _ in range(3)]
+    r = torch.randn(V, generator=g)
+    r[torch.randint(0, V, (3,), generator=g)] = 9.0          # ties of the maximum
+    rows.append(r)
+    r = torch.randn(V, generator=g)
+    r[-1] = 9.0                                                # the maximum in the tail
+    rows.append(r)
+    r = torch.randn(V, generator=g)
+    r[0] = 9.0
+    rows.append(r)
+    r = torch.randn(V, generator=g)
+    r[torch.randint(0, V, (max(1, V // 7),), generator=g)] = float("nan")
+    rows.append(r)
+    r = torch.randn(V, generator=g)
+    r[torch.randint(0, V, (2,), generator=g)] = float("inf")   # +inf ties the largest float
+    r[V // 2] = 3.4028234663852886e38
+    rows.append(r)
+    rows.append(torch.full((V,), float("nan")))
+    rows.append(torch.full((V,), float("-inf")))
+    r = -torch.rand(V, generator=g) - 1
+    r[torch.randint(0, V, (2,), generator=g)] = -0.0
+    r[V - 1] = 0.0                                              # +0.0 beats the earlier -0.0
+    rows.append(r)
+    r = -torch.rand(V, generator=g) - 1
+    r[V // 3] = -0.0
+    rows.append(r)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("variant", ["", "avx512", "base"])
+@pytest.mark.parametrize("V", [1, 15, 16, 17, 63, 64, 65, 130, 1000, 8192 + 5])
+def test_greedy_argmax_matches_reference(V, variant, monkeypatch):
+    """Temperature 0 in sample and verify: every CPU variant picks the reference's token."""
+    monkeypatch.setenv("TANDEM_RT_CPU_KERNELS", variant)
+    logits = greedy_rows(V, V)
+    B = logits.shape[0]
+    want = [ref_greedy_token(r) for r in logits]
+    t, k, p = ops.sampling_params(B, 0.0)
+    try:
+        got = torch.ops.tandem_rt.sample(logits, t, k, p, ops.make_rng_state(0), None)
+    except ValueError as e:
+        pytest.skip(f"this CPU cannot run the {variant} variant: {e}")
+    assert got.tolist() == want
+    # verify with zero drafts emits the target's greedy token; with the token as its draft, accepts it
+    none = torch.empty(B, 0, dtype=torch.int64)
+    _, em = torch.ops.tandem_rt.verify(none, torch.zeros(B, dtype=torch.int32), None, logits.view(B, 1, V),
+                                       t, k, p, ops.make_rng_state(0))
+    assert em[:, 0].tolist() == want
+    acc, em = torch.ops.tandem_rt.verify(torch.tensor(want).view(B, 1), torch.ones(B, dtype=torch.int32), None,
+                                         torch.stack([logits, logits], 1), t, k, p, ops.make_rng_state(0))
+    assert acc.tolist() == [1] * B and em[:, 0].tolist() == want

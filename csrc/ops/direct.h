@@ -17,6 +17,8 @@ at::Tensor linear_rows_q(const at::Tensor& x, const at::Tensor& w, int64_t qtype
 at::Tensor linear_rows_q16(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
                            const std::optional<at::Tensor>& add);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+// Rows ids [T] of a GGUF-quantized embedding table [N, K / 32 * block_bytes] -> [T, K] in dtype.
+at::Tensor embedding_rows_q(const at::Tensor& table, const at::Tensor& ids, int64_t qtype, at::ScalarType dtype);
 at::Tensor silu_and_mul(const at::Tensor& x);
 void rope_cache_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
                       const at::Tensor& slot_mapping, const at::Tensor& k_cache, const at::Tensor& v_cache,

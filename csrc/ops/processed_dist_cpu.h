@@ -20,10 +20,9 @@
 
 namespace tandem_rt::cpu {
 
-// Lowest index of the largest logit (float_order_key order). logits: [V].
-// Two passes that the compiler vectorises: the largest sanitised logit over 16 independent lanes,
-// then the first index holding it. Equal sanitised floats have equal keys except -0.0 / +0.0, so a
-// maximum of zero takes the key loop (its keys order -0.0 below +0.0).
+// Lowest index of the largest logit (float_order_key order). logits: [V]. The argmax variants
+// below compare sanitised floats, which have equal keys except -0.0 / +0.0, so a maximum of zero
+// takes this key loop (its keys order -0.0 below +0.0).
 inline int64_t argmax_lowest_keys(const float* logits, int64_t V) {
   int64_t best = 0;
   uint32_t best_key = float_order_key(logits[0]);
@@ -34,7 +33,13 @@ inline int64_t argmax_lowest_keys(const float* logits, int64_t V) {
   return best;
 }
 
-inline int64_t argmax_lowest(const float* logits, int64_t V) {
+// Lowest index of the largest sanitised logit; the scalar loops below, or their AVX-512 twin
+// (ops/argmax_cpu.cpp, chosen as the other CPU kernels are: cpu_isa::best()). logits: [V], V >= 1.
+int64_t argmax_lowest(const float* logits, int64_t V);
+
+// The portable variant: the largest sanitised logit over 16 independent lanes (vectorised by the
+// compiler), then the first index holding it.
+inline int64_t argmax_lowest_base(const float* logits, int64_t V) {
   constexpr int kLanes = 16;
   float lane_max[kLanes];
   for (int l = 0; l < kLanes; ++l) lane_max[l] = sanitize_logit(logits[0]);

@@ -142,11 +142,14 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, c
   float* out = probs_out.has_value() ? probs_out->data_ptr<float>() : nullptr;
   int64_t* tok = tokens.data_ptr<int64_t>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(out ? 0 : V);
+    // sized only for a sampled row without probs_out: a greedy step allocates nothing (a [V]
+    // buffer of a large vocabulary is a fresh mmap with page faults on every call)
+    std::vector<float> scratch;
     std::vector<int32_t> order;
     for (int64_t b = begin; b < end; ++b) {
-      float* probs = out ? out + b * V : scratch.data();
       const float* row = L + b * V;
+      if (!out && T[b] > 0.0f && scratch.empty()) scratch.resize(V);
+      float* probs = out ? out + b * V : scratch.data();
       if (!(T[b] > 0.0f)) {
         tok[b] = cpu::argmax_lowest(row, V);
         if (out) {
@@ -196,10 +199,11 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& draft_tokens, co
   int32_t* acc = accepted.data_ptr<int32_t>();
   int64_t* em = emitted.data_ptr<int64_t>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(V), w(V);
+    std::vector<float> p, w;  // sized for the first sampled row (greedy rows need neither)
     std::vector<int32_t> order;
     for (int64_t b = begin; b < end; ++b) {
       const int64_t len = lens[b];
+      if (T[b] > 0.0f && p.empty()) p.resize(V), w.resize(V);
       const RowRngKey key = row_rng_key(state, rng_rows, b);
       int64_t* out = em + b * (G + 1);
       for (int64_t i = 0; i <= len; ++i) {

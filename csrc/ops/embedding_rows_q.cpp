@@ -1,0 +1,136 @@
+// Op tandem_rt::embedding_rows_q (CPU): rows of a GGUF-quantized embedding table, dequantized.
+//
+//   out[t, :] = dequant(table[ids[t], :]) rounded to dtype (fp32 / bf16 / fp16)
+//
+// The arithmetic of tandem_rt.quantized.dequantize (ggml's dequantize_row_*): w = d * q for Q8_0,
+// d * (nib - 8) for Q4_0, and d * nib then + m (two fp32 roundings, no fused multiply-add) for
+// Q4_1; then one rounding to the output dtype. A decode step embeds one row per sequence: the ~10
+// ATen ops of the Python dequantisation cost ~0.3 ms there, this loop a few microseconds.
+#include "common/check.h"
+#include "ops/direct.h"
+#include "ops/quant_blocks.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace tandem_rt {
+namespace {
+
+using quant::half_to_float;
+using quant::kBlock;
+using quant::kQ4_0;
+using quant::kQ4_1;
+using quant::kQ8_0;
+
+// The 32 weights of one block (the Python dequantisation's roundings; the optimize attribute keeps
+// GCC from contracting Q4_1's d * nib + m into an FMA wherever the target has one).
+template <int64_t Q>
+__attribute__((optimize("fp-contract=off"))) void dequant_block_unfused(const uint8_t* blk, float* out) {
+  const float d = half_to_float(blk);
+  if constexpr (Q == kQ8_0) {
+    for (int k = 0; k < kBlock; ++k) out[k] = d * static_cast<float>(static_cast<int8_t>(blk[2 + k]));
+  } else if constexpr (Q == kQ4_0) {
+    for (int k = 0; k < 16; ++k) {
+      out[k] = d * static_cast<float>(static_cast<int>(blk[2 + k] & 15) - 8);
+      out[k + 16] = d * static_cast<float>(static_cast<int>(blk[2 + k] >> 4) - 8);
+    }
+  } else {
+    const float m = half_to_float(blk + 2);
+    for (int k = 0; k < 16; ++k) {
+      const float lo = d * static_cast<float>(blk[4 + k] & 15);
+      const float hi = d * static_cast<float>(blk[4 + k] >> 4);
+      out[k] = lo + m;
+      out[k + 16] = hi + m;
+    }
+  }
+}
+
+// table: [N, K / 32 * block_bytes] uint8 block rows; ids: [T] int64 in [0, N); out: [T, K] of E.
+template <int64_t Q, typename E>
+void embed_rows(const uint8_t* table, int64_t row_bytes, const int64_t* ids, int64_t T, int64_t K, E* out) {
+  float w[kBlock];
+  for (int64_t t = 0; t < T; ++t) {
+    const uint8_t* row = table + ids[t] * row_bytes;  // [K / 32 blocks]
+    E* y = out + t * K;                               // [K]
+    for (int64_t j = 0; j < K / kBlock; ++j) {
+      dequant_block_unfused<Q>(row + j * quant::block_bytes(Q), w);
+      for (int k = 0; k < kBlock; ++k) y[j * kBlock + k] = static_cast<E>(w[k]);
+    }
+  }
+}
+
+template <typename E>
+void embed_rows_q(int64_t qtype, const uint8_t* table, int64_t row_bytes, const int64_t* ids, int64_t T, int64_t K,
+                  E* out) {
+  if (qtype == kQ8_0) return embed_rows<kQ8_0, E>(table, row_bytes, ids, T, K, out);
+  if (qtype == kQ4_0) return embed_rows<kQ4_0, E>(table, row_bytes, ids, T, K, out);
+  embed_rows<kQ4_1, E>(table, row_bytes, ids, T, K, out);
+}
+
+void check_embedding_rows_q(const at::Tensor& table, const at::Tensor& ids, int64_t qtype, int64_t K) {
+  TORCH_CHECK_VALUE(qtype == kQ8_0 || qtype == kQ4_0 || qtype == kQ4_1,
+                    "qtype must be 0 (Q8_0), 1 (Q4_0) or 2 (Q4_1), got ", qtype);
+  TORCH_CHECK_VALUE(table.device().is_cpu(), "table must be on the CPU, got ", table.device());
+  check_dtype(table, "table", at::kByte);
+  check_rank(table, "table", 2);
+  check_contiguous(table, "table");
+  TORCH_CHECK_VALUE(table.size(1) % quant::block_bytes(qtype) == 0, "table.shape[1] (", table.size(1),
+                    ") must be a whole number of ", quant::block_bytes(qtype), "-byte blocks for qtype ", qtype);
+  TORCH_CHECK_VALUE(K == table.size(1) / quant::block_bytes(qtype) * kBlock, "the output width (", K,
+                    ") must be the table's row width in weights (", table.size(1) / quant::block_bytes(qtype) * kBlock,
+                    ")");
+  check_device(ids, "ids", table.device());
+  check_dtype(ids, "ids", at::kLong);
+  check_rank(ids, "ids", 1);
+  check_contiguous(ids, "ids");
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const int64_t N = table.size(0);
+  for (int64_t t = 0; t < ids.size(0); ++t)
+    TORCH_CHECK_VALUE(id[t] >= 0 && id[t] < N, "ids[", t, "] = ", id[t], " is outside [0, ", N, ")");
+}
+
+void embedding_rows_q_into(at::Tensor& out, const at::Tensor& table, const at::Tensor& ids, int64_t qtype) {
+  const int64_t T = out.size(0), K = out.size(1), row_bytes = table.size(1);
+  const uint8_t* tp = table.data_ptr<uint8_t>();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  switch (out.scalar_type()) {
+    case at::kFloat:
+      return embed_rows_q<float>(qtype, tp, row_bytes, id, T, K, out.data_ptr<float>());
+    case at::kBFloat16:
+      return embed_rows_q<c10::BFloat16>(qtype, tp, row_bytes, id, T, K, out.data_ptr<c10::BFloat16>());
+    case at::kHalf:
+      return embed_rows_q<c10::Half>(qtype, tp, row_bytes, id, T, K, out.data_ptr<c10::Half>());
+    default:
+      TORCH_CHECK_VALUE(false, "dtype must be float32, bfloat16 or float16, got ", out.scalar_type());
+  }
+}
+
+at::Tensor embedding_rows_q_cpu(const at::Tensor& table, const at::Tensor& ids, int64_t qtype, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(is_float_kv_dtype(dtype), "dtype must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK_VALUE(qtype == kQ8_0 || qtype == kQ4_0 || qtype == kQ4_1,
+                    "qtype must be 0 (Q8_0), 1 (Q4_0) or 2 (Q4_1), got ", qtype);
+  check_rank(table, "table", 2);
+  const int64_t K = table.size(1) / quant::block_bytes(qtype) * kBlock;
+  check_embedding_rows_q(table, ids, qtype, K);
+  at::Tensor out = at::empty({ids.size(0), K}, table.options().dtype(dtype));
+  embedding_rows_q_into(out, table, ids, qtype);
+  return out;
+}
+
+}  // namespace
+
+namespace direct {
+at::Tensor embedding_rows_q(const at::Tensor& table, const at::Tensor& ids, int64_t qtype, at::ScalarType dtype) {
+  return embedding_rows_q_cpu(table, ids, qtype, dtype);
+}
+}  // namespace direct
+
+TORCH_LIBRARY_FRAGMENT(tandem_rt, m) {
+  m.def("embedding_rows_q(Tensor table, Tensor ids, int qtype, ScalarType dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tandem_rt, CPU, m) {
+  m.impl("embedding_rows_q", &embedding_rows_q_cpu);
+}
+
+}  // namespace tandem_rt
