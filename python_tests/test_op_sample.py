@@ -315,14 +315,16 @@ def greedy_rows(V: int, seed: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("variant", ["", "avx512", "base"])
 @pytest.mark.parametrize("V", [1, 15, 16, 17, 63, 64, 65, 130, 1000, 8192 + 5])
-def test_greedy_argmax_matches_reference(V, variant, monkeypatch):
-    """Temperature 0 in sample and verify: every CPU variant picks the reference's token."""
+def test_greedy_argmax_matches_reference(V, variant, dtype, monkeypatch):
+    """Temperature 0 in sample and verify: every CPU variant picks the reference's token, on fp32
+    logits and on bf16 / fp16 ones (bf16 rows are read as they are when every row is greedy)."""
     monkeypatch.setenv("TANDEM_RT_CPU_KERNELS", variant)
-    logits = greedy_rows(V, V)
+    logits = greedy_rows(V, V).to(dtype)
     B = logits.shape[0]
-    want = [ref_greedy_token(r) for r in logits]
+    want = [ref_greedy_token(r) for r in logits.float()]
     t, k, p = ops.sampling_params(B, 0.0)
     try:
         got = torch.ops.tandem_rt.sample(logits, t, k, p, ops.make_rng_state(0), None)

@@ -24,7 +24,7 @@ namespace {
 
 constexpr float kMaxLogit = 3.402823466e+38f;  // sanitize_logit's bound
 
-// _mm512_max_ps / _mm512_min_ps by their zero-masked forms with every lane kept: the same
+// _mm512_max_ps / _mm512_min_ps (and, below, the widening ops) by their zero-masked forms with every lane kept: the same
 // instructions, without GCC 12's false -Wmaybe-uninitialized in the unmasked intrinsics.
 inline __m512 max16(__m512 a, __m512 b) { return _mm512_maskz_max_ps(0xFFFF, a, b); }
 inline __m512 min16(__m512 a, __m512 b) { return _mm512_maskz_min_ps(0xFFFF, a, b); }
@@ -36,35 +36,47 @@ inline __m512 sanitize16(__m512 v) {
   return min16(max16(v, _mm512_set1_ps(-kMaxLogit)), _mm512_set1_ps(kMaxLogit));
 }
 
-// logits: [V], V >= 1.
-int64_t argmax_lowest_avx512(const float* logits, int64_t V) {
+// 16 logits from p as fp32 (tail: the lanes of mask, the others `fill`).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 widen16(__m256i bits) {  // bf16 bits -> fp32, exactly (zero-extend, shift to the high half)
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, _mm512_maskz_cvtepu16_epi32(0xFFFF, bits), 16));
+}
+inline __m512 load16(const uint16_t* p) { return widen16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512 load16(const float* p, __mmask16 mask, __m512 fill) { return _mm512_mask_loadu_ps(fill, mask, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 mask, __m512 fill) {
+  return _mm512_mask_mov_ps(fill, mask, widen16(_mm256_maskz_loadu_epi16(mask, p)));
+}
+
+// logits: [V] fp32 or bf16 bits, V >= 1; keys: the key loop's row as fp32 (the bf16 caller widens).
+template <typename E, typename Keys>
+int64_t argmax_lowest_avx512(const E* logits, int64_t V, Keys keys) {
   const __m512 lowest = _mm512_set1_ps(-kMaxLogit);
   __m512 m0 = lowest, m1 = lowest, m2 = lowest, m3 = lowest;
   int64_t j = 0;
   for (; j + 64 <= V; j += 64) {
-    m0 = max16(m0, sanitize16(_mm512_loadu_ps(logits + j)));
-    m1 = max16(m1, sanitize16(_mm512_loadu_ps(logits + j + 16)));
-    m2 = max16(m2, sanitize16(_mm512_loadu_ps(logits + j + 32)));
-    m3 = max16(m3, sanitize16(_mm512_loadu_ps(logits + j + 48)));
+    m0 = max16(m0, sanitize16(load16(logits + j)));
+    m1 = max16(m1, sanitize16(load16(logits + j + 16)));
+    m2 = max16(m2, sanitize16(load16(logits + j + 32)));
+    m3 = max16(m3, sanitize16(load16(logits + j + 48)));
   }
-  for (; j + 16 <= V; j += 16) m0 = max16(m0, sanitize16(_mm512_loadu_ps(logits + j)));
+  for (; j + 16 <= V; j += 16) m0 = max16(m0, sanitize16(load16(logits + j)));
   if (j < V) {
     const __mmask16 tail = static_cast<__mmask16>((1u << (V - j)) - 1u);
-    m0 = max16(m0, sanitize16(_mm512_mask_loadu_ps(lowest, tail, logits + j)));
+    m0 = max16(m0, sanitize16(load16(logits + j, tail, lowest)));
   }
   alignas(64) float lanes[16];
   _mm512_store_ps(lanes, max16(max16(m0, m1), max16(m2, m3)));
   float m = lanes[0];
   for (int l = 1; l < 16; ++l) m = lanes[l] > m ? lanes[l] : m;
-  if (m == 0.0f) return argmax_lowest_keys(logits, V);
+  if (m == 0.0f) return keys();
   const __m512 mv = _mm512_set1_ps(m);
   for (j = 0; j + 16 <= V; j += 16) {
-    const __mmask16 hit = _mm512_cmp_ps_mask(sanitize16(_mm512_loadu_ps(logits + j)), mv, _CMP_EQ_OQ);
+    const __mmask16 hit = _mm512_cmp_ps_mask(sanitize16(load16(logits + j)), mv, _CMP_EQ_OQ);
     if (hit) return j + __builtin_ctz(hit);
   }
   if (j < V) {
     const __mmask16 tail = static_cast<__mmask16>((1u << (V - j)) - 1u);
-    const __m512 v = sanitize16(_mm512_mask_loadu_ps(lowest, tail, logits + j));
+    const __m512 v = sanitize16(load16(logits + j, tail, lowest));
     const __mmask16 hit = _mm512_mask_cmp_ps_mask(tail, v, mv, _CMP_EQ_OQ);
     if (hit) return j + __builtin_ctz(hit);
   }
@@ -74,13 +86,42 @@ int64_t argmax_lowest_avx512(const float* logits, int64_t V) {
 #pragma GCC pop_options
 #endif
 
+// bf16 bits -> fp32 (exact).
+inline float widen_bf16(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// argmax_lowest_keys over a bf16 row: the definition itself (largest key, lowest index), the
+// portable variant and the AVX-512 variant's fallback for a maximum of zero.
+int64_t argmax_lowest_keys_bf16(const uint16_t* logits, int64_t V) {
+  int64_t best = 0;
+  uint32_t best_key = float_order_key(widen_bf16(logits[0]));
+  for (int64_t j = 1; j < V; ++j) {
+    const uint32_t k = float_order_key(widen_bf16(logits[j]));
+    if (k > best_key) best_key = k, best = j;
+  }
+  return best;
+}
+
 }  // namespace
 
 int64_t argmax_lowest(const float* logits, int64_t V) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (V >= 1 && cpu_isa::best() == cpu_isa::Isa::kAvx512) return argmax_lowest_avx512(logits, V);
+  if (V >= 1 && cpu_isa::best() == cpu_isa::Isa::kAvx512)
+    return argmax_lowest_avx512(logits, V, [&] { return argmax_lowest_keys(logits, V); });
 #endif
   return argmax_lowest_base(logits, V);
+}
+
+int64_t argmax_lowest_bf16(const uint16_t* logits, int64_t V) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (V >= 1 && cpu_isa::best() == cpu_isa::Isa::kAvx512)
+    return argmax_lowest_avx512(logits, V, [&] { return argmax_lowest_keys_bf16(logits, V); });
+#endif
+  return argmax_lowest_keys_bf16(logits, V);
 }
 
 }  // namespace tandem_rt::cpu

@@ -36,6 +36,9 @@ inline int64_t argmax_lowest_keys(const float* logits, int64_t V) {
 // Lowest index of the largest sanitised logit; the scalar loops below, or their AVX-512 twin
 // (ops/argmax_cpu.cpp, chosen as the other CPU kernels are: cpu_isa::best()). logits: [V], V >= 1.
 int64_t argmax_lowest(const float* logits, int64_t V);
+// The same over bf16 logits (bits [V]; widened to fp32 exactly, so the index is argmax_lowest's of
+// the widened row).
+int64_t argmax_lowest_bf16(const uint16_t* logits, int64_t V);
 
 // The portable variant: the largest sanitised logit over 16 independent lanes (vectorised by the
 // compiler), then the first index holding it.

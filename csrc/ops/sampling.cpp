@@ -113,6 +113,28 @@ void validate_rng_uniform(const at::Tensor& rng_state, int64_t num_subsequences,
 
 namespace {
 
+// The logits rows as the ops read them: fp32, or, when every row is greedy, bf16 logits as they are
+// (greedy reads only the argmax, which widening bf16 to fp32 does not change; the fp32 copy of a
+// large vocabulary is a fresh allocation with page faults on every call). rows: [R, V].
+struct LogitRows {
+  at::Tensor f32;          // [R, V] fp32 contiguous, or undefined
+  const uint16_t* bf16;    // [R, V] bf16 bits when f32 is undefined
+  int64_t V;
+  const float* row(int64_t r) const { return f32.data_ptr<float>() + r * V; }
+  int64_t argmax(int64_t r) const {
+    return f32.defined() ? cpu::argmax_lowest(row(r), V) : cpu::argmax_lowest_bf16(bf16 + r * V, V);
+  }
+};
+
+LogitRows logit_rows(const at::Tensor& logits, const float* temperature, int64_t B) {
+  const int64_t V = logits.size(logits.dim() - 1);
+  bool greedy = true;
+  for (int64_t b = 0; b < B; ++b) greedy = greedy && !(temperature[b] > 0.0f);
+  if (greedy && logits.scalar_type() == at::kBFloat16 && logits.is_contiguous())
+    return {at::Tensor(), reinterpret_cast<const uint16_t*>(logits.data_ptr<at::BFloat16>()), V};
+  return {logits.to(at::kFloat).contiguous(), nullptr, V};
+}
+
 // Value checks that need the data (CPU only: on CUDA they would synchronise with the host).
 void check_row_param_values(const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p) {
   const float* t = temperature.data_ptr<float>();
@@ -131,11 +153,10 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, c
   validate_sample(logits, temperature, top_k, top_p, rng_state, probs_out);
   check_row_param_values(temperature, top_k, top_p);
   const int64_t B = logits.size(0), V = logits.size(1);
-  const at::Tensor lf = logits.to(at::kFloat).contiguous();
+  const LogitRows rows = logit_rows(logits, temperature.data_ptr<float>(), B);
   auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
   int64_t* state = rng_state.data_ptr<int64_t>();
   const int rng_rows = rng_state.dim() == 2 ? static_cast<int>(B) : 0;
-  const float* L = lf.data_ptr<float>();
   const float* T = temperature.data_ptr<float>();
   const int32_t* K = top_k.data_ptr<int32_t>();
   const float* P = top_p.data_ptr<float>();
@@ -147,17 +168,17 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, c
     std::vector<float> scratch;
     std::vector<int32_t> order;
     for (int64_t b = begin; b < end; ++b) {
-      const float* row = L + b * V;
       if (!out && T[b] > 0.0f && scratch.empty()) scratch.resize(V);
       float* probs = out ? out + b * V : scratch.data();
       if (!(T[b] > 0.0f)) {
-        tok[b] = cpu::argmax_lowest(row, V);
+        tok[b] = rows.argmax(b);
         if (out) {
           std::fill(probs, probs + V, 0.0f);
           probs[tok[b]] = 1.0f;
         }
         continue;
       }
+      const float* row = rows.row(b);
       cpu::processed_distribution(row, V, T[b], K[b], P[b], probs, order);
       float total = 0.0f;
       for (int64_t j = 0; j < V; ++j) total += probs[j];
@@ -186,12 +207,11 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& draft_tokens, co
       TORCH_CHECK_VALUE(x >= 0 && x < V, "draft_tokens[", b, ", ", i, "] = ", x, " is outside [0, ", V, ")");
     }
   }
-  const at::Tensor lf = target_logits.to(at::kFloat).contiguous();
+  const LogitRows rows = logit_rows(target_logits, temperature.data_ptr<float>(), B);
   auto accepted = at::empty({B}, draft_lens.options());
   auto emitted = at::full({B, G + 1}, -1, draft_tokens.options());
   int64_t* state = rng_state.data_ptr<int64_t>();
   const int rng_rows = rng_state.dim() == 2 ? static_cast<int>(B) : 0;
-  const float* Lg = lf.data_ptr<float>();
   const float* Q = draft_probs.has_value() ? draft_probs->data_ptr<float>() : nullptr;
   const float* T = temperature.data_ptr<float>();
   const int32_t* K = top_k.data_ptr<int32_t>();
@@ -207,15 +227,15 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& draft_tokens, co
       const RowRngKey key = row_rng_key(state, rng_rows, b);
       int64_t* out = em + b * (G + 1);
       for (int64_t i = 0; i <= len; ++i) {
-        const float* row = Lg + (b * (G + 1) + i) * V;
+        const int64_t r = b * (G + 1) + i;
         if (!(T[b] > 0.0f)) {  // greedy: longest prefix equal to the target's argmax
-          const int64_t a = cpu::argmax_lowest(row, V);
+          const int64_t a = rows.argmax(r);
           out[i] = a;
           if (i < len && draft[b * G + i] == a) continue;
           acc[b] = static_cast<int32_t>(i);
           break;
         }
-        cpu::processed_distribution(row, V, T[b], K[b], P[b], p.data(), order);
+        cpu::processed_distribution(rows.row(r), V, T[b], K[b], P[b], p.data(), order);
         if (i == len) {  // every draft accepted: bonus token from p
           float total = 0.0f;
           for (int64_t j = 0; j < V; ++j) total += p[j];

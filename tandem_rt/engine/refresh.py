@@ -39,6 +39,9 @@ class TandemRefresh:
             lambda w: input_major([w], secondary.cpu_ops))
         self.proj = [(layout(p.weight), None if p.bias is None else p.bias.detach()) for p in model.tandem.proj]
         self.secondary = secondary
+        # layer j's K/V part of the secondary's QKV product (views, taken once: slicing a quantized
+        # matrix builds a new QuantMatrix)
+        self.kv = [secondary.kv_weights(j) for j in range(len(self.proj))]
         self.layer_map = list(model.layer_map)
         self.projection_embed = bool(model.config.projection_embed)
         self.rope_write = _C.cpu.rope_cache_write if secondary.cpu_ops else torch.ops.tandem_rt.rope_cache_write
@@ -90,8 +93,9 @@ class TandemRefresh:
             if anchor is not None:
                 y_hat = y_hat + anchor.to(y_hat.dtype)
             h = self.secondary.input_norm(j, y_hat)
-            w_kv, b_kv = self.secondary.kv_weights(j)
-            k, v = mm(h, w_kv, b_kv).view(T, 2 * Hkv, D).split(Hkv, 1)
+            w_kv, b_kv = self.kv[j]
+            kv = mm(h, w_kv, b_kv).view(T, 2 * Hkv, D)
+            k, v = kv[:, :Hkv], kv[:, Hkv:]
             # the raw op: the engine built the indices, and the C++ op validates every argument
             self.rope_write(k, v, positions, slot_mapping, k_cache[j], v_cache[j], theta, None)
         if self.feature is not None and features is not None:
