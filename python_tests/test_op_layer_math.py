@@ -487,6 +487,7 @@ def test_packed_only_matrix_serves_every_path(qtype):
 def test_embedding_rows_q_matches_gguf_dequantize(qtype, dtype, k):
     """The op's rows equal the gguf package's dequantisation (numpy fp32, Q4_1 as d * q + m) of the
     selected rows, rounded once to the dtype; the engine's embedding_rows calls it on the CPU."""
+    import tandem_rt.ops
     from tandem_rt.ops.layer_math import QUANT_TYPES
     from tandem_rt.quantized import QuantMatrix, embedding_rows
 
@@ -497,6 +498,7 @@ def test_embedding_rows_q_matches_gguf_dequantize(qtype, dtype, k):
     want = ref.index_select(0, ids).float().to(dtype)
     got = torch.ops.tandem_rt.embedding_rows_q(blocks, ids, QUANT_TYPES[qtype][0], dtype)
     assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(tandem_rt.ops.embedding_rows_q(blocks, ids, qtype, dtype), want)
     assert torch.equal(embedding_rows(QuantMatrix(blocks, qtype, k), ids, dtype), want)
     empty = torch.ops.tandem_rt.embedding_rows_q(blocks, ids[:0], QUANT_TYPES[qtype][0], dtype)
     assert empty.shape == (0, k)
@@ -504,6 +506,7 @@ def test_embedding_rows_q_matches_gguf_dequantize(qtype, dtype, k):
 
 def test_embedding_rows_q_validation():
     from tandem_rt._ext import _C
+    from tandem_rt.ops import embedding_rows_q
 
     blocks = torch.zeros(4, 68, dtype=torch.uint8)   # 4 rows of 2 Q8_0 blocks (64 weights)
     ids = torch.tensor([0, 3])
@@ -521,3 +524,5 @@ def test_embedding_rows_q_validation():
             _C.cpu.embedding_rows_q(*args)
         with pytest.raises(ValueError, match=match):
             torch.ops.tandem_rt.embedding_rows_q(*args)
+    with pytest.raises(ValueError, match="qtype"):
+        embedding_rows_q(blocks, ids, "Q5_K", torch.float32)

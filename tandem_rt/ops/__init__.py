@@ -24,7 +24,8 @@ Ops:
 * ``copy_pages(caches, src_pages, dst_pages)``
 * CPU only, fused layer math for the engine: ``rms_norm(x, weight, eps)``, ``silu_and_mul(gate_up)``,
   ``linear_rows(x, w, add=None)`` (bf16 / fp32); CPU and CUDA: ``linear_rows_q(x, w_blocks, qtype,
-  add=None)`` (GGUF Q8_0 / Q4_0 / Q4_1 weights kept quantized)
+  add=None)`` (GGUF Q8_0 / Q4_0 / Q4_1 weights kept quantized); CPU only: ``embedding_rows_q(table,
+  ids, qtype, dtype)`` (rows of a quantized embedding table, dequantized)
 
 Helpers: ``make_rng_state(seed, device)``, ``sampling_params(batch_size, temperature, top_k,
 top_p, device)`` (per-row parameter tensors), ``rng_uniform(rng_state, num_subsequences,
@@ -35,4 +36,4 @@ from tandem_rt.ops.attention import ATTENTION_KERNELS, paged_attention  # noqa: 
 from tandem_rt.ops.rope import rope_cache_write  # noqa: E402,F401
 from tandem_rt.ops.sampling import make_rng_state, rng_uniform, sample, sampling_params, verify  # noqa: E402,F401
 from tandem_rt.ops.pages import copy_pages  # noqa: E402,F401
-from tandem_rt.ops.layer_math import linear_rows, linear_rows_q, rms_norm, silu_and_mul  # noqa: E402,F401
+from tandem_rt.ops.layer_math import embedding_rows_q, linear_rows, linear_rows_q, rms_norm, silu_and_mul  # noqa: E402,F401

@@ -120,4 +120,22 @@ def linear_rows_q(x: torch.Tensor, w: torch.Tensor, qtype: str, add: torch.Tenso
     return torch.ops.tandem_rt.linear_rows_q(x, w, code, add)
 
 
-__all__ = ["rms_norm", "silu_and_mul", "linear_rows", "linear_rows_q", "QUANT_TYPES"]
+def embedding_rows_q(table: torch.Tensor, ids: torch.Tensor, qtype: str, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of an embedding table kept in its GGUF block quantization, dequantized (CPU):
+    ``quantized.dequantize``'s values (Q8_0 ``d * q``, Q4_0 ``d * (nib - 8)``, Q4_1 ``d * nib`` then
+    ``+ m``, fp32), rounded once to ``dtype``.
+
+    Args:
+        table: uint8 ``[N, K / 32 * block_bytes]`` contiguous CPU tensor, GGUF block rows.
+        ids: int64 ``[T]`` contiguous, each in ``[0, N)``.
+        qtype: ``"Q8_0"``, ``"Q4_0"`` or ``"Q4_1"`` (:data:`QUANT_TYPES`).
+        dtype: torch.float32, torch.bfloat16 or torch.float16.
+    Returns:
+        new ``[T, K]`` of ``dtype``.
+    """
+    if qtype not in QUANT_TYPES:
+        raise ValueError(f"qtype must be one of {sorted(QUANT_TYPES)}, got {qtype!r}")
+    return torch.ops.tandem_rt.embedding_rows_q(table, ids, QUANT_TYPES[qtype][0], dtype)
+
+
+__all__ = ["rms_norm", "silu_and_mul", "linear_rows", "linear_rows_q", "embedding_rows_q", "QUANT_TYPES"]
