@@ -101,16 +101,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   cpu.def("silu_and_mul", &d::silu_and_mul, arg("x"), nogil);
   cpu.def("rope_cache_write", &d::rope_cache_write, arg("k"), arg("v"), arg("positions"), arg("slot_mapping"),
           arg("k_cache"), arg("v_cache"), arg("rope_theta"), arg("q") = pybind11::none(), nogil);
+  // scratch: paged_attention_scratch(...) of the call's rows, shared by the layers of one forward
+  // (the op leaves it reusable); None: the op allocates its own when it needs one.
   cpu.def(
       "paged_attention",
       [](const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
          const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& query_start_loc, double scale,
-         int64_t max_q_len, int64_t max_seq_len, bool row_invariant) {
+         int64_t max_q_len, int64_t max_seq_len, bool row_invariant, const std::optional<at::Tensor>& scratch) {
         d::paged_attention(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_q_len,
-                           max_seq_len, row_invariant);
+                           max_seq_len, row_invariant, scratch);
       },
       arg("out"), arg("q"), arg("k_cache"), arg("v_cache"), arg("block_tables"), arg("seq_lens"),
-      arg("query_start_loc"), arg("scale"), arg("max_q_len"), arg("max_seq_len"), arg("row_invariant"), nogil);
+      arg("query_start_loc"), arg("scale"), arg("max_q_len"), arg("max_seq_len"), arg("row_invariant"),
+      arg("scratch") = pybind11::none(), nogil);
+  cpu.def("paged_attention_scratch", &d::paged_attention_scratch, arg("num_tokens"), arg("num_seqs"),
+          arg("num_heads"), arg("head_dim"), arg("max_seq_len"), nogil,
+          "The key-segment scratch of a row-invariant CPU paged_attention call over num_tokens query rows of "
+          "num_seqs sequences (fp32 1-D, its completion counts zero), or None when max_seq_len needs none.");
   tandem_rt::bind_decoder_plan(cpu);
   m.def("parallel_threads_used", &parallel_threads_used, pybind11::arg("n_items"),
         "Threads that ran one at::parallel_for over n_items work items (diagnostic: the CPU kernels' "

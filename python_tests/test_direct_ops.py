@@ -58,3 +58,40 @@ def test_direct_ops_validate_their_arguments():
         _C.cpu.linear_rows(torch.randn(2, 8), torch.randn(3, 9))
     with pytest.raises(ValueError):
         _C.cpu.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-5)
+
+
+def test_paged_attention_shares_one_scratch_between_calls():
+    """A key-segment scratch from paged_attention_scratch, passed to several direct calls in a row
+    (the Python loop's layers), gives the op's results (which allocate their own) every time, on
+    sequences longer than one 512-key segment; a scratch of the wrong kind is refused."""
+    g = torch.Generator().manual_seed(3)
+    H, Hkv, D, ps = 4, 2, 16, 16
+    lens_l = [700, 1030, 5]
+    qrows = [3, 1, 2]
+    pages_per = [(n + ps - 1) // ps for n in lens_l]
+    pages = sum(pages_per) + 1
+    bt = torch.zeros(len(lens_l), max(pages_per), dtype=torch.int32)
+    nxt = 1
+    for b, n in enumerate(pages_per):
+        bt[b, :n] = torch.arange(nxt, nxt + n, dtype=torch.int32)
+        nxt += n
+    lens = torch.tensor(lens_l, dtype=torch.int32)
+    qsl = torch.tensor([0, 3, 4, 6], dtype=torch.int32)
+    T = sum(qrows)
+    scratch = _C.cpu.paged_attention_scratch(T, len(lens_l), H, D, max(lens_l))
+    assert scratch is not None and scratch.dtype == torch.float32
+    assert _C.cpu.paged_attention_scratch(T, len(lens_l), H, D, 512) is None
+    for dtype in (torch.float32, torch.bfloat16):
+        for _ in range(3):   # as three layers of one forward
+            kc = torch.randn(pages, ps, Hkv, D, generator=g).to(dtype)
+            vc = torch.randn(pages, ps, Hkv, D, generator=g).to(dtype)
+            q = torch.randn(T, H, D, generator=g).to(dtype)
+            o1, o2 = torch.empty(T, H, D, dtype=dtype), torch.empty(T, H, D, dtype=dtype)
+            _C.cpu.paged_attention(o1, q, kc, vc, bt, lens, qsl, 0.25, 3, max(lens_l), True, scratch)
+            OPS.paged_attention(o2, q, kc, vc, bt, lens, qsl, 0.25, 3, max(lens_l), True)
+            assert torch.equal(o1, o2)
+    o = torch.empty(T, H, D)
+    q, kc, vc = torch.randn(T, H, D), torch.randn(pages, ps, Hkv, D), torch.randn(pages, ps, Hkv, D)
+    for bad, match in [(scratch.double(), "scratch"), (scratch.view(1, -1), "scratch"), (scratch[:100], "scratch")]:
+        with pytest.raises(ValueError, match=match):
+            _C.cpu.paged_attention(o, q, kc, vc, bt, lens, qsl, 0.25, 3, max(lens_l), True, bad)

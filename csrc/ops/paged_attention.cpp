@@ -254,8 +254,9 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
   const int64_t nseg = any_long ? seg_first[nseq] : nseq;
   at::Tensor parts, counts;   // [part_base[nseq]] fp32 partial states (m, l, acc[d]); int32 [nseq * groups]
   if (any_long && part_base[nseq] > 0) {
-    TORCH_CHECK(scratch.has_value() && scratch->numel() >= part_base[nseq] + nseq * groups,
-                "paged_attention: no scratch, or too small, for ", part_base[nseq] + nseq * groups, " floats");
+    TORCH_CHECK_VALUE(scratch.has_value() && scratch->numel() >= part_base[nseq] + nseq * groups,
+                      "paged_attention: no scratch, or too small, for ", part_base[nseq] + nseq * groups,
+                      " floats (paged_attention_scratch builds it)");
     parts = scratch->narrow(0, 0, part_base[nseq]);
     counts = scratch->narrow(0, scratch->numel() - nseq * groups, nseq * groups);   // the zeroed tail
   }
@@ -465,6 +466,12 @@ void paged_attention(const at::Tensor& out, const at::Tensor& q, const at::Tenso
                      const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
                      double scale, int64_t max_q_len, int64_t max_seq_len, bool row_invariant,
                      const std::optional<at::Tensor>& scratch) {
+  if (scratch.has_value()) {   // paged_attention_scratch's layout (its size is checked where it is used)
+    check_device(*scratch, "scratch", q.device());
+    check_dtype(*scratch, "scratch", at::kFloat);
+    check_rank(*scratch, "scratch", 1);
+    check_contiguous(*scratch, "scratch");
+  }
   paged_attention_run(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_q_len,
                       max_seq_len, row_invariant, 0, 0, scratch);
 }
