@@ -94,7 +94,11 @@ class _NullOps:
         return None
 
     @staticmethod
-    def _null_paged_attention(*args):
+    def _null_paged_attention(*args, **kwargs):
+        return None
+
+    @staticmethod
+    def _null_paged_attention_scratch(*args):
         return None
 
 
