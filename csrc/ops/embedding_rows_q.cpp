@@ -2,10 +2,11 @@
 //
 //   out[t, :] = dequant(table[ids[t], :]) rounded to dtype (fp32 / bf16 / fp16)
 //
-// The arithmetic of tandem_rt.quantized.dequantize (ggml's dequantize_row_*): w = d * q for Q8_0,
-// d * (nib - 8) for Q4_0, and d * nib then + m (two fp32 roundings, no fused multiply-add) for
-// Q4_1; then one rounding to the output dtype. A decode step embeds one row per sequence: the ~10
-// ATen ops of the Python dequantisation cost ~0.3 ms there, this loop a few microseconds.
+// The weights are quant::dequant_block's, which equal tandem_rt.quantized.dequantize's (ggml's
+// dequantize_row_*): d * q is exact in fp32 (an 11-bit fp16 significand times an integer of at most
+// 8 bits), so Q4_1's fma(d, nib, m) and dequantize's d * nib then + m round the same sum once; then
+// one rounding to the output dtype. A decode step embeds one row per sequence: the ~10 ATen ops of
+// the Python dequantisation cost ~0.3 ms there, this loop a few microseconds.
 #include "common/check.h"
 #include "ops/direct.h"
 #include "ops/quant_blocks.h"
@@ -16,34 +17,10 @@
 namespace tandem_rt {
 namespace {
 
-using quant::half_to_float;
 using quant::kBlock;
 using quant::kQ4_0;
 using quant::kQ4_1;
 using quant::kQ8_0;
-
-// The 32 weights of one block (the Python dequantisation's roundings; the optimize attribute keeps
-// GCC from contracting Q4_1's d * nib + m into an FMA wherever the target has one).
-template <int64_t Q>
-__attribute__((optimize("fp-contract=off"))) void dequant_block_unfused(const uint8_t* blk, float* out) {
-  const float d = half_to_float(blk);
-  if constexpr (Q == kQ8_0) {
-    for (int k = 0; k < kBlock; ++k) out[k] = d * static_cast<float>(static_cast<int8_t>(blk[2 + k]));
-  } else if constexpr (Q == kQ4_0) {
-    for (int k = 0; k < 16; ++k) {
-      out[k] = d * static_cast<float>(static_cast<int>(blk[2 + k] & 15) - 8);
-      out[k + 16] = d * static_cast<float>(static_cast<int>(blk[2 + k] >> 4) - 8);
-    }
-  } else {
-    const float m = half_to_float(blk + 2);
-    for (int k = 0; k < 16; ++k) {
-      const float lo = d * static_cast<float>(blk[4 + k] & 15);
-      const float hi = d * static_cast<float>(blk[4 + k] >> 4);
-      out[k] = lo + m;
-      out[k + 16] = hi + m;
-    }
-  }
-}
 
 // table: [N, K / 32 * block_bytes] uint8 block rows; ids: [T] int64 in [0, N); out: [T, K] of E.
 template <int64_t Q, typename E>
@@ -53,7 +30,7 @@ void embed_rows(const uint8_t* table, int64_t row_bytes, const int64_t* ids, int
     const uint8_t* row = table + ids[t] * row_bytes;  // [K / 32 blocks]
     E* y = out + t * K;                               // [K]
     for (int64_t j = 0; j < K / kBlock; ++j) {
-      dequant_block_unfused<Q>(row + j * quant::block_bytes(Q), w);
+      quant::dequant_block<Q>(row + j * quant::block_bytes(Q), w);
       for (int k = 0; k < kBlock; ++k) y[j * kBlock + k] = static_cast<E>(w[k]);
     }
   }
