@@ -103,17 +103,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           arg("k_cache"), arg("v_cache"), arg("rope_theta"), arg("q") = pybind11::none(), nogil);
   // scratch: paged_attention_scratch(...) of the call's rows, shared by the layers of one forward
   // (the op leaves it reusable); None: the op allocates its own when it needs one.
-  cpu.def(
-      "paged_attention",
-      [](const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-         const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& query_start_loc, double scale,
-         int64_t max_q_len, int64_t max_seq_len, bool row_invariant, const std::optional<at::Tensor>& scratch) {
-        d::paged_attention(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_q_len,
-                           max_seq_len, row_invariant, scratch);
-      },
-      arg("out"), arg("q"), arg("k_cache"), arg("v_cache"), arg("block_tables"), arg("seq_lens"),
-      arg("query_start_loc"), arg("scale"), arg("max_q_len"), arg("max_seq_len"), arg("row_invariant"),
-      arg("scratch") = pybind11::none(), nogil);
+  cpu.def("paged_attention", &d::paged_attention, arg("out"), arg("q"), arg("k_cache"), arg("v_cache"),
+          arg("block_tables"), arg("seq_lens"), arg("query_start_loc"), arg("scale"), arg("max_q_len"),
+          arg("max_seq_len"), arg("row_invariant"), arg("scratch") = pybind11::none(), nogil);
   cpu.def("paged_attention_scratch", &d::paged_attention_scratch, arg("num_tokens"), arg("num_seqs"),
           arg("num_heads"), arg("head_dim"), arg("max_seq_len"), nogil,
           "The key-segment scratch of a row-invariant CPU paged_attention call over num_tokens query rows of "

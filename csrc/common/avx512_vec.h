@@ -19,8 +19,11 @@ typedef uint16_t v16h __attribute__((vector_size(32)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
 // 16 bf16 (raw bits) -> 16 fp32: zero-extend and shift into the high half. One 512-bit vpmovzxwd
 // from memory (GCC lowers __builtin_convertvector of this shape to two 256-bit halves and an insert).
+// The zero-masked intrinsics with every lane kept are the same instructions, without GCC 12's
+// false -Wmaybe-uninitialized in the unmasked ones.
 __attribute__((always_inline)) inline v16f ld16(const uint16_t* p) {
-  const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  const __m512i w = _mm512_maskz_slli_epi32(
+      0xFFFF, _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
   return (v16f)_mm512_castsi512_ps(w);
 }
 

@@ -11,9 +11,9 @@ namespace tandem_rt {
 // Non-finite logits follow one rule on both devices: they are clamped to the finite float range,
 // +inf -> the largest float (the +inf tokens share the distribution's mass, and greedy picks the
 // lowest such index), -inf and NaN -> the lowest float (never chosen unless every logit is).
+constexpr float kMaxLogit = 3.402823466e+38f;  // the largest float: sanitize_logit's bound
 TANDEM_HD float sanitize_logit(float x) {
-  constexpr float kMax = 3.402823466e+38f;
-  return x != x ? -kMax : (x > kMax ? kMax : (x < -kMax ? -kMax : x));
+  return x != x ? -kMaxLogit : (x > kMaxLogit ? kMaxLogit : (x < -kMaxLogit ? -kMaxLogit : x));
 }
 
 // Total order key of a (sanitised) float: larger float -> larger key (-0.0 sorts just below +0.0).

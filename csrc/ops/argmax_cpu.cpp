@@ -6,6 +6,7 @@
 // 49,152-word row. Both give the same index for every input (sanitised compares only; a maximum of
 // zero takes the key loop, which orders -0.0 below +0.0).
 #include "common/cpu_isa.h"
+#include "common/cpu_math.h"
 #include "ops/processed_dist_cpu.h"
 
 #include <cstdint>
@@ -22,9 +23,9 @@ namespace {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
 
-constexpr float kMaxLogit = 3.402823466e+38f;  // sanitize_logit's bound
+#include "common/avx512_vec.h"  // ld16: 16 bf16 widened to fp32 (compiled for this region's target)
 
-// _mm512_max_ps / _mm512_min_ps (and, below, the widening ops) by their zero-masked forms with every lane kept: the same
+// _mm512_max_ps / _mm512_min_ps by their zero-masked forms with every lane kept: the same
 // instructions, without GCC 12's false -Wmaybe-uninitialized in the unmasked intrinsics.
 inline __m512 max16(__m512 a, __m512 b) { return _mm512_maskz_max_ps(0xFFFF, a, b); }
 inline __m512 min16(__m512 a, __m512 b) { return _mm512_maskz_min_ps(0xFFFF, a, b); }
@@ -36,15 +37,15 @@ inline __m512 sanitize16(__m512 v) {
   return min16(max16(v, _mm512_set1_ps(-kMaxLogit)), _mm512_set1_ps(kMaxLogit));
 }
 
-// 16 logits from p as fp32 (tail: the lanes of mask, the others `fill`).
+// 16 logits from p as fp32 (tail: the lanes of mask, the others `fill`; bf16 widened exactly).
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 widen16(__m256i bits) {  // bf16 bits -> fp32, exactly (zero-extend, shift to the high half)
-  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, _mm512_maskz_cvtepu16_epi32(0xFFFF, bits), 16));
-}
-inline __m512 load16(const uint16_t* p) { return widen16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512 load16(const uint16_t* p) { return (__m512)avx512::ld16(p); }
 inline __m512 load16(const float* p, __mmask16 mask, __m512 fill) { return _mm512_mask_loadu_ps(fill, mask, p); }
 inline __m512 load16(const uint16_t* p, __mmask16 mask, __m512 fill) {
-  return _mm512_mask_mov_ps(fill, mask, widen16(_mm256_maskz_loadu_epi16(mask, p)));
+  alignas(32) uint16_t tail[16] = {};
+  for (int l = 0; l < 16; ++l)
+    if (mask >> l & 1) tail[l] = p[l];
+  return _mm512_mask_mov_ps(fill, mask, load16(tail));
 }
 
 // logits: [V] fp32 or bf16 bits, V >= 1; keys: the key loop's row as fp32 (the bf16 caller widens).
@@ -86,21 +87,13 @@ int64_t argmax_lowest_avx512(const E* logits, int64_t V, Keys keys) {
 #pragma GCC pop_options
 #endif
 
-// bf16 bits -> fp32 (exact).
-inline float widen_bf16(uint16_t bits) {
-  const uint32_t u = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
 // argmax_lowest_keys over a bf16 row: the definition itself (largest key, lowest index), the
 // portable variant and the AVX-512 variant's fallback for a maximum of zero.
 int64_t argmax_lowest_keys_bf16(const uint16_t* logits, int64_t V) {
   int64_t best = 0;
-  uint32_t best_key = float_order_key(widen_bf16(logits[0]));
+  uint32_t best_key = float_order_key(bf16_to_float(logits[0]));
   for (int64_t j = 1; j < V; ++j) {
-    const uint32_t k = float_order_key(widen_bf16(logits[j]));
+    const uint32_t k = float_order_key(bf16_to_float(logits[j]));
     if (k > best_key) best_key = k, best = j;
   }
   return best;

@@ -46,15 +46,7 @@ struct Product {
   Kernel kernel;
   int64_t qtype;        // linear_rows_q[16] qtype code (quantized kernels only)
 
-  at::Tensor operator()(const at::Tensor& x, const std::optional<at::Tensor>& add) const {
-    switch (kernel) {
-      case Kernel::kQ16: return direct::linear_rows_q16(x, w, qtype, add);
-      case Kernel::kQBlocks: return direct::linear_rows_q(x, w, qtype, add);
-      default: return direct::linear_rows(x, w, add);
-    }
-  }
-
-  // The same product into y [rows of x, out_features()].
+  // y [rows of x, out_features()] = add + x @ w^T by the product's kernel.
   void into(at::Tensor& y, const at::Tensor& x, const std::optional<at::Tensor>& add) const {
     switch (kernel) {
       case Kernel::kQ16: return direct::linear_rows_q16_out(y, x, w, qtype, add);

@@ -44,7 +44,8 @@ void embed_rows_q(int64_t qtype, const uint8_t* table, int64_t row_bytes, const 
   embed_rows<kQ4_1, E>(table, row_bytes, ids, T, K, out);
 }
 
-void check_embedding_rows_q(const at::Tensor& table, const at::Tensor& ids, int64_t qtype, int64_t K) {
+void check_embedding_rows_q(const at::Tensor& table, const at::Tensor& ids, int64_t qtype, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(is_float_kv_dtype(dtype), "dtype must be float32, bfloat16 or float16, got ", dtype);
   TORCH_CHECK_VALUE(qtype == kQ8_0 || qtype == kQ4_0 || qtype == kQ4_1,
                     "qtype must be 0 (Q8_0), 1 (Q4_0) or 2 (Q4_1), got ", qtype);
   TORCH_CHECK_VALUE(table.device().is_cpu(), "table must be on the CPU, got ", table.device());
@@ -53,9 +54,6 @@ void check_embedding_rows_q(const at::Tensor& table, const at::Tensor& ids, int6
   check_contiguous(table, "table");
   TORCH_CHECK_VALUE(table.size(1) % quant::block_bytes(qtype) == 0, "table.shape[1] (", table.size(1),
                     ") must be a whole number of ", quant::block_bytes(qtype), "-byte blocks for qtype ", qtype);
-  TORCH_CHECK_VALUE(K == table.size(1) / quant::block_bytes(qtype) * kBlock, "the output width (", K,
-                    ") must be the table's row width in weights (", table.size(1) / quant::block_bytes(qtype) * kBlock,
-                    ")");
   check_device(ids, "ids", table.device());
   check_dtype(ids, "ids", at::kLong);
   check_rank(ids, "ids", 1);
@@ -77,18 +75,14 @@ void embedding_rows_q_into(at::Tensor& out, const at::Tensor& table, const at::T
       return embed_rows_q<c10::BFloat16>(qtype, tp, row_bytes, id, T, K, out.data_ptr<c10::BFloat16>());
     case at::kHalf:
       return embed_rows_q<c10::Half>(qtype, tp, row_bytes, id, T, K, out.data_ptr<c10::Half>());
-    default:
-      TORCH_CHECK_VALUE(false, "dtype must be float32, bfloat16 or float16, got ", out.scalar_type());
+    default:  // checked by check_embedding_rows_q
+      TORCH_CHECK(false, "embedding_rows_q: unexpected dtype ", out.scalar_type());
   }
 }
 
 at::Tensor embedding_rows_q_cpu(const at::Tensor& table, const at::Tensor& ids, int64_t qtype, at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(is_float_kv_dtype(dtype), "dtype must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK_VALUE(qtype == kQ8_0 || qtype == kQ4_0 || qtype == kQ4_1,
-                    "qtype must be 0 (Q8_0), 1 (Q4_0) or 2 (Q4_1), got ", qtype);
-  check_rank(table, "table", 2);
+  check_embedding_rows_q(table, ids, qtype, dtype);
   const int64_t K = table.size(1) / quant::block_bytes(qtype) * kBlock;
-  check_embedding_rows_q(table, ids, qtype, K);
   at::Tensor out = at::empty({ids.size(0), K}, table.options().dtype(dtype));
   embedding_rows_q_into(out, table, ids, qtype);
   return out;

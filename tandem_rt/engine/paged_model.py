@@ -459,7 +459,7 @@ class PagedLlama:
         theta = float(cfg.rope_theta)
         mm = self.step_mm if step else self.mm
         ops = _cpu if cpu_ops else torch.ops.tandem_rt   # CPU: the direct entry points (no dispatcher)
-        rope_write, attend = ops.rope_cache_write, self._attend
+        rope_write = ops.rope_cache_write
         x = self.embed(input_ids)
         out_offset = feature_offset if self.feature_at == "output" else None
         if feature_offset is not None and out_offset is None:
@@ -473,9 +473,10 @@ class PagedLlama:
         wanted = set(hidden_layers)
         saved = {0: x} if 0 in wanted else {}
         attn = None if meta.dense else torch.empty((T, Hq, D), dtype=x.dtype, device=x.device)
-        # the CPU attention's key-segment scratch (sequences over 512 keys), one for every layer
-        scratch = (_cpu.paged_attention_scratch(T, meta.num_seqs, Hq, D, meta.max_seq_len)
-                   if cpu_ops and not meta.dense else None)
+        attend = self._attend
+        if cpu_ops and not meta.dense:   # one key-segment scratch (sequences over 512 keys) for every layer
+            attend = functools.partial(attend, scratch=_cpu.paged_attention_scratch(T, meta.num_seqs, Hq, D,
+                                                                                    meta.max_seq_len))
         for i, lw in enumerate(self.layers):
             qkv = mm(rms_norm(x, lw.ln1, eps, cpu_ops), lw.w_qkv, lw.b_qkv)
             q, k, v = qkv.view(T, Hq + 2 * Hkv, D).split(heads, 1)   # [T, H, D] views, heads packed
@@ -485,8 +486,7 @@ class PagedLlama:
                 attn = dense_causal_attention(q, k, v, meta.row_splits, self.scale)
             else:  # one output buffer for every layer (each layer's result is consumed at once)
                 attend(attn, q, k_cache[i], v_cache[i], meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                       self.scale, meta.max_q_len, meta.max_seq_len, cpu_ops,
-                       **({"scratch": scratch} if cpu_ops else {}))
+                       self.scale, meta.max_q_len, meta.max_seq_len, cpu_ops)
             x = mm(attn.view(T, qs), lw.w_o, x)   # residual + o_proj in one GEMM
             gu = mm(rms_norm(x, lw.ln2, eps, cpu_ops), lw.w_gate_up)
             x = mm(silu_and_mul(gu, cpu_ops), lw.w_down, x)
