@@ -48,9 +48,9 @@ inline __m512 load16(const uint16_t* p, __mmask16 mask, __m512 fill) {
   return _mm512_mask_mov_ps(fill, mask, load16(tail));
 }
 
-// logits: [V] fp32 or bf16 bits, V >= 1; keys: the key loop's row as fp32 (the bf16 caller widens).
-template <typename E, typename Keys>
-int64_t argmax_lowest_avx512(const E* logits, int64_t V, Keys keys) {
+// logits: [V] fp32 or bf16 bits, V >= 1; keys: the key loop over the same row (a maximum of zero).
+template <typename E>
+int64_t argmax_lowest_avx512(const E* logits, int64_t V, int64_t (*keys)(const E*, int64_t)) {
   const __m512 lowest = _mm512_set1_ps(-kMaxLogit);
   __m512 m0 = lowest, m1 = lowest, m2 = lowest, m3 = lowest;
   int64_t j = 0;
@@ -69,7 +69,7 @@ int64_t argmax_lowest_avx512(const E* logits, int64_t V, Keys keys) {
   _mm512_store_ps(lanes, max16(max16(m0, m1), max16(m2, m3)));
   float m = lanes[0];
   for (int l = 1; l < 16; ++l) m = lanes[l] > m ? lanes[l] : m;
-  if (m == 0.0f) return keys();
+  if (m == 0.0f) return keys(logits, V);
   const __m512 mv = _mm512_set1_ps(m);
   for (j = 0; j + 16 <= V; j += 16) {
     const __mmask16 hit = _mm512_cmp_ps_mask(sanitize16(load16(logits + j)), mv, _CMP_EQ_OQ);
@@ -99,22 +99,24 @@ int64_t argmax_lowest_keys_bf16(const uint16_t* logits, int64_t V) {
   return best;
 }
 
+// The AVX-512 variant where this CPU runs it (cpu_isa::best()), else `portable`.
+template <typename E>
+int64_t argmax_dispatch(const E* logits, int64_t V, int64_t (*keys)(const E*, int64_t),
+                        int64_t (*portable)(const E*, int64_t)) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (V >= 1 && cpu_isa::best() == cpu_isa::Isa::kAvx512) return argmax_lowest_avx512(logits, V, keys);
+#endif
+  return portable(logits, V);
+}
+
 }  // namespace
 
 int64_t argmax_lowest(const float* logits, int64_t V) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (V >= 1 && cpu_isa::best() == cpu_isa::Isa::kAvx512)
-    return argmax_lowest_avx512(logits, V, [&] { return argmax_lowest_keys(logits, V); });
-#endif
-  return argmax_lowest_base(logits, V);
+  return argmax_dispatch(logits, V, argmax_lowest_keys, argmax_lowest_base);
 }
 
 int64_t argmax_lowest_bf16(const uint16_t* logits, int64_t V) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (V >= 1 && cpu_isa::best() == cpu_isa::Isa::kAvx512)
-    return argmax_lowest_avx512(logits, V, [&] { return argmax_lowest_keys_bf16(logits, V); });
-#endif
-  return argmax_lowest_keys_bf16(logits, V);
+  return argmax_dispatch(logits, V, argmax_lowest_keys_bf16, argmax_lowest_keys_bf16);
 }
 
 }  // namespace tandem_rt::cpu
