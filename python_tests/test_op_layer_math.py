@@ -387,9 +387,9 @@ def test_linear_rows_q_cuda_matches_dequantized_reference(qtype, dtype, rows, k,
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3, 8, 11])
-@pytest.mark.parametrize("k, n", [(576, 48), (32, 16), (96, 80)])
-@pytest.mark.parametrize("add_kind", [None, "bias", "residual"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 8, 11])   # every register tile of the kernels (AVX2: 1-2 rows
+@pytest.mark.parametrize("k, n", [(576, 48), (32, 16), (96, 80)])   # both halves, 3-4 one half at a time,
+@pytest.mark.parametrize("add_kind", [None, "bias", "residual"])    # chunks of 4 in passes of 8)
 def test_linear_rows_q16_matches_the_block_scheme(qtype, dtype, rows, k, n, add_kind, rows_variant):
     """pack_rows16 + linear_rows_q16: VNNI and AVX2 variants against the float64 reference of the documented
     int8-activation scheme (read from the unpacked GGUF blocks), portable loops against the float64

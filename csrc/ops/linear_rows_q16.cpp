@@ -104,6 +104,7 @@ struct QuantRows16 {
   std::vector<float> dx;
   std::vector<float> sx;
   std::vector<int32_t> sq;
+  std::vector<int8_t> xb;  // AVX2 kernel of 3+ rows: [rows, nb, 8, 32], see broadcast_quads
 };
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -209,10 +210,30 @@ void q16_vnni(const QuantRows16& xr, int64_t row0, int64_t K, int rows, const ui
 // so they are added in int16 and widened once. Q8_0: the stored q + 128 is turned back into the
 // signed q (xor 0x80); the u8 side is |q| (<= 128) and the s8 side xq * sign(q) (|.| <= 127), so a
 // pair is at most 2 * 128 * 127 = 32512 and never saturates. Same fp32 accumulation as the VNNI kernel.
+// Rows go in chunks of up to kChunkAvx2 per group, so the weight streams from memory once per pass of
+// up to kMaxRowsAvx2 rows (a second chunk reads the group's bytes from L1 / L2). q16_both_avx2 takes
+// both halves (8 outputs each) of a group per block, x quads broadcast per product; with 16 ymm
+// registers it spills beyond 2 rows, so 3-4 rows of Q4_1 go one half at a time (q16_half_avx2): each
+// half's 32 weights per output unpacked once into 8 registers, every row's products reading x from
+// QuantRows16::xb (each quad already in all 8 lanes) as their memory operand; the first half's pass
+// brings the group's bytes (K / 32 * 320: 15 KB for K = 1536) into L1 for the second. For Q8_0 the
+// half-at-a-time tile measured no faster (Zen 3), so it keeps q16_both_avx2.
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 
-constexpr int kMaxRowsAvx2 = 4;  // rows per pass (2 fp32 accumulators per row: 16 ymm registers)
+constexpr int kMaxRowsAvx2 = 8;  // rows per pass over the weight
+constexpr int kChunkAvx2 = 4;    // rows per q16_half_avx2 tile (R accumulators, R sums, 8 weights)
+
+// xb [rows, nb, 8, 32]: quad t (bytes 4t .. 4t+3) of every block of xq repeated in the 8 int32 lanes.
+void broadcast_quads(QuantRows16& xr, int64_t rows, int64_t nb) {
+  xr.xb.resize(rows * nb * 8 * 32);
+  for (int64_t at = 0; at < rows * nb; ++at) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.xq.data() + at * kBlock));
+    for (int t = 0; t < 8; ++t)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xr.xb.data() + (at * 8 + t) * 32),
+                          _mm256_permutevar8x32_epi32(b, _mm256_set1_epi32(t)));
+  }
+}
 
 inline __m256i bcast4_256(const int8_t* p) {
   int32_t v;
@@ -220,10 +241,11 @@ inline __m256i bcast4_256(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
+// One group (16 outputs from n) x R rows, both halves per block, x quads broadcast per product.
 template <int64_t Q, typename E, int R>
-__attribute__((always_inline)) inline void q16_group_avx2(const QuantRows16& xr, int64_t row0, int64_t nb,
-                                                          const uint8_t* wg, const E* add, int64_t ars, E* y,
-                                                          int64_t ys, int64_t n) {
+__attribute__((always_inline)) inline void q16_both_avx2(const QuantRows16& xr, int64_t row0, int64_t nb,
+                                                         const uint8_t* wg, const E* add, int64_t ars, E* y,
+                                                         int64_t ys, int64_t n) {
   constexpr int64_t gb = group_bytes(Q);
   __m256 acc[R][2];
 #pragma GCC unroll 4
@@ -295,6 +317,90 @@ __attribute__((always_inline)) inline void q16_group_avx2(const QuantRows16& xr,
   }
 }
 
+// Q4_1: rows [row0, row0 + R) x outputs n + 8h .. n + 8h + 7 (half h of the group at wg).
+template <typename E, int R>
+__attribute__((always_inline)) inline void q16_half_avx2(const QuantRows16& xr, int64_t row0, int64_t nb,
+                                                         const uint8_t* wg, int h, const E* add, int64_t ars, E* y,
+                                                         int64_t ys, int64_t n) {
+  constexpr int64_t gb = group_bytes(kQ4_1);
+  const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  const __m256i* xv[R];  // row r's broadcast quads: [nb, 8]
+  const float* dx[R];    // [nb]
+  const float* sx[R];    // [nb]
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    xv[r] = reinterpret_cast<const __m256i*>(xr.xb.data()) + (row0 + r) * nb * 8;
+    dx[r] = xr.dx.data() + (row0 + r) * nb;
+    sx[r] = xr.sx.data() + (row0 + r) * nb;
+  }
+  __m256 acc[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < nb; ++j) {
+    const uint8_t* blk = wg + j * gb;
+    // the two halves' passes consume the group's nb * gb bytes: prefetch half a block per iteration,
+    // from half a group ahead (the next group's bytes while the second half reads L1)
+    const char* pf = reinterpret_cast<const char*>(wg) + (h * nb + j + nb) * (gb / 2);
+#pragma GCC unroll 3
+    for (int64_t c = 0; c < gb / 2; c += 64) _mm_prefetch(pf + c, _MM_HINT_T0);
+    __m256i wq[8];  // the half's weights: wq[t] inputs 4t .. 4t+3 (t < 4), wq[4 + t] inputs 16+4t .. 16+4t+3
+#pragma GCC unroll 4
+    for (int t = 0; t < 4; ++t) {
+      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 + 64 * t + 32 * h));
+      wq[t] = _mm256_and_si256(p, low);
+      wq[4 + t] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
+    }
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16 * h)));
+    const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 32 + 16 * h)));
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {  // int16 partial sums, widened once
+      const __m256i* xq = xv[r] + j * 8;
+      __m256i s16 = _mm256_maddubs_epi16(wq[0], _mm256_loadu_si256(xq));
+#pragma GCC unroll 7
+      for (int t = 1; t < 8; ++t) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(wq[t], _mm256_loadu_si256(xq + t)));
+      const __m256i dot = _mm256_madd_epi16(s16, ones);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(dx[r][j])), acc[r]);
+      acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(sx[r][j]), acc[r]);
+    }
+  }
+  alignas(32) float out[8];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    _mm256_store_ps(out, acc[r]);
+    for (int o = 0; o < 8; ++o) {
+      const int64_t at = n + 8 * h + o;
+      float s = out[o];
+      if (add != nullptr) s += layer_math::load(add[r * ars + at]);
+      y[r * ys + at] = layer_math::store<E>(s);
+    }
+  }
+}
+
+// Rows [row0, row0 + R) (R <= kChunkAvx2) of one group (16 outputs from n).
+template <int64_t Q, typename E, int R>
+__attribute__((always_inline)) inline void q16_chunk_avx2(const QuantRows16& xr, int64_t row0, int64_t nb,
+                                                          const uint8_t* wg, const E* add, int64_t ars, E* y,
+                                                          int64_t ys, int64_t n) {
+  if constexpr (R <= 2 || Q == kQ8_0) {
+    q16_both_avx2<Q, E, R>(xr, row0, nb, wg, add, ars, y, ys, n);
+  } else {
+    q16_half_avx2<E, R>(xr, row0, nb, wg, 0, add, ars, y, ys, n);
+    q16_half_avx2<E, R>(xr, row0, nb, wg, 1, add, ars, y, ys, n);
+  }
+}
+
+// One group (16 outputs from n) x R rows (R <= kMaxRowsAvx2), in row chunks of up to kChunkAvx2.
+template <int64_t Q, typename E, int R>
+__attribute__((always_inline)) inline void q16_group_avx2(const QuantRows16& xr, int64_t row0, int64_t nb,
+                                                          const uint8_t* wg, const E* add, int64_t ars, E* y,
+                                                          int64_t ys, int64_t n) {
+  constexpr int R0 = R < kChunkAvx2 ? R : kChunkAvx2;
+  q16_chunk_avx2<Q, E, R0>(xr, row0, nb, wg, add, ars, y, ys, n);
+  if constexpr (R > kChunkAvx2)
+    q16_chunk_avx2<Q, E, R - kChunkAvx2>(xr, row0 + kChunkAvx2, nb, wg, add != nullptr ? add + kChunkAvx2 * ars : nullptr,
+                                         ars, y + kChunkAvx2 * ys, ys, n);
+}
+
 // Rows [row0, row0 + rows) x groups [g0, g1) (rows <= kMaxRowsAvx2).
 template <int64_t Q, typename E>
 void q16_avx2(const QuantRows16& xr, int64_t row0, int64_t K, int rows, const uint8_t* w, const E* add, int64_t ars,
@@ -321,6 +427,7 @@ void q16_typed(const E* xp, int64_t xs, int64_t M, int64_t K, const uint8_t* w, 
   if (vnni || cpu_isa::best() != cpu_isa::Isa::kBase) {
     QuantRows16 xr;  // every row quantized once
     quantize_rows16(xf.data(), K, M, xr);
+    if (!vnni && Q == kQ4_1 && M > 2) broadcast_quads(xr, M, K / kBlock);  // for q16_half_avx2
     for_row_passes(M, G, grain, vnni ? kMaxRows : kMaxRowsAvx2, [&](int64_t m0, int rows, int64_t g0, int64_t g1) {
       const E* a = ap != nullptr ? ap + m0 * ars : nullptr;
       if (vnni)
