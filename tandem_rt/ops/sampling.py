@@ -14,54 +14,37 @@ The *processed distribution* of a row of logits, used by both ops:
   probability (renormalised over the top-k set) reaches ``top_p`` (``top_p == 1``: off), and
   renormalised. "Most likely" orders tokens by logit, ties broken by the lower token index.
 
-Argument values (temperature, top_k, top_p, draft_lens, draft token ids) are checked on CPU
-tensors only: checking a CUDA tensor's values would synchronise with the host. On CUDA,
-``temperature <= 0`` means greedy, out-of-range ``top_k``/``top_p`` switch the filter off,
-``draft_lens`` is clamped to ``[0, G]`` and an out-of-range draft token is rejected.
+The ops validate their arguments themselves (``csrc/ops/sampling.cpp``: dtype, rank, shape,
+device, contiguity, raising ``ValueError`` that names the argument); the wrappers below only check
+that tensors are tensors, so a call costs the op's own work. Argument values (temperature, top_k,
+top_p, draft_lens, draft token ids) are checked on CPU tensors only: checking a CUDA tensor's
+values would synchronise with the host. On CUDA, ``temperature <= 0`` means greedy, out-of-range
+``top_k``/``top_p`` switch the filter off, ``draft_lens`` is clamped to ``[0, G]`` and an
+out-of-range draft token is rejected.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
 
 from tandem_rt._ext import _C  # noqa: F401  (registers torch.ops.tandem_rt.*)
 
-_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 FloatArg = Union[float, Sequence[float], torch.Tensor]
 IntArg = Union[int, Sequence[int], torch.Tensor]
 
 
-def _check(t, name: str, *, dtypes=None, rank=None, device=None, shape=None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} must be on {device}, got {t.device}")
-    if dtypes is not None and t.dtype not in dtypes:
-        want = " or ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise ValueError(f"{name} must have dtype {want}, got {str(t.dtype).replace('torch.', '')}")
-    if rank is not None and t.dim() != rank:
-        raise ValueError(f"{name} must have {rank} dimensions, got shape {tuple(t.shape)}")
-    if shape is not None:
-        for dim, want in enumerate(shape):
-            if want is not None and t.shape[dim] != want:
-                raise ValueError(f"{name}.shape[{dim}] must be {want}, got {t.shape[dim]} (shape {tuple(t.shape)})")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-
-
-def _check_row_params(temperature, top_k, top_p, rng_state, batch: int, device) -> None:
-    _check(temperature, "temperature", dtypes=(torch.float32,), rank=1, device=device, shape=(batch,))
-    _check(top_k, "top_k", dtypes=(torch.int32,), rank=1, device=device, shape=(batch,))
-    _check(top_p, "top_p", dtypes=(torch.float32,), rank=1, device=device, shape=(batch,))
-    _check(rng_state, "rng_state", dtypes=(torch.int64,), device=device)
-    if tuple(rng_state.shape) not in ((2,), (batch, 2)):
-        raise ValueError(f"rng_state must be [2] (seed, offset) or per row [{batch}, 2], got shape "
-                         f"{tuple(rng_state.shape)}")
-    if device.type == "cpu":
-        _check_values(temperature, top_k, top_p)
+def _tensors(device: torch.device, **named) -> None:
+    """ValueError naming the first argument that is not a tensor on ``device`` (None allowed where the
+    op takes it). The device is checked here because the dispatcher picks the op's kernel from all of
+    its tensors: a tensor on another device (e.g. ``meta``) would reach no kernel, or the wrong one."""
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != device:
+            raise ValueError(f"{name} must be on {device}, got {t.device}")
 
 
 def _check_values(temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> None:
@@ -145,13 +128,9 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     Returns:
         int64 ``[B]`` token ids. All tensors must be on ``logits``' device.
     """
-    _check(logits, "logits", dtypes=_LOGIT_DTYPES, rank=2)
-    B, V = logits.shape
-    if V == 0:
-        raise ValueError(f"logits must have a non-empty vocabulary dimension, got shape {tuple(logits.shape)}")
-    _check_row_params(temperature, top_k, top_p, rng_state, B, logits.device)
-    if probs_out is not None:
-        _check(probs_out, "probs_out", dtypes=(torch.float32,), rank=2, device=logits.device, shape=(B, V))
+    device = logits.device if isinstance(logits, torch.Tensor) else None
+    _tensors(device, logits=logits, temperature=temperature, top_k=top_k, top_p=top_p, rng_state=rng_state,
+             probs_out=probs_out)
     return torch.ops.tandem_rt.sample(logits, temperature, top_k, top_p, rng_state, probs_out)
 
 
@@ -182,30 +161,9 @@ def verify(draft_tokens: torch.Tensor, draft_lens: torch.Tensor, draft_probs: Op
         ``(accepted, emitted)``: int32 ``[B]`` number of accepted drafts, and int64 ``[B, G + 1]``
         holding the accepted drafts followed by one correction/bonus token, padded with -1.
     """
-    _check(target_logits, "target_logits", dtypes=_LOGIT_DTYPES, rank=3)
-    B, G1, V = target_logits.shape
-    if V == 0:
-        raise ValueError(f"target_logits must have a non-empty vocabulary dimension, got shape "
-                         f"{tuple(target_logits.shape)}")
-    device = target_logits.device
-    _check(draft_tokens, "draft_tokens", dtypes=(torch.int64,), rank=2, device=device, shape=(B,))
-    G = draft_tokens.shape[1]
-    if G1 != G + 1:
-        raise ValueError(f"target_logits.shape[1] must be draft_tokens.shape[1] + 1 = {G + 1}, got {G1}")
-    _check(draft_lens, "draft_lens", dtypes=(torch.int32,), rank=1, device=device, shape=(B,))
-    if draft_probs is not None:
-        _check(draft_probs, "draft_probs", dtypes=(torch.float32,), rank=3, device=device, shape=(B, G, V))
-    _check_row_params(temperature, top_k, top_p, rng_state, B, device)
-    if device.type == "cpu" and B > 0:
-        bad = (draft_lens < 0) | (draft_lens > G)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            raise ValueError(f"draft_lens[{i}] = {int(draft_lens[i])} is outside [0, {G}]")
-        live = torch.arange(G) < draft_lens[:, None].long()
-        bad = live & ((draft_tokens < 0) | (draft_tokens >= V))
-        if bool(bad.any()):
-            b, i = (int(v) for v in bad.nonzero()[0])
-            raise ValueError(f"draft_tokens[{b}, {i}] = {int(draft_tokens[b, i])} is outside [0, {V})")
+    device = target_logits.device if isinstance(target_logits, torch.Tensor) else None
+    _tensors(device, target_logits=target_logits, draft_tokens=draft_tokens, draft_lens=draft_lens,
+             draft_probs=draft_probs, temperature=temperature, top_k=top_k, top_p=top_p, rng_state=rng_state)
     return torch.ops.tandem_rt.verify(draft_tokens, draft_lens, draft_probs, target_logits, temperature, top_k,
                                       top_p, rng_state)
 
@@ -217,7 +175,7 @@ def rng_uniform(rng_state: torch.Tensor, num_subsequences: int, num_draws: int) 
     subsequence ``s`` (the ops use subsequence = batch row) at the state's current offset.
     ``rng_state`` (int64 ``[2]``) is not advanced.
     """
-    _check(rng_state, "rng_state", dtypes=(torch.int64,), rank=1, shape=(2,))
+    _tensors(rng_state.device if isinstance(rng_state, torch.Tensor) else None, rng_state=rng_state)
     for name, n in (("num_subsequences", num_subsequences), ("num_draws", num_draws)):
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 2 ** 32:
             raise ValueError(f"{name} must be an int in [0, 2**32], got {n!r}")
