@@ -27,6 +27,7 @@ namespace tandem_rt {
 namespace {
 
 constexpr int kChunk = 128;  // keys per online-softmax step
+constexpr int kMaxDim8 = 512;  // attend_chunk8_avx2's largest head_dim
 constexpr int kPrefetchRows = 16;  // the fp32 / bf16 chunk kernels prefetch K and V rows this many keys ahead
 // One chunk of keys for the M query rows of a work item (fp32 rows; the bf16 AVX-512 kernel reads
 // kh / vh instead of k / v).
@@ -142,9 +143,14 @@ __attribute__((always_inline)) inline void attend_chunk_body(const ChunkArgs& a)
   }
 }
 
-// bf16 rows (raw bits) -> fp32 rows: dst [n, D].
+// bf16 rows (raw bits) -> fp32 rows: dst [n, D]. The paged source rows are prefetched
+// kPrefetchRows rows ahead (they defeat the hardware prefetchers).
 __attribute__((always_inline)) inline void bf16_rows_body(const uint16_t* const* src, int n, int D, float* dst) {
   for (int j = 0; j < n; ++j) {
+#if defined(__x86_64__)
+    if (j + kPrefetchRows < n)
+      for (int b = 0; b < D * 2; b += 64) _mm_prefetch(reinterpret_cast<const char*>(src[j + kPrefetchRows]) + b, _MM_HINT_T0);
+#endif
     const uint16_t* __restrict s = src[j];
     float* __restrict o = dst + static_cast<int64_t>(j) * D;
 #pragma omp simd
@@ -163,6 +169,70 @@ TANDEM_CPU_VARIANT(avx2, __attribute__((target("avx2,fma"))))
 #endif
 TANDEM_CPU_VARIANT(base, )
 #undef TANDEM_CPU_VARIANT
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// ---- AVX2, head_dim % 8 == 0: keys scored 8 at a time, P V with the accumulators in registers ------
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+alignas(32) inline const float kZeroRow8[kMaxDim8] = {};  // the padding key row of attend_chunk8_avx2
+
+// The scores of one query row against 8 key rows: acc_i = sum over the dims in 8 lanes (one FMA chain
+// per key, dims in order), then the 8 lane sums ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)),
+// key i in lane i. Each score depends only on its query and key rows (not on the other keys or rows).
+__attribute__((always_inline)) inline __m256 scores8_avx2(const float* q, const float* const* k, int D) {
+  __m256 acc[8];
+  const __m256 q0 = _mm256_loadu_ps(q);
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_mul_ps(q0, _mm256_loadu_ps(k[i]));
+  for (int d = 8; d < D; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[i] + d), acc[i]);
+  }
+  const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]), t3 = _mm256_hadd_ps(acc[6], acc[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // [.. lanes 0-3 | lanes 4-7 ..]
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// attend_chunk_body's contract (fp32 a.k / a.v rows) for head_dim % 8 == 0, head_dim <= kMaxDim8:
+// keys scored in blocks of 8 (the chunk's last block padded with a zero row, whose scores are
+// never read), then per query row acc += P V over its valid keys in key order, 64 dims at a time
+// in registers.
+void attend_chunk8_avx2(const ChunkArgs& a) {
+  const int M = a.M, D = a.D, n = a.n;
+  for (int j = 0; j < n; j += 8) {
+    const float* k[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) k[i] = j + i < n ? a.k[j + i] : kZeroRow8;
+    for (int m = 0; m < M; ++m) _mm256_storeu_ps(a.s + m * kChunk + j, scores8_avx2(a.q + m * D, k, D));
+  }
+  softmax_update(a);
+  for (int m = 0; m < M; ++m) {
+    const int nv = a.nvalid[m];
+    const float* p = a.s + m * kChunk;
+    float* acc = a.acc + m * D;
+    for (int d0 = 0; d0 < D; d0 += 64) {
+      const int nb = std::min(64, D - d0) / 8;  // 8-dim vectors in this block
+      __m256 r[8];
+      for (int b = 0; b < nb; ++b) r[b] = _mm256_loadu_ps(acc + d0 + 8 * b);
+      for (int j = 0; j < nv; ++j) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        const float* v = a.v[j] + d0;
+        if (nb == 8) {
+#pragma GCC unroll 8
+          for (int b = 0; b < 8; ++b) r[b] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * b), r[b]);
+        } else {
+          for (int b = 0; b < nb; ++b) r[b] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * b), r[b]);
+        }
+      }
+      for (int b = 0; b < nb; ++b) _mm256_storeu_ps(acc + d0 + 8 * b, r[b]);
+    }
+  }
+}
+#pragma GCC pop_options
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC push_options
@@ -535,20 +605,22 @@ struct CpuKernels {
   void (*attend_chunk16_bf16)(const ChunkArgs&);  // same, K/V read as bf16 through a.kh / a.vh
   void (*attend_chunk16_bf16dp)(const ChunkArgs&);  // head_dim % 32 == 0, AVX-512 BF16: a.qh x a.kh
   void (*attend_chunk_lanes)(const ChunkArgs&);     // head_dim % 16 == 0, many rows: a.qt, fp32 a.k / a.v
+  void (*attend_chunk8)(const ChunkArgs&);  // head_dim % 8 == 0, <= kMaxDim8; nullptr but on AVX2 CPUs
 };
 
 // The kernels of the variant cpu_isa::best() chooses (TANDEM_RT_CPU_KERNELS: "avx512", "avx512f" =
 // AVX-512 without the BF16 dot products, "avx2", "base"). Throws std::invalid_argument for an
 // unknown name or a variant this CPU cannot run.
 CpuKernels pick_cpu_kernels() {
-  const CpuKernels base{&attend_chunk_base, &bf16_rows_base, nullptr, nullptr, nullptr, nullptr};
+  const CpuKernels base{&attend_chunk_base, &bf16_rows_base, nullptr, nullptr, nullptr, nullptr, nullptr};
 #if defined(__x86_64__) && defined(__GNUC__)
   switch (cpu_isa::best()) {
     case cpu_isa::Isa::kAvx512:
       return {&attend_chunk_avx512, &bf16_rows_avx512, &attend_chunk16_avx512, &attend_chunk16_bf16_avx512,
-              cpu_isa::bf16_dot_products() ? &attend_chunk16_bf16dp_avx512 : nullptr, &attend_chunk_lanes_avx512};
+              cpu_isa::bf16_dot_products() ? &attend_chunk16_bf16dp_avx512 : nullptr, &attend_chunk_lanes_avx512,
+              nullptr};
     case cpu_isa::Isa::kAvx2:
-      return {&attend_chunk_avx2, &bf16_rows_avx2, nullptr, nullptr, nullptr, nullptr};
+      return {&attend_chunk_avx2, &bf16_rows_avx2, nullptr, nullptr, nullptr, nullptr, &attend_chunk8_avx2};
     default:
       break;
   }

@@ -225,7 +225,8 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
   constexpr bool kIsFloat = std::is_same_v<T, float>;
   constexpr bool kIsBf16 = std::is_same_v<T, c10::BFloat16>;
   const bool v16 = d % 16 == 0 && kern.attend_chunk16 != nullptr;
-  const auto chunk_fn = v16 ? kern.attend_chunk16 : kern.attend_chunk;
+  const bool v8 = d % 8 == 0 && d <= kMaxDim8 && kern.attend_chunk8 != nullptr;
+  const auto chunk_fn = v16 ? kern.attend_chunk16 : v8 ? kern.attend_chunk8 : kern.attend_chunk;
   const bool v16_bf16 = kIsBf16 && v16;  // decode-sized items: the bf16 kernel converts rows as it loads them
   // bf16 with AVX-512 BF16: scores by vdpbf16ps on the raw bf16 rows (queries copied unscaled)
   const bool bf16dp = kIsBf16 && d % 32 == 0 && kern.attend_chunk16_bf16dp != nullptr;
