@@ -605,7 +605,7 @@ struct CpuKernels {
   void (*attend_chunk16_bf16)(const ChunkArgs&);  // same, K/V read as bf16 through a.kh / a.vh
   void (*attend_chunk16_bf16dp)(const ChunkArgs&);  // head_dim % 32 == 0, AVX-512 BF16: a.qh x a.kh
   void (*attend_chunk_lanes)(const ChunkArgs&);     // head_dim % 16 == 0, many rows: a.qt, fp32 a.k / a.v
-  void (*attend_chunk8)(const ChunkArgs&);  // head_dim % 8 == 0, <= kMaxDim8; nullptr but on AVX2 CPUs
+  void (*attend_chunk8)(const ChunkArgs&);  // head_dim % 8 == 0, <= kMaxDim8 (AVX2); nullptr in base
 };
 
 // The kernels of the variant cpu_isa::best() chooses (TANDEM_RT_CPU_KERNELS: "avx512", "avx512f" =
@@ -618,7 +618,7 @@ CpuKernels pick_cpu_kernels() {
     case cpu_isa::Isa::kAvx512:
       return {&attend_chunk_avx512, &bf16_rows_avx512, &attend_chunk16_avx512, &attend_chunk16_bf16_avx512,
               cpu_isa::bf16_dot_products() ? &attend_chunk16_bf16dp_avx512 : nullptr, &attend_chunk_lanes_avx512,
-              nullptr};
+              &attend_chunk8_avx2};  // the AVX2 kernel for head dims % 16 != 0
     case cpu_isa::Isa::kAvx2:
       return {&attend_chunk_avx2, &bf16_rows_avx2, nullptr, nullptr, nullptr, nullptr, &attend_chunk8_avx2};
     default:
