@@ -316,8 +316,8 @@ def greedy_rows(V: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("variant", ["", "avx512", "base"])
-@pytest.mark.parametrize("V", [1, 15, 16, 17, 63, 64, 65, 130, 1000, 8192 + 5])
+@pytest.mark.parametrize("variant", ["", "avx512", "avx2", "base"])
+@pytest.mark.parametrize("V", [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 130, 1000, 8192 + 5])
 def test_greedy_argmax_matches_reference(V, variant, dtype, monkeypatch):
     """Temperature 0 in sample and verify: every CPU variant picks the reference's token, on fp32
     logits and on bf16 / fp16 ones (bf16 rows are read as they are when every row is greedy)."""
