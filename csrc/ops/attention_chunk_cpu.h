@@ -177,18 +177,27 @@ TANDEM_CPU_VARIANT(base, )
 
 alignas(32) inline const float kZeroRow8[kMaxDim8] = {};  // the padding key row of attend_chunk8_avx2
 
+// 8 dims of a key / value row as fp32 (bf16 bits widened exactly).
+__attribute__((always_inline)) inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((always_inline)) inline __m256 load8f(const uint16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
 // The scores of one query row against 8 key rows: acc_i = sum over the dims in 8 lanes (one FMA chain
 // per key, dims in order), then the 8 lane sums ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)),
-// key i in lane i. Each score depends only on its query and key rows (not on the other keys or rows).
-__attribute__((always_inline)) inline __m256 scores8_avx2(const float* q, const float* const* k, int D) {
+// key i in lane i. Each score depends only on its query and key rows (not on the other keys or rows),
+// and a bf16 key gives the same score as its fp32 copy.
+template <typename E>
+__attribute__((always_inline)) inline __m256 scores8_avx2(const float* q, const E* const* k, int D) {
   __m256 acc[8];
   const __m256 q0 = _mm256_loadu_ps(q);
 #pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) acc[i] = _mm256_mul_ps(q0, _mm256_loadu_ps(k[i]));
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_mul_ps(q0, load8f(k[i]));
   for (int d = 8; d < D; d += 8) {
     const __m256 qv = _mm256_loadu_ps(q + d);
 #pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[i] + d), acc[i]);
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qv, load8f(k[i] + d), acc[i]);
   }
   const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
   const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]), t3 = _mm256_hadd_ps(acc[6], acc[7]);
@@ -196,16 +205,23 @@ __attribute__((always_inline)) inline __m256 scores8_avx2(const float* q, const 
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-// attend_chunk_body's contract (fp32 a.k / a.v rows) for head_dim % 8 == 0, head_dim <= kMaxDim8:
-// keys scored in blocks of 8 (the chunk's last block padded with a zero row, whose scores are
-// never read), then per query row acc += P V over its valid keys in key order, 64 dims at a time
-// in registers.
-void attend_chunk8_avx2(const ChunkArgs& a) {
+// attend_chunk_body's contract for head_dim % 8 == 0, head_dim <= kMaxDim8, K / V rows fp32 (a.k,
+// a.v) or bf16 (a.kh, a.vh, read as they are: the same results as their fp32 copies): keys scored in
+// blocks of 8 (the chunk's last block padded with a zero row, whose scores are never read), then per
+// query row acc += P V over its valid keys in key order, 64 dims at a time in registers. The paged
+// K / V rows are prefetched kPrefetchRows keys ahead (on the first query row's pass over V).
+template <typename E>
+__attribute__((always_inline)) inline void attend_chunk8_body(const ChunkArgs& a, const E* const* K,
+                                                              const E* const* V) {
   const int M = a.M, D = a.D, n = a.n;
+  const E* zero = reinterpret_cast<const E*>(kZeroRow8);
   for (int j = 0; j < n; j += 8) {
-    const float* k[8];
+    for (int i = j + kPrefetchRows; i < std::min(n, j + kPrefetchRows + 8); ++i)
+      for (int b = 0; b < D * static_cast<int>(sizeof(E)); b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(K[i]) + b, _MM_HINT_T0);
+    const E* k[8];
 #pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) k[i] = j + i < n ? a.k[j + i] : kZeroRow8;
+    for (int i = 0; i < 8; ++i) k[i] = j + i < n ? K[j + i] : zero;
     for (int m = 0; m < M; ++m) _mm256_storeu_ps(a.s + m * kChunk + j, scores8_avx2(a.q + m * D, k, D));
   }
   softmax_update(a);
@@ -218,19 +234,24 @@ void attend_chunk8_avx2(const ChunkArgs& a) {
       __m256 r[8];
       for (int b = 0; b < nb; ++b) r[b] = _mm256_loadu_ps(acc + d0 + 8 * b);
       for (int j = 0; j < nv; ++j) {
+        if (m == 0 && d0 == 0 && j + kPrefetchRows < n)
+          for (int b = 0; b < D * static_cast<int>(sizeof(E)); b += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(V[j + kPrefetchRows]) + b, _MM_HINT_T0);
         const __m256 pj = _mm256_set1_ps(p[j]);
-        const float* v = a.v[j] + d0;
+        const E* v = V[j] + d0;
         if (nb == 8) {
 #pragma GCC unroll 8
-          for (int b = 0; b < 8; ++b) r[b] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * b), r[b]);
+          for (int b = 0; b < 8; ++b) r[b] = _mm256_fmadd_ps(pj, load8f(v + 8 * b), r[b]);
         } else {
-          for (int b = 0; b < nb; ++b) r[b] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * b), r[b]);
+          for (int b = 0; b < nb; ++b) r[b] = _mm256_fmadd_ps(pj, load8f(v + 8 * b), r[b]);
         }
       }
       for (int b = 0; b < nb; ++b) _mm256_storeu_ps(acc + d0 + 8 * b, r[b]);
     }
   }
 }
+void attend_chunk8_avx2(const ChunkArgs& a) { attend_chunk8_body<float>(a, a.k, a.v); }
+void attend_chunk8_bf16_avx2(const ChunkArgs& a) { attend_chunk8_body<uint16_t>(a, a.kh, a.vh); }
 #pragma GCC pop_options
 #endif
 
@@ -606,21 +627,23 @@ struct CpuKernels {
   void (*attend_chunk16_bf16dp)(const ChunkArgs&);  // head_dim % 32 == 0, AVX-512 BF16: a.qh x a.kh
   void (*attend_chunk_lanes)(const ChunkArgs&);     // head_dim % 16 == 0, many rows: a.qt, fp32 a.k / a.v
   void (*attend_chunk8)(const ChunkArgs&);  // head_dim % 8 == 0, <= kMaxDim8 (AVX2); nullptr in base
+  void (*attend_chunk8_bf16)(const ChunkArgs&);  // same, K/V read as bf16 through a.kh / a.vh
 };
 
 // The kernels of the variant cpu_isa::best() chooses (TANDEM_RT_CPU_KERNELS: "avx512", "avx512f" =
 // AVX-512 without the BF16 dot products, "avx2", "base"). Throws std::invalid_argument for an
 // unknown name or a variant this CPU cannot run.
 CpuKernels pick_cpu_kernels() {
-  const CpuKernels base{&attend_chunk_base, &bf16_rows_base, nullptr, nullptr, nullptr, nullptr, nullptr};
+  const CpuKernels base{&attend_chunk_base, &bf16_rows_base, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 #if defined(__x86_64__) && defined(__GNUC__)
   switch (cpu_isa::best()) {
     case cpu_isa::Isa::kAvx512:
       return {&attend_chunk_avx512, &bf16_rows_avx512, &attend_chunk16_avx512, &attend_chunk16_bf16_avx512,
               cpu_isa::bf16_dot_products() ? &attend_chunk16_bf16dp_avx512 : nullptr, &attend_chunk_lanes_avx512,
-              &attend_chunk8_avx2};  // the AVX2 kernel for head dims % 16 != 0
+              &attend_chunk8_avx2, &attend_chunk8_bf16_avx2};  // the AVX2 kernels for head dims % 16 != 0
     case cpu_isa::Isa::kAvx2:
-      return {&attend_chunk_avx2, &bf16_rows_avx2, nullptr, nullptr, nullptr, nullptr, &attend_chunk8_avx2};
+      return {&attend_chunk_avx2, &bf16_rows_avx2, nullptr, nullptr, nullptr, nullptr, &attend_chunk8_avx2,
+              &attend_chunk8_bf16_avx2};
     default:
       break;
   }
