@@ -177,12 +177,7 @@ TANDEM_CPU_VARIANT(base, )
 
 alignas(32) inline const float kZeroRow8[kMaxDim8] = {};  // the padding key row of attend_chunk8_avx2
 
-// 8 dims of a key / value row as fp32 (bf16 bits widened exactly).
-__attribute__((always_inline)) inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
-__attribute__((always_inline)) inline __m256 load8f(const uint16_t* p) {
-  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
+#include "common/avx2_vec.h"  // ld8: 8 dims of a key / value row as fp32 (bf16 widened exactly)
 
 // The scores of one query row against 8 key rows: acc_i = sum over the dims in 8 lanes (one FMA chain
 // per key, dims in order), then the 8 lane sums ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)),
@@ -193,11 +188,11 @@ __attribute__((always_inline)) inline __m256 scores8_avx2(const float* q, const 
   __m256 acc[8];
   const __m256 q0 = _mm256_loadu_ps(q);
 #pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) acc[i] = _mm256_mul_ps(q0, load8f(k[i]));
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_mul_ps(q0, avx2::ld8(k[i]));
   for (int d = 8; d < D; d += 8) {
     const __m256 qv = _mm256_loadu_ps(q + d);
 #pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qv, load8f(k[i] + d), acc[i]);
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qv, avx2::ld8(k[i] + d), acc[i]);
   }
   const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
   const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]), t3 = _mm256_hadd_ps(acc[6], acc[7]);
@@ -241,9 +236,9 @@ __attribute__((always_inline)) inline void attend_chunk8_body(const ChunkArgs& a
         const E* v = V[j] + d0;
         if (nb == 8) {
 #pragma GCC unroll 8
-          for (int b = 0; b < 8; ++b) r[b] = _mm256_fmadd_ps(pj, load8f(v + 8 * b), r[b]);
+          for (int b = 0; b < 8; ++b) r[b] = _mm256_fmadd_ps(pj, avx2::ld8(v + 8 * b), r[b]);
         } else {
-          for (int b = 0; b < nb; ++b) r[b] = _mm256_fmadd_ps(pj, load8f(v + 8 * b), r[b]);
+          for (int b = 0; b < nb; ++b) r[b] = _mm256_fmadd_ps(pj, avx2::ld8(v + 8 * b), r[b]);
         }
       }
       for (int b = 0; b < nb; ++b) _mm256_storeu_ps(acc + d0 + 8 * b, r[b]);

@@ -33,8 +33,8 @@ inline int64_t argmax_lowest_keys(const float* logits, int64_t V) {
   return best;
 }
 
-// Lowest index of the largest sanitised logit; the scalar loops below, or their AVX-512 twin
-// (ops/argmax_cpu.cpp, chosen as the other CPU kernels are: cpu_isa::best()). logits: [V], V >= 1.
+// Lowest index of the largest sanitised logit; the scalar loops below, or their AVX-512 / AVX2
+// forms (ops/argmax_cpu.cpp, chosen as the other CPU kernels are: cpu_isa::best()). logits: [V], V >= 1.
 int64_t argmax_lowest(const float* logits, int64_t V);
 // The same over bf16 logits (bits [V]; widened to fp32 exactly, so the index is argmax_lowest's of
 // the widened row).
