@@ -9,10 +9,8 @@
 // the Python dequantisation cost ~0.3 ms there, this loop a few microseconds.
 #include "common/check.h"
 #include "ops/direct.h"
+#include "ops/layer_math_cpu.h"
 #include "ops/quant_blocks.h"
-
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 namespace tandem_rt {
 namespace {
@@ -22,7 +20,8 @@ using quant::kQ4_0;
 using quant::kQ4_1;
 using quant::kQ8_0;
 
-// table: [N, K / 32 * block_bytes] uint8 block rows; ids: [T] int64 in [0, N); out: [T, K] of E.
+// table: [N, K / 32 * block_bytes] uint8 block rows; ids: [T] int64 in [0, N); out: [T, K] of E
+// (float, bf16 bits or c10::Half: layer_math's element types).
 template <int64_t Q, typename E>
 void embed_rows(const uint8_t* table, int64_t row_bytes, const int64_t* ids, int64_t T, int64_t K, E* out) {
   float w[kBlock];
@@ -31,7 +30,7 @@ void embed_rows(const uint8_t* table, int64_t row_bytes, const int64_t* ids, int
     E* y = out + t * K;                               // [K]
     for (int64_t j = 0; j < K / kBlock; ++j) {
       quant::dequant_block<Q>(row + j * quant::block_bytes(Q), w);
-      for (int k = 0; k < kBlock; ++k) y[j * kBlock + k] = static_cast<E>(w[k]);
+      for (int k = 0; k < kBlock; ++k) y[j * kBlock + k] = layer_math::store<E>(w[k]);
     }
   }
 }
@@ -66,18 +65,11 @@ void check_embedding_rows_q(const at::Tensor& table, const at::Tensor& ids, int6
 
 void embedding_rows_q_into(at::Tensor& out, const at::Tensor& table, const at::Tensor& ids, int64_t qtype) {
   const int64_t T = out.size(0), K = out.size(1), row_bytes = table.size(1);
-  const uint8_t* tp = table.data_ptr<uint8_t>();
-  const int64_t* id = ids.data_ptr<int64_t>();
-  switch (out.scalar_type()) {
-    case at::kFloat:
-      return embed_rows_q<float>(qtype, tp, row_bytes, id, T, K, out.data_ptr<float>());
-    case at::kBFloat16:
-      return embed_rows_q<c10::BFloat16>(qtype, tp, row_bytes, id, T, K, out.data_ptr<c10::BFloat16>());
-    case at::kHalf:
-      return embed_rows_q<c10::Half>(qtype, tp, row_bytes, id, T, K, out.data_ptr<c10::Half>());
-    default:  // checked by check_embedding_rows_q
-      TORCH_CHECK(false, "embedding_rows_q: unexpected dtype ", out.scalar_type());
-  }
+  layer_math::dispatch_elem(out.scalar_type(), [&](auto e) {
+    using E = decltype(e);
+    embed_rows_q<E>(qtype, table.data_ptr<uint8_t>(), row_bytes, ids.data_ptr<int64_t>(), T, K,
+                    layer_math::elems<E>(out));
+  });
 }
 
 at::Tensor embedding_rows_q_cpu(const at::Tensor& table, const at::Tensor& ids, int64_t qtype, at::ScalarType dtype) {
