@@ -341,7 +341,7 @@ def bench_sample(ctx: Context):
             t = time_fn(lambda: sample(logits, temp, top_k, top_p, rng), ctx)
             yield add_row(ctx, "sample", dtype, dict(batch=batch, context=VOCAB, q_len=1), t,
                           logits.numel() * logits.element_size())
-            # greedy through the op itself (what the engine calls: no Python wrapper's checks)
+            # greedy through the op itself, as the engine calls it (the wrapper adds type / device checks)
             temp, top_k, top_p = sampling_params(batch, 0.0, 0, 1.0, device=ctx.device)
             t = time_fn(lambda: torch.ops.tandem_rt.sample(logits, temp, top_k, top_p, rng, None), ctx)
             yield add_row(ctx, "sample_greedy_op", dtype, dict(batch=batch, context=VOCAB, q_len=1), t,
@@ -364,7 +364,7 @@ def bench_verify(ctx: Context):
                 t = time_fn(lambda: verify(drafts, lens, probs, target, temp, top_k, top_p, rng), ctx)
                 nbytes = target.numel() * target.element_size() + (0 if probs is None else probs.numel() * 4)
                 yield add_row(ctx, f"verify_{mode}", dtype, dict(batch=batch, context=VOCAB, q_len=GAMMA + 1), t, nbytes)
-                # the op itself, as the engine calls it (verification.run_verify: no Python wrapper's checks)
+                # the op itself, as the engine calls it (verification.run_verify; the wrapper adds type / device checks)
                 t = time_fn(lambda: torch.ops.tandem_rt.verify(drafts, lens, probs, target, temp, top_k, top_p, rng),
                             ctx)
                 yield add_row(ctx, f"verify_{mode}_op", dtype, dict(batch=batch, context=VOCAB, q_len=GAMMA + 1), t,

@@ -16,7 +16,8 @@ The *processed distribution* of a row of logits, used by both ops:
 
 The ops validate their arguments themselves (``csrc/ops/sampling.cpp``: dtype, rank, shape,
 device, contiguity, raising ``ValueError`` that names the argument); the wrappers below only check
-that tensors are tensors, so a call costs the op's own work. Argument values (temperature, top_k,
+that each argument is a tensor on the first tensor's device (the dispatcher picks the kernel from
+every tensor), so a call costs the op's own work. Argument values (temperature, top_k,
 top_p, draft_lens, draft token ids) are checked on CPU tensors only: checking a CUDA tensor's
 values would synchronise with the host. On CUDA, ``temperature <= 0`` means greedy, out-of-range
 ``top_k``/``top_p`` switch the filter off, ``draft_lens`` is clamped to ``[0, G]`` and an
