@@ -286,7 +286,7 @@ def bench_linear_rows_q(ctx: Context):
         t = getattr(GGMLQuantizationType, qtype)
         one = torch.from_numpy(quants.quantize(dense.numpy().astype(np.float32), t).copy())
         blocks = [one.clone() for _ in range(copies)]
-        for rows in ((1, 4, 8) if ctx.quick else (1, 2, 4, 8, 16)):
+        for rows in ((1, 4, 8) if ctx.quick else (1, 2, 3, 4, 8, 16)):
             x = torch.randn(rows, k).bfloat16()
             tq = time_fn(lambda: [linear_rows_q(x, b, qtype) for b in blocks], ctx)
             tq_min = ctx.last_min

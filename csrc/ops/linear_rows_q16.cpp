@@ -213,8 +213,8 @@ void q16_vnni(const QuantRows16& xr, int64_t row0, int64_t K, int rows, const ui
 // Rows go in chunks of up to kChunkAvx2 per group, so the weight streams from memory once per pass of
 // up to kMaxRowsAvx2 rows (a second chunk reads the group's bytes from L1 / L2). q16_both_avx2 takes
 // both halves (8 outputs each) of a group per block, x quads broadcast per product; with 16 ymm
-// registers it spills beyond 2 rows, so 3-4 rows of Q4_1 go one half at a time (q16_half_avx2): each
-// half's 32 weights per output unpacked once into 8 registers, every row's products reading x from
+// registers it spills beyond 2 rows, so 3-4 rows of Q4_1 go one half at a time (q16_half_avx2): per
+// block, each pair of weight quads unpacked once and used by every row, whose products read x from
 // QuantRows16::xb (each quad already in all 8 lanes) as their memory operand; the first half's pass
 // brings the group's bytes (K / 32 * 320: 15 KB for K = 1536) into L1 for the second. For Q8_0 the
 // half-at-a-time tile measured no faster (Zen 3), so it keeps q16_both_avx2.
@@ -223,6 +223,7 @@ void q16_vnni(const QuantRows16& xr, int64_t row0, int64_t K, int rows, const ui
 
 constexpr int kMaxRowsAvx2 = 8;  // rows per pass over the weight
 constexpr int kChunkAvx2 = 4;    // rows per q16_half_avx2 tile (R accumulators, R sums, 8 weights)
+constexpr int kHalfMinRowsAvx2 = 3;  // Q4_1 chunks of this many rows or more go one half at a time
 
 // xb [rows, nb, 8, 32]: quad t (bytes 4t .. 4t+3) of every block of xq repeated in the 8 int32 lanes.
 void broadcast_quads(QuantRows16& xr, int64_t rows, int64_t nb) {
@@ -343,22 +344,29 @@ __attribute__((always_inline)) inline void q16_half_avx2(const QuantRows16& xr, 
     const char* pf = reinterpret_cast<const char*>(wg) + (h * nb + j + nb) * (gb / 2);
 #pragma GCC unroll 3
     for (int64_t c = 0; c < gb / 2; c += 64) _mm_prefetch(pf + c, _MM_HINT_T0);
-    __m256i wq[8];  // the half's weights: wq[t] inputs 4t .. 4t+3 (t < 4), wq[4 + t] inputs 16+4t .. 16+4t+3
+    // t outer, rows inner: one quad pair of weights live at a time, R int16 sums (exact in any order,
+    // see above); the empty asm keeps GCC from reassociating the int16 adds, which hoists all 8 R
+    // products ahead of their sums and spills them (asm of R = 4: 16 spilled vectors, 1.2x the time)
+    __m256i s16[R];
 #pragma GCC unroll 4
     for (int t = 0; t < 4; ++t) {
       const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 + 64 * t + 32 * h));
-      wq[t] = _mm256_and_si256(p, low);
-      wq[4 + t] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
+      const __m256i wl = _mm256_and_si256(p, low);                        // inputs 4t .. 4t+3
+      const __m256i wh = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);  // inputs 16+4t .. 16+4t+3
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m256i* xq = xv[r] + j * 8;
+        const __m256i lo = _mm256_maddubs_epi16(wl, _mm256_loadu_si256(xq + t));
+        s16[r] = t == 0 ? lo : _mm256_add_epi16(s16[r], lo);
+        s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(wh, _mm256_loadu_si256(xq + 4 + t)));
+        asm("" : "+x"(s16[r]));
+      }
     }
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16 * h)));
     const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 32 + 16 * h)));
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {  // int16 partial sums, widened once
-      const __m256i* xq = xv[r] + j * 8;
-      __m256i s16 = _mm256_maddubs_epi16(wq[0], _mm256_loadu_si256(xq));
-#pragma GCC unroll 7
-      for (int t = 1; t < 8; ++t) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(wq[t], _mm256_loadu_si256(xq + t)));
-      const __m256i dot = _mm256_madd_epi16(s16, ones);
+    for (int r = 0; r < R; ++r) {  // widened once per block
+      const __m256i dot = _mm256_madd_epi16(s16[r], ones);
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(dx[r][j])), acc[r]);
       acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(sx[r][j]), acc[r]);
     }
@@ -381,7 +389,7 @@ template <int64_t Q, typename E, int R>
 __attribute__((always_inline)) inline void q16_chunk_avx2(const QuantRows16& xr, int64_t row0, int64_t nb,
                                                           const uint8_t* wg, const E* add, int64_t ars, E* y,
                                                           int64_t ys, int64_t n) {
-  if constexpr (R <= 2 || Q == kQ8_0) {
+  if constexpr (R < kHalfMinRowsAvx2 || Q == kQ8_0) {
     q16_both_avx2<Q, E, R>(xr, row0, nb, wg, add, ars, y, ys, n);
   } else {
     q16_half_avx2<E, R>(xr, row0, nb, wg, 0, add, ars, y, ys, n);
@@ -427,7 +435,7 @@ void q16_typed(const E* xp, int64_t xs, int64_t M, int64_t K, const uint8_t* w, 
   if (vnni || cpu_isa::best() != cpu_isa::Isa::kBase) {
     QuantRows16 xr;  // every row quantized once
     quantize_rows16(xf.data(), K, M, xr);
-    if (!vnni && Q == kQ4_1 && M > 2) broadcast_quads(xr, M, K / kBlock);  // for q16_half_avx2
+    if (!vnni && Q == kQ4_1 && M >= kHalfMinRowsAvx2) broadcast_quads(xr, M, K / kBlock);  // for q16_half_avx2
     for_row_passes(M, G, grain, vnni ? kMaxRows : kMaxRowsAvx2, [&](int64_t m0, int rows, int64_t g0, int64_t g1) {
       const E* a = ap != nullptr ? ap + m0 * ars : nullptr;
       if (vnni)
