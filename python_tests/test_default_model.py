@@ -18,7 +18,7 @@ def engine():
     import tandem_rt
 
     torch.set_num_threads(2)
-    return tandem_rt.Engine.from_pretrained(None, dtype=torch.float32, max_batch_size=2)
+    return tandem_rt.Engine.from_pretrained(None, dtype=torch.float32, max_batch_size=2, quantized=False)
 
 
 def test_default_model_references_its_primary():
@@ -58,7 +58,7 @@ def test_inspect_shows_the_reference():
 def test_default_model_quantized_primary_is_lossless_and_close():
     """The default model with its primary read as the GGUF's Q4_1 / Q8_0 blocks (fp32 compute):
     the speculative modes reproduce its greedy output, which mostly follows the dequantised
-    primary's; the CLI flag runs it."""
+    primary's; the default engine serves the blocks where the int8 kernels run; the CLI flag runs it."""
     import tandem_rt
 
     torch.set_num_threads(2)
@@ -72,6 +72,12 @@ def test_default_model_quantized_primary_is_lossless_and_close():
     ref = [r.token_ids for r in quant.generate(prompts, sp, mode="primary")]
     for mode, gamma in (("speed", 3), ("tandem-speed", 4)):
         assert [r.token_ids for r in quant.generate(prompts, sp, mode=mode, gamma=gamma)] == ref, (mode, gamma)
+    from tandem_rt.quantized import packs16
+    # the default (quantized="auto") serves the blocks on a CPU with the int8 kernels
+    auto = tandem_rt.Engine.from_pretrained(None, dtype=torch.float32, max_batch_size=2)
+    assert (auto.primary.quantized_bytes > 0) == packs16()
+    if packs16():
+        assert [r.token_ids for r in auto.generate(prompts, sp, mode="primary")] == ref
     out = subprocess.run([sys.executable, "-m", "tandem_rt.cli", "generate", "--prompt", "Once upon a time",
                           "--max-new-tokens", "4", "--dtype", "bfloat16", "--quantized"],
                          capture_output=True, text=True, timeout=300)

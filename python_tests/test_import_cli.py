@@ -243,3 +243,33 @@ def test_quantized_load_does_not_read_the_dense_matrices(hf_dirs, tmp_path, monk
     assert engine.generate([[3, 4, 5]], sp, mode="tandem-speed", gamma=2)[0].token_ids == want
     tandem_rt.load_checkpoint(out, skip_values={"primary.model.layers.0.self_attn.q_proj.weight"})
     assert "primary.model.layers.0.self_attn.q_proj.weight.qblocks" not in read and len(read) > 0
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
+def test_auto_quantized_primary(hf_dirs, tmp_path, monkeypatch, qtype):
+    """``Engine.from_pretrained(quantized="auto")`` (the default) serves the stored blocks on a CPU
+    that runs ``linear_rows_q16``'s int8 kernels (bf16 / fp32), the dense weights on one without them
+    or in fp16; ``quantized=False`` always the dense weights; anything but True / False / "auto" is
+    refused. (A GGUF reference with Q4_0 matrices: test_quantized_engine.py.)"""
+    import tandem_rt.quantized as quantized
+    from tandem_rt.engine import Engine, SamplingParams
+
+    dirs, _ = hf_dirs
+    out = tmp_path / "q"
+    main(["import-hf", "--primary", str(dirs["primary"]), "--secondary", str(dirs["secondary"]), "--out", str(out),
+          "--dtype", "float32", "--quantize", qtype, "--quiet"])
+    kw = dict(num_pages=64, page_size=8)
+    monkeypatch.setattr(quantized, "packs16", lambda: True)
+    auto = Engine.from_pretrained(out, **kw)
+    assert auto.primary.quantized_bytes > 0
+    forced = Engine.from_pretrained(out, quantized=True, **kw)
+    assert forced.primary.quantized_bytes > 0
+    sp = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    assert auto.generate([[3, 4, 5]], sp, mode="primary")[0].token_ids == \
+        forced.generate([[3, 4, 5]], sp, mode="primary")[0].token_ids
+    assert Engine.from_pretrained(out, quantized=False, **kw).primary.quantized_bytes == 0
+    assert Engine.from_pretrained(out, device="cpu", dtype="float16", **kw).primary.quantized_bytes == 0
+    monkeypatch.setattr(quantized, "packs16", lambda: False)
+    assert Engine.from_pretrained(out, **kw).primary.quantized_bytes == 0
+    with pytest.raises(ValueError, match="quantized must be True, False or 'auto', got 'yes'"):
+        Engine.from_pretrained(out, quantized="yes", **kw)

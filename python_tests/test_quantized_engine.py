@@ -109,6 +109,40 @@ def test_quantized_primary_is_validated(gguf_tandem):
         Engine(copy.deepcopy(model), num_pages=16, page_size=4, dtype=torch.float16, quantized_primary=mats)
 
 
+@pytest.mark.parametrize("with_q4_0", [False, True])
+def test_auto_quantized_primary_of_a_gguf_reference(gguf_tandem, tmp_path, monkeypatch, with_q4_0):
+    """A checkpoint that references its primary's GGUF file: ``Engine.from_pretrained`` (quantized
+    "auto") serves the file's blocks when they are all Q8_0 / Q4_1 and this CPU runs the int8
+    kernels, and the dense weights when a matrix is Q4_0 (only the block-row kernel reads it) or
+    without the int8 kernels; the blocks give the tokens of an engine built on them directly."""
+    import tandem_rt.quantized as quantized
+    from tandem_rt import primary_source as ps
+    from tandem_rt.checkpoint import save_checkpoint
+
+    path, model = gguf_tandem
+    if not with_q4_0:   # the same weights written without Q4_0 matrices
+        plan = {k: (Q.Q4_1 if v == Q.Q4_0 else v) for k, v in quant_plan().items()}
+        ref_hf = tiny_hf_model("llama", tie=True, vocab=96, hidden=64, layers=2, heads=4, kv_heads=2,
+                               intermediate=96, seed=7)
+        path = write_llama_gguf(ref_hf, tmp_path / "no_q4_0.gguf", quant=plan)
+        model = copy.deepcopy(model)
+        model.primary.load_state_dict(load_gguf_model(path).state_dict())
+    assert ({m.qtype for m in read_gguf_matrices(path).values()} >= {"Q4_0"}) == with_q4_0
+    monkeypatch.setenv("TANDEM_RT_CACHE_DIR", str(tmp_path / "derived"))
+    ckpt = save_checkpoint(model, tmp_path / "ref", primary_source={"kind": "gguf", "path": str(path),
+                                                                   "sha256": ps.source_sha256(path)})
+    monkeypatch.setattr(quantized, "packs16", lambda: True)
+    auto = Engine.from_pretrained(ckpt, num_pages=64, page_size=4, draft_quantization=None)
+    assert (auto.primary.quantized_bytes > 0) == (not with_q4_0)
+    if not with_q4_0:
+        direct = Engine(model, num_pages=64, page_size=4, quantized_primary=read_gguf_matrices(path))
+        sp = SamplingParams(max_new_tokens=12, ignore_eos=True)
+        assert auto.generate([[3, 9, 27]], sp, mode="primary")[0].token_ids == \
+            direct.generate([[3, 9, 27]], sp, mode="primary")[0].token_ids
+    monkeypatch.setattr(quantized, "packs16", lambda: False)
+    assert Engine.from_pretrained(ckpt, num_pages=64, page_size=4).primary.quantized_bytes == 0
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("graphs", [False, True])
 def test_quantized_primary_on_cuda(gguf_tandem, graphs):

@@ -94,8 +94,7 @@ def engine_from_args(args, **engine_kw):
         if path is None:
             path = str(make_random_checkpoint(Path(tempfile.mkdtemp(prefix="bench_e2e_")) / "random"))
             print(f"no --model and no bundled model: using a random-weights checkpoint at {path}")
-    if getattr(args, "quantized", False):
-        engine_kw["quantized"] = True
+    engine_kw["quantized"] = bool(getattr(args, "quantized", False))   # dense unless --quantized
     dq = getattr(args, "draft_quantization", "none")
     engine_kw["draft_quantization"] = None if dq in (None, "none") else dq
     return path, Engine.from_pretrained(path, device=args.device, dtype=args.dtype, **engine_kw)

@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     path = Path(args.model) if args.model else default_model_path()
-    engine = tandem_rt.Engine.from_pretrained(path, device=args.device, dtype=args.dtype, max_batch_size=1)
+    engine = tandem_rt.Engine.from_pretrained(path, device=args.device, dtype=args.dtype, max_batch_size=1,
+                                              quantized=False)
     router = engine.model.config.router
     if router is None:
         raise SystemExit(f"{path} has no router")

@@ -97,7 +97,8 @@ def main(argv=None) -> int:
         if (corpus / f"val{ext}").is_file() and not (out / f"val{ext}").exists():
             os.symlink((corpus / f"val{ext}").resolve(), out / f"val{ext}")
     lines = paragraphs(corpus, args.split, args.prompts, args.min_chars)
-    engine = tandem_rt.Engine.from_pretrained(args.model, dtype=args.dtype, max_batch_size=args.batch)
+    engine = tandem_rt.Engine.from_pretrained(args.model, dtype=args.dtype, max_batch_size=args.batch,
+                                              quantized=False)
     tok = engine.tokenizer
     params = tandem_rt.SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     t0 = time.time()

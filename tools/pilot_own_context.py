@@ -43,7 +43,8 @@ def greedy_windows(checkpoint: str, prompts: int, prompt_tokens: int, max_new_to
     import tandem_rt
     from accepted_per_block import split_prompts
 
-    engine = tandem_rt.Engine.from_pretrained(checkpoint, dtype="float32", max_batch_size=prompts)
+    engine = tandem_rt.Engine.from_pretrained(checkpoint, dtype="float32", max_batch_size=prompts,
+                                              quantized=False)
     ids = [p for p in split_prompts("test", prompts, prompt_tokens, engine.tokenizer) if len(p) == prompt_tokens]
     params = tandem_rt.SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
     out = engine.generate(ids, params, mode="primary")

@@ -29,6 +29,15 @@ def draft_quantization(args):
     return None if args.draft_quantization == "none" else args.draft_quantization
 
 
+def add_quantized(p: argparse.ArgumentParser) -> None:
+    """``--quantized`` / ``--no-quantized`` (``args.quantized``: True, False, or "auto" when neither
+    is given, as ``Engine.from_pretrained`` takes it)."""
+    p.add_argument("--quantized", action=argparse.BooleanOptionalAction, default="auto",
+                   help="the primary reads the Q8_0/Q4_0/Q4_1 blocks the checkpoint stores or the GGUF file it "
+                        "references (--no-quantized: the dequantised weights); default: the blocks on a CPU with "
+                        "the int8 kernels (AVX-512 VNNI or AVX2) when they are Q8_0 / Q4_1, else the dense weights")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem-rt", description="Tandem Transformers inference runtime")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")

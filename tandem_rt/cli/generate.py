@@ -85,7 +85,7 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    from tandem_rt.cli import add_draft_quantization
+    from tandem_rt.cli import add_draft_quantization, add_quantized
     from tandem_rt.engine import MODES
     from tandem_rt.engine.params import DEFAULT_GAMMA
 
@@ -110,8 +110,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: the checkpoint's")
     p.add_argument("--cuda-graphs", action="store_true", help="capture decode/verify steps in CUDA graphs")
-    p.add_argument("--quantized", action="store_true",
-                   help="the primary reads the Q8_0/Q4_0/Q4_1 blocks of the GGUF file the checkpoint references (CPU)")
+    add_quantized(p)
     add_draft_quantization(p)
     p.add_argument("--stats", action="store_true", help="print acceptance and speed figures")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -29,7 +29,7 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    from tandem_rt.cli import add_draft_quantization
+    from tandem_rt.cli import add_draft_quantization, add_quantized
     p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
     p.add_argument("--host", default="127.0.0.1")
@@ -45,8 +45,7 @@ def register(sub) -> None:
                    help="gamma=auto: stop drafting by the router alone, or also by the batch's measured cost "
                         "(faster under load; seeded sampled requests then depend on the batch)")
     p.add_argument("--cuda-graphs", action="store_true", help="capture decode/verify steps in CUDA graphs")
-    p.add_argument("--quantized", action="store_true",
-                   help="the primary reads the GGUF blocks of the file the checkpoint references (CPU)")
+    add_quantized(p)
     add_draft_quantization(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)

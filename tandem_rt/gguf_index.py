@@ -1,0 +1,169 @@
+"""The tensor index of a GGUF file (names, shapes, ggml types, data offsets), read without
+parsing its metadata values.
+
+``gguf.GGUFReader`` builds a numpy view of every metadata value, including each of a tokenizer's
+~100 k vocabulary and merge strings: ~5.5 s for SmolLM2-135M's file on a 2-core AMD EPYC. Serving a
+primary from its blocks needs only the tensor index, so this reader steps over the metadata (one
+length read per string) and reads the tensor infos: ~0.1 s for the same file.
+
+Format (GGUF v2 / v3, little-endian; https://github.com/ggml-org/ggml/blob/master/docs/gguf.md):
+``b"GGUF"``, u32 version, u64 tensor count, u64 metadata count; the metadata as (string key, u32
+value type, value); the tensor infos as (string name, u32 n_dims, u64 dims[n_dims] — innermost
+first —, u32 ggml type, u64 offset from the data section); the data section starts at the next
+multiple of ``general.alignment`` (default 32). A string is a u64 byte count and the bytes.
+
+Public API::
+
+    read_tensor_index(path) -> list[GGUFTensorInfo]
+"""
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+PathLike = Union[str, Path]
+
+_MAGIC = b"GGUF"
+_VERSIONS = (2, 3)
+_STRING, _ARRAY = 8, 9
+# metadata value type -> byte size of the scalar types
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_U32_TYPE = 4
+_DEFAULT_ALIGNMENT = 32
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """One tensor of a GGUF file.
+
+    Attributes:
+        name: the llama.cpp tensor name (e.g. ``"blk.0.attn_q.weight"``).
+        shape: ggml dimensions, innermost first (a ``[N, K]`` matrix is ``(K, N)``).
+        ggml_type: the ggml type id (0 F32, 1 F16, 2 Q4_0, 3 Q4_1, 8 Q8_0, 30 BF16, ...).
+        offset: absolute byte offset of the tensor's data in the file.
+    """
+    name: str
+    shape: tuple
+    ggml_type: int
+    offset: int
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads from a buffer."""
+
+    def __init__(self, buf, file: Path):
+        self.buf, self.pos, self.file = buf, 0, file
+
+    def take(self, fmt: str):
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.buf):
+            raise ValueError(f"{self.file} is not a readable GGUF file: it ends inside its header "
+                             f"(byte {self.pos} of {len(self.buf)})")
+        vals = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return vals[0] if len(vals) == 1 else vals
+
+    def skip(self, nbytes: int) -> None:
+        if nbytes < 0 or self.pos + nbytes > len(self.buf):
+            raise ValueError(f"{self.file} is not a readable GGUF file: a field of {nbytes} bytes at byte "
+                             f"{self.pos} runs past its end ({len(self.buf)} bytes)")
+        self.pos += nbytes
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        start = self.pos
+        self.skip(n)
+        try:
+            return bytes(self.buf[start:start + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{self.file} is not a readable GGUF file: a string at byte {start} is not UTF-8") from None
+
+    def skip_value(self, vtype: int) -> None:
+        if vtype in _SCALAR_BYTES:
+            self.skip(_SCALAR_BYTES[vtype])
+        elif vtype == _STRING:
+            self.skip(self.take("<Q"))
+        elif vtype == _ARRAY:
+            etype, count = self.take("<IQ")
+            if etype in _SCALAR_BYTES:
+                self.skip(count * _SCALAR_BYTES[etype])
+            elif etype == _STRING:
+                buf, pos, end = self.buf, self.pos, len(self.buf)
+                for _ in range(count):     # one length read per string
+                    if pos + 8 > end:
+                        self.pos = pos
+                        self.take("<Q")    # raises: the file ends inside the array
+                    pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+                self.pos = pos
+                if pos > end:
+                    raise ValueError(f"{self.file} is not a readable GGUF file: a string array runs past its end")
+            else:
+                for _ in range(count):
+                    self.skip_value(etype)
+        else:
+            raise ValueError(f"{self.file} is not a readable GGUF file: unknown metadata value type {vtype} "
+                             f"at byte {self.pos - 4}")
+
+
+def read_tensor_index(path: PathLike) -> list:
+    """The tensor infos of a GGUF v2 / v3 little-endian file, in file order.
+
+    Args:
+        path: the GGUF file.
+    Returns:
+        ``list[GGUFTensorInfo]`` (offsets absolute; data not read).
+    Raises:
+        ValueError naming the file: missing, not GGUF (magic), an unsupported version or byte
+        order, a header that ends early or runs past the file, or a tensor whose offset lies past
+        the end of the file.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"{file} does not exist")
+    size = file.stat().st_size
+    if size < 24:
+        raise ValueError(f"{file} is not a readable GGUF file: {size} bytes")
+    with open(file, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != _MAGIC:
+            raise ValueError(f"{file} is not a readable GGUF file: magic {bytes(buf[:4])!r}, expected {_MAGIC!r}")
+        cur = _Cursor(buf, file)
+        cur.skip(4)
+        version = cur.take("<I")
+        if version not in _VERSIONS:
+            swapped = struct.unpack(">I", struct.pack("<I", version))[0]
+            what = "big-endian" if swapped in _VERSIONS else f"version {version}"
+            raise ValueError(f"{file}: {what} GGUF files are not supported (little-endian v2 / v3 are)")
+        n_tensors, n_kv = cur.take("<QQ")
+        alignment = _DEFAULT_ALIGNMENT
+        for _ in range(n_kv):
+            key = cur.string()
+            vtype = cur.take("<I")
+            if key == "general.alignment" and vtype == _U32_TYPE:
+                alignment = cur.take("<I")
+                if alignment <= 0 or alignment & (alignment - 1):
+                    raise ValueError(f"{file}: general.alignment must be a power of two, got {alignment}")
+            else:
+                cur.skip_value(vtype)
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            n_dims = cur.take("<I")
+            if not 1 <= n_dims <= 4:
+                raise ValueError(f"{file}: tensor {name!r} has {n_dims} dimensions (1..4 expected)")
+            shape = tuple(cur.take(f"<{n_dims}Q")) if n_dims > 1 else (cur.take("<Q"),)
+            ggml_type, offset = cur.take("<IQ")
+            infos.append((name, shape, ggml_type, offset))
+        data_start = -(-cur.pos // alignment) * alignment
+    out = []
+    for name, shape, ggml_type, offset in infos:
+        at = data_start + offset
+        if at > size:
+            raise ValueError(f"{file}: tensor {name!r} starts at byte {at}, past the end of the file ({size} bytes)")
+        out.append(GGUFTensorInfo(name, shape, ggml_type, at))
+    return out
+
+
+__all__ = ["GGUFTensorInfo", "read_tensor_index"]
