@@ -11,7 +11,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
 
-from tandem_rt.gguf_index import read_tensor_index  # noqa: E402
+from tandem_rt.gguf_index import read_index, read_tensor_index  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
@@ -149,3 +149,67 @@ def test_read_gguf_matrices_refuses_a_truncated_tensor(tmp_path):
     p.write_bytes(path.read_bytes()[:last.offset + 10])
     with pytest.raises(ValueError, match="'output.weight' .* runs past the end of the file"):
         read_gguf_matrices(p, gguf_model_config(path))   # the config of the intact file: only the index is read
+
+
+def test_fields_equal_the_gguf_reader(tmp_path):
+    """Scalars and strings decode to GGUFReader's contents, scalar arrays to its lists; string
+    arrays are counted (their length is len(field.data)) but not decoded."""
+    path = write_file(tmp_path / "f.gguf")
+    ref = gguf.GGUFReader(str(path))
+    index = read_index(path)
+    assert list(index.fields) == [k for k in ref.fields if not k.startswith("GGUF.")]   # the reader's own header keys
+    for key, field in index.fields.items():
+        want = ref.fields[key]
+        if key == "t.nested":   # GGUFReader lists a nested array's leaves; the index its 2 elements
+            assert field.count == len(field.data) == 2
+        else:
+            assert len(field.data) == len(want.data), key
+        if key in ("t.strings", "t.nested", "tokenizer.ggml.tokens"):
+            with pytest.raises(ValueError, match="not decoded"):
+                field.contents()
+            continue
+        got = field.contents()
+        expect = want.contents()
+        if isinstance(expect, float):
+            assert got == pytest.approx(expect), key
+        else:
+            assert got == expect, key
+    assert index.fields["t.str"].contents() == "héllo" and index.fields["t.ints"].contents() == list(range(1000))
+
+
+def test_duplicate_tensor_names_are_refused(tmp_path):
+    path = write_file(tmp_path / "f.gguf")
+    raw = bytearray(path.read_bytes())
+    # rename the second tensor ("b.f16") to the first's name ("a.f32"): same length
+    i = raw.index(b"b.f16")
+    raw[i:i + 5] = b"a.f32"
+    p = tmp_path / "dup.gguf"
+    p.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="tensor 'a.f32' appears twice"):
+        read_index(p)
+
+
+def test_chat_template_of_a_referenced_gguf(tmp_path):
+    """``tandem_rt.chat.load_chat_template`` reads ``tokenizer.chat_template`` of the GGUF file a
+    checkpoint references (through the index) when the checkpoint ships no template."""
+    import json
+
+    from tandem_rt.chat import load_chat_template
+
+    template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    w.add_token_list(["a", "b"])
+    w.add_chat_template(template)
+    w.add_tensor("x", np.zeros((2, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "tandem_config.json").write_text(json.dumps(
+        {"primary_source": {"kind": "gguf", "path": str(tmp_path / "t.gguf"), "sha256": "0" * 64}}))
+    assert load_chat_template(ckpt) == template
+    (ckpt / "tandem_config.json").write_text(json.dumps(
+        {"primary_source": {"kind": "gguf", "path": str(tmp_path / "missing.gguf"), "sha256": "0" * 64}}))
+    assert load_chat_template(ckpt) is None

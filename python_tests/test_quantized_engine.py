@@ -135,6 +135,18 @@ def test_auto_quantized_primary_of_a_gguf_reference(gguf_tandem, tmp_path, monke
     auto = Engine.from_pretrained(ckpt, num_pages=64, page_size=4, draft_quantization=None)
     assert (auto.primary.quantized_bytes > 0) == (not with_q4_0)
     if not with_q4_0:
+        # no derived cache is built: the norms and the embedding come from the file itself, equal to
+        # what the full dequantising load gives
+        assert not list((tmp_path / "derived").glob("*.safetensors"))
+        from tandem_rt.checkpoint import load_checkpoint
+        skip = {"primary." + n for n in read_gguf_matrices(path)} - {"primary.model.embed_tokens.weight"}
+        part = load_checkpoint(ckpt, skip_values=skip, derived_cache=tmp_path / "d2")
+        assert not (tmp_path / "d2").exists()
+        full = load_gguf_model(path).state_dict()
+        kept = [n for n in full if "primary." + n not in skip]
+        assert "model.norm.weight" in kept and "model.embed_tokens.weight" in kept
+        for n in kept:
+            assert torch.equal(part.primary.state_dict()[n], full[n]), n
         direct = Engine(model, num_pages=64, page_size=4, quantized_primary=read_gguf_matrices(path))
         sp = SamplingParams(max_new_tokens=12, ignore_eos=True)
         assert auto.generate([[3, 9, 27]], sp, mode="primary")[0].token_ids == \

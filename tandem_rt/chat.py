@@ -35,16 +35,14 @@ def load_chat_template(checkpoint_dir) -> Optional[str]:
         return None
     from tandem_rt.primary_source import resolve_reference
 
-    try:
-        import gguf
+    from tandem_rt.gguf_index import read_index
 
-        reader = gguf.GGUFReader(str(resolve_reference(ref, d)))
-    except Exception:  # no gguf package, or the source is missing: no template
+    try:
+        fields = read_index(resolve_reference(ref, d)).fields
+    except Exception:  # the source is missing or unreadable: no template
         return None
-    field = reader.fields.get("tokenizer.chat_template")
-    if field is None:
-        return None
-    return bytes(field.parts[field.data[0]]).decode("utf-8")
+    field = fields.get("tokenizer.chat_template")
+    return field.value if field is not None and isinstance(field.value, str) else None
 
 
 def check_messages(messages) -> list:

@@ -1,7 +1,8 @@
 """Import GGUF files (llama.cpp's format, ``llama`` architecture).
 
-Tensors are dequantised with the ``gguf`` package (F32, F16, BF16, Q8_0, Q4_0, Q4_1 and every
-other type it implements) one at a time and copied into our decoder.
+The file is read through :mod:`tandem_rt.gguf_index` (metadata and tensor infos without decoding
+the tokenizer's strings); tensors are dequantised with the ``gguf`` package (F32, F16, BF16, Q8_0,
+Q4_0, Q4_1 and every other type it implements) one at a time and copied into our decoder.
 
 llama.cpp's ``convert_hf_to_gguf.py`` permutes the rows of the Q and K projections of
 ``llama`` models (per head, from rotate-half pairs ``(i, i + D/2)`` to interleaved pairs
@@ -12,6 +13,7 @@ Public API::
 
     gguf_model_config(path) -> ModelConfig
     load_gguf_model(path, dtype=torch.float32, progress=False) -> LlamaForCausalLM
+    read_gguf_tensors(path, names, cfg=None) -> {name: float32 tensor}
     gguf_tokenizer_json(path) -> str
     import_gguf(primary_gguf, out_dir, secondary_gguf=None, secondary_config=None, drafter_gguf=None,
                 dtype="bfloat16", layer_map=None, seed=0, progress=False) -> Path
@@ -53,16 +55,57 @@ _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _IGNORED = ("rope_freqs.weight",)
 
 
-def _reader(path: PathLike):
-    from gguf import GGUFReader
+class _Tensor:
+    """A tensor of a :class:`tandem_rt.gguf_index.GGUFIndex` in ``gguf.ReaderTensor``'s terms:
+    ``name``, ``shape`` (ggml order, numpy), ``tensor_type`` (``GGMLQuantizationType``), ``n_bytes``,
+    and ``data`` read from the file on access (F32 / F16 / F64 / I8..I64 as their numpy type in
+    ``[outer .. inner]`` shape, other types as uint8 rows of their blocks)."""
 
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"{file} does not exist")
-    try:
-        return GGUFReader(str(file))
-    except Exception as exc:  # gguf raises ValueError/struct errors on bad files
-        raise ValueError(f"{file} is not a readable GGUF file: {exc}") from None
+    _ITEM = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+             "I32": np.int32, "I64": np.int64}
+
+    def __init__(self, info, file: Path, size: int):
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        try:
+            self.tensor_type = GGMLQuantizationType(info.ggml_type)
+        except ValueError:
+            raise ValueError(f"{file}: tensor {info.name!r} has unknown ggml type {info.ggml_type}") from None
+        self.name, self.file, self.offset = info.name, file, info.offset
+        self.shape = np.array(info.shape, dtype=np.uint64)
+        block, type_size = GGML_QUANT_SIZES[self.tensor_type]
+        inner = info.shape[0]
+        if inner % block:
+            raise ValueError(f"{file}: tensor {info.name!r} has {inner} inputs, not a multiple of its "
+                             f"{self.tensor_type.name} block of {block}")
+        self.n_elements = int(np.prod(info.shape))
+        self.n_bytes = self.n_elements // block * type_size
+        if self.offset + self.n_bytes > size:
+            raise ValueError(f"{file}: tensor {info.name!r} ({self.n_bytes} bytes at byte {self.offset}) runs past "
+                             f"the end of the file ({size} bytes): the file is truncated")
+        dims = tuple(reversed(info.shape))
+        item = self._ITEM.get(self.tensor_type.name)
+        self._dtype, self._dims = (item, dims) if item is not None else (np.uint8, dims[:-1] + (inner // block * type_size,))
+
+    @property
+    def data(self) -> np.ndarray:
+        return np.memmap(self.file, dtype=self._dtype, mode="r", offset=self.offset, shape=self._dims)
+
+
+class _IndexReader:
+    """``.fields`` ({key: field with ``contents()``}) and ``.tensors`` ([:class:`_Tensor`]) of a GGUF
+    file from :func:`tandem_rt.gguf_index.read_index` (no vocabulary strings decoded)."""
+
+    def __init__(self, index):
+        size = index.path.stat().st_size
+        self.fields = index.fields
+        self.tensors = [_Tensor(t, index.path, size) for t in index.tensors]
+
+
+def _reader(path: PathLike) -> _IndexReader:
+    from tandem_rt.gguf_index import read_index
+
+    return _IndexReader(read_index(path))   # ValueError naming the file when it is not readable
 
 
 def _field(reader, key: str, default=None, required: bool = False):
@@ -211,6 +254,35 @@ def load_gguf_model(path: PathLike, dtype: torch.dtype = torch.float32, progress
     return model.eval()
 
 
+def read_gguf_tensors(path: PathLike, names, cfg: Optional[ModelConfig] = None) -> dict:
+    """Some of a llama GGUF file's tensors, dequantised to float32 (Q/K rows in the Hugging Face
+    order), without reading the others: what a primary served from its blocks still needs dense
+    (norms, an embedding other parts share).
+
+    Args:
+        path: the GGUF file.
+        names: our (Hugging Face) parameter names; ``lm_head.weight`` of a tied model is the
+            embedding.
+        cfg: the file's config (default: read from its metadata).
+    Returns:
+        ``{name: float32 tensor}`` in torch's ``[outer .. inner]`` shape.
+    Raises:
+        ValueError naming the file and a name it does not hold.
+    """
+    reader = _reader(path)
+    cfg = cfg or _config_from_reader(reader)
+    _, plan = _tensor_plan(reader, cfg)
+    by_name = dict(plan)
+    if cfg.tie_word_embeddings and "model.embed_tokens.weight" in by_name:
+        by_name.setdefault("lm_head.weight", by_name["model.embed_tokens.weight"])
+    out = {}
+    for name in names:
+        if name not in by_name:
+            raise ValueError(f"{path} has no tensor for parameter {name!r}")
+        out[name] = _dequantised(by_name[name], name, cfg)
+    return out
+
+
 def gguf_tokenizer(path: PathLike):
     """A ``tokenizers.Tokenizer`` built from the GGUF metadata by transformers' GGUF conversion
     (``AutoTokenizer.from_pretrained(dir, gguf_file=name)``; reads only local files)."""
@@ -279,5 +351,5 @@ def import_gguf(primary_gguf: PathLike, out_dir: PathLike, secondary_gguf: Optio
     return save_imported(model, out_dir, tokenizer, dtype, quantize)
 
 
-__all__ = ["gguf_model_config", "load_gguf_model", "gguf_tokenizer", "gguf_tokenizer_json", "import_gguf",
+__all__ = ["gguf_model_config", "load_gguf_model", "read_gguf_tensors", "gguf_tokenizer", "gguf_tokenizer_json", "import_gguf",
            "unpermute_qk", "gguf_to_hf_name"]

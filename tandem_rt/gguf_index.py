@@ -1,10 +1,11 @@
-"""The tensor index of a GGUF file (names, shapes, ggml types, data offsets), read without
-parsing its metadata values.
+"""The index of a GGUF file: its metadata (scalars and strings decoded, arrays of strings
+counted but not decoded) and its tensor infos (names, shapes, ggml types, data offsets).
 
 ``gguf.GGUFReader`` builds a numpy view of every metadata value, including each of a tokenizer's
-~100 k vocabulary and merge strings: ~5.5 s for SmolLM2-135M's file on a 2-core AMD EPYC. Serving a
-primary from its blocks needs only the tensor index, so this reader steps over the metadata (one
-length read per string) and reads the tensor infos: ~0.1 s for the same file.
+~100 k vocabulary and merge strings: 3.5-5.5 s for SmolLM2-135M's file on a 2-core AMD EPYC. A
+model's config and its tensors need none of those strings, so this reader steps over string arrays
+(one length read per string): 0.02 s for the same file. ``tandem_rt.gguf`` reads configs and
+tensors through it; the tokenizer is built from the metadata by transformers.
 
 Format (GGUF v2 / v3, little-endian; https://github.com/ggml-org/ggml/blob/master/docs/gguf.md):
 ``b"GGUF"``, u32 version, u64 tensor count, u64 metadata count; the metadata as (string key, u32
@@ -14,6 +15,7 @@ multiple of ``general.alignment`` (default 32). A string is a u64 byte count and
 
 Public API::
 
+    read_index(path) -> GGUFIndex            # .fields {key: GGUFField}, .tensors [GGUFTensorInfo]
     read_tensor_index(path) -> list[GGUFTensorInfo]
 """
 from __future__ import annotations
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
+import numpy as np
+
 PathLike = Union[str, Path]
 
 _MAGIC = b"GGUF"
@@ -31,8 +35,39 @@ _VERSIONS = (2, 3)
 _STRING, _ARRAY = 8, 9
 # metadata value type -> byte size of the scalar types
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_U32_TYPE = 4
 _DEFAULT_ALIGNMENT = 32
+# metadata value type -> struct format of the scalar types
+_SCALAR_FORMAT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_SCALAR_DTYPE = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
+                 12: "<f8"}
+
+
+@dataclass(frozen=True)
+class GGUFField:
+    """One metadata value.
+
+    Attributes:
+        name: the key (e.g. ``"llama.embedding_length"``).
+        value: a scalar (int, float, bool) or str; for an array of scalars a 1-D numpy array; for
+            an array of strings or of arrays None (not decoded).
+        count: elements of an array (1 for a scalar or string).
+    """
+    name: str
+    value: object
+    count: int = 1
+
+    def contents(self):
+        """The value (an array as a list), as ``gguf.ReaderField.contents``; ValueError for an
+        array whose elements the index does not decode."""
+        if self.value is None:
+            raise ValueError(f"GGUF field {self.name!r}: an array of {self.count} strings or arrays, not decoded")
+        return self.value.tolist() if isinstance(self.value, np.ndarray) else self.value
+
+    @property
+    def data(self):
+        """A sequence of ``count`` items (``len(field.data)`` is the array's length, as with
+        ``gguf.ReaderField``)."""
+        return range(self.count) if self.value is None or not isinstance(self.value, np.ndarray) else self.value
 
 
 @dataclass(frozen=True)
@@ -49,6 +84,22 @@ class GGUFTensorInfo:
     shape: tuple
     ggml_type: int
     offset: int
+
+
+@dataclass(frozen=True)
+class GGUFIndex:
+    """A GGUF file's metadata and tensor infos (data not read).
+
+    Attributes:
+        path: the file.
+        version: the GGUF version (2 or 3).
+        fields: ``{key: GGUFField}`` in file order.
+        tensors: ``[GGUFTensorInfo]`` in file order (offsets absolute).
+    """
+    path: Path
+    version: int
+    fields: dict
+    tensors: list
 
 
 class _Cursor:
@@ -81,6 +132,26 @@ class _Cursor:
         except UnicodeDecodeError:
             raise ValueError(f"{self.file} is not a readable GGUF file: a string at byte {start} is not UTF-8") from None
 
+    def value(self, key: str, vtype: int) -> GGUFField:
+        """The value of type ``vtype`` at the cursor, decoded as :class:`GGUFField` describes."""
+        if vtype in _SCALAR_FORMAT:
+            return GGUFField(key, self.take(_SCALAR_FORMAT[vtype]))
+        if vtype == _STRING:
+            return GGUFField(key, self.string())
+        if vtype == _ARRAY:
+            etype, count = self.take("<IQ")
+            if etype in _SCALAR_BYTES:
+                nbytes = count * _SCALAR_BYTES[etype]
+                start = self.pos
+                self.skip(nbytes)
+                arr = np.frombuffer(self.buf, dtype=_SCALAR_DTYPE[etype], count=count, offset=start).copy()
+                return GGUFField(key, arr.astype(bool) if etype == 7 else arr, count)
+            self.pos -= 12
+            self.skip_value(vtype)
+            return GGUFField(key, None, count)
+        self.skip_value(vtype)   # raises: unknown type
+        raise AssertionError("unreachable")
+
     def skip_value(self, vtype: int) -> None:
         if vtype in _SCALAR_BYTES:
             self.skip(_SCALAR_BYTES[vtype])
@@ -108,17 +179,17 @@ class _Cursor:
                              f"at byte {self.pos - 4}")
 
 
-def read_tensor_index(path: PathLike) -> list:
-    """The tensor infos of a GGUF v2 / v3 little-endian file, in file order.
+def read_index(path: PathLike) -> GGUFIndex:
+    """The metadata and tensor infos of a GGUF v2 / v3 little-endian file.
 
     Args:
         path: the GGUF file.
     Returns:
-        ``list[GGUFTensorInfo]`` (offsets absolute; data not read).
+        :class:`GGUFIndex` (tensor offsets absolute; tensor data not read).
     Raises:
         ValueError naming the file: missing, not GGUF (magic), an unsupported version or byte
-        order, a header that ends early or runs past the file, or a tensor whose offset lies past
-        the end of the file.
+        order, a header that ends early or runs past the file, an unknown value type, a duplicated
+        tensor name, or a tensor whose offset lies past the end of the file.
     """
     file = Path(path)
     if not file.is_file():
@@ -137,19 +208,20 @@ def read_tensor_index(path: PathLike) -> list:
             what = "big-endian" if swapped in _VERSIONS else f"version {version}"
             raise ValueError(f"{file}: {what} GGUF files are not supported (little-endian v2 / v3 are)")
         n_tensors, n_kv = cur.take("<QQ")
-        alignment = _DEFAULT_ALIGNMENT
+        fields = {}
         for _ in range(n_kv):
             key = cur.string()
-            vtype = cur.take("<I")
-            if key == "general.alignment" and vtype == _U32_TYPE:
-                alignment = cur.take("<I")
-                if alignment <= 0 or alignment & (alignment - 1):
-                    raise ValueError(f"{file}: general.alignment must be a power of two, got {alignment}")
-            else:
-                cur.skip_value(vtype)
-        infos = []
+            fields[key] = cur.value(key, cur.take("<I"))
+        alignment = fields.get("general.alignment")
+        alignment = _DEFAULT_ALIGNMENT if alignment is None else alignment.value
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise ValueError(f"{file}: general.alignment must be a power of two, got {alignment!r}")
+        infos, names = [], set()
         for _ in range(n_tensors):
             name = cur.string()
+            if name in names:
+                raise ValueError(f"{file}: tensor {name!r} appears twice")
+            names.add(name)
             n_dims = cur.take("<I")
             if not 1 <= n_dims <= 4:
                 raise ValueError(f"{file}: tensor {name!r} has {n_dims} dimensions (1..4 expected)")
@@ -157,13 +229,18 @@ def read_tensor_index(path: PathLike) -> list:
             ggml_type, offset = cur.take("<IQ")
             infos.append((name, shape, ggml_type, offset))
         data_start = -(-cur.pos // alignment) * alignment
-    out = []
+    tensors = []
     for name, shape, ggml_type, offset in infos:
         at = data_start + offset
         if at > size:
             raise ValueError(f"{file}: tensor {name!r} starts at byte {at}, past the end of the file ({size} bytes)")
-        out.append(GGUFTensorInfo(name, shape, ggml_type, at))
-    return out
+        tensors.append(GGUFTensorInfo(name, shape, ggml_type, at))
+    return GGUFIndex(file, version, fields, tensors)
 
 
-__all__ = ["GGUFTensorInfo", "read_tensor_index"]
+def read_tensor_index(path: PathLike) -> list:
+    """``read_index(path).tensors``: the tensor infos of a GGUF file, in file order."""
+    return read_index(path).tensors
+
+
+__all__ = ["GGUFField", "GGUFIndex", "GGUFTensorInfo", "read_index", "read_tensor_index"]

@@ -221,6 +221,24 @@ def resolve_reference(ref: dict, checkpoint_dir: Path) -> Path:
     return target
 
 
+def _load_unskipped_from_gguf(primary, src: Path, checkpoint_dir: Path, expected: dict, skip) -> None:
+    """Fill the parameters of ``primary`` not in ``skip`` (the norms, a shared embedding: what a
+    primary served from its GGUF blocks still reads dense) from the GGUF file itself, leaving the
+    derived cache alone: reading them costs less than dequantising the whole file once."""
+    from tandem_rt.checkpoint import CheckpointError
+    from tandem_rt.gguf import gguf_model_config, read_gguf_tensors
+
+    cfg = gguf_model_config(src)
+    if cfg.to_dict() != primary.config.to_dict():
+        raise CheckpointError(f"primary source {src} has config {cfg.to_dict()}, which differs from "
+                              f"the primary config of checkpoint {checkpoint_dir}")
+    wanted = [n for n in expected if n not in skip]
+    for name, t in read_gguf_tensors(src, wanted, cfg).items():
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"primary source {src}: tensor {name!r} holds NaN or infinite values")
+        expected[name].copy_(t)
+
+
 def load_referenced_primary(primary, ref: dict, checkpoint_dir: Path, dtype: torch.dtype,
                             derived_cache: Optional[PathLike] = None, skip=()) -> Path:
     """Fill ``primary`` (allocated :class:`LlamaForCausalLM`, ``dtype``) from a reference.
@@ -229,7 +247,9 @@ def load_referenced_primary(primary, ref: dict, checkpoint_dir: Path, dtype: tor
     read from ``<derived_cache>/primary-<sha256>-<dtype>.safetensors`` when that exists, else
     converted from the source (e.g. GGUF dequantisation) and written there for the next load
     (best effort: an unwritable cache only costs time). ``skip``: parameter names of ``primary``
-    left unread when the derived cache serves the load. Returns the resolved source path.
+    left unread (those served as blocks): when the derived cache is missing and the source is a
+    GGUF file, only the other parameters are read from it and no cache is written. Returns the
+    resolved source path.
     Raises:
         CheckpointError naming both the checkpoint and the source on a missing source, a hash
         mismatch or a source whose config differs from the checkpoint's primary config.
@@ -266,6 +286,9 @@ def load_referenced_primary(primary, ref: dict, checkpoint_dir: Path, dtype: tor
                         return src
             except Exception:  # a corrupt cache entry is rebuilt below
                 pass
+        if kind == "gguf" and skip:
+            _load_unskipped_from_gguf(primary, src, checkpoint_dir, expected, skip)
+            return src
         model = load_primary_model(src, kind, dtype)
         if model.config.to_dict() != primary.config.to_dict():
             raise CheckpointError(f"primary source {src} has config {model.config.to_dict()}, which differs from "
