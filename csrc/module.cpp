@@ -98,7 +98,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           nogil);
   cpu.def("embedding_rows_q", &d::embedding_rows_q, arg("table"), arg("ids"), arg("qtype"), arg("dtype"), nogil);
   cpu.def("rms_norm", &d::rms_norm, arg("x"), arg("weight"), arg("eps"), nogil);
-  cpu.def("silu_and_mul", &d::silu_and_mul, arg("x"), nogil);
+  cpu.def("silu_and_mul", &d::silu_and_mul, arg("gate_up"), nogil);
   cpu.def("rope_cache_write", &d::rope_cache_write, arg("k"), arg("v"), arg("positions"), arg("slot_mapping"),
           arg("k_cache"), arg("v_cache"), arg("rope_theta"), arg("q") = pybind11::none(), nogil);
   // scratch: paged_attention_scratch(...) of the call's rows, shared by the layers of one forward

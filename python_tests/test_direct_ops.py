@@ -52,7 +52,7 @@ def test_direct_ops_equal_the_torch_ops():
 def test_direct_ops_validate_their_arguments():
     with pytest.raises(ValueError, match="qtype must be 0"):
         _C.cpu.linear_rows_q16(torch.randn(2, 64), torch.zeros(1, 640, dtype=torch.uint8), 7)
-    with pytest.raises(ValueError, match="x.shape\\[1\\] must be even"):
+    with pytest.raises(ValueError, match="gate_up.shape\\[1\\] must be even"):
         _C.cpu.silu_and_mul(torch.randn(2, 5))
     with pytest.raises(ValueError):
         _C.cpu.linear_rows(torch.randn(2, 8), torch.randn(3, 9))

@@ -157,7 +157,7 @@ def _set(key, fn):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mutate, match", [
-    (_set("q", lambda t: t.double()), "q must have dtype"),
+    (_set("q", lambda t: t.double()), r"q must be float32, float16 or bfloat16, got Double"),
     (_set("q", lambda t: t[0]), "q must have 3 dimensions"),
     (_set("q", lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)), "q must have packed heads"),
     (_set("k_cache", lambda t: t.bfloat16()), "k_cache must have dtype"),
@@ -168,12 +168,12 @@ def _set(key, fn):
      "heads"),
     (_set("block_tables", lambda t: t.long()), "block_tables must have dtype"),
     (_set("block_tables", lambda t: t[0]), "block_tables must have 2 dimensions"),
-    (_set("seq_lens", lambda t: t[:1]), "seq_lens must have shape"),
+    (_set("seq_lens", lambda t: t[:1]), r"seq_lens\.shape\[0\] must be 2, got 1"),
     (_set("seq_lens", lambda t: t.long()), "seq_lens must have dtype"),
-    (_set("query_start_loc", lambda t: t[:2]), "query_start_loc must have shape"),
+    (_set("query_start_loc", lambda t: t[:2]), r"query_start_loc\.shape\[0\] must be 3, got 2"),
     (_set("scale", lambda s: float("nan")), "scale"),
     (_set("max_q_len", lambda s: -1), "max_q_len"),
-    (lambda a: a.update(out=torch.empty(1, 4, 32, device=a["q"].device)), "out must have shape"),
+    (lambda a: a.update(out=torch.empty(1, 4, 32, device=a["q"].device)), r"out must have the shape of q \[5, 4, 32\], got \[1, 4, 32\]"),
     (lambda a: a.update(out=torch.empty(5, 32, 4, device=a["q"].device).transpose(1, 2)), "out must be contiguous"),
 ])
 def test_paged_attention_validation(device, mutate, match):

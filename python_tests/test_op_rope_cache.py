@@ -104,10 +104,10 @@ def _args(device="cpu", dtype=torch.float32, n=4, hkv=2, d=16, pages=3, page_siz
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mutate, match", [
-    (lambda a: a.update(k=a["k"].double()), "k must have dtype"),
+    (lambda a: a.update(k=a["k"].double()), "k must be float32, float16 or bfloat16, got Double"),
     (lambda a: a.update(k=a["k"][..., :15]), "head_dim"),
     (lambda a: a.update(v=a["v"].half()), "v must have dtype"),
-    (lambda a: a.update(v=a["v"][:3]), "v must have shape"),
+    (lambda a: a.update(v=a["v"][:3]), r"v must have the shape of k \[4, 2, 16\], got \[3, 2, 16\]"),
     (lambda a: a.update(k=a["k"].transpose(1, 2).contiguous().transpose(1, 2)), "k must have packed heads"),
     (lambda a: a.update(positions=a["positions"].int()), "positions"),
     (lambda a: a.update(slot_mapping=a["slot_mapping"][:2]), "slot_mapping"),

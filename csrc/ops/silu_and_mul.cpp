@@ -21,11 +21,11 @@ void silu_and_mul_impl(const E* x, int64_t x_stride, E* y, int64_t rows, int64_t
 }
 
 void check_silu_and_mul(const at::Tensor& x) {
-  check_rank(x, "x", 2);
-  TORCH_CHECK_VALUE(is_float_kv_dtype(x.scalar_type()), "x must be float32, float16 or bfloat16, got ",
+  check_rank(x, "gate_up", 2);
+  TORCH_CHECK_VALUE(is_float_kv_dtype(x.scalar_type()), "gate_up must be float32, float16 or bfloat16, got ",
                     x.scalar_type());
-  TORCH_CHECK_VALUE(x.size(1) % 2 == 0, "x.shape[1] must be even (gate columns, then up columns), got ", x.size(1));
-  TORCH_CHECK_VALUE(x.size(1) == 0 || x.stride(1) == 1, "x must have a contiguous last dim");
+  TORCH_CHECK_VALUE(x.size(1) % 2 == 0, "gate_up.shape[1] must be even (gate columns, then up columns), got ", x.size(1));
+  TORCH_CHECK_VALUE(x.size(1) == 0 || x.stride(1) == 1, "gate_up must have a contiguous last dim");
 }
 
 // y [rows, inter] (contiguous, checked by the callers) = silu(gate) * up of x.
@@ -58,7 +58,7 @@ void silu_and_mul_out(at::Tensor& y, const at::Tensor& x) {
 }  // namespace direct
 
 TORCH_LIBRARY_FRAGMENT(tandem_rt, m) {
-  m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("silu_and_mul(Tensor gate_up) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tandem_rt, CPU, m) {

@@ -1,8 +1,11 @@
 """Paged-KV-cache ops (``torch.ops.tandem_rt.*``) with validated, documented Python wrappers.
 
-One module per op family; each wrapper validates its arguments (device, dtype, rank,
-contiguity, index ranges where checkable without a host sync) and raises ``ValueError``
-naming the bad argument. No op synchronises with the host.
+One module per op family. The ops validate their tensor arguments themselves (dtype, rank, shape,
+contiguity, and index ranges on the CPU, where checking them needs no host sync) and raise
+``ValueError`` naming the bad argument, so the engine calls them directly; the wrappers add only
+what the ops cannot see: that every argument is a tensor on the first one's device (the
+dispatcher picks the kernel from all of them), Python scalars and option names. No op
+synchronises with the host.
 
 Layout conventions (shared by every op):
 

@@ -32,3 +32,17 @@ def check_heads_packed(t: torch.Tensor, name: str):
 def check_shape(t: torch.Tensor, name: str, shape: tuple):
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_tensors_on(device: torch.device, **named) -> None:
+    """ValueError naming the first argument that is not a tensor on ``device`` (None allowed where the
+    op takes it). The ops check dtype, rank, shape and contiguity themselves, naming the argument;
+    the device is checked here because the dispatcher picks an op's kernel from all of its tensors:
+    one on another device (e.g. ``meta``) would reach no kernel, or the wrong one."""
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != device:
+            raise ValueError(f"{name} must be on {device}, got {t.device}")

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from tandem_rt import _ext  # noqa: F401  (loads tandem_rt._C, which registers the ops)
-from tandem_rt.ops._checks import FLOAT_DTYPES, check_heads_packed, check_shape, check_tensor
+from tandem_rt.ops._checks import check_tensor, check_tensors_on
 
 CUDA_HEAD_DIMS = (32, 64, 128)
 # the CUDA attention kernels (the op's ``kernel`` argument): CUDA cores, every dtype; tensor cores
@@ -65,41 +65,19 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Raises ``ValueError`` naming the bad argument. Index values (pages, lengths, offsets) are
     checked by the CPU op (ValueError naming the tensor); on CUDA out-of-range pages are skipped, not read.
     """
-    check_tensor(q, "q", rank=3, dtype=FLOAT_DTYPES)
-    dev, dt = q.device, q.dtype
-    ntok, hq, d = q.shape
-    if d == 0 or d % 2:
-        raise ValueError(f"q head_dim must be even and positive, got {d}")
-    if dev.type == "cuda" and d not in CUDA_HEAD_DIMS:
-        raise ValueError(f"q head_dim {d} is not supported on CUDA (supported: {CUDA_HEAD_DIMS})")
-    check_heads_packed(q, "q")
-    for t, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
-        check_tensor(t, name, rank=4, dtype=dt, device=dev, contiguous=True)
-        if t.shape[0] == 0 or t.shape[1] == 0 or t.shape[2] == 0 or t.shape[3] != d:
-            raise ValueError(f"{name} must have shape [num_pages > 0, page_size > 0, Hkv > 0, {d}], "
-                             f"got {tuple(t.shape)}")
-    check_shape(v_cache, "v_cache", k_cache.shape)
-    hkv = k_cache.shape[2]
-    if hq == 0 or hq % hkv:
-        raise ValueError(f"q heads ({hq}) must be a positive multiple of k_cache heads ({hkv})")
-    check_tensor(block_tables, "block_tables", rank=2, dtype=torch.int32, device=dev, contiguous=True)
-    nseq = block_tables.shape[0]
-    check_tensor(seq_lens, "seq_lens", rank=1, dtype=torch.int32, device=dev, contiguous=True)
-    check_shape(seq_lens, "seq_lens", (nseq,))
-    check_tensor(query_start_loc, "query_start_loc", rank=1, dtype=torch.int32, device=dev, contiguous=True)
-    check_shape(query_start_loc, "query_start_loc", (nseq + 1,))
+    check_tensor(q, "q", rank=3)
+    dev = q.device
+    check_tensors_on(dev, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens,
+                     query_start_loc=query_start_loc, out=out)
     if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     for val, name in ((max_q_len, "max_q_len"), (max_seq_len, "max_seq_len")):
-        if not isinstance(val, int) or val < 0:
+        if isinstance(val, bool) or not isinstance(val, int) or val < 0:
             raise ValueError(f"{name} must be a non-negative int, got {val!r}")
-    if out is None:
-        out = torch.empty((ntok, hq, d), dtype=dt, device=dev)
-    else:
-        check_tensor(out, "out", rank=3, dtype=dt, device=dev, contiguous=True)
-        check_shape(out, "out", q.shape)
     if not isinstance(row_invariant, bool):
         raise ValueError(f"row_invariant must be True or False, got {row_invariant!r}")
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=dev)
     torch.ops.tandem_rt.paged_attention(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                         float(scale), int(max_q_len), int(max_seq_len), row_invariant,
                                         attention_kernel_code(kernel), check_waves(waves))

@@ -4,7 +4,9 @@
 On the CPU each ATen op of a small model's decode step pays the cache misses left by the
 surrounding matmuls' weight streams; torch's ``rms_norm`` is a composite of ~6 of them and
 ``silu(gate) * up`` of 4, so one loop each makes a primary decode step of the bundled model ~20%
-cheaper (docs/ENGINE.md). CPU only: on CUDA the engine uses torch's kernels.
+cheaper (docs/ENGINE.md). CPU only: on CUDA the engine uses torch's kernels (``linear_rows_q`` has
+a CUDA kernel too). The ops check dtype, rank, shape and contiguity themselves, raising ValueError
+naming the argument; the wrappers check only that the arguments are tensors on one device.
 """
 from __future__ import annotations
 
@@ -13,13 +15,12 @@ import math
 import torch
 
 from tandem_rt import _ext  # noqa: F401  (loads tandem_rt._C, which registers the ops)
-from tandem_rt.ops._checks import FLOAT_DTYPES, check_shape, check_tensor
+from tandem_rt.ops._checks import check_tensor, check_tensors_on
 
 
-def _check_rows(x: torch.Tensor, name: str) -> None:
-    check_tensor(x, name, rank=2, dtype=FLOAT_DTYPES, device=torch.device("cpu"))
-    if x.shape[1] > 1 and x.stride(1) != 1:
-        raise ValueError(f"{name} must have a contiguous last dim (rows may be strided), got strides {x.stride()}")
+def _check_cpu(x, name: str) -> None:
+    """A CPU tensor (these ops have no CUDA kernel: another device would reach none)."""
+    check_tensor(x, name, device=torch.device("cpu"))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -33,9 +34,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         new ``[T, d]`` tensor, dtype of ``x``: statistics and ``x / rms`` in fp32, rounded to the
         dtype, then multiplied by ``weight`` in the dtype.
     """
-    _check_rows(x, "x")
-    check_tensor(weight, "weight", rank=1, dtype=x.dtype, device=x.device, contiguous=True)
-    check_shape(weight, "weight", (x.shape[1],))
+    _check_cpu(x, "x")
+    check_tensors_on(x.device, weight=weight)
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     return torch.ops.tandem_rt.rms_norm(x, weight, float(eps))
@@ -50,9 +50,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         new ``[T, I]`` tensor, dtype of ``gate_up``: SiLU in fp32 rounded to the dtype, then the
         product in fp32 rounded to the dtype (as ``F.silu(gate) * up``).
     """
-    _check_rows(gate_up, "gate_up")
-    if gate_up.shape[1] % 2:
-        raise ValueError(f"gate_up.shape[1] must be even (gate columns, then up columns), got {gate_up.shape[1]}")
+    _check_cpu(gate_up, "gate_up")
     return torch.ops.tandem_rt.silu_and_mul(gate_up)
 
 
@@ -68,16 +66,8 @@ def linear_rows(x: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None = Non
     Returns:
         new ``[M, N]`` of x's dtype.
     """
-    _check_rows(x, "x")
-    if x.dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"x must have dtype torch.bfloat16 or torch.float32, got {x.dtype}")
-    check_tensor(w, "w", rank=2, dtype=x.dtype, device=x.device, contiguous=True)
-    if w.shape[1] != x.shape[1]:
-        raise ValueError(f"w must have shape [N, {x.shape[1]}], got {tuple(w.shape)}")
-    if add is not None:
-        check_tensor(add, "add", dtype=x.dtype, device=x.device)
-        if add.shape not in ((w.shape[0],), (x.shape[0], w.shape[0])):
-            raise ValueError(f"add must have shape [{w.shape[0]}] or [{x.shape[0]}, {w.shape[0]}], got {tuple(add.shape)}")
+    _check_cpu(x, "x")
+    check_tensors_on(x.device, w=w, add=add)
     return torch.ops.tandem_rt.linear_rows(x, w, add)
 
 
@@ -100,24 +90,11 @@ def linear_rows_q(x: torch.Tensor, w: torch.Tensor, qtype: str, add: torch.Tenso
     Returns:
         new ``[M, N]`` of x's dtype.
     """
-    _check_rows(x, "x")
-    if x.dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"x must have dtype torch.bfloat16 or torch.float32, got {x.dtype}")
     if qtype not in QUANT_TYPES:
         raise ValueError(f"qtype must be one of {sorted(QUANT_TYPES)}, got {qtype!r}")
-    code, block = QUANT_TYPES[qtype]
-    K = x.shape[1]
-    if K % 32:
-        raise ValueError(f"x.shape[1] (K = {K}) must be a multiple of the block size 32")
-    check_tensor(w, "w", rank=2, dtype=torch.uint8, device=x.device, contiguous=True)
-    if w.shape[1] != K // 32 * block:
-        raise ValueError(f"w must have shape [N, {K // 32 * block}] ({K // 32} {qtype} blocks of {block} bytes), "
-                         f"got {tuple(w.shape)}")
-    if add is not None:
-        check_tensor(add, "add", dtype=x.dtype, device=x.device)
-        if add.shape not in ((w.shape[0],), (x.shape[0], w.shape[0])):
-            raise ValueError(f"add must have shape [{w.shape[0]}] or [{x.shape[0]}, {w.shape[0]}], got {tuple(add.shape)}")
-    return torch.ops.tandem_rt.linear_rows_q(x, w, code, add)
+    check_tensor(x, "x")
+    check_tensors_on(x.device, w=w, add=add)
+    return torch.ops.tandem_rt.linear_rows_q(x, w, QUANT_TYPES[qtype][0], add)
 
 
 def embedding_rows_q(table: torch.Tensor, ids: torch.Tensor, qtype: str, dtype: torch.dtype) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from tandem_rt import _ext  # noqa: F401  (loads tandem_rt._C, which registers the ops)
-from tandem_rt.ops._checks import FLOAT_DTYPES, check_heads_packed, check_shape, check_tensor
+from tandem_rt.ops._checks import check_tensor, check_tensors_on
 
 
 def rope_cache_write(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
@@ -34,29 +34,10 @@ def rope_cache_write(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, 
     Raises ``ValueError`` naming the bad argument. Slot values and positions are range-checked
     by the CPU op; on CUDA (no host sync) an out-of-range slot is skipped.
     """
-    check_tensor(k, "k", rank=3, dtype=FLOAT_DTYPES)
-    dev, dt = k.device, k.dtype
-    n, hkv, d = k.shape
-    if d == 0 or d % 2:
-        raise ValueError(f"k head_dim must be even and positive, got {d}")
-    check_heads_packed(k, "k")
-    check_tensor(v, "v", rank=3, dtype=dt, device=dev)
-    check_shape(v, "v", k.shape)
-    check_heads_packed(v, "v")
-    for t, name in ((positions, "positions"), (slot_mapping, "slot_mapping")):
-        check_tensor(t, name, rank=1, dtype=torch.int64, device=dev, contiguous=True)
-        check_shape(t, name, (n,))
-    for t, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
-        check_tensor(t, name, rank=4, dtype=dt, device=dev, contiguous=True)
-        if t.shape[0] == 0 or t.shape[1] == 0 or tuple(t.shape[2:]) != (hkv, d):
-            raise ValueError(f"{name} must have shape [num_pages > 0, page_size > 0, {hkv}, {d}], "
-                             f"got {tuple(t.shape)}")
-    check_shape(v_cache, "v_cache", k_cache.shape)
-    if not (isinstance(rope_theta, (int, float)) and math.isfinite(rope_theta) and rope_theta > 0):
+    check_tensor(k, "k")
+    check_tensors_on(k.device, v=v, positions=positions, slot_mapping=slot_mapping, k_cache=k_cache, v_cache=v_cache,
+                     q=q)
+    if isinstance(rope_theta, bool) or not (isinstance(rope_theta, (int, float)) and math.isfinite(rope_theta)
+                                            and rope_theta > 0):
         raise ValueError(f"rope_theta must be a positive number, got {rope_theta!r}")
-    if q is not None:
-        check_tensor(q, "q", rank=3, dtype=dt, device=dev)
-        if q.shape[0] != n or q.shape[2] != d or q.shape[1] == 0:
-            raise ValueError(f"q must have shape [{n}, Hq > 0, {d}], got {tuple(q.shape)}")
-        check_heads_packed(q, "q")
     torch.ops.tandem_rt.rope_cache_write(k, v, positions, slot_mapping, k_cache, v_cache, float(rope_theta), q)
