@@ -161,6 +161,14 @@ def skip_param_init():
             setattr(torch.nn.init, name, fn)
 
 
+def materialize(module: torch.nn.Module, device: Union[str, torch.device]) -> torch.nn.Module:
+    """``module.to_empty(device=device)`` for a module built on the meta device: every parameter and
+    buffer allocated, uninitialised, with its shape and dtype. ``torch.empty`` instead of
+    ``to_empty``'s ``empty_like``, whose Python reference on a meta tensor imports sympy (~0.45 s
+    of a cold start)."""
+    return module._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+
+
 def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
                     dtype: Optional[Union[str, torch.dtype]] = None,
                     derived_cache: Optional[PathLike] = None, skip_values: Optional[set] = None) -> TandemModel:
@@ -225,7 +233,7 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
             raise CheckpointError(f"tensor {name!r} in {file.name} has shape {info['shape']}, "
                                   f"expected {list(expected[name].shape)} from {CONFIG_NAME}")
 
-    model = model.to_empty(device=device)
+    model = materialize(model, device)
     params = dict(model.named_parameters())
     params.update({n: b for n, b in model.named_buffers() if n.endswith(".vocab_subset")})
     by_file: dict = {}

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 
-from tandem_rt.checkpoint import save_checkpoint, skip_param_init
+from tandem_rt.checkpoint import materialize, save_checkpoint, skip_param_init
 from tandem_rt.config import ModelConfig, TandemConfig
 from tandem_rt.dtypes import default_dtype, dtype_name, resolve_dtype  # noqa: F401 (re-exported)
 from tandem_rt.models.llama import LlamaForCausalLM
@@ -29,7 +29,7 @@ def meta_model(cfg: ModelConfig, dtype: torch.dtype) -> LlamaForCausalLM:
     """A decoder with allocated but uninitialised ``dtype`` parameters on the CPU."""
     with torch.device("meta"), default_dtype(dtype), skip_param_init():
         model = LlamaForCausalLM(cfg)
-    return model.to_empty(device="cpu")
+    return materialize(model, "cpu")
 
 
 def _names(names: list, limit: int = 8) -> str:
@@ -147,7 +147,7 @@ def build_tandem(primary: ModelConfig, secondary, drafter: Optional[ModelConfig]
                        torch_dtype=dtype_name(dtype))
     with torch.device("meta"), default_dtype(dtype), skip_param_init():
         model = TandemModel(cfg)
-    model = model.to_empty(device="cpu")
+    model = materialize(model, "cpu")
     gen = torch.Generator().manual_seed(seed)
     init_projections(model, gen)
     if fresh_secondary:

@@ -144,7 +144,10 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.output_vocab_size is not None:
             # int64 [N]: sorted distinct token ids the model predicts (a reduced draft vocabulary)
-            self.register_buffer("vocab_subset", torch.arange(cfg.output_vocab_size, dtype=torch.int64))
+            subset = torch.empty(cfg.output_vocab_size, dtype=torch.int64)
+            if subset.device.type != "meta":   # a meta arange first imports torch._decomp (~0.45 s)
+                torch.arange(cfg.output_vocab_size, out=subset)
+            self.register_buffer("vocab_subset", subset)
         else:
             self.vocab_subset = None
 

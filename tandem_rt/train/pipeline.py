@@ -468,7 +468,7 @@ def topk_tv(logits: torch.Tensor, topk_ids: torch.Tensor, topk_probs: torch.Tens
 
 def export_checkpoint(plan: TrainPlan, source: PrimarySource, layer_map: list, draft, drafter, router) -> Path:
     """Assemble and save the tandem checkpoint (see docs/CHECKPOINT.md for a referenced primary)."""
-    from tandem_rt.checkpoint import save_checkpoint, skip_param_init
+    from tandem_rt.checkpoint import materialize, save_checkpoint, skip_param_init
     from tandem_rt.config import TandemConfig
     from tandem_rt.dtypes import default_dtype, resolve_dtype
     from tandem_rt.models.tandem import TandemModel
@@ -484,7 +484,7 @@ def export_checkpoint(plan: TrainPlan, source: PrimarySource, layer_map: list, d
                        projection_embed=plan.projection_embed)
     with torch.device("meta"), default_dtype(out_dtype), skip_param_init():
         model = TandemModel(cfg)
-    model = model.to_empty(device="cpu")
+    model = materialize(model, "cpu")
     with torch.no_grad():
         model.primary.load_state_dict(source.model.state_dict())
         model.secondary.load_state_dict(draft.secondary.state_dict())
