@@ -251,9 +251,6 @@ def embedding_rows(w: QuantMatrix, ids: torch.Tensor, dtype: torch.dtype) -> tor
     return dequantize(QuantMatrix(w.block_rows().index_select(0, ids), w.qtype, w.in_features), dtype)
 
 
-_GGML_QUANT_TYPES = {8: "Q8_0", 2: "Q4_0", 3: "Q4_1"}   # ggml type id -> QUANT_TYPES key
-
-
 def read_gguf_matrices(path: PathLike, cfg: Optional[ModelConfig] = None) -> dict:
     """The 2-D Q8_0 / Q4_0 / Q4_1 weights of a llama GGUF file as :class:`QuantMatrix`, keyed by
     our (Hugging Face) parameter names, Q/K rows in the Hugging Face order (llama.cpp's converter
@@ -264,29 +261,18 @@ def read_gguf_matrices(path: PathLike, cfg: Optional[ModelConfig] = None) -> dic
         path: the GGUF file.
         cfg: its model config (default: read from the file's metadata).
     """
-    import numpy as np
-
-    from tandem_rt.gguf import gguf_model_config, gguf_to_hf_name, unpermute_qk
-    from tandem_rt.gguf_index import read_tensor_index
+    from tandem_rt.gguf import _reader, gguf_model_config, gguf_to_hf_name, unpermute_qk
 
     cfg = cfg or gguf_model_config(path)
-    index = read_tensor_index(path)   # the tensor infos only: the metadata is stepped over
-    size = Path(path).stat().st_size
+    reader = _reader(path)   # the index: no tokenizer strings decoded; a truncated tensor is refused
     out = {}
-    for t in index:
-        qtype = _GGML_QUANT_TYPES.get(t.ggml_type)
+    for t in reader.tensors:
+        qtype = t.tensor_type.name
         name = gguf_to_hf_name(t.name)
-        if name is None or qtype is None or len(t.shape) != 2:
+        if name is None or qtype not in QUANT_TYPES or len(t.shape) != 2:
             continue
-        K, N = t.shape                                        # ggml lists the inner dimension first
-        if K % 32:
-            raise ValueError(f"{path}: {qtype} tensor {t.name!r} has {K} inputs, not a multiple of 32")
-        nbytes = N * (K // 32) * QUANT_TYPES[qtype][1]
-        if t.offset + nbytes > size:
-            raise ValueError(f"{path}: tensor {t.name!r} ({nbytes} bytes at byte {t.offset}) runs past the end "
-                             f"of the file ({size} bytes): the file is truncated")
-        data = np.fromfile(path, dtype=np.uint8, count=nbytes, offset=t.offset)
-        blocks = torch.from_numpy(data).reshape(N, -1)
+        K, N = (int(v) for v in t.shape.tolist())            # ggml lists the inner dimension first
+        blocks = torch.from_numpy(t.data.copy()).view(torch.uint8).reshape(N, -1)
         if ".self_attn.q_proj." in name:
             blocks = unpermute_qk(blocks, cfg.num_attention_heads).contiguous()
         elif ".self_attn.k_proj." in name:
