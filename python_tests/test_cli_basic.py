@@ -13,6 +13,12 @@ def test_info_json(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["tandem_rt"]["torch_version"] == info["torch"]
     assert "cpu" in info["devices"]
+    from tandem_rt.quantized import packs16
+    assert info["cpu_kernels"]["int8_packed_rows"] == packs16()
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert f"CPU kernels: {info['cpu_kernels']['isa']};" in text
+    assert ("served from the GGUF blocks" in text) == packs16()
 
 
 def test_inspect_counts_parameters(tmp_path, capsys):

@@ -15,7 +15,7 @@ def run(args) -> int:
             "cuda_available": torch.cuda.is_available(),
             "devices": ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})"
                                   for i in range(torch.cuda.device_count())],
-            "cpu_threads": torch.get_num_threads()}
+            "cpu_threads": torch.get_num_threads(), "cpu_kernels": tandem_rt._C.cpu_kernels()}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -24,6 +24,11 @@ def run(args) -> int:
     kernels = "linked" if b["cuda_linked"] else ("compile-checked only" if b["cuda_archs"] else "not built")
     print(f"CUDA kernels: {kernels}; archs {','.join(b['cuda_archs']) or '-'}; nvcc {b['cuda_compiler'] or '-'}; mode {b['cuda_mode']}")
     print(f"python {info['python']}, torch {info['torch']} (cuda {info['torch_cuda'] or 'none'}), {info['cpu_threads']} CPU threads")
+    k = info["cpu_kernels"]
+    blocks = "the GGUF blocks (int8 kernels)" if k["int8_packed_rows"] else "the dense weights (no int8 kernels)"
+    print(f"CPU kernels: {k['isa']}; int8 dot products (VNNI) {'yes' if k['int8_dot_products'] else 'no'}, "
+          f"bf16 dot products {'yes' if k['bf16_dot_products'] else 'no'}; a GGUF primary is served from {blocks} "
+          "by default")
     print("devices: " + ", ".join(info["devices"]))
     return 0
 
