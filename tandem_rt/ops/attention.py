@@ -9,7 +9,6 @@ import torch
 from tandem_rt import _ext  # noqa: F401  (loads tandem_rt._C, which registers the ops)
 from tandem_rt.ops._checks import check_tensor, check_tensors_on
 
-CUDA_HEAD_DIMS = (32, 64, 128)
 # the CUDA attention kernels (the op's ``kernel`` argument): CUDA cores, every dtype; tensor cores
 # (mma.sync + cp.async, fp16 / bf16, sm_80+; fp32 keeps the SIMT kernel)
 ATTENTION_KERNELS = {"simt": 0, "mma": 1}

@@ -30,22 +30,10 @@ from typing import Optional, Sequence, Union
 import torch
 
 from tandem_rt._ext import _C  # noqa: F401  (registers torch.ops.tandem_rt.*)
+from tandem_rt.ops._checks import check_tensors_on
 
 FloatArg = Union[float, Sequence[float], torch.Tensor]
 IntArg = Union[int, Sequence[int], torch.Tensor]
-
-
-def _tensors(device: torch.device, **named) -> None:
-    """ValueError naming the first argument that is not a tensor on ``device`` (None allowed where the
-    op takes it). The device is checked here because the dispatcher picks the op's kernel from all of
-    its tensors: a tensor on another device (e.g. ``meta``) would reach no kernel, or the wrong one."""
-    for name, t in named.items():
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device != device:
-            raise ValueError(f"{name} must be on {device}, got {t.device}")
 
 
 def _check_values(temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> None:
@@ -130,8 +118,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         int64 ``[B]`` token ids. All tensors must be on ``logits``' device.
     """
     device = logits.device if isinstance(logits, torch.Tensor) else None
-    _tensors(device, logits=logits, temperature=temperature, top_k=top_k, top_p=top_p, rng_state=rng_state,
-             probs_out=probs_out)
+    check_tensors_on(device, logits=logits, temperature=temperature, top_k=top_k, top_p=top_p, rng_state=rng_state,
+                     probs_out=probs_out)
     return torch.ops.tandem_rt.sample(logits, temperature, top_k, top_p, rng_state, probs_out)
 
 
@@ -163,8 +151,8 @@ def verify(draft_tokens: torch.Tensor, draft_lens: torch.Tensor, draft_probs: Op
         holding the accepted drafts followed by one correction/bonus token, padded with -1.
     """
     device = target_logits.device if isinstance(target_logits, torch.Tensor) else None
-    _tensors(device, target_logits=target_logits, draft_tokens=draft_tokens, draft_lens=draft_lens,
-             draft_probs=draft_probs, temperature=temperature, top_k=top_k, top_p=top_p, rng_state=rng_state)
+    check_tensors_on(device, target_logits=target_logits, draft_tokens=draft_tokens, draft_lens=draft_lens,
+                     draft_probs=draft_probs, temperature=temperature, top_k=top_k, top_p=top_p, rng_state=rng_state)
     return torch.ops.tandem_rt.verify(draft_tokens, draft_lens, draft_probs, target_logits, temperature, top_k,
                                       top_p, rng_state)
 
@@ -176,7 +164,7 @@ def rng_uniform(rng_state: torch.Tensor, num_subsequences: int, num_draws: int) 
     subsequence ``s`` (the ops use subsequence = batch row) at the state's current offset.
     ``rng_state`` (int64 ``[2]``) is not advanced.
     """
-    _tensors(rng_state.device if isinstance(rng_state, torch.Tensor) else None, rng_state=rng_state)
+    check_tensors_on(rng_state.device if isinstance(rng_state, torch.Tensor) else None, rng_state=rng_state)
     for name, n in (("num_subsequences", num_subsequences), ("num_draws", num_draws)):
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 2 ** 32:
             raise ValueError(f"{name} must be an int in [0, 2**32], got {n!r}")
