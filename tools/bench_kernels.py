@@ -371,6 +371,63 @@ def bench_verify(ctx: Context):
                               nbytes)
 
 
+def host_time_fn(fn, ctx: Context, calls: int = 200, reps: int = 7) -> float:
+    """Median seconds per call of ``calls`` back-to-back calls with no synchronisation between them
+    (on CUDA: the host's cost of issuing the call, while the device keeps up with tiny inputs; the
+    minimum is kept in ctx.last_min)."""
+    sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t) / calls)
+        sync()
+    ctx.last_min = min(times)
+    return statistics.median(times)
+
+
+@benchmark
+def bench_host_overhead(ctx: Context):
+    """Per-call host time of each op on tiny inputs (batch 1, 16 cached tokens, one query row, one
+    page pair, one sampled row): the ``tandem_rt.ops`` wrapper against the raw ``torch.ops`` op the
+    engine calls (ref). On CUDA this is the graph-less launch overhead (issue goal: < 10 us)."""
+    gen = torch.Generator().manual_seed(4)
+    dev, dtype = ctx.device, ctx.dtypes[-1]
+    raw = torch.ops.tandem_rt
+    q, kc, vc, bt, sl, qsl = make_paged(1, 16, dtype, dev, 1, gen)
+    out, scale = torch.empty_like(q), HEAD_DIM ** -0.5
+    k = torch.randn(1, HKV, HEAD_DIM, generator=gen).to(dev, dtype)
+    v, pos, slots = torch.randn_like(k), torch.tensor([15], device=dev), torch.tensor([15], device=dev)
+    caches = [torch.zeros(4, PAGE_SIZE, HKV, HEAD_DIM, device=dev, dtype=dtype) for _ in range(4)]
+    src, dst = torch.tensor([0], device=dev), torch.tensor([2], device=dev)
+    logits = torch.randn(1, VOCAB, generator=gen).to(dev, dtype)
+    target = torch.randn(1, GAMMA + 1, VOCAB, generator=gen).to(dev, dtype)
+    drafts = torch.randint(0, VOCAB, (1, GAMMA), generator=gen).to(dev)
+    lens = torch.full((1,), GAMMA, dtype=torch.int32, device=dev)
+    temp, top_k, top_p = sampling_params(1, 0.0, 0, 1.0, device=dev)
+    rng = make_rng_state(0, dev)
+    cases = [
+        ("paged_attention", lambda: paged_attention(q, kc, vc, bt, sl, qsl, scale, 1, 16, out=out),
+         lambda: raw.paged_attention(out, q, kc, vc, bt, sl, qsl, scale, 1, 16, False, 0, 0)),
+        ("rope_cache_write", lambda: rope_cache_write(k, v, pos, slots, kc, vc, ROPE_THETA, q=q),
+         lambda: raw.rope_cache_write(k, v, pos, slots, kc, vc, ROPE_THETA, q)),
+        ("copy_pages", lambda: copy_pages(caches, src, dst), lambda: raw.copy_pages(caches, src, dst)),
+        ("sample", lambda: sample(logits, temp, top_k, top_p, rng),
+         lambda: raw.sample(logits, temp, top_k, top_p, rng, None)),
+        ("verify", lambda: verify(drafts, lens, None, target, temp, top_k, top_p, rng),
+         lambda: raw.verify(drafts, lens, None, target, temp, top_k, top_p, rng)),
+    ]
+    for name, wrapper, op in cases:
+        t = host_time_fn(wrapper, ctx)
+        t_min = ctx.last_min
+        r = host_time_fn(op, ctx)
+        yield add_row(ctx, f"host {name}", dtype, dict(batch=1, context=16, q_len=1), t, 0, r, "torch.ops (raw)",
+                      t_min, ctx.last_min)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
