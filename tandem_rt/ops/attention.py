@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from tandem_rt import _ext  # noqa: F401  (loads tandem_rt._C, which registers the ops)
-from tandem_rt.ops._checks import check_tensor, check_tensors_on
+from tandem_rt.ops._checks import check_tensors
 
 # the CUDA attention kernels (the op's ``kernel`` argument): CUDA cores, every dtype; tensor cores
 # (mma.sync + cp.async, fp16 / bf16, sm_80+; fp32 keeps the SIMT kernel)
@@ -64,10 +64,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Raises ``ValueError`` naming the bad argument. Index values (pages, lengths, offsets) are
     checked by the CPU op (ValueError naming the tensor); on CUDA out-of-range pages are skipped, not read.
     """
-    check_tensor(q, "q", rank=3)
-    dev = q.device
-    check_tensors_on(dev, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens,
-                     query_start_loc=query_start_loc, out=out)
+    dev = check_tensors(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens,
+                        query_start_loc=query_start_loc, out=out)
     if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     for val, name in ((max_q_len, "max_q_len"), (max_seq_len, "max_seq_len")):

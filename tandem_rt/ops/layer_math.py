@@ -15,12 +15,10 @@ import math
 import torch
 
 from tandem_rt import _ext  # noqa: F401  (loads tandem_rt._C, which registers the ops)
-from tandem_rt.ops._checks import check_tensor, check_tensors_on
+from tandem_rt.ops._checks import check_tensors
 
 
-def _check_cpu(x, name: str) -> None:
-    """A CPU tensor (these ops have no CUDA kernel: another device would reach none)."""
-    check_tensor(x, name, device=torch.device("cpu"))
+_CPU = torch.device("cpu")   # rms_norm, silu_and_mul and linear_rows have no CUDA kernel
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -34,8 +32,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         new ``[T, d]`` tensor, dtype of ``x``: statistics and ``x / rms`` in fp32, rounded to the
         dtype, then multiplied by ``weight`` in the dtype.
     """
-    _check_cpu(x, "x")
-    check_tensors_on(x.device, weight=weight)
+    check_tensors(_CPU, x=x, weight=weight)
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     return torch.ops.tandem_rt.rms_norm(x, weight, float(eps))
@@ -50,7 +47,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         new ``[T, I]`` tensor, dtype of ``gate_up``: SiLU in fp32 rounded to the dtype, then the
         product in fp32 rounded to the dtype (as ``F.silu(gate) * up``).
     """
-    _check_cpu(gate_up, "gate_up")
+    check_tensors(_CPU, gate_up=gate_up)
     return torch.ops.tandem_rt.silu_and_mul(gate_up)
 
 
@@ -66,8 +63,7 @@ def linear_rows(x: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None = Non
     Returns:
         new ``[M, N]`` of x's dtype.
     """
-    _check_cpu(x, "x")
-    check_tensors_on(x.device, w=w, add=add)
+    check_tensors(_CPU, x=x, w=w, add=add)
     return torch.ops.tandem_rt.linear_rows(x, w, add)
 
 
@@ -92,8 +88,7 @@ def linear_rows_q(x: torch.Tensor, w: torch.Tensor, qtype: str, add: torch.Tenso
     """
     if qtype not in QUANT_TYPES:
         raise ValueError(f"qtype must be one of {sorted(QUANT_TYPES)}, got {qtype!r}")
-    check_tensor(x, "x")
-    check_tensors_on(x.device, w=w, add=add)
+    check_tensors(x=x, w=w, add=add)
     return torch.ops.tandem_rt.linear_rows_q(x, w, QUANT_TYPES[qtype][0], add)
 
 

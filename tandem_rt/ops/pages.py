@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 
 from tandem_rt._ext import _C  # noqa: F401  (registers torch.ops.tandem_rt.*)
-from tandem_rt.ops._checks import check_tensor, check_tensors_on
+from tandem_rt.ops._checks import check_tensors
 
 
 def copy_pages(caches: Sequence[torch.Tensor], src_pages: torch.Tensor, dst_pages: torch.Tensor) -> None:
@@ -27,9 +27,7 @@ def copy_pages(caches: Sequence[torch.Tensor], src_pages: torch.Tensor, dst_page
         raise ValueError(f"caches must be a list or tuple of tensors, got {type(caches).__name__}")
     if len(caches) == 0:
         raise ValueError("caches must hold at least one cache tensor")
-    check_tensor(caches[0], "caches[0]")
-    check_tensors_on(caches[0].device, **{f"caches[{i}]": c for i, c in enumerate(caches)}, src_pages=src_pages,
-                     dst_pages=dst_pages)
+    check_tensors(**{f"caches[{i}]": c for i, c in enumerate(caches)}, src_pages=src_pages, dst_pages=dst_pages)
     torch.ops.tandem_rt.copy_pages(list(caches), src_pages, dst_pages)
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from tandem_rt import _ext  # noqa: F401  (loads tandem_rt._C, which registers the ops)
-from tandem_rt.ops._checks import check_tensor, check_tensors_on
+from tandem_rt.ops._checks import check_tensors
 
 
 def rope_cache_write(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
@@ -34,9 +34,7 @@ def rope_cache_write(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, 
     Raises ``ValueError`` naming the bad argument. Slot values and positions are range-checked
     by the CPU op; on CUDA (no host sync) an out-of-range slot is skipped.
     """
-    check_tensor(k, "k")
-    check_tensors_on(k.device, v=v, positions=positions, slot_mapping=slot_mapping, k_cache=k_cache, v_cache=v_cache,
-                     q=q)
+    check_tensors(k=k, v=v, positions=positions, slot_mapping=slot_mapping, k_cache=k_cache, v_cache=v_cache, q=q)
     if isinstance(rope_theta, bool) or not (isinstance(rope_theta, (int, float)) and math.isfinite(rope_theta)
                                             and rope_theta > 0):
         raise ValueError(f"rope_theta must be a positive number, got {rope_theta!r}")

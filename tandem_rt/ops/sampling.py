@@ -30,7 +30,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from tandem_rt._ext import _C  # noqa: F401  (registers torch.ops.tandem_rt.*)
-from tandem_rt.ops._checks import check_tensors_on
+from tandem_rt.ops._checks import check_tensors
 
 FloatArg = Union[float, Sequence[float], torch.Tensor]
 IntArg = Union[int, Sequence[int], torch.Tensor]
@@ -117,9 +117,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     Returns:
         int64 ``[B]`` token ids. All tensors must be on ``logits``' device.
     """
-    device = logits.device if isinstance(logits, torch.Tensor) else None
-    check_tensors_on(device, logits=logits, temperature=temperature, top_k=top_k, top_p=top_p, rng_state=rng_state,
-                     probs_out=probs_out)
+    check_tensors(logits=logits, temperature=temperature, top_k=top_k, top_p=top_p, rng_state=rng_state,
+                  probs_out=probs_out)
     return torch.ops.tandem_rt.sample(logits, temperature, top_k, top_p, rng_state, probs_out)
 
 
@@ -150,9 +149,8 @@ def verify(draft_tokens: torch.Tensor, draft_lens: torch.Tensor, draft_probs: Op
         ``(accepted, emitted)``: int32 ``[B]`` number of accepted drafts, and int64 ``[B, G + 1]``
         holding the accepted drafts followed by one correction/bonus token, padded with -1.
     """
-    device = target_logits.device if isinstance(target_logits, torch.Tensor) else None
-    check_tensors_on(device, target_logits=target_logits, draft_tokens=draft_tokens, draft_lens=draft_lens,
-                     draft_probs=draft_probs, temperature=temperature, top_k=top_k, top_p=top_p, rng_state=rng_state)
+    check_tensors(target_logits=target_logits, draft_tokens=draft_tokens, draft_lens=draft_lens,
+                  draft_probs=draft_probs, temperature=temperature, top_k=top_k, top_p=top_p, rng_state=rng_state)
     return torch.ops.tandem_rt.verify(draft_tokens, draft_lens, draft_probs, target_logits, temperature, top_k,
                                       top_p, rng_state)
 
@@ -164,7 +162,7 @@ def rng_uniform(rng_state: torch.Tensor, num_subsequences: int, num_draws: int) 
     subsequence ``s`` (the ops use subsequence = batch row) at the state's current offset.
     ``rng_state`` (int64 ``[2]``) is not advanced.
     """
-    check_tensors_on(rng_state.device if isinstance(rng_state, torch.Tensor) else None, rng_state=rng_state)
+    check_tensors(rng_state=rng_state)
     for name, n in (("num_subsequences", num_subsequences), ("num_draws", num_draws)):
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 2 ** 32:
             raise ValueError(f"{name} must be an int in [0, 2**32], got {n!r}")
