@@ -242,6 +242,15 @@ inline __m256i bcast4_256(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
+// Quad pair t of half h (outputs 8h .. 8h+7, one per int32 lane) of a Q4_1 group block: wl the
+// nibbles of inputs 4t .. 4t+3, wh those of inputs 16+4t .. 16+4t+3 (u8, <= 15).
+__attribute__((always_inline)) inline void q4_1_quads(const uint8_t* blk, int t, int h, __m256i low, __m256i& wl,
+                                                      __m256i& wh) {
+  const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 + 64 * t + 32 * h));
+  wl = _mm256_and_si256(p, low);
+  wh = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
+}
+
 // One group (16 outputs from n) x R rows, both halves per block, x quads broadcast per product.
 template <int64_t Q, typename E, int R>
 __attribute__((always_inline)) inline void q16_both_avx2(const QuantRows16& xr, int64_t row0, int64_t nb,
@@ -267,9 +276,8 @@ __attribute__((always_inline)) inline void q16_both_avx2(const QuantRows16& xr, 
         for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
 #pragma GCC unroll 4
         for (int t = 0; t < 4; ++t) {
-          const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 + 64 * t + 32 * h));
-          const __m256i wl = _mm256_and_si256(p, low);                            // inputs 4t .. 4t+3
-          const __m256i wh = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);      // inputs 16+4t .. 16+4t+3
+          __m256i wl, wh;
+          q4_1_quads(blk, t, h, low, wl, wh);
 #pragma GCC unroll 4
           for (int r = 0; r < R; ++r) {
             const int8_t* xb = xr.xq.data() + ((row0 + r) * nb + j) * kBlock;
@@ -350,9 +358,8 @@ __attribute__((always_inline)) inline void q16_half_avx2(const QuantRows16& xr, 
     __m256i s16[R];
 #pragma GCC unroll 4
     for (int t = 0; t < 4; ++t) {
-      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 + 64 * t + 32 * h));
-      const __m256i wl = _mm256_and_si256(p, low);                        // inputs 4t .. 4t+3
-      const __m256i wh = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);  // inputs 16+4t .. 16+4t+3
+      __m256i wl, wh;
+      q4_1_quads(blk, t, h, low, wl, wh);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
         const __m256i* xq = xv[r] + j * 8;
