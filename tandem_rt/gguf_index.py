@@ -138,45 +138,40 @@ class _Cursor:
             return GGUFField(key, self.take(_SCALAR_FORMAT[vtype]))
         if vtype == _STRING:
             return GGUFField(key, self.string())
-        if vtype == _ARRAY:
-            etype, count = self.take("<IQ")
-            if etype in _SCALAR_BYTES:
-                nbytes = count * _SCALAR_BYTES[etype]
-                start = self.pos
-                self.skip(nbytes)
-                arr = np.frombuffer(self.buf, dtype=_SCALAR_DTYPE[etype], count=count, offset=start).copy()
-                return GGUFField(key, arr.astype(bool) if etype == 7 else arr, count)
-            self.pos -= 12
-            self.skip_value(vtype)
-            return GGUFField(key, None, count)
-        self.skip_value(vtype)   # raises: unknown type
-        raise AssertionError("unreachable")
+        if vtype != _ARRAY:
+            self.unknown(vtype)
+        etype, count = self.take("<IQ")
+        if etype in _SCALAR_BYTES:
+            start = self.pos
+            self.skip(count * _SCALAR_BYTES[etype])
+            arr = np.frombuffer(self.buf, dtype=_SCALAR_DTYPE[etype], count=count, offset=start).copy()
+            return GGUFField(key, arr.astype(bool) if etype == 7 else arr, count)
+        self.skip_elements(etype, count)
+        return GGUFField(key, None, count)
 
-    def skip_value(self, vtype: int) -> None:
-        if vtype in _SCALAR_BYTES:
-            self.skip(_SCALAR_BYTES[vtype])
-        elif vtype == _STRING:
-            self.skip(self.take("<Q"))
-        elif vtype == _ARRAY:
-            etype, count = self.take("<IQ")
-            if etype in _SCALAR_BYTES:
-                self.skip(count * _SCALAR_BYTES[etype])
-            elif etype == _STRING:
-                buf, pos, end = self.buf, self.pos, len(self.buf)
-                for _ in range(count):     # one length read per string
-                    if pos + 8 > end:
-                        self.pos = pos
-                        self.take("<Q")    # raises: the file ends inside the array
-                    pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
-                self.pos = pos
-                if pos > end:
-                    raise ValueError(f"{self.file} is not a readable GGUF file: a string array runs past its end")
-            else:
-                for _ in range(count):
-                    self.skip_value(etype)
+    def skip_elements(self, etype: int, count: int) -> None:
+        """Steps over ``count`` array elements of type ``etype`` (strings: one length read each)."""
+        if etype in _SCALAR_BYTES:
+            self.skip(count * _SCALAR_BYTES[etype])
+        elif etype == _STRING:
+            buf, pos, end = self.buf, self.pos, len(self.buf)
+            for _ in range(count):
+                if pos + 8 > end:
+                    self.pos = pos
+                    self.take("<Q")    # raises: the file ends inside the array
+                pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+            self.pos = pos
+            if pos > end:
+                raise ValueError(f"{self.file} is not a readable GGUF file: a string array runs past its end")
+        elif etype == _ARRAY:
+            for _ in range(count):
+                self.skip_elements(*self.take("<IQ"))
         else:
-            raise ValueError(f"{self.file} is not a readable GGUF file: unknown metadata value type {vtype} "
-                             f"at byte {self.pos - 4}")
+            self.unknown(etype)
+
+    def unknown(self, vtype: int):
+        raise ValueError(f"{self.file} is not a readable GGUF file: unknown metadata value type {vtype} "
+                         f"at byte {self.pos - 4}")
 
 
 def read_index(path: PathLike) -> GGUFIndex:
