@@ -13,7 +13,7 @@ Public API::
 
     gguf_model_config(path) -> ModelConfig
     load_gguf_model(path, dtype=torch.float32, progress=False) -> LlamaForCausalLM
-    read_gguf_tensors(path, names, cfg=None) -> {name: float32 tensor}
+    read_gguf_tensors(path, names) -> (ModelConfig, {name: float32 tensor})
     gguf_tokenizer_json(path) -> str
     import_gguf(primary_gguf, out_dir, secondary_gguf=None, secondary_config=None, drafter_gguf=None,
                 dtype="bfloat16", layer_map=None, seed=0, progress=False) -> Path
@@ -254,7 +254,7 @@ def load_gguf_model(path: PathLike, dtype: torch.dtype = torch.float32, progress
     return model.eval()
 
 
-def read_gguf_tensors(path: PathLike, names, cfg: Optional[ModelConfig] = None) -> dict:
+def read_gguf_tensors(path: PathLike, names) -> tuple:
     """Some of a llama GGUF file's tensors, dequantised to float32 (Q/K rows in the Hugging Face
     order), without reading the others: what a primary served from its blocks still needs dense
     (norms, an embedding other parts share).
@@ -263,14 +263,14 @@ def read_gguf_tensors(path: PathLike, names, cfg: Optional[ModelConfig] = None) 
         path: the GGUF file.
         names: our (Hugging Face) parameter names; ``lm_head.weight`` of a tied model is the
             embedding.
-        cfg: the file's config (default: read from its metadata).
     Returns:
-        ``{name: float32 tensor}`` in torch's ``[outer .. inner]`` shape.
+        ``(config, {name: float32 tensor})``: the file's :class:`ModelConfig` (from its metadata) and
+        the tensors in torch's ``[outer .. inner]`` shape.
     Raises:
         ValueError naming the file and a name it does not hold.
     """
     reader = _reader(path)
-    cfg = cfg or _config_from_reader(reader)
+    cfg = _config_from_reader(reader)
     _, plan = _tensor_plan(reader, cfg)
     by_name = dict(plan)
     if cfg.tie_word_embeddings and "model.embed_tokens.weight" in by_name:
@@ -280,7 +280,7 @@ def read_gguf_tensors(path: PathLike, names, cfg: Optional[ModelConfig] = None) 
         if name not in by_name:
             raise ValueError(f"{path} has no tensor for parameter {name!r}")
         out[name] = _dequantised(by_name[name], name, cfg)
-    return out
+    return cfg, out
 
 
 def gguf_tokenizer(path: PathLike):

@@ -226,14 +226,13 @@ def _load_unskipped_from_gguf(primary, src: Path, checkpoint_dir: Path, expected
     primary served from its GGUF blocks still reads dense) from the GGUF file itself, leaving the
     derived cache alone: reading them costs less than dequantising the whole file once."""
     from tandem_rt.checkpoint import CheckpointError
-    from tandem_rt.gguf import gguf_model_config, read_gguf_tensors
+    from tandem_rt.gguf import read_gguf_tensors
 
-    cfg = gguf_model_config(src)
+    cfg, tensors = read_gguf_tensors(src, [n for n in expected if n not in skip])
     if cfg.to_dict() != primary.config.to_dict():
         raise CheckpointError(f"primary source {src} has config {cfg.to_dict()}, which differs from "
                               f"the primary config of checkpoint {checkpoint_dir}")
-    wanted = [n for n in expected if n not in skip]
-    for name, t in read_gguf_tensors(src, wanted, cfg).items():
+    for name, t in tensors.items():
         if not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"primary source {src}: tensor {name!r} holds NaN or infinite values")
         expected[name].copy_(t)

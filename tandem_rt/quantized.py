@@ -261,10 +261,10 @@ def read_gguf_matrices(path: PathLike, cfg: Optional[ModelConfig] = None) -> dic
         path: the GGUF file.
         cfg: its model config (default: read from the file's metadata).
     """
-    from tandem_rt.gguf import _reader, gguf_model_config, gguf_to_hf_name, unpermute_qk
+    from tandem_rt.gguf import _config_from_reader, _reader, gguf_to_hf_name, unpermute_qk
 
-    cfg = cfg or gguf_model_config(path)
     reader = _reader(path)   # the index: no tokenizer strings decoded; a truncated tensor is refused
+    cfg = cfg or _config_from_reader(reader)
     out = {}
     for t in reader.tensors:
         qtype = t.tensor_type.name

@@ -376,14 +376,13 @@ class Engine:
             dtype = DTYPES[dtype]
         if quantized not in (True, False, "auto"):
             raise ValueError(f"quantized must be True, False or 'auto', got {quantized!r}")
-        skip = None
+        skip = blocks = None
         if quantized:
             from tandem_rt.checkpoint import read_config
             cfg = read_config(path)
             blocks = (auto_quantized_primary(path, cfg, device, dtype) if quantized == "auto"
                       else _referenced_gguf_matrices(path, cfg))
-            quantized = blocks is not None
-        if quantized:
+        if blocks is not None:
             kwargs["quantized_primary"] = blocks
             # the matrices served as blocks are never read dense: not loaded (their storage stays
             # untouched until release_dense_copies), except an embedding other parts copy
@@ -406,7 +405,7 @@ class Engine:
                 raise CheckpointError(f"malformed tokenizer file {tok_file}: {exc}") from None
         engine = cls(model, tokenizer, device=device, dtype=dtype, max_batch_size=max_batch_size,
                      kv_cache_memory=kv_cache_memory, num_pages=num_pages, page_size=page_size, **kwargs)
-        if quantized:
+        if blocks is not None:
             release_dense_copies(model.primary, kwargs["quantized_primary"])
         return engine
 
